@@ -1,0 +1,4 @@
+//! Kernel-facing part of the ipvs agent: render desired state, apply it, read it back.
+//!
+//! Not implemented yet: the agent runtime and dataplanes are the next issues.
+#![forbid(unsafe_code)]

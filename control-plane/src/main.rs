@@ -1,0 +1,3 @@
+//! The `switchyard-controller` binary.
+
+fn main() {}

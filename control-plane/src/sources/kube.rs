@@ -1,0 +1,1 @@
+//! Watches Services, EndpointSlices and Nodes through the Kubernetes API with kube-rs.

@@ -1,0 +1,2 @@
+//! End-to-end tests and benchmarks for switchyard.
+#![forbid(unsafe_code)]

@@ -1,0 +1,20 @@
+//! The switchyard.v1 wire contract: generated messages and services, the descriptor set
+//! for server reflection, and [`state`], the typed form the rest of the code works with.
+//!
+//! Generated types stay at the boundary: controller and agents convert them to and
+//! from [`state`] with `From` / `TryFrom` and never pass them further in.
+#![forbid(unsafe_code)]
+
+pub mod state;
+
+/// Generated code for package `switchyard.v1`.
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("switchyard.v1");
+}
+
+/// Encoded `FileDescriptorSet` of every `switchyard.v1` file, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/switchyard_descriptor.bin"));
+
+pub use state::resource_version;

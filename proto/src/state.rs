@@ -1,0 +1,443 @@
+//! The domain form of a node's load-balancing state, its conversions to and from the
+//! wire types, and the content hash that versions each resource.
+//!
+//! The controller builds these values; agents receive them and program the kernel from
+//! them. Vectors are kept in canonical order (the controller sorts them), so the same
+//! state always encodes to the same bytes and hence the same version.
+
+use std::{collections::BTreeMap, fmt, net::IpAddr, str::FromStr};
+
+use ipnet::IpNet;
+use prost::Message;
+use sha2::{Digest, Sha256};
+
+use crate::v1;
+
+/// The resource name of a Service: `namespace/name`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceKey {
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl FromStr for ServiceKey {
+    type Err = StateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.split_once('/') {
+            Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+                Ok(Self::new(ns, name))
+            }
+            _ => Err(StateError::invalid("name", s, "expected namespace/name")),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TrafficPolicy {
+    #[default]
+    Cluster,
+    Local,
+}
+
+/// Every Service a node must program, by resource name.
+pub type NodeState = BTreeMap<ServiceKey, ServiceState>;
+
+/// One Service as one node must program it: VIPs, ports and the endpoints already
+/// selected for this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceState {
+    pub key: ServiceKey,
+    pub cluster_ips: Vec<IpAddr>,
+    pub external_ips: Vec<IpAddr>,
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    pub ports: Vec<PortState>,
+    /// ClientIP affinity timeout in seconds; `None`: no affinity.
+    pub session_affinity_timeout: Option<u32>,
+    pub external_traffic_policy: TrafficPolicy,
+    pub internal_traffic_policy: TrafficPolicy,
+    pub health_check_node_port: Option<u16>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortState {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub node_port: Option<u16>,
+    /// Endpoints for traffic under the Cluster policy; empty when no policy is Cluster.
+    pub cluster_endpoints: Vec<EndpointState>,
+    /// Endpoints on this node for traffic under the Local policy; empty when no policy
+    /// is Local.
+    pub local_endpoints: Vec<EndpointState>,
+    /// Whether any endpoint exists for this port, usable or not (reject vs drop).
+    pub has_any_endpoints: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointState {
+    pub ip: IpAddr,
+    pub port: u16,
+    pub node_name: Option<String>,
+    pub local: bool,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+/// Why a wire message could not become a domain value. Never retryable: the same bytes
+/// fail the same way, so an agent NACKs the resource.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum StateError {
+    /// A field held a value outside its domain.
+    #[error("{field}: invalid value {value:?}: {reason}")]
+    Invalid {
+        field: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    /// A required field was absent.
+    #[error("{0} is missing")]
+    Missing(&'static str),
+}
+
+impl StateError {
+    fn invalid(field: &'static str, value: impl fmt::Display, reason: &'static str) -> Self {
+        Self::Invalid {
+            field,
+            value: value.to_string(),
+            reason,
+        }
+    }
+}
+
+/// The version of a resource: a hash of the canonical encoding of its state.
+///
+/// Controller and agents compute it the same way, so an agent that rebuilds a state
+/// from what the kernel holds recovers the version the controller sent.
+pub fn resource_version(state: &v1::ServiceState) -> String {
+    let digest = Sha256::digest(state.encode_to_vec());
+    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl From<Protocol> for v1::Protocol {
+    fn from(p: Protocol) -> Self {
+        match p {
+            Protocol::Tcp => v1::Protocol::Tcp,
+            Protocol::Udp => v1::Protocol::Udp,
+            Protocol::Sctp => v1::Protocol::Sctp,
+        }
+    }
+}
+
+impl From<TrafficPolicy> for v1::TrafficPolicy {
+    fn from(p: TrafficPolicy) -> Self {
+        match p {
+            TrafficPolicy::Cluster => v1::TrafficPolicy::Cluster,
+            TrafficPolicy::Local => v1::TrafficPolicy::Local,
+        }
+    }
+}
+
+impl From<&EndpointState> for v1::Endpoint {
+    fn from(e: &EndpointState) -> Self {
+        Self {
+            ip: e.ip.to_string(),
+            port: e.port.into(),
+            node_name: e.node_name.clone().unwrap_or_default(),
+            local: e.local,
+            ready: e.ready,
+            serving: e.serving,
+            terminating: e.terminating,
+        }
+    }
+}
+
+impl From<&PortState> for v1::ServicePort {
+    fn from(p: &PortState) -> Self {
+        Self {
+            name: p.name.clone(),
+            protocol: v1::Protocol::from(p.protocol).into(),
+            port: p.port.into(),
+            node_port: p.node_port.map_or(0, u32::from),
+            cluster_endpoints: p.cluster_endpoints.iter().map(Into::into).collect(),
+            local_endpoints: p.local_endpoints.iter().map(Into::into).collect(),
+            has_any_endpoints: p.has_any_endpoints,
+        }
+    }
+}
+
+impl From<&ServiceState> for v1::ServiceState {
+    fn from(s: &ServiceState) -> Self {
+        let strings = |ips: &[IpAddr]| ips.iter().map(ToString::to_string).collect();
+        Self {
+            namespace: s.key.namespace.clone(),
+            name: s.key.name.clone(),
+            cluster_ips: strings(&s.cluster_ips),
+            external_ips: strings(&s.external_ips),
+            load_balancer_ips: strings(&s.load_balancer_ips),
+            load_balancer_source_ranges: s
+                .load_balancer_source_ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+            ports: s.ports.iter().map(Into::into).collect(),
+            session_affinity_timeout_seconds: s.session_affinity_timeout,
+            external_traffic_policy: v1::TrafficPolicy::from(s.external_traffic_policy).into(),
+            internal_traffic_policy: v1::TrafficPolicy::from(s.internal_traffic_policy).into(),
+            health_check_node_port: s.health_check_node_port.map_or(0, u32::from),
+        }
+    }
+}
+
+fn parse<T: FromStr>(
+    field: &'static str,
+    value: &str,
+    reason: &'static str,
+) -> Result<T, StateError> {
+    value
+        .parse()
+        .map_err(|_| StateError::invalid(field, value, reason))
+}
+
+fn port(field: &'static str, value: u32) -> Result<u16, StateError> {
+    match u16::try_from(value) {
+        Ok(p) if p != 0 => Ok(p),
+        _ => Err(StateError::invalid(field, value, "not a port in 1..=65535")),
+    }
+}
+
+fn optional_port(field: &'static str, value: u32) -> Result<Option<u16>, StateError> {
+    if value == 0 {
+        Ok(None)
+    } else {
+        port(field, value).map(Some)
+    }
+}
+
+fn ips(field: &'static str, values: &[String]) -> Result<Vec<IpAddr>, StateError> {
+    values
+        .iter()
+        .map(|v| parse(field, v, "not an IP address"))
+        .collect()
+}
+
+impl TryFrom<v1::Protocol> for Protocol {
+    type Error = StateError;
+
+    fn try_from(p: v1::Protocol) -> Result<Self, Self::Error> {
+        match p {
+            v1::Protocol::Tcp => Ok(Protocol::Tcp),
+            v1::Protocol::Udp => Ok(Protocol::Udp),
+            v1::Protocol::Sctp => Ok(Protocol::Sctp),
+            v1::Protocol::Unspecified => Err(StateError::Missing("protocol")),
+        }
+    }
+}
+
+fn traffic_policy(field: &'static str, value: i32) -> Result<TrafficPolicy, StateError> {
+    match v1::TrafficPolicy::try_from(value) {
+        Ok(v1::TrafficPolicy::Cluster) => Ok(TrafficPolicy::Cluster),
+        Ok(v1::TrafficPolicy::Local) => Ok(TrafficPolicy::Local),
+        Err(_) => Err(StateError::invalid(field, value, "unknown traffic policy")),
+    }
+}
+
+impl TryFrom<&v1::Endpoint> for EndpointState {
+    type Error = StateError;
+
+    fn try_from(e: &v1::Endpoint) -> Result<Self, Self::Error> {
+        Ok(Self {
+            ip: parse("endpoint.ip", &e.ip, "not an IP address")?,
+            port: port("endpoint.port", e.port)?,
+            node_name: (!e.node_name.is_empty()).then(|| e.node_name.clone()),
+            local: e.local,
+            ready: e.ready,
+            serving: e.serving,
+            terminating: e.terminating,
+        })
+    }
+}
+
+impl TryFrom<&v1::ServicePort> for PortState {
+    type Error = StateError;
+
+    fn try_from(p: &v1::ServicePort) -> Result<Self, Self::Error> {
+        let protocol = v1::Protocol::try_from(p.protocol)
+            .map_err(|_| StateError::invalid("port.protocol", p.protocol, "unknown protocol"))?;
+        let endpoints = |list: &[v1::Endpoint]| -> Result<Vec<_>, StateError> {
+            list.iter().map(EndpointState::try_from).collect()
+        };
+        Ok(Self {
+            name: p.name.clone(),
+            protocol: protocol.try_into()?,
+            port: port("port.port", p.port)?,
+            node_port: optional_port("port.node_port", p.node_port)?,
+            cluster_endpoints: endpoints(&p.cluster_endpoints)?,
+            local_endpoints: endpoints(&p.local_endpoints)?,
+            has_any_endpoints: p.has_any_endpoints,
+        })
+    }
+}
+
+impl TryFrom<&v1::ServiceState> for ServiceState {
+    type Error = StateError;
+
+    fn try_from(s: &v1::ServiceState) -> Result<Self, Self::Error> {
+        if s.namespace.is_empty() {
+            return Err(StateError::Missing("namespace"));
+        }
+        if s.name.is_empty() {
+            return Err(StateError::Missing("name"));
+        }
+        Ok(Self {
+            key: ServiceKey::new(&s.namespace, &s.name),
+            cluster_ips: ips("cluster_ips", &s.cluster_ips)?,
+            external_ips: ips("external_ips", &s.external_ips)?,
+            load_balancer_ips: ips("load_balancer_ips", &s.load_balancer_ips)?,
+            load_balancer_source_ranges: s
+                .load_balancer_source_ranges
+                .iter()
+                .map(|r| parse("load_balancer_source_ranges", r, "not a CIDR"))
+                .collect::<Result<_, _>>()?,
+            ports: s
+                .ports
+                .iter()
+                .map(PortState::try_from)
+                .collect::<Result<_, _>>()?,
+            session_affinity_timeout: s.session_affinity_timeout_seconds,
+            external_traffic_policy: traffic_policy(
+                "external_traffic_policy",
+                s.external_traffic_policy,
+            )?,
+            internal_traffic_policy: traffic_policy(
+                "internal_traffic_policy",
+                s.internal_traffic_policy,
+            )?,
+            health_check_node_port: optional_port(
+                "health_check_node_port",
+                s.health_check_node_port,
+            )?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> ServiceState {
+        ServiceState {
+            key: ServiceKey::new("default", "web"),
+            cluster_ips: vec!["10.96.0.10".parse().unwrap(), "fd00::10".parse().unwrap()],
+            external_ips: vec!["192.0.2.7".parse().unwrap()],
+            load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec!["203.0.113.0/24".parse().unwrap()],
+            ports: vec![PortState {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: Some(30080),
+                cluster_endpoints: vec![EndpointState {
+                    ip: "10.244.1.5".parse().unwrap(),
+                    port: 8080,
+                    node_name: Some("node-a".into()),
+                    local: true,
+                    ready: true,
+                    serving: true,
+                    terminating: false,
+                }],
+                local_endpoints: vec![],
+                has_any_endpoints: true,
+            }],
+            session_affinity_timeout: Some(10800),
+            external_traffic_policy: TrafficPolicy::Local,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            health_check_node_port: Some(32000),
+        }
+    }
+
+    #[test]
+    fn state_survives_a_round_trip_through_the_wire_form() {
+        let state = sample();
+        let wire = v1::ServiceState::from(&state);
+        assert_eq!(ServiceState::try_from(&wire).unwrap(), state);
+    }
+
+    #[test]
+    fn equal_states_have_equal_versions_and_any_change_moves_the_version() {
+        let a = v1::ServiceState::from(&sample());
+        assert_eq!(resource_version(&a), resource_version(&a.clone()));
+        let mut changed = sample();
+        changed.ports[0].cluster_endpoints[0].terminating = true;
+        assert_ne!(resource_version(&a), resource_version(&(&changed).into()));
+        assert_eq!(resource_version(&a).len(), 16);
+    }
+
+    #[test]
+    fn invalid_wire_values_are_reported_with_their_field() {
+        let mut wire = v1::ServiceState::from(&sample());
+        wire.cluster_ips[0] = "10.96.0.300".into();
+        let err = ServiceState::try_from(&wire).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("cluster_ips: invalid value \"10.96.0.300\""),
+            "{err}"
+        );
+
+        let mut wire = v1::ServiceState::from(&sample());
+        wire.ports[0].port = 70000;
+        assert!(ServiceState::try_from(&wire).is_err());
+
+        let mut wire = v1::ServiceState::from(&sample());
+        wire.ports[0].protocol = 0;
+        assert_eq!(
+            ServiceState::try_from(&wire).unwrap_err(),
+            StateError::Missing("protocol")
+        );
+    }
+
+    #[test]
+    fn service_keys_parse_only_namespace_slash_name() {
+        assert_eq!(
+            "a/b".parse::<ServiceKey>().unwrap(),
+            ServiceKey::new("a", "b")
+        );
+        for bad in ["", "a", "/b", "a/", "a/b/c"] {
+            assert!(bad.parse::<ServiceKey>().is_err(), "{bad}");
+        }
+    }
+}
