@@ -8,5 +8,9 @@
 
 pub mod compute;
 pub mod convert;
+pub mod hub;
 pub mod model;
+pub mod server;
 pub mod sources;
+pub mod store;
+pub mod telemetry;

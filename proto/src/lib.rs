@@ -13,8 +13,15 @@ pub mod v1 {
     tonic::include_proto!("switchyard.v1");
 }
 
+/// Server-side twin of `NodeStateDiscovery` that sends already-encoded resources; see
+/// `proto/switchyard/v1/encoded/node_state_server.proto`. Agents use [`v1`].
+pub mod encoded {
+    #![allow(clippy::all, missing_docs)]
+    include!(concat!(env!("OUT_DIR"), "/encoded/switchyard.v1.rs"));
+}
+
 /// Encoded `FileDescriptorSet` of every `switchyard.v1` file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/switchyard_descriptor.bin"));
 
-pub use state::resource_version;
+pub use state::{format_version, parse_version, resource_version, version_hash};

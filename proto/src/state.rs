@@ -149,8 +149,23 @@ impl StateError {
 /// Controller and agents compute it the same way, so an agent that rebuilds a state
 /// from what the kernel holds recovers the version the controller sent.
 pub fn resource_version(state: &v1::ServiceState) -> String {
+    format_version(version_hash(state))
+}
+
+/// [`resource_version`] as a number, for compact bookkeeping.
+pub fn version_hash(state: &v1::ServiceState) -> u64 {
     let digest = Sha256::digest(state.encode_to_vec());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+    u64::from_be_bytes(digest[..8].try_into().expect("a SHA-256 digest has 32 bytes"))
+}
+
+/// The wire form of a version number: 16 lowercase hex digits.
+pub fn format_version(version: u64) -> String {
+    format!("{version:016x}")
+}
+
+/// Reads a version sent by a peer; `None` for anything [`format_version`] cannot produce.
+pub fn parse_version(version: &str) -> Option<u64> {
+    if version.len() == 16 { u64::from_str_radix(version, 16).ok() } else { None }
 }
 
 impl From<Protocol> for v1::Protocol {
@@ -405,6 +420,8 @@ mod tests {
         changed.ports[0].cluster_endpoints[0].terminating = true;
         assert_ne!(resource_version(&a), resource_version(&(&changed).into()));
         assert_eq!(resource_version(&a).len(), 16);
+        assert_eq!(parse_version(&resource_version(&a)), Some(version_hash(&a)));
+        assert_eq!(parse_version("not-a-version"), None);
     }
 
     #[test]

@@ -1,0 +1,263 @@
+//! The `NodeStateDiscovery` stream: one task per node that sends the node what differs
+//! from what it acknowledged, waits for the ACK or NACK, and repeats.
+//!
+//! At most one response is in flight per stream, so a slow agent costs memory for one
+//! response and never delays another stream; when it catches up it receives the latest
+//! state, not every generation in between.
+
+use std::{
+    collections::{HashMap, HashSet},
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use futures::Stream;
+use switchyard_proto::{
+    encoded::{EncodedNodeStateResponse, node_state_discovery_server::NodeStateDiscovery},
+    parse_version, v1,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::sessions::{Nack, Session, Sessions};
+use crate::{
+    hub::{Changes, EncodedResource, Generation},
+    model::ServiceKey,
+};
+
+/// How long a new stream may take to say which node it is.
+const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Serves `NodeStateDiscovery` from the hub's generations.
+#[derive(Clone, Debug)]
+pub struct DeltaService {
+    generations: watch::Receiver<Arc<Generation>>,
+    sessions: Sessions,
+}
+
+impl DeltaService {
+    pub fn new(generations: watch::Receiver<Arc<Generation>>, sessions: Sessions) -> Self {
+        Self { generations, sessions }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<EncodedNodeStateResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl NodeStateDiscovery for DeltaService {
+    type StreamNodeStateStream = ResponseStream;
+
+    async fn stream_node_state(
+        &self,
+        request: Request<Streaming<v1::NodeStateRequest>>,
+    ) -> Result<Response<Self::StreamNodeStateStream>, Status> {
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut inbound = request.into_inner();
+        let first = match tokio::time::timeout(IDENTIFY_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(first))) => first,
+            Ok(Ok(None)) => return Err(Status::cancelled("stream closed before naming a node")),
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(Status::deadline_exceeded("no first message naming the node")),
+        };
+        let identity = first.node.filter(|n| !n.node_name.is_empty()).ok_or_else(|| {
+            Status::invalid_argument("the first message must name the node (node.node_name)")
+        })?;
+        // Versions that do not parse map to 0, which matches nothing: resent or removed.
+        let held = first
+            .initial_resource_versions
+            .into_iter()
+            .map(|(name, version)| (Arc::from(name), parse_version(&version).unwrap_or(0)))
+            .collect();
+        tracing::info!(node = %identity.node_name, %peer, dataplane = ?identity.dataplane(), "agent connected");
+        let session = self.sessions.open(identity, peer, held);
+        let (tx, rx) = mpsc::channel(2);
+        let stream = NodeStream {
+            session,
+            sessions: self.sessions.clone(),
+            generations: self.generations.clone(),
+            tx,
+            in_flight: None,
+            seen: 0,
+            nonces: 0,
+        };
+        tokio::spawn(stream.run(inbound));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// A response the agent has not answered yet.
+#[derive(Debug)]
+struct InFlight {
+    nonce: String,
+    upserts: Vec<(Arc<str>, u64)>,
+    removals: Vec<Arc<str>>,
+}
+
+struct NodeStream {
+    session: Arc<Session>,
+    sessions: Sessions,
+    generations: watch::Receiver<Arc<Generation>>,
+    tx: mpsc::Sender<Result<EncodedNodeStateResponse, Status>>,
+    in_flight: Option<InFlight>,
+    /// The generation the last diff was computed against.
+    seen: u64,
+    nonces: u64,
+}
+
+impl NodeStream {
+    async fn run(mut self, mut inbound: Streaming<v1::NodeStateRequest>) {
+        let mut superseded = self.session.superseded();
+        let node = self.session.node.clone();
+        loop {
+            if self.in_flight.is_none() {
+                let generation = self.generations.borrow_and_update().clone();
+                if let Some(response) = self.diff(&generation)
+                    && self.tx.send(Ok(response)).await.is_err()
+                {
+                    break;
+                }
+            }
+            tokio::select! {
+                _ = superseded.changed() => {
+                    let by = superseded.borrow().clone().unwrap_or_default();
+                    tracing::info!(%node, %by, "stream superseded by a newer one");
+                    let status = Status::aborted(format!(
+                        "a newer stream for node {node} (from {by}) replaced this one"
+                    ));
+                    let _ = self.tx.send(Err(status)).await;
+                    break;
+                }
+                message = inbound.message() => match message {
+                    Ok(Some(request)) => self.answer(request),
+                    Ok(None) => break,
+                    Err(status) => {
+                        tracing::debug!(%node, %status, "stream from agent failed");
+                        break;
+                    }
+                },
+                changed = self.generations.changed(), if self.in_flight.is_none() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                _ = self.tx.closed() => break,
+            }
+        }
+        tracing::info!(%node, "agent disconnected");
+        self.sessions.close(&self.session);
+    }
+
+    /// The response that brings the node from what it acknowledged to `generation`, or
+    /// `None` when it already holds everything it can.
+    fn diff(&mut self, generation: &Generation) -> Option<EncodedNodeStateResponse> {
+        let node = &self.session.node;
+        let changes = generation.changes_since(self.seen, node);
+        self.seen = generation.seq;
+        let mut protocol = self.session.protocol();
+        let (candidates, all, trigger_time): (Vec<ServiceKey>, _, _) = match changes {
+            Changes::Services { services, trigger_time } => {
+                (services.into_iter().collect(), false, trigger_time)
+            }
+            Changes::All { trigger_time } => {
+                (generation.services().map(|(k, _)| k.clone()).collect(), true, trigger_time)
+            }
+        };
+        let mut added = Vec::new();
+        let mut modified = Vec::new();
+        let mut removals: Vec<Arc<str>> = Vec::new();
+        let mut considered = HashSet::with_capacity(candidates.len());
+        for key in &candidates {
+            let name = key.to_string();
+            let held = protocol.acked.get_key_value(name.as_str()).map(|(n, v)| (n.clone(), *v));
+            match generation.resource(key, node) {
+                Some(resource) => {
+                    let rejected = protocol.nacked.get(name.as_str()) == Some(&resource.version);
+                    match held {
+                        Some((_, v)) if v == resource.version => {}
+                        _ if rejected => {}
+                        None => added.push(resource),
+                        Some(_) => modified.push(resource),
+                    }
+                }
+                None => removals.extend(held.map(|(n, _)| n)),
+            }
+            considered.insert(name);
+        }
+        if all {
+            // Anything the node holds that no longer exists in the cluster goes too.
+            removals.extend(
+                protocol.acked.keys().filter(|n| !considered.contains(&***n)).cloned(),
+            );
+        }
+        if added.is_empty() && modified.is_empty() && removals.is_empty() {
+            if protocol.nacked.is_empty() {
+                protocol.out_of_sync_since = None;
+            }
+            return None;
+        }
+        protocol.out_of_sync_since.get_or_insert_with(SystemTime::now);
+        drop(protocol);
+
+        let by_name = |a: &Arc<EncodedResource>, b: &Arc<EncodedResource>| a.name.cmp(&b.name);
+        added.sort_by(by_name);
+        modified.sort_by(by_name);
+        removals.sort();
+        removals.dedup();
+        let upserts: Vec<_> = added.into_iter().chain(modified).collect();
+        self.nonces += 1;
+        let nonce = format!("{}-{}", self.session.id, self.nonces);
+        self.in_flight = Some(InFlight {
+            nonce: nonce.clone(),
+            upserts: upserts.iter().map(|r| (r.name.clone(), r.version)).collect(),
+            removals: removals.clone(),
+        });
+        Some(EncodedNodeStateResponse {
+            system_version: generation.seq.to_string(),
+            resources: upserts.iter().map(|r| r.bytes.clone()).collect(),
+            removed_resources: removals.iter().map(|n| n.to_string()).collect(),
+            nonce,
+            trigger_time: trigger_time.map(Into::into),
+        })
+    }
+
+    /// Commits the in-flight response on ACK; on NACK commits all but the rejected resources.
+    fn answer(&mut self, request: v1::NodeStateRequest) {
+        let node = &self.session.node;
+        let Some(in_flight) = self.in_flight.take_if(|f| f.nonce == request.response_nonce) else {
+            tracing::debug!(%node, nonce = %request.response_nonce, "ignoring answer to a stale nonce");
+            return;
+        };
+        let rejected: HashMap<&str, &str> = request
+            .errors
+            .iter()
+            .map(|e| (e.resource_name.as_str(), e.message.as_str()))
+            .collect();
+        let mut protocol = self.session.protocol();
+        for (name, version) in in_flight.upserts {
+            if rejected.contains_key(&*name) {
+                protocol.nacked.insert(name, version);
+            } else {
+                protocol.nacked.remove(&name);
+                protocol.acked.insert(name, version);
+            }
+        }
+        for name in in_flight.removals {
+            if !rejected.contains_key(&*name) {
+                protocol.nacked.remove(&name);
+                protocol.acked.remove(&name);
+            }
+        }
+        if rejected.is_empty() {
+            tracing::debug!(%node, nonce = %in_flight.nonce, "ACK");
+        } else {
+            tracing::warn!(%node, nonce = %in_flight.nonce, errors = ?rejected, "NACK");
+            protocol.last_nack = Some(Nack {
+                nonce: in_flight.nonce,
+                time: SystemTime::now(),
+                errors: request.errors,
+            });
+        }
+    }
+}

@@ -1,0 +1,114 @@
+//! What the controller knows of each node's agent: identity, what it acknowledged,
+//! its last NACK. Written by the node's stream, read by the query API.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+    time::SystemTime,
+};
+
+use switchyard_proto::v1;
+use tokio::sync::watch;
+
+/// The last NACK an agent sent.
+#[derive(Clone, Debug)]
+pub struct Nack {
+    pub nonce: String,
+    pub time: SystemTime,
+    pub errors: Vec<v1::ResourceError>,
+}
+
+/// Protocol state of one node, shared between its stream and the query API.
+#[derive(Debug, Default)]
+pub struct NodeProtocol {
+    /// Resource name → version the agent holds, as acknowledged (or declared on connect).
+    pub acked: HashMap<Arc<str>, u64>,
+    /// Versions the agent rejected; not resent until the desired version moves on.
+    pub nacked: HashMap<Arc<str>, u64>,
+    pub last_nack: Option<Nack>,
+    /// Since when the agent has been missing some desired change; `None` when in sync.
+    pub out_of_sync_since: Option<SystemTime>,
+}
+
+/// One agent's stream for one node.
+#[derive(Debug)]
+pub struct Session {
+    pub id: u64,
+    pub node: String,
+    pub identity: v1::NodeIdentity,
+    pub peer: String,
+    pub connected_since: SystemTime,
+    connected: Mutex<bool>,
+    protocol: Mutex<NodeProtocol>,
+    /// Set to true when a newer stream for the same node takes over.
+    superseded: watch::Sender<Option<String>>,
+}
+
+impl Session {
+    pub fn protocol(&self) -> MutexGuard<'_, NodeProtocol> {
+        self.protocol.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn is_connected(&self) -> bool {
+        *self.connected.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves with the new stream's peer once a newer stream takes this node over.
+    pub fn superseded(&self) -> watch::Receiver<Option<String>> {
+        self.superseded.subscribe()
+    }
+}
+
+/// Every node's latest session, connected or not.
+#[derive(Clone, Debug, Default)]
+pub struct Sessions {
+    inner: Arc<Mutex<SessionsInner>>,
+}
+
+#[derive(Debug, Default)]
+struct SessionsInner {
+    next_id: u64,
+    by_node: HashMap<String, Arc<Session>>,
+}
+
+impl Sessions {
+    /// Registers a new stream for a node; an older connected stream for the same node is
+    /// told to close.
+    pub fn open(
+        &self,
+        identity: v1::NodeIdentity,
+        peer: String,
+        acked: HashMap<Arc<str>, u64>,
+    ) -> Arc<Session> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        inner.next_id += 1;
+        let node = identity.node_name.clone();
+        let session = Arc::new(Session {
+            id: inner.next_id,
+            node: node.clone(),
+            identity,
+            peer: peer.clone(),
+            connected_since: SystemTime::now(),
+            connected: Mutex::new(true),
+            protocol: Mutex::new(NodeProtocol { acked, ..Default::default() }),
+            superseded: watch::Sender::new(None),
+        });
+        if let Some(old) = inner.by_node.insert(node, session.clone()) {
+            old.superseded.send_replace(Some(peer));
+        }
+        session
+    }
+
+    /// Marks a stream closed; its acknowledged state stays visible until the node reconnects.
+    pub fn close(&self, session: &Session) {
+        *session.connected.lock().unwrap_or_else(|e| e.into_inner()) = false;
+    }
+
+    pub fn get(&self, node: &str) -> Option<Arc<Session>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).by_node.get(node).cloned()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Session>> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner()).by_node.values().cloned().collect()
+    }
+}

@@ -1,0 +1,396 @@
+//! Holds every object the sources reported, by origin, and folds them into one
+//! [`ClusterSnapshot`], telling which Services and Nodes each batch of updates touched.
+//!
+//! When two origins define the same object, the first origin in name order wins and
+//! the other copy is reported as a problem. Problems are kept here for the query API.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, RwLock},
+    time::SystemTime,
+};
+
+use crate::{
+    model::{ClusterSnapshot, Object, ObjectKind, ObjectRef, ServiceKey},
+    sources::{Origin, StoreUpdate},
+};
+
+/// Something a source could not use, as the query API shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Problem {
+    pub origin: Origin,
+    pub object: Option<ObjectRef>,
+    pub message: String,
+    pub since: SystemTime,
+}
+
+type ProblemKey = (Origin, Option<ObjectRef>);
+
+/// Cheap read handle on the current problems.
+#[derive(Clone, Debug, Default)]
+pub struct ProblemsView(Arc<RwLock<BTreeMap<ProblemKey, Problem>>>);
+
+impl ProblemsView {
+    pub fn list(&self) -> Vec<Problem> {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+    }
+}
+
+/// What one batch of updates changed in the snapshot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub services: BTreeSet<ServiceKey>,
+    pub nodes: BTreeSet<String>,
+    /// The earliest time a change in this batch happened.
+    pub trigger_time: Option<SystemTime>,
+}
+
+impl Touched {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.nodes.is_empty()
+    }
+}
+
+/// The one writer of the cluster snapshot.
+#[derive(Debug, Default)]
+pub struct Store {
+    origins: BTreeMap<Origin, BTreeMap<ObjectRef, Arc<Object>>>,
+    /// Which origins hold each object, to resolve duplicates.
+    holders: HashMap<ObjectRef, BTreeSet<Origin>>,
+    snapshot: ClusterSnapshot,
+    /// Which Service each EndpointSlice in the snapshot belongs to.
+    slice_owner: HashMap<ServiceKey, ServiceKey>,
+    problems: ProblemsView,
+}
+
+const DUPLICATE: &str = "also defined in ";
+
+impl Store {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn snapshot(&self) -> &ClusterSnapshot {
+        &self.snapshot
+    }
+
+    pub fn problems(&self) -> ProblemsView {
+        self.problems.clone()
+    }
+
+    /// Applies a batch of updates and returns what it changed.
+    pub fn apply(&mut self, updates: impl IntoIterator<Item = StoreUpdate>) -> Touched {
+        let mut refs = BTreeSet::new();
+        let mut touched = Touched::default();
+        for update in updates {
+            match update {
+                StoreUpdate::Replace { origin, objects, at } => {
+                    let new: BTreeMap<_, _> =
+                        objects.into_iter().map(|o| (o.object_ref(), Arc::new(o))).collect();
+                    let old = self.origins.remove(&origin).unwrap_or_default();
+                    for r in old.keys().filter(|r| !new.contains_key(*r)) {
+                        self.unhold(r, &origin);
+                        refs.insert(r.clone());
+                    }
+                    for (r, object) in &new {
+                        if old.get(r) != Some(object) {
+                            refs.insert(r.clone());
+                        }
+                        self.holders.entry(r.clone()).or_default().insert(origin.clone());
+                    }
+                    if !new.is_empty() {
+                        self.origins.insert(origin, new);
+                    }
+                    earliest(&mut touched.trigger_time, at);
+                }
+                StoreUpdate::Upsert { origin, object, at } => {
+                    let r = object.object_ref();
+                    self.holders.entry(r.clone()).or_default().insert(origin.clone());
+                    self.origins.entry(origin).or_default().insert(r.clone(), Arc::new(object));
+                    refs.insert(r);
+                    earliest(&mut touched.trigger_time, at);
+                }
+                StoreUpdate::Delete { origin, object, at } => {
+                    let removed = self.origins.get_mut(&origin).and_then(|o| o.remove(&object));
+                    if removed.is_some() {
+                        self.unhold(&object, &origin);
+                        refs.insert(object);
+                        earliest(&mut touched.trigger_time, at);
+                    }
+                }
+                StoreUpdate::Problem { origin, object, message } => {
+                    let mut problems = self.problems.0.write().unwrap_or_else(|e| e.into_inner());
+                    let key = (origin.clone(), object.clone());
+                    let since = match problems.get(&key) {
+                        Some(p) if p.message == message => p.since,
+                        _ => SystemTime::now(),
+                    };
+                    problems.insert(key, Problem { origin, object, message, since });
+                }
+                StoreUpdate::ClearProblem { origin, object: None } => {
+                    let mut problems = self.problems.0.write().unwrap_or_else(|e| e.into_inner());
+                    problems.retain(|(o, r), p| {
+                        o != &origin || (r.is_some() && p.message.starts_with(DUPLICATE))
+                    });
+                }
+                StoreUpdate::ClearProblem { origin, object: Some(r) } => {
+                    let mut problems = self.problems.0.write().unwrap_or_else(|e| e.into_inner());
+                    problems.remove(&(origin, Some(r)));
+                }
+            }
+        }
+        for r in refs {
+            self.resolve(&r, &mut touched);
+        }
+        touched
+    }
+
+    fn unhold(&mut self, r: &ObjectRef, origin: &Origin) {
+        if let Some(set) = self.holders.get_mut(r) {
+            set.remove(origin);
+            if set.is_empty() {
+                self.holders.remove(r);
+            }
+        }
+        let mut problems = self.problems.0.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = problems.get(&(origin.clone(), Some(r.clone())))
+            && p.message.starts_with(DUPLICATE)
+        {
+            problems.remove(&(origin.clone(), Some(r.clone())));
+        }
+    }
+
+    /// Puts the winning copy of `r` (if any) into the snapshot and records what moved.
+    fn resolve(&mut self, r: &ObjectRef, touched: &mut Touched) {
+        let holders: Vec<Origin> =
+            self.holders.get(r).map(|h| h.iter().cloned().collect()).unwrap_or_default();
+        if let Some((winner, losers)) = holders.split_first() {
+            let mut problems = self.problems.0.write().unwrap_or_else(|e| e.into_inner());
+            problems.remove(&(winner.clone(), Some(r.clone())));
+            for loser in losers {
+                problems
+                    .entry((loser.clone(), Some(r.clone())))
+                    .or_insert_with(|| Problem {
+                        origin: loser.clone(),
+                        object: Some(r.clone()),
+                        message: format!("{DUPLICATE}{winner}; this copy is ignored"),
+                        since: SystemTime::now(),
+                    });
+            }
+        }
+        let winner = holders.first().and_then(|o| self.origins.get(o)).and_then(|o| o.get(r));
+        let snapshot = &mut self.snapshot;
+        match r.kind {
+            ObjectKind::Service => {
+                let key = ServiceKey::new(&r.namespace, &r.name);
+                let new = winner.and_then(|o| match &**o {
+                    Object::Service(s) => Some(Arc::new(s.clone())),
+                    _ => None,
+                });
+                let changed = match (&new, snapshot.services.get(&key)) {
+                    (Some(new), Some(old)) => new != old,
+                    (None, None) => false,
+                    _ => true,
+                };
+                if changed {
+                    match new {
+                        Some(s) => snapshot.services.insert(key.clone(), s),
+                        None => snapshot.services.remove(&key),
+                    };
+                    touched.services.insert(key);
+                }
+            }
+            ObjectKind::EndpointSlice => {
+                let slice_key = ServiceKey::new(&r.namespace, &r.name);
+                let new = winner.and_then(|o| match &**o {
+                    Object::EndpointSlice(s) => Some(Arc::new(s.clone())),
+                    _ => None,
+                });
+                let old_service = self.slice_owner.remove(&slice_key);
+                let old = old_service
+                    .as_ref()
+                    .and_then(|s| snapshot.slices.get_mut(s))
+                    .and_then(|slices| slices.remove(&slice_key));
+                if let Some(service) = &old_service
+                    && snapshot.slices.get(service).is_some_and(BTreeMap::is_empty)
+                {
+                    snapshot.slices.remove(service);
+                }
+                if old != new {
+                    touched.services.extend(old_service);
+                }
+                if let Some(slice) = new {
+                    if old.as_ref() != Some(&slice) {
+                        touched.services.insert(slice.service.clone());
+                        if let Some(t) = slice.trigger_time {
+                            earliest(&mut touched.trigger_time, t);
+                        }
+                    }
+                    self.slice_owner.insert(slice_key.clone(), slice.service.clone());
+                    snapshot.slices.entry(slice.service.clone()).or_default().insert(slice_key, slice);
+                }
+            }
+            ObjectKind::Node => {
+                let new = winner.and_then(|o| match &**o {
+                    Object::Node(n) => Some(Arc::new(n.clone())),
+                    _ => None,
+                });
+                if new.as_deref() != snapshot.nodes.get(&r.name).map(|n| &**n) {
+                    match new {
+                        Some(n) => snapshot.nodes.insert(r.name.clone(), n),
+                        None => snapshot.nodes.remove(&r.name),
+                    };
+                    touched.nodes.insert(r.name.clone());
+                }
+            }
+        }
+    }
+}
+
+fn earliest(slot: &mut Option<SystemTime>, at: SystemTime) {
+    *slot = Some(slot.map_or(at, |t| t.min(at)));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::*;
+    use crate::model::{
+        AddressFamily, EndpointSlice, Node, Protocol, Service, ServicePort, ServiceType, TrafficPolicy,
+    };
+
+    fn at(secs: u64) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    fn service(name: &str, port: u16) -> Object {
+        Object::Service(Service {
+            key: ServiceKey::new("default", name),
+            service_type: ServiceType::ClusterIp,
+            headless: false,
+            cluster_ips: vec!["10.96.0.1".parse().unwrap()],
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
+            ports: vec![ServicePort { name: String::new(), protocol: Protocol::Tcp, port, node_port: None }],
+            session_affinity_timeout: None,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            health_check_node_port: None,
+            proxy_name: None,
+        })
+    }
+
+    fn slice(name: &str, service: &str) -> Object {
+        Object::EndpointSlice(EndpointSlice {
+            key: ServiceKey::new("default", name),
+            service: ServiceKey::new("default", service),
+            address_family: AddressFamily::V4,
+            ports: vec![],
+            endpoints: vec![],
+            trigger_time: Some(at(5)),
+        })
+    }
+
+    fn node(name: &str, zone: &str) -> Object {
+        Object::Node(Node { name: name.into(), zone: Some(zone.into()), deleting: false, addresses: vec![] })
+    }
+
+    fn replace(origin: &str, objects: Vec<Object>, secs: u64) -> StoreUpdate {
+        StoreUpdate::Replace { origin: origin.into(), objects, at: at(secs) }
+    }
+
+    fn keys(names: &[&str]) -> BTreeSet<ServiceKey> {
+        names.iter().map(|n| ServiceKey::new("default", *n)).collect()
+    }
+
+    #[test]
+    fn replacing_an_origin_touches_only_what_changed() {
+        let mut store = Store::new();
+        let first = store.apply([replace("a.yaml", vec![service("web", 80), service("db", 5432)], 10)]);
+        assert_eq!(first.services, keys(&["db", "web"]));
+        assert_eq!(first.trigger_time, Some(at(10)));
+
+        let second = store.apply([replace("a.yaml", vec![service("web", 8080), service("db", 5432)], 20)]);
+        assert_eq!(second.services, keys(&["web"]));
+        assert_eq!(store.snapshot().services.len(), 2);
+
+        let third = store.apply([replace("a.yaml", vec![service("web", 8080)], 30)]);
+        assert_eq!(third.services, keys(&["db"]));
+        assert!(!store.snapshot().services.contains_key(&ServiceKey::new("default", "db")));
+    }
+
+    #[test]
+    fn an_unchanged_replace_touches_nothing() {
+        let mut store = Store::new();
+        store.apply([replace("a.yaml", vec![service("web", 80), node("n1", "z1")], 10)]);
+        assert!(store.apply([replace("a.yaml", vec![service("web", 80), node("n1", "z1")], 20)]).is_empty());
+    }
+
+    #[test]
+    fn slice_changes_touch_their_service_and_moving_a_slice_touches_both() {
+        let mut store = Store::new();
+        let touched = store.apply([replace("s.yaml", vec![slice("web-1", "web")], 10)]);
+        assert_eq!(touched.services, keys(&["web"]));
+        assert_eq!(touched.trigger_time, Some(at(5)), "the slice's own trigger time is earlier");
+
+        let moved = store.apply([replace("s.yaml", vec![slice("web-1", "api")], 20)]);
+        assert_eq!(moved.services, keys(&["api", "web"]));
+        assert!(!store.snapshot().slices.contains_key(&ServiceKey::new("default", "web")));
+        assert_eq!(store.snapshot().slices[&ServiceKey::new("default", "api")].len(), 1);
+    }
+
+    #[test]
+    fn upsert_and_delete_change_single_objects_of_an_origin() {
+        let mut store = Store::new();
+        store.apply([replace("kubernetes/Service", vec![service("web", 80)], 1)]);
+        let origin = "kubernetes/Service".to_string();
+        let upserted = store.apply([StoreUpdate::Upsert { origin: origin.clone(), object: service("db", 1), at: at(2) }]);
+        assert_eq!(upserted.services, keys(&["db"]));
+        let object = service("web", 80).object_ref();
+        let deleted = store.apply([StoreUpdate::Delete { origin: origin.clone(), object: object.clone(), at: at(3) }]);
+        assert_eq!(deleted.services, keys(&["web"]));
+        assert!(store.apply([StoreUpdate::Delete { origin, object, at: at(4) }]).is_empty());
+    }
+
+    #[test]
+    fn node_changes_are_reported_by_name() {
+        let mut store = Store::new();
+        let touched = store.apply([replace("nodes.yaml", vec![node("n1", "z1"), node("n2", "z1")], 1)]);
+        assert_eq!(touched.nodes, ["n1", "n2"].map(String::from).into());
+        let touched = store.apply([replace("nodes.yaml", vec![node("n1", "z1"), node("n2", "z2")], 2)]);
+        assert_eq!(touched.nodes, ["n2"].map(String::from).into());
+    }
+
+    #[test]
+    fn an_object_defined_twice_keeps_the_first_origin_and_reports_the_other() {
+        let mut store = Store::new();
+        store.apply([replace("b.yaml", vec![service("web", 81)], 1)]);
+        store.apply([replace("a.yaml", vec![service("web", 80)], 2)]);
+        let Object::Service(expected) = service("web", 80) else { unreachable!() };
+        assert_eq!(*store.snapshot().services[&expected.key], expected);
+        let problems = store.problems().list();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].origin, "b.yaml");
+        assert!(problems[0].message.contains("also defined in a.yaml"), "{}", problems[0].message);
+
+        // Removing the winner promotes the other copy and clears the problem.
+        let touched = store.apply([replace("a.yaml", vec![], 3)]);
+        assert_eq!(touched.services, keys(&["web"]));
+        assert_eq!(store.snapshot().services[&expected.key].ports[0].port, 81);
+        assert!(store.problems().list().is_empty());
+    }
+
+    #[test]
+    fn problems_are_kept_until_cleared_and_keep_their_first_time() {
+        let mut store = Store::new();
+        let problem = || StoreUpdate::Problem { origin: "x.yaml".into(), object: None, message: "bad".into() };
+        store.apply([problem()]);
+        let since = store.problems().list()[0].since;
+        store.apply([problem()]);
+        assert_eq!(store.problems().list()[0].since, since);
+        store.apply([StoreUpdate::ClearProblem { origin: "x.yaml".into(), object: None }]);
+        assert!(store.problems().list().is_empty());
+    }
+}

@@ -1,0 +1,2 @@
+//! Controller fan-out benchmark (written in the next step).
+fn main() {}

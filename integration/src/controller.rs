@@ -1,0 +1,81 @@
+//! Runs the real controller (hub + gRPC server) in-process on `127.0.0.1:0`, fed by the
+//! test through the same update channel a source uses.
+
+use std::{net::SocketAddr, time::SystemTime};
+
+use switchyard_controller::{
+    compute::ComputeOptions,
+    hub::{Hub, HubHandle},
+    model::Object,
+    server::{self, Sessions},
+    sources::{StoreSender, StoreUpdate},
+};
+use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+
+/// A running controller; shuts down when dropped.
+pub struct TestController {
+    pub address: SocketAddr,
+    pub updates: StoreSender,
+    pub hub: HubHandle,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: JoinHandle<()>,
+}
+
+impl TestController {
+    pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(ComputeOptions::default()).await
+    }
+
+    pub async fn start_with(options: ComputeOptions) -> anyhow::Result<Self> {
+        let (updates, updates_rx) = tokio::sync::mpsc::channel(1024);
+        let (hub, handle) = Hub::new(options, updates_rx);
+        tokio::spawn(hub.run());
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        let (shutdown, stop) = oneshot::channel();
+        let server_handle = handle.clone();
+        let server = tokio::spawn(async move {
+            let stop = async {
+                let _ = stop.await;
+            };
+            if let Err(error) = server::serve(listener, server_handle, Sessions::default(), stop).await {
+                tracing::error!(%error, "test controller failed");
+            }
+        });
+        Ok(Self { address, updates, hub: handle, shutdown: Some(shutdown), server })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    /// Replaces everything from `origin` and waits until the hub has published it.
+    pub async fn replace(&self, origin: &str, objects: Vec<Object>) {
+        let mut generations = self.hub.generations.clone();
+        let before = generations.borrow_and_update().seq;
+        let update = StoreUpdate::Replace { origin: origin.into(), objects, at: SystemTime::now() };
+        self.updates.send(update).await.expect("hub is running");
+        // An update that changes nothing publishes nothing: wait briefly, then move on.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+            while generations.borrow_and_update().seq == before {
+                if generations.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+
+    pub async fn send(&self, update: StoreUpdate) {
+        self.updates.send(update).await.expect("hub is running");
+    }
+}
+
+impl Drop for TestController {
+    fn drop(&mut self) {
+        if let Some(stop) = self.shutdown.take() {
+            let _ = stop.send(());
+        }
+        self.server.abort();
+    }
+}
