@@ -15,14 +15,13 @@ const WAIT: Duration = Duration::from_secs(10);
 /// How long to wait before concluding that nothing more will arrive.
 const QUIET: Duration = Duration::from_millis(300);
 
-/// Three nodes; `web` with an endpoint on each; `local-only` (both traffic policies
-/// Local) with one endpoint on node-b.
+/// Three nodes; `web` with an endpoint on each; `local-only` (a ClusterIP Service with
+/// internalTrafficPolicy Local, so only the local set matters) with one endpoint on
+/// node-b. An externally reachable Service would keep its cluster set too, as
+/// kube-proxy does for short-circuiting.
 fn three_node_cluster(web_endpoints: usize) -> Vec<Object> {
     let mut local_only = service("local-only", ip(200));
-    local_only.external_traffic_policy = TrafficPolicy::Local;
     local_only.internal_traffic_policy = TrafficPolicy::Local;
-    local_only.service_type = switchyard_controller::model::ServiceType::NodePort;
-    local_only.ports[0].node_port = Some(30080);
     let nodes = ["node-a", "node-b", "node-c"];
     let web_eps = (0..web_endpoints).map(|i| endpoint(ip(1000 + i as u32), nodes[i % 3])).collect();
     vec![
