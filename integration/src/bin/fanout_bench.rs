@@ -1,2 +1,251 @@
-//! Controller fan-out benchmark (written in the next step).
-fn main() {}
+//! Controller fan-out benchmark: K simulated agents over loopback gRPC, N Services × E
+//! endpoints. Reports initial sync time to all agents, time until all agents ACK one
+//! endpoint change (p50/p99), bytes per node per change, and the controller's peak RSS.
+//!
+//! The controller (hub + gRPC server, fed directly through the source channel) runs in
+//! a child process so its memory is measured alone. The agents decode only names,
+//! versions and nonces, so the 2-core machine spends its time in the controller.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    process::{Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Parser;
+use prost::Message;
+use switchyard_controller::{model::Object, sources::StoreUpdate};
+use switchyard_integration::{controller::TestController, fixtures};
+use switchyard_proto::v1::{self, NodeIdentity, NodeStateRequest};
+use tokio::sync::{Barrier, mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+#[derive(Debug, Parser)]
+#[command(about = "Controller fan-out benchmark")]
+struct Args {
+    /// Simulated agents (one node and one TCP connection each).
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    #[arg(long, default_value_t = 10_000)]
+    services: usize,
+    /// Endpoints per Service, spread over the nodes.
+    #[arg(long, default_value_t = 10)]
+    endpoints: usize,
+    /// Endpoint changes to time, one at a time.
+    #[arg(long, default_value_t = 50)]
+    changes: usize,
+    /// Internal: run as the controller child process.
+    #[arg(long, hide = true)]
+    child: bool,
+}
+
+/// `NodeStateResponse` without the Service bodies: resources stay undecoded bytes.
+#[derive(Clone, PartialEq, Message)]
+struct LiteResponse {
+    #[prost(bytes = "bytes", repeated, tag = "2")]
+    resources: Vec<Bytes>,
+    #[prost(string, repeated, tag = "3")]
+    removed_resources: Vec<String>,
+    #[prost(string, tag = "4")]
+    nonce: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if args.child { runtime.block_on(child(args)) } else { runtime.block_on(driver(args)) }
+}
+
+/// The controller side: loads the cluster, then applies one endpoint change per
+/// `change` line on stdin, answering on stdout.
+async fn child(args: Args) -> anyhow::Result<()> {
+    rlimit::increase_nofile_limit(65_536)?;
+    let controller = TestController::start().await?;
+    let mut objects = fixtures::cluster(args.agents, args.services, args.endpoints);
+    let loaded = Instant::now();
+    controller.replace("bench", objects.clone()).await;
+    println!("ready {} {:?}", controller.address, loaded.elapsed());
+    let mut lines = BufReader::new(std::io::stdin()).lines();
+    while let Some(line) = tokio::task::block_in_place(|| lines.next()).transpose()? {
+        match line.split_whitespace().collect::<Vec<_>>()[..] {
+            ["change", i] => {
+                let i: usize = i.parse()?;
+                // Slices follow their Service: object 2 + 2s + 1 is Service s's slice.
+                let index = args.agents + 2 * (i % args.services) + 1;
+                let Object::EndpointSlice(slice) = &mut objects[index] else { bail!("not a slice") };
+                slice.endpoints[0].address = fixtures::ip((2 << 20) + i as u32);
+                let update = StoreUpdate::Upsert {
+                    origin: "bench".into(),
+                    object: objects[index].clone(),
+                    at: SystemTime::now(),
+                };
+                controller.send(update).await;
+                println!("sent");
+            }
+            ["rss"] => println!("rss {}", peak_rss_kib("self")?),
+            _ => bail!("unknown command {line:?}"),
+        }
+    }
+    Ok(())
+}
+
+fn peak_rss_kib(pid: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
+    Ok(line.split_whitespace().nth(1).context("VmHWM value")?.parse()?)
+}
+
+/// What one agent saw of one response.
+#[derive(Clone, Copy, Debug)]
+struct Received {
+    bytes: usize,
+    resources: usize,
+}
+
+async fn agent(
+    endpoint: String,
+    node: String,
+    report: mpsc::UnboundedSender<(usize, Received)>,
+    connected: Arc<Barrier>,
+) -> anyhow::Result<()> {
+    let channel = tonic::transport::Channel::from_shared(endpoint)?.tcp_nodelay(true).connect().await?;
+    let (requests, rx) = mpsc::channel(4);
+    requests
+        .send(NodeStateRequest {
+            node: Some(NodeIdentity {
+                node_name: node.clone(),
+                dataplane: v1::Dataplane::Iptables.into(),
+                agent_version: "fanout-bench".into(),
+            }),
+            ..Default::default()
+        })
+        .await?;
+    let mut grpc = tonic::client::Grpc::new(channel).max_decoding_message_size(usize::MAX);
+    grpc.ready().await?;
+    connected.wait().await;
+    let codec = tonic_prost::ProstCodec::<NodeStateRequest, LiteResponse>::default();
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/switchyard.v1.NodeStateDiscovery/StreamNodeState",
+    );
+    let mut responses = grpc
+        .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, codec)
+        .await?
+        .into_inner();
+    let mut count = 0;
+    while let Some(response) = responses.message().await? {
+        let received = Received { bytes: response.encoded_len(), resources: response.resources.len() };
+        requests.send(NodeStateRequest { response_nonce: response.nonce, ..Default::default() }).await?;
+        report.send((count, received)).ok();
+        count += 1;
+    }
+    Ok(())
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+async fn driver(args: Args) -> anyhow::Result<()> {
+    rlimit::increase_nofile_limit(65_536)?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["--child", "--agents", &args.agents.to_string()])
+        .args(["--services", &args.services.to_string(), "--endpoints", &args.endpoints.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let mut to_child = child.stdin.take().context("child stdin")?;
+    let (lines_tx, mut lines) = mpsc::unbounded_channel();
+    let stdout = child.stdout.take().context("child stdout")?;
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let ready = lines.recv().await.context("controller exited")?;
+    let mut words = ready.split_whitespace().skip(1);
+    let address = words.next().context("address")?.to_string();
+    println!(
+        "cluster: {} nodes, {} services x {} endpoints; controller loaded it in {}",
+        args.agents,
+        args.services,
+        args.endpoints,
+        words.next().unwrap_or("?")
+    );
+
+    let (report, mut reports) = mpsc::unbounded_channel();
+    let connected = Arc::new(Barrier::new(args.agents + 1));
+    let (_stop, stopped) = watch::channel(());
+    for n in 0..args.agents {
+        let endpoint = format!("http://{address}");
+        let (report, connected, mut stopped) = (report.clone(), connected.clone(), stopped.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                result = agent(endpoint, format!("node-{n:04}"), report, connected) => {
+                    if let Err(error) = result { eprintln!("agent node-{n:04}: {error:#}"); }
+                }
+                _ = stopped.changed() => {}
+            }
+        });
+    }
+    connected.wait().await;
+    let started = Instant::now();
+    let mut initial_bytes = 0;
+    for _ in 0..args.agents {
+        let (_, received) = tokio::time::timeout(Duration::from_secs(600), reports.recv())
+            .await
+            .context("initial sync timed out")?
+            .context("agents stopped")?;
+        initial_bytes += received.bytes;
+    }
+    let initial = started.elapsed();
+    println!(
+        "initial sync to all {} agents: {:.2?} ({:.1} MiB sent in all)",
+        args.agents,
+        initial,
+        initial_bytes as f64 / (1 << 20) as f64
+    );
+
+    let mut latencies = Vec::with_capacity(args.changes);
+    let mut bytes_per_node = Vec::new();
+    for i in 0..args.changes {
+        let sent = Instant::now();
+        writeln!(to_child, "change {i}")?;
+        lines.recv().await.context("controller exited")?;
+        let mut acked = 0;
+        while acked < args.agents {
+            let (_, received) = tokio::time::timeout(Duration::from_secs(60), reports.recv())
+                .await
+                .context("change timed out")?
+                .context("agents stopped")?;
+            if received.resources > 0 {
+                bytes_per_node.push(received.bytes);
+            }
+            acked += 1;
+        }
+        latencies.push(sent.elapsed());
+    }
+    latencies.sort();
+    let mean_bytes = bytes_per_node.iter().sum::<usize>() as f64 / bytes_per_node.len().max(1) as f64;
+    println!(
+        "one endpoint change, all {} agents ACKed: p50 {:.1?}, p99 {:.1?}, max {:.1?} over {} changes",
+        args.agents,
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or_default(),
+        args.changes
+    );
+    println!("bytes per node per change (gRPC payload): {mean_bytes:.0} B");
+    writeln!(to_child, "rss")?;
+    let rss = lines.recv().await.context("controller exited")?;
+    let kib: u64 = rss.trim_start_matches("rss ").parse()?;
+    println!("controller peak RSS: {:.0} MiB", kib as f64 / 1024.0);
+    drop(to_child);
+    child.kill().ok();
+    child.wait()?;
+    Ok(())
+}
