@@ -17,6 +17,11 @@
 //!   hints never apply to it;
 //! - `has_any_endpoints` says whether any endpoint anywhere is usable (ready, or serving
 //!   and terminating): with none the dataplane rejects, otherwise an empty set drops.
+//!
+//! kube-proxy runs one proxier per IP family, so all of the above is decided per family:
+//! a family's fallback and topology look only at that family's endpoints, and endpoints
+//! of a family the Service has no cluster IP for are ignored. The two families' results
+//! are concatenated (IPv4 first), and the dataplane splits them again.
 
 use std::{
     collections::{BTreeMap, btree_map::Entry},
@@ -126,7 +131,7 @@ pub fn compute_service<'a>(
         .ports
         .iter()
         .map(|port| {
-            let candidates = gather(port, &slices, node);
+            let candidates = gather(service, port, &slices, node);
             categorize(service, port, external_local, &candidates, node)
         })
         .collect();
@@ -231,6 +236,7 @@ fn external_policy_local(service: &Service) -> bool {
 }
 
 /// One endpoint of one service port, after deduplication.
+#[derive(Debug)]
 struct Candidate<'a> {
     ip: IpAddr,
     port: u16,
@@ -260,12 +266,14 @@ impl Candidate<'_> {
     }
 }
 
-/// Every endpoint of `port`, one per (ip, target port), in that order.
+/// Every endpoint of `port`, one per (ip, target port), in that order (so IPv4 first),
+/// leaving out families the Service has no cluster IP for.
 ///
 /// Like kube-proxy's endpoint slice cache, an endpoint seen in several slices (it moved,
 /// or a new pod reused a terminating pod's IP) keeps a non-terminating copy if there is
 /// one; otherwise the first copy in slice-name order wins (kube-proxy's map order).
 fn gather<'a>(
+    service: &Service,
     port: &ServicePort,
     slices: &[&'a EndpointSlice],
     node: NodeContext<'_>,
@@ -277,7 +285,11 @@ fn gather<'a>(
             .iter()
             .filter(|p| p.name == port.name && p.protocol == port.protocol && p.port != 0);
         for target in target_ports {
-            for endpoint in &slice.endpoints {
+            let served = slice.endpoints.iter().filter(|endpoint| {
+                let v4 = endpoint.address.is_ipv4();
+                service.cluster_ips.iter().any(|ip| ip.is_ipv4() == v4)
+            });
+            for endpoint in served {
                 match by_address.entry((endpoint.address, target.port)) {
                     Entry::Vacant(entry) => {
                         entry.insert(endpoint);
@@ -302,7 +314,7 @@ fn gather<'a>(
         .collect()
 }
 
-/// kube-proxy's `CategorizeEndpoints` for one service port.
+/// kube-proxy's `CategorizeEndpoints` for one service port, once per IP family.
 fn categorize(
     service: &Service,
     port: &ServicePort,
@@ -310,35 +322,33 @@ fn categorize(
     candidates: &[Candidate<'_>],
     node: NodeContext<'_>,
 ) -> PortState {
-    // Per port, as kube-proxy's `ServicePort.ExternallyAccessible`.
-    let externally_accessible = port.node_port.is_some()
-        || !service.external_ips.is_empty()
-        || !service.load_balancer_ips.is_empty();
-    let internal_local = service.internal_traffic_policy == TrafficPolicy::Local;
-    let uses_cluster = !internal_local || externally_accessible;
-    let uses_local = internal_local || (external_local && externally_accessible);
-
-    let cluster_endpoints = if uses_cluster {
-        cluster_set(candidates, node)
-    } else {
-        Vec::new()
-    };
-    let local_endpoints = if uses_local {
-        local_set(candidates)
-    } else {
-        Vec::new()
-    };
-    PortState {
+    let mut state = PortState {
         name: port.name.clone(),
         protocol: port.protocol,
         port: port.port,
         node_port: port.node_port,
-        cluster_endpoints,
-        local_endpoints,
-        has_any_endpoints: candidates
-            .iter()
-            .any(|c| c.ready() || c.serving_terminating()),
+        cluster_endpoints: Vec::new(),
+        local_endpoints: Vec::new(),
+        has_any_endpoints: false,
+    };
+    // Candidates are sorted by IP, and every IPv4 address sorts before every IPv6 one.
+    let (v4, v6) = candidates.split_at(candidates.partition_point(|c| c.ip.is_ipv4()));
+    for (ipv4, family) in [(true, v4), (false, v6)] {
+        let same_family = |ip: &IpAddr| ip.is_ipv4() == ipv4;
+        // kube-proxy's per-family `ServicePort.ExternallyAccessible`.
+        let externally_accessible = port.node_port.is_some()
+            || service.external_ips.iter().any(same_family)
+            || service.load_balancer_ips.iter().any(same_family);
+        let internal_local = service.internal_traffic_policy == TrafficPolicy::Local;
+        if !internal_local || externally_accessible {
+            state.cluster_endpoints.extend(cluster_set(family, node));
+        }
+        if internal_local || (external_local && externally_accessible) {
+            state.local_endpoints.extend(local_set(family));
+        }
+        state.has_any_endpoints |= family.iter().any(|c| c.ready() || c.serving_terminating());
     }
+    state
 }
 
 /// Ready endpoints that topology allows; with none ready anywhere, every

@@ -165,7 +165,7 @@ fn addrs(endpoints: &[EndpointState]) -> Vec<String> {
 
 // ---------------------------------------------------------------------------------------
 // The table: each case is one Service, its slices, the node it is computed for and what
-// must come out. `cases!` turns every entry into its own `#[test]`.
+// must come out. Every case is its own `#[test]`, built with the fixtures above.
 
 enum Expect {
     /// `compute_service` returns `None`.
@@ -273,363 +273,1149 @@ impl Case {
     }
 }
 
-macro_rules! cases {
-    ($($name:ident: $case:expr;)*) => {
-        $(
-            #[test]
-            fn $name() {
-                $case.run()
-            }
-        )*
-    };
+// --- Which Services are handled -------------------------------------------------
+#[test]
+fn headless_service_is_skipped() {
+    Case::new(
+        svc_with(|s| {
+            s.headless = true;
+            s.cluster_ips.clear();
+        }),
+        vec![slice8080(vec![ready("10.0.0.1", "")])],
+    )
+    .skipped()
+    .run();
 }
 
-cases! {
-    // --- Which Services are handled -------------------------------------------------
-    headless_service_is_skipped:
-        Case::new(svc_with(|s| { s.headless = true; s.cluster_ips.clear(); }),
-                  vec![slice8080(vec![ready("10.0.0.1", "")])]).skipped();
-    external_name_service_is_skipped:
-        Case::new(svc_with(|s| s.service_type = ServiceType::ExternalName), vec![]).skipped();
-    service_without_cluster_ip_is_skipped:
-        Case::new(svc_with(|s| s.cluster_ips.clear()), vec![]).skipped();
-    service_without_ports_is_skipped:
-        Case::new(svc_with(|s| s.ports.clear()), vec![]).skipped();
-    other_proxy_name_is_skipped:
-        Case::new(svc_with(|s| s.proxy_name = Some("kube-proxy-ng".into())), vec![]).skipped();
-    unlabelled_service_is_handled_when_replacing_kube_proxy:
-        Case::new(svc(), vec![]).endpoints(&[], &[], false);
-    service_labelled_switchyard_is_handled_when_replacing_kube_proxy:
-        Case::new(svc_with(|s| s.proxy_name = Some("switchyard".into())), vec![])
-            .endpoints(&[], &[], false);
-    beside_kube_proxy_only_labelled_services_are_handled:
-        Case::new(svc(), vec![]).options(only("switchyard")).skipped();
-    beside_kube_proxy_services_labelled_with_our_name_are_handled:
-        Case::new(svc_with(|s| s.proxy_name = Some("sy-canary".into())), vec![])
-            .options(only("sy-canary")).endpoints(&[], &[], false);
-    beside_kube_proxy_services_labelled_for_another_proxy_are_skipped:
-        Case::new(svc_with(|s| s.proxy_name = Some("switchyard".into())), vec![])
-            .options(only("sy-canary")).skipped();
+#[test]
+fn external_name_service_is_skipped() {
+    Case::new(
+        svc_with(|s| s.service_type = ServiceType::ExternalName),
+        vec![],
+    )
+    .skipped()
+    .run();
+}
 
-    // --- VIPs, ports and Service-wide settings are carried ---------------------------
-    cluster_ip_v4_service_carries_its_vip_key_and_port:
-        Case::new(svc(), vec![slice8080(vec![ready("10.0.0.1", "node-b")])]).state(|s| {
+#[test]
+fn service_without_cluster_ip_is_skipped() {
+    Case::new(svc_with(|s| s.cluster_ips.clear()), vec![])
+        .skipped()
+        .run();
+}
+
+#[test]
+fn service_without_ports_is_skipped() {
+    Case::new(svc_with(|s| s.ports.clear()), vec![])
+        .skipped()
+        .run();
+}
+
+#[test]
+fn other_proxy_name_is_skipped() {
+    Case::new(
+        svc_with(|s| s.proxy_name = Some("kube-proxy-ng".into())),
+        vec![],
+    )
+    .skipped()
+    .run();
+}
+
+#[test]
+fn unlabelled_service_is_handled_when_replacing_kube_proxy() {
+    Case::new(svc(), vec![]).endpoints(&[], &[], false).run();
+}
+
+#[test]
+fn service_labelled_switchyard_is_handled_when_replacing_kube_proxy() {
+    Case::new(
+        svc_with(|s| s.proxy_name = Some("switchyard".into())),
+        vec![],
+    )
+    .endpoints(&[], &[], false)
+    .run();
+}
+
+#[test]
+fn beside_kube_proxy_only_labelled_services_are_handled() {
+    Case::new(svc(), vec![])
+        .options(only("switchyard"))
+        .skipped()
+        .run();
+}
+
+#[test]
+fn beside_kube_proxy_services_labelled_with_our_name_are_handled() {
+    Case::new(
+        svc_with(|s| s.proxy_name = Some("sy-canary".into())),
+        vec![],
+    )
+    .options(only("sy-canary"))
+    .endpoints(&[], &[], false)
+    .run();
+}
+
+#[test]
+fn beside_kube_proxy_services_labelled_for_another_proxy_are_skipped() {
+    Case::new(
+        svc_with(|s| s.proxy_name = Some("switchyard".into())),
+        vec![],
+    )
+    .options(only("sy-canary"))
+    .skipped()
+    .run();
+}
+
+// --- VIPs, ports and Service-wide settings are carried ---------------------------
+#[test]
+fn cluster_ip_v4_service_carries_its_vip_key_and_port() {
+    Case::new(svc(), vec![slice8080(vec![ready("10.0.0.1", "node-b")])])
+        .state(|s| {
             assert_eq!(s.key, ServiceKey::new("default", "web"));
             assert_eq!(s.cluster_ips, vec![ip("10.96.0.10")]);
-            assert_eq!((s.ports[0].name.as_str(), s.ports[0].protocol, s.ports[0].port, s.ports[0].node_port),
-                       ("", Protocol::Tcp, 80, None));
+            assert_eq!(
+                (
+                    s.ports[0].name.as_str(),
+                    s.ports[0].protocol,
+                    s.ports[0].port,
+                    s.ports[0].node_port
+                ),
+                ("", Protocol::Tcp, 80, None)
+            );
             assert_eq!(s.external_traffic_policy, TrafficPolicy::Cluster);
             assert_eq!(s.internal_traffic_policy, TrafficPolicy::Cluster);
-        });
-    dual_stack_cluster_ips_are_carried_primary_first:
-        Case::new(svc_with(|s| s.cluster_ips = vec![ip("fd00::10"), ip("10.96.0.10")]), vec![])
-            .state(|s| assert_eq!(s.cluster_ips, vec![ip("fd00::10"), ip("10.96.0.10")]));
-    ipv6_single_stack_service_uses_its_v6_endpoints:
-        Case::new(svc_with(|s| s.cluster_ips = vec![ip("fd00::10")]),
-                  vec![slice8080(vec![ready("fd00:1::2", ""), ready("fd00:1::1", "")])])
-            .endpoints(&["[fd00:1::1]:8080", "[fd00:1::2]:8080"], &[], true);
-    node_ports_are_carried_per_port:
-        Case::new(svc_with(|s| {
+        })
+        .run();
+}
+
+#[test]
+fn dual_stack_cluster_ips_are_carried_primary_first() {
+    Case::new(
+        svc_with(|s| s.cluster_ips = vec![ip("fd00::10"), ip("10.96.0.10")]),
+        vec![],
+    )
+    .state(|s| assert_eq!(s.cluster_ips, vec![ip("fd00::10"), ip("10.96.0.10")]))
+    .run();
+}
+
+#[test]
+fn ipv6_single_stack_service_uses_its_v6_endpoints() {
+    Case::new(
+        svc_with(|s| s.cluster_ips = vec![ip("fd00::10")]),
+        vec![slice8080(vec![
+            ready("fd00:1::2", ""),
+            ready("fd00:1::1", ""),
+        ])],
+    )
+    .endpoints(&["[fd00:1::1]:8080", "[fd00:1::2]:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn node_ports_are_carried_per_port() {
+    Case::new(
+        svc_with(|s| {
             s.service_type = ServiceType::NodePort;
             s.ports = vec![node_port("http", 80, 30080), node_port("https", 443, 30443)];
-        }), vec![]).state(|s| {
-            let node_ports: Vec<_> = s.ports.iter().map(|p| p.node_port).collect();
-            assert_eq!(node_ports, vec![Some(30080), Some(30443)]);
-        });
-    load_balancer_ingress_ips_are_carried:
-        Case::new(svc_with(|s| {
+        }),
+        vec![],
+    )
+    .state(|s| {
+        let node_ports: Vec<_> = s.ports.iter().map(|p| p.node_port).collect();
+        assert_eq!(node_ports, vec![Some(30080), Some(30443)]);
+    })
+    .run();
+}
+
+#[test]
+fn load_balancer_ingress_ips_are_carried() {
+    Case::new(
+        svc_with(|s| {
             s.service_type = ServiceType::LoadBalancer;
             s.load_balancer_ips = vec![ip("203.0.113.9"), ip("2001:db8::9")];
-        }), vec![]).state(|s| assert_eq!(s.load_balancer_ips, vec![ip("203.0.113.9"), ip("2001:db8::9")]));
-    external_ips_are_carried:
-        Case::new(svc_with(|s| s.external_ips = vec![ip("192.0.2.7")]), vec![])
-            .state(|s| assert_eq!(s.external_ips, vec![ip("192.0.2.7")]));
-    load_balancer_source_ranges_are_carried:
-        Case::new(svc_with(|s| {
+        }),
+        vec![],
+    )
+    .state(|s| {
+        assert_eq!(
+            s.load_balancer_ips,
+            vec![ip("203.0.113.9"), ip("2001:db8::9")]
+        )
+    })
+    .run();
+}
+
+#[test]
+fn external_ips_are_carried() {
+    Case::new(svc_with(|s| s.external_ips = vec![ip("192.0.2.7")]), vec![])
+        .state(|s| assert_eq!(s.external_ips, vec![ip("192.0.2.7")]))
+        .run();
+}
+
+#[test]
+fn load_balancer_source_ranges_are_carried() {
+    Case::new(
+        svc_with(|s| {
             s.service_type = ServiceType::LoadBalancer;
             s.load_balancer_source_ranges = vec!["198.51.100.0/24".parse().expect("cidr")];
-        }), vec![]).state(|s| {
-            assert_eq!(s.load_balancer_source_ranges, vec!["198.51.100.0/24".parse::<ipnet::IpNet>().expect("cidr")]);
-        });
-    session_affinity_timeout_is_carried:
-        Case::new(svc_with(|s| s.session_affinity_timeout = Some(10800)), vec![])
-            .state(|s| assert_eq!(s.session_affinity_timeout, Some(10800)));
-    service_without_affinity_has_no_timeout:
-        Case::new(svc(), vec![]).state(|s| assert_eq!(s.session_affinity_timeout, None));
-    health_check_node_port_is_carried_for_load_balancer_with_local_external_policy:
-        Case::new(svc_with(|s| {
+        }),
+        vec![],
+    )
+    .state(|s| {
+        assert_eq!(
+            s.load_balancer_source_ranges,
+            vec!["198.51.100.0/24".parse::<ipnet::IpNet>().expect("cidr")]
+        );
+    })
+    .run();
+}
+
+#[test]
+fn session_affinity_timeout_is_carried() {
+    Case::new(
+        svc_with(|s| s.session_affinity_timeout = Some(10800)),
+        vec![],
+    )
+    .state(|s| assert_eq!(s.session_affinity_timeout, Some(10800)))
+    .run();
+}
+
+#[test]
+fn service_without_affinity_has_no_timeout() {
+    Case::new(svc(), vec![])
+        .state(|s| assert_eq!(s.session_affinity_timeout, None))
+        .run();
+}
+
+#[test]
+fn health_check_node_port_is_carried_for_load_balancer_with_local_external_policy() {
+    Case::new(
+        svc_with(|s| {
             s.service_type = ServiceType::LoadBalancer;
             s.ports = vec![node_port("", 80, 30080)];
             s.external_traffic_policy = TrafficPolicy::Local;
             s.health_check_node_port = Some(32000);
-        }), vec![]).state(|s| {
-            assert_eq!(s.health_check_node_port, Some(32000));
-            assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
-        });
-    health_check_node_port_is_dropped_under_cluster_external_policy:
-        Case::new(svc_with(|s| {
+        }),
+        vec![],
+    )
+    .state(|s| {
+        assert_eq!(s.health_check_node_port, Some(32000));
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
+    })
+    .run();
+}
+
+#[test]
+fn health_check_node_port_is_dropped_under_cluster_external_policy() {
+    Case::new(
+        svc_with(|s| {
             s.service_type = ServiceType::LoadBalancer;
             s.health_check_node_port = Some(32000);
-        }), vec![]).state(|s| assert_eq!(s.health_check_node_port, None));
-    health_check_node_port_is_dropped_for_node_port_services:
-        Case::new(svc_with(|s| {
+        }),
+        vec![],
+    )
+    .state(|s| assert_eq!(s.health_check_node_port, None))
+    .run();
+}
+
+#[test]
+fn health_check_node_port_is_dropped_for_node_port_services() {
+    Case::new(
+        svc_with(|s| {
             s.service_type = ServiceType::NodePort;
             s.external_traffic_policy = TrafficPolicy::Local;
             s.health_check_node_port = Some(32000);
-        }), vec![]).state(|s| {
-            assert_eq!(s.health_check_node_port, None);
-            assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
-        });
-    external_traffic_policy_local_is_ignored_without_external_reachability:
-        Case::new(svc_with(|s| s.external_traffic_policy = TrafficPolicy::Local),
-                  vec![slice8080(vec![ready("10.0.0.1", "node-a"), ready("10.0.0.2", "node-b")])])
-            .state(|s| {
-                assert_eq!(s.external_traffic_policy, TrafficPolicy::Cluster);
-                assert_eq!(addrs(&s.ports[0].cluster_endpoints), ["10.0.0.1:8080", "10.0.0.2:8080"]);
-                assert!(s.ports[0].local_endpoints.is_empty());
-            });
-    ports_keep_the_service_order:
-        Case::new(svc_with(|s| s.ports = vec![port("z", Protocol::Tcp, 9), port("a", Protocol::Tcp, 1)]),
-                  vec![slice("web-1", vec![tcp("a", 1001), tcp("z", 1009)], vec![ready("10.0.0.1", "")])])
-            .state(|s| {
-                let names: Vec<_> = s.ports.iter().map(|p| (p.name.as_str(), addrs(&p.cluster_endpoints))).collect();
-                assert_eq!(names, vec![("z", vec!["10.0.0.1:1009".to_string()]), ("a", vec!["10.0.0.1:1001".to_string()])]);
-            });
-    udp_and_sctp_ports_are_kept_with_their_protocol:
-        Case::new(svc_with(|s| s.ports = vec![port("dns", Protocol::Udp, 53), port("sig", Protocol::Sctp, 3868)]),
-                  vec![slice("web-1", vec![udp("dns", 5353), sctp("sig", 3869)], vec![ready("10.0.0.1", "")])])
-            .state(|s| {
-                let ports: Vec<_> = s.ports.iter().map(|p| (p.protocol, p.port, addrs(&p.cluster_endpoints))).collect();
-                assert_eq!(ports, vec![
-                    (Protocol::Udp, 53, vec!["10.0.0.1:5353".to_string()]),
-                    (Protocol::Sctp, 3868, vec!["10.0.0.1:3869".to_string()]),
-                ]);
-            });
+        }),
+        vec![],
+    )
+    .state(|s| {
+        assert_eq!(s.health_check_node_port, None);
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
+    })
+    .run();
+}
 
-    // --- Which slice ports feed a service port -----------------------------------------
-    named_target_port_resolves_per_slice:
-        Case::new(svc_with(|s| s.ports = vec![port("http", Protocol::Tcp, 80)]), vec![
-            slice("web-old", vec![tcp("http", 8080)], vec![ready("10.0.0.1", "")]),
-            slice("web-new", vec![tcp("http", 9090)], vec![ready("10.0.0.2", "")]),
-        ]).endpoints(&["10.0.0.1:8080", "10.0.0.2:9090"], &[], true);
-    slice_port_with_other_protocol_does_not_match:
-        Case::new(svc(), vec![slice("web-1", vec![udp("", 8080)], vec![ready("10.0.0.1", "")])])
-            .endpoints(&[], &[], false);
-    slice_port_with_other_name_does_not_match:
-        Case::new(svc_with(|s| s.ports = vec![port("http", Protocol::Tcp, 80)]),
-                  vec![slice("web-1", vec![tcp("metrics", 9100)], vec![ready("10.0.0.1", "")])])
-            .endpoints(&[], &[], false);
-    same_port_name_with_tcp_and_udp_feeds_each_protocol_separately:
-        Case::new(svc_with(|s| s.ports = vec![port("dns", Protocol::Tcp, 53), port("dns", Protocol::Udp, 53)]),
-                  vec![slice("web-1", vec![tcp("dns", 1053), udp("dns", 2053)], vec![ready("10.0.0.1", "")])])
-            .state(|s| {
-                assert_eq!(addrs(&s.ports[0].cluster_endpoints), ["10.0.0.1:1053"]);
-                assert_eq!(addrs(&s.ports[1].cluster_endpoints), ["10.0.0.1:2053"]);
-            });
-    endpoint_port_zero_is_ignored:
-        Case::new(svc(), vec![slice8080(vec![]), slice("web-2", vec![tcp("", 0)], vec![ready("10.0.0.1", "")])])
-            .endpoints(&[], &[], false);
-    slices_of_other_services_are_ignored:
-        Case::new(svc(), vec![EndpointSlice {
+#[test]
+fn external_traffic_policy_local_is_ignored_without_external_reachability() {
+    Case::new(
+        svc_with(|s| s.external_traffic_policy = TrafficPolicy::Local),
+        vec![slice8080(vec![
+            ready("10.0.0.1", "node-a"),
+            ready("10.0.0.2", "node-b"),
+        ])],
+    )
+    .state(|s| {
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Cluster);
+        assert_eq!(
+            addrs(&s.ports[0].cluster_endpoints),
+            ["10.0.0.1:8080", "10.0.0.2:8080"]
+        );
+        assert!(s.ports[0].local_endpoints.is_empty());
+    })
+    .run();
+}
+
+#[test]
+fn ports_keep_the_service_order() {
+    Case::new(
+        svc_with(|s| s.ports = vec![port("z", Protocol::Tcp, 9), port("a", Protocol::Tcp, 1)]),
+        vec![slice(
+            "web-1",
+            vec![tcp("a", 1001), tcp("z", 1009)],
+            vec![ready("10.0.0.1", "")],
+        )],
+    )
+    .state(|s| {
+        let names: Vec<_> = s
+            .ports
+            .iter()
+            .map(|p| (p.name.as_str(), addrs(&p.cluster_endpoints)))
+            .collect();
+        assert_eq!(
+            names,
+            vec![
+                ("z", vec!["10.0.0.1:1009".to_string()]),
+                ("a", vec!["10.0.0.1:1001".to_string()])
+            ]
+        );
+    })
+    .run();
+}
+
+#[test]
+fn udp_and_sctp_ports_are_kept_with_their_protocol() {
+    Case::new(
+        svc_with(|s| {
+            s.ports = vec![
+                port("dns", Protocol::Udp, 53),
+                port("sig", Protocol::Sctp, 3868),
+            ]
+        }),
+        vec![slice(
+            "web-1",
+            vec![udp("dns", 5353), sctp("sig", 3869)],
+            vec![ready("10.0.0.1", "")],
+        )],
+    )
+    .state(|s| {
+        let ports: Vec<_> = s
+            .ports
+            .iter()
+            .map(|p| (p.protocol, p.port, addrs(&p.cluster_endpoints)))
+            .collect();
+        assert_eq!(
+            ports,
+            vec![
+                (Protocol::Udp, 53, vec!["10.0.0.1:5353".to_string()]),
+                (Protocol::Sctp, 3868, vec!["10.0.0.1:3869".to_string()]),
+            ]
+        );
+    })
+    .run();
+}
+
+// --- Which slice ports feed a service port -----------------------------------------
+#[test]
+fn named_target_port_resolves_per_slice() {
+    Case::new(
+        svc_with(|s| s.ports = vec![port("http", Protocol::Tcp, 80)]),
+        vec![
+            slice(
+                "web-old",
+                vec![tcp("http", 8080)],
+                vec![ready("10.0.0.1", "")],
+            ),
+            slice(
+                "web-new",
+                vec![tcp("http", 9090)],
+                vec![ready("10.0.0.2", "")],
+            ),
+        ],
+    )
+    .endpoints(&["10.0.0.1:8080", "10.0.0.2:9090"], &[], true)
+    .run();
+}
+
+#[test]
+fn slice_port_with_other_protocol_does_not_match() {
+    Case::new(
+        svc(),
+        vec![slice(
+            "web-1",
+            vec![udp("", 8080)],
+            vec![ready("10.0.0.1", "")],
+        )],
+    )
+    .endpoints(&[], &[], false)
+    .run();
+}
+
+#[test]
+fn slice_port_with_other_name_does_not_match() {
+    Case::new(
+        svc_with(|s| s.ports = vec![port("http", Protocol::Tcp, 80)]),
+        vec![slice(
+            "web-1",
+            vec![tcp("metrics", 9100)],
+            vec![ready("10.0.0.1", "")],
+        )],
+    )
+    .endpoints(&[], &[], false)
+    .run();
+}
+
+#[test]
+fn same_port_name_with_tcp_and_udp_feeds_each_protocol_separately() {
+    Case::new(
+        svc_with(|s| {
+            s.ports = vec![
+                port("dns", Protocol::Tcp, 53),
+                port("dns", Protocol::Udp, 53),
+            ]
+        }),
+        vec![slice(
+            "web-1",
+            vec![tcp("dns", 1053), udp("dns", 2053)],
+            vec![ready("10.0.0.1", "")],
+        )],
+    )
+    .state(|s| {
+        assert_eq!(addrs(&s.ports[0].cluster_endpoints), ["10.0.0.1:1053"]);
+        assert_eq!(addrs(&s.ports[1].cluster_endpoints), ["10.0.0.1:2053"]);
+    })
+    .run();
+}
+
+#[test]
+fn endpoint_port_zero_is_ignored() {
+    Case::new(
+        svc(),
+        vec![
+            slice8080(vec![]),
+            slice("web-2", vec![tcp("", 0)], vec![ready("10.0.0.1", "")]),
+        ],
+    )
+    .endpoints(&[], &[], false)
+    .run();
+}
+
+#[test]
+fn slices_of_other_services_are_ignored() {
+    Case::new(
+        svc(),
+        vec![EndpointSlice {
             service: ServiceKey::new("default", "other"),
             ..slice8080(vec![ready("10.0.0.1", "")])
-        }]).endpoints(&[], &[], false);
-    duplicate_endpoint_across_slices_counted_once:
-        Case::new(svc(), vec![
-            slice("web-1", vec![tcp("", 8080)], vec![ready("10.0.0.1", "node-b")]),
-            slice("web-2", vec![tcp("", 8080)], vec![ready("10.0.0.1", "node-b"), ready("10.0.0.2", "node-b")]),
-        ]).endpoints(&["10.0.0.1:8080", "10.0.0.2:8080"], &[], true);
-    duplicate_endpoint_prefers_the_non_terminating_copy:
-        Case::new(svc(), vec![
-            slice("web-1", vec![tcp("", 8080)], vec![serving_terminating("10.0.0.1", "node-b")]),
-            slice("web-2", vec![tcp("", 8080)], vec![ready("10.0.0.1", "node-c")]),
-        ]).state(|s| {
-            let eps = &s.ports[0].cluster_endpoints;
-            assert_eq!(addrs(eps), ["10.0.0.1:8080"]);
-            assert!(eps[0].ready && !eps[0].terminating);
-            assert_eq!(eps[0].node_name.as_deref(), Some("node-c"));
-        });
-    duplicate_terminating_endpoints_keep_the_first_slice_by_name:
-        Case::new(svc(), vec![
-            slice("web-b", vec![tcp("", 8080)], vec![serving_terminating("10.0.0.1", "node-b")]),
-            slice("web-a", vec![tcp("", 8080)], vec![terminating_not_serving("10.0.0.1", "node-c")]),
-        ]).state(|s| {
-            let port = &s.ports[0];
-            assert!(port.cluster_endpoints.is_empty());
-            assert!(!port.has_any_endpoints, "the copy from web-a is not serving");
-        });
-    same_ip_with_different_target_ports_is_two_endpoints:
-        Case::new(svc_with(|s| s.ports = vec![port("http", Protocol::Tcp, 80)]), vec![
-            slice("web-1", vec![tcp("http", 8080)], vec![ready("10.0.0.1", "")]),
-            slice("web-2", vec![tcp("http", 8081)], vec![ready("10.0.0.1", "")]),
-        ]).endpoints(&["10.0.0.1:8080", "10.0.0.1:8081"], &[], true);
-    dual_stack_slices_both_feed_the_port:
-        Case::new(svc_with(|s| s.cluster_ips = vec![ip("10.96.0.10"), ip("fd00::10")]), vec![
-            slice("web-v6", vec![tcp("", 8080)], vec![ready("fd00:1::1", "node-b")]),
-            slice("web-v4", vec![tcp("", 8080)], vec![ready("10.0.0.1", "node-b")]),
-        ]).endpoints(&["10.0.0.1:8080", "[fd00:1::1]:8080"], &[], true);
-    endpoints_are_sorted_by_ip_then_port:
-        Case::new(svc(), vec![slice("web-1", vec![tcp("", 8080)],
-                  vec![ready("10.0.0.10", ""), ready("10.0.0.9", ""), ready("10.0.0.2", "")])])
-            .endpoints(&["10.0.0.2:8080", "10.0.0.9:8080", "10.0.0.10:8080"], &[], true);
+        }],
+    )
+    .endpoints(&[], &[], false)
+    .run();
+}
 
-    // --- Readiness and the terminating fallback ----------------------------------------
-    ready_endpoints_are_used_and_terminating_ones_are_not:
-        Case::new(svc(), vec![slice8080(vec![ready("10.0.0.1", ""), serving_terminating("10.0.0.2", "")])])
-            .endpoints(&["10.0.0.1:8080"], &[], true);
-    no_ready_endpoint_falls_back_to_serving_terminating:
-        Case::new(svc(), vec![slice8080(vec![
-            serving_terminating("10.0.0.1", ""), terminating_not_serving("10.0.0.2", ""), not_ready("10.0.0.3", ""),
-        ])]).endpoints(&["10.0.0.1:8080"], &[], true);
-    not_ready_not_serving_endpoints_are_excluded:
-        Case::new(svc(), vec![slice8080(vec![ready("10.0.0.1", ""), not_ready("10.0.0.2", "")])])
-            .endpoints(&["10.0.0.1:8080"], &[], true);
-    serving_but_not_terminating_endpoint_is_no_fallback:
-        Case::new(svc(), vec![slice8080(vec![Endpoint { ready: false, ..ready("10.0.0.1", "") }])])
-            .endpoints(&[], &[], false);
-    only_unusable_endpoints_mean_no_endpoints_at_all:
-        Case::new(svc(), vec![slice8080(vec![not_ready("10.0.0.1", "node-a"), terminating_not_serving("10.0.0.2", "")])])
-            .endpoints(&[], &[], false);
-    no_slices_means_no_endpoints:
-        Case::new(svc(), vec![]).endpoints(&[], &[], false);
-    endpoint_conditions_and_node_are_carried:
-        Case::new(svc(), vec![slice8080(vec![serving_terminating("10.0.0.1", "node-b")])]).state(|s| {
-            assert_eq!(s.ports[0].cluster_endpoints, vec![EndpointState {
-                ip: ip("10.0.0.1"), port: 8080, node_name: Some("node-b".into()),
-                local: false, ready: false, serving: true, terminating: true,
-            }]);
-        });
+#[test]
+fn duplicate_endpoint_across_slices_counted_once() {
+    Case::new(
+        svc(),
+        vec![
+            slice(
+                "web-1",
+                vec![tcp("", 8080)],
+                vec![ready("10.0.0.1", "node-b")],
+            ),
+            slice(
+                "web-2",
+                vec![tcp("", 8080)],
+                vec![ready("10.0.0.1", "node-b"), ready("10.0.0.2", "node-b")],
+            ),
+        ],
+    )
+    .endpoints(&["10.0.0.1:8080", "10.0.0.2:8080"], &[], true)
+    .run();
+}
 
-    // --- Locality and traffic policies ---------------------------------------------------
-    endpoint_on_this_node_is_marked_local:
-        Case::new(svc(), vec![slice8080(vec![ready("10.0.0.1", "node-a"), ready("10.0.0.2", "node-b")])])
-            .state(|s| {
-                let local: Vec<_> = s.ports[0].cluster_endpoints.iter().map(|e| e.local).collect();
-                assert_eq!(local, [true, false]);
-            });
-    endpoints_without_node_name_are_never_local:
-        Case::new(svc_with(|s| s.internal_traffic_policy = TrafficPolicy::Local),
-                  vec![slice8080(vec![ready("10.0.0.1", "")])])
-            .endpoints(&[], &[], true);
-    cluster_policies_leave_the_local_set_empty:
-        Case::new(svc_with(|s| { s.service_type = ServiceType::NodePort; s.ports = vec![node_port("", 80, 30080)]; }),
-                  vec![slice8080(vec![ready("10.0.0.1", "node-a")])])
-            .endpoints(&["10.0.0.1:8080"], &[], true);
-    internal_traffic_policy_local_uses_only_local_endpoints:
-        Case::new(svc_with(|s| s.internal_traffic_policy = TrafficPolicy::Local),
-                  vec![slice8080(vec![ready("10.0.0.1", "node-a"), ready("10.0.0.2", "node-b")])])
-            .state(|s| {
-                assert_eq!(s.internal_traffic_policy, TrafficPolicy::Local);
-                assert!(s.ports[0].cluster_endpoints.is_empty(), "no traffic uses the Cluster policy");
-                assert_eq!(addrs(&s.ports[0].local_endpoints), ["10.0.0.1:8080"]);
-                assert!(s.ports[0].local_endpoints[0].local);
-            });
-    internal_traffic_policy_local_with_no_local_endpoint_yields_empty_local_set_but_has_any_endpoints:
-        Case::new(svc_with(|s| s.internal_traffic_policy = TrafficPolicy::Local),
-                  vec![slice8080(vec![ready("10.0.0.2", "node-b")])])
-            .endpoints(&[], &[], true);
-    internal_traffic_policy_local_on_node_port_keeps_the_cluster_set_for_external_traffic:
-        Case::new(svc_with(|s| {
+#[test]
+fn duplicate_endpoint_prefers_the_non_terminating_copy() {
+    Case::new(
+        svc(),
+        vec![
+            slice(
+                "web-1",
+                vec![tcp("", 8080)],
+                vec![serving_terminating("10.0.0.1", "node-b")],
+            ),
+            slice(
+                "web-2",
+                vec![tcp("", 8080)],
+                vec![ready("10.0.0.1", "node-c")],
+            ),
+        ],
+    )
+    .state(|s| {
+        let eps = &s.ports[0].cluster_endpoints;
+        assert_eq!(addrs(eps), ["10.0.0.1:8080"]);
+        assert!(eps[0].ready && !eps[0].terminating);
+        assert_eq!(eps[0].node_name.as_deref(), Some("node-c"));
+    })
+    .run();
+}
+
+#[test]
+fn duplicate_terminating_endpoints_keep_the_first_slice_by_name() {
+    Case::new(
+        svc(),
+        vec![
+            slice(
+                "web-b",
+                vec![tcp("", 8080)],
+                vec![serving_terminating("10.0.0.1", "node-b")],
+            ),
+            slice(
+                "web-a",
+                vec![tcp("", 8080)],
+                vec![terminating_not_serving("10.0.0.1", "node-c")],
+            ),
+        ],
+    )
+    .state(|s| {
+        let port = &s.ports[0];
+        assert!(port.cluster_endpoints.is_empty());
+        assert!(
+            !port.has_any_endpoints,
+            "the copy from web-a is not serving"
+        );
+    })
+    .run();
+}
+
+#[test]
+fn same_ip_with_different_target_ports_is_two_endpoints() {
+    Case::new(
+        svc_with(|s| s.ports = vec![port("http", Protocol::Tcp, 80)]),
+        vec![
+            slice(
+                "web-1",
+                vec![tcp("http", 8080)],
+                vec![ready("10.0.0.1", "")],
+            ),
+            slice(
+                "web-2",
+                vec![tcp("http", 8081)],
+                vec![ready("10.0.0.1", "")],
+            ),
+        ],
+    )
+    .endpoints(&["10.0.0.1:8080", "10.0.0.1:8081"], &[], true)
+    .run();
+}
+
+#[test]
+fn dual_stack_slices_both_feed_the_port() {
+    Case::new(
+        svc_with(|s| s.cluster_ips = vec![ip("10.96.0.10"), ip("fd00::10")]),
+        vec![
+            slice(
+                "web-v6",
+                vec![tcp("", 8080)],
+                vec![ready("fd00:1::1", "node-b")],
+            ),
+            slice(
+                "web-v4",
+                vec![tcp("", 8080)],
+                vec![ready("10.0.0.1", "node-b")],
+            ),
+        ],
+    )
+    .endpoints(&["10.0.0.1:8080", "[fd00:1::1]:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn endpoints_of_a_family_without_cluster_ip_are_ignored() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
+            ready("fd00:1::1", ""),
+            serving_terminating("fd00:1::2", ""),
+        ])],
+    )
+    .endpoints(&[], &[], false)
+    .run();
+}
+
+#[test]
+fn dual_stack_fallback_is_decided_per_family() {
+    Case::new(
+        svc_with(|s| s.cluster_ips = vec![ip("10.96.0.10"), ip("fd00::10")]),
+        vec![
+            slice(
+                "web-v4",
+                vec![tcp("", 8080)],
+                vec![serving_terminating("10.0.0.1", "")],
+            ),
+            slice("web-v6", vec![tcp("", 8080)], vec![ready("fd00:1::1", "")]),
+        ],
+    )
+    .endpoints(&["10.0.0.1:8080", "[fd00:1::1]:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn dual_stack_topology_is_decided_per_family() {
+    Case::new(
+        svc_with(|s| s.cluster_ips = vec![ip("10.96.0.10"), ip("fd00::10")]),
+        vec![
+            slice(
+                "web-v4",
+                vec![tcp("", 8080)],
+                vec![
+                    for_zones(ready("10.0.0.1", "node-b"), &["zone-a"]),
+                    for_zones(ready("10.0.0.2", "node-c"), &["zone-b"]),
+                ],
+            ),
+            slice(
+                "web-v6",
+                vec![tcp("", 8080)],
+                vec![
+                    for_zones(ready("fd00:1::1", "node-b"), &["zone-a"]),
+                    ready("fd00:1::2", "node-c"),
+                ],
+            ),
+        ],
+    )
+    .endpoints(
+        &["10.0.0.1:8080", "[fd00:1::1]:8080", "[fd00:1::2]:8080"],
+        &[],
+        true,
+    )
+    .run();
+}
+
+#[test]
+fn dual_stack_local_fallback_is_decided_per_family() {
+    Case::new(
+        svc_with(|s| {
+            s.cluster_ips = vec![ip("10.96.0.10"), ip("fd00::10")];
+            s.internal_traffic_policy = TrafficPolicy::Local;
+        }),
+        vec![
+            slice(
+                "web-v4",
+                vec![tcp("", 8080)],
+                vec![serving_terminating("10.0.0.1", "node-a")],
+            ),
+            slice(
+                "web-v6",
+                vec![tcp("", 8080)],
+                vec![ready("fd00:1::1", "node-a")],
+            ),
+        ],
+    )
+    .endpoints(&[], &["10.0.0.1:8080", "[fd00:1::1]:8080"], true)
+    .run();
+}
+
+#[test]
+fn external_ip_of_one_family_makes_only_that_family_externally_reachable() {
+    Case::new(
+        svc_with(|s| {
+            s.cluster_ips = vec![ip("10.96.0.10"), ip("fd00::10")];
+            s.external_ips = vec![ip("192.0.2.7")];
+            s.internal_traffic_policy = TrafficPolicy::Local;
+        }),
+        vec![
+            slice(
+                "web-v4",
+                vec![tcp("", 8080)],
+                vec![ready("10.0.0.1", "node-b")],
+            ),
+            slice(
+                "web-v6",
+                vec![tcp("", 8080)],
+                vec![ready("fd00:1::1", "node-b")],
+            ),
+        ],
+    )
+    .endpoints(&["10.0.0.1:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn endpoints_are_sorted_by_ip_then_port() {
+    Case::new(
+        svc(),
+        vec![slice(
+            "web-1",
+            vec![tcp("", 8080)],
+            vec![
+                ready("10.0.0.10", ""),
+                ready("10.0.0.9", ""),
+                ready("10.0.0.2", ""),
+            ],
+        )],
+    )
+    .endpoints(
+        &["10.0.0.2:8080", "10.0.0.9:8080", "10.0.0.10:8080"],
+        &[],
+        true,
+    )
+    .run();
+}
+
+// --- Readiness and the terminating fallback ----------------------------------------
+#[test]
+fn ready_endpoints_are_used_and_terminating_ones_are_not() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
+            ready("10.0.0.1", ""),
+            serving_terminating("10.0.0.2", ""),
+        ])],
+    )
+    .endpoints(&["10.0.0.1:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn no_ready_endpoint_falls_back_to_serving_terminating() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
+            serving_terminating("10.0.0.1", ""),
+            terminating_not_serving("10.0.0.2", ""),
+            not_ready("10.0.0.3", ""),
+        ])],
+    )
+    .endpoints(&["10.0.0.1:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn not_ready_not_serving_endpoints_are_excluded() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
+            ready("10.0.0.1", ""),
+            not_ready("10.0.0.2", ""),
+        ])],
+    )
+    .endpoints(&["10.0.0.1:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn serving_but_not_terminating_endpoint_is_no_fallback() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![Endpoint {
+            ready: false,
+            ..ready("10.0.0.1", "")
+        }])],
+    )
+    .endpoints(&[], &[], false)
+    .run();
+}
+
+#[test]
+fn only_unusable_endpoints_mean_no_endpoints_at_all() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
+            not_ready("10.0.0.1", "node-a"),
+            terminating_not_serving("10.0.0.2", ""),
+        ])],
+    )
+    .endpoints(&[], &[], false)
+    .run();
+}
+
+#[test]
+fn no_slices_means_no_endpoints() {
+    Case::new(svc(), vec![]).endpoints(&[], &[], false).run();
+}
+
+#[test]
+fn endpoint_conditions_and_node_are_carried() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![serving_terminating("10.0.0.1", "node-b")])],
+    )
+    .state(|s| {
+        assert_eq!(
+            s.ports[0].cluster_endpoints,
+            vec![EndpointState {
+                ip: ip("10.0.0.1"),
+                port: 8080,
+                node_name: Some("node-b".into()),
+                local: false,
+                ready: false,
+                serving: true,
+                terminating: true,
+            }]
+        );
+    })
+    .run();
+}
+
+// --- Locality and traffic policies ---------------------------------------------------
+#[test]
+fn endpoint_on_this_node_is_marked_local() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
+            ready("10.0.0.1", "node-a"),
+            ready("10.0.0.2", "node-b"),
+        ])],
+    )
+    .state(|s| {
+        let local: Vec<_> = s.ports[0]
+            .cluster_endpoints
+            .iter()
+            .map(|e| e.local)
+            .collect();
+        assert_eq!(local, [true, false]);
+    })
+    .run();
+}
+
+#[test]
+fn endpoints_without_node_name_are_never_local() {
+    Case::new(
+        svc_with(|s| s.internal_traffic_policy = TrafficPolicy::Local),
+        vec![slice8080(vec![ready("10.0.0.1", "")])],
+    )
+    .endpoints(&[], &[], true)
+    .run();
+}
+
+#[test]
+fn cluster_policies_leave_the_local_set_empty() {
+    Case::new(
+        svc_with(|s| {
+            s.service_type = ServiceType::NodePort;
+            s.ports = vec![node_port("", 80, 30080)];
+        }),
+        vec![slice8080(vec![ready("10.0.0.1", "node-a")])],
+    )
+    .endpoints(&["10.0.0.1:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn internal_traffic_policy_local_uses_only_local_endpoints() {
+    Case::new(
+        svc_with(|s| s.internal_traffic_policy = TrafficPolicy::Local),
+        vec![slice8080(vec![
+            ready("10.0.0.1", "node-a"),
+            ready("10.0.0.2", "node-b"),
+        ])],
+    )
+    .state(|s| {
+        assert_eq!(s.internal_traffic_policy, TrafficPolicy::Local);
+        assert!(
+            s.ports[0].cluster_endpoints.is_empty(),
+            "no traffic uses the Cluster policy"
+        );
+        assert_eq!(addrs(&s.ports[0].local_endpoints), ["10.0.0.1:8080"]);
+        assert!(s.ports[0].local_endpoints[0].local);
+    })
+    .run();
+}
+
+#[test]
+fn internal_traffic_policy_local_with_no_local_endpoint_yields_empty_local_set_but_has_any_endpoints()
+ {
+    Case::new(
+        svc_with(|s| s.internal_traffic_policy = TrafficPolicy::Local),
+        vec![slice8080(vec![ready("10.0.0.2", "node-b")])],
+    )
+    .endpoints(&[], &[], true)
+    .run();
+}
+
+#[test]
+fn internal_traffic_policy_local_on_node_port_keeps_the_cluster_set_for_external_traffic() {
+    Case::new(
+        svc_with(|s| {
             s.service_type = ServiceType::NodePort;
             s.ports = vec![node_port("", 80, 30080)];
             s.internal_traffic_policy = TrafficPolicy::Local;
-        }), vec![slice8080(vec![ready("10.0.0.1", "node-a"), ready("10.0.0.2", "node-b")])])
-            .endpoints(&["10.0.0.1:8080", "10.0.0.2:8080"], &["10.0.0.1:8080"], true);
-    external_traffic_policy_local_on_load_balancer_fills_both_sets:
-        Case::new(svc_with(|s| {
+        }),
+        vec![slice8080(vec![
+            ready("10.0.0.1", "node-a"),
+            ready("10.0.0.2", "node-b"),
+        ])],
+    )
+    .endpoints(
+        &["10.0.0.1:8080", "10.0.0.2:8080"],
+        &["10.0.0.1:8080"],
+        true,
+    )
+    .run();
+}
+
+#[test]
+fn external_traffic_policy_local_on_load_balancer_fills_both_sets() {
+    Case::new(
+        svc_with(|s| {
             s.service_type = ServiceType::LoadBalancer;
             s.ports = vec![node_port("", 80, 30080)];
             s.load_balancer_ips = vec![ip("203.0.113.9")];
             s.external_traffic_policy = TrafficPolicy::Local;
-        }), vec![slice8080(vec![ready("10.0.0.1", "node-a"), ready("10.0.0.2", "node-b")])])
-            .endpoints(&["10.0.0.1:8080", "10.0.0.2:8080"], &["10.0.0.1:8080"], true);
-    external_traffic_policy_local_applies_to_cluster_ip_with_external_ips:
-        Case::new(svc_with(|s| {
+        }),
+        vec![slice8080(vec![
+            ready("10.0.0.1", "node-a"),
+            ready("10.0.0.2", "node-b"),
+        ])],
+    )
+    .endpoints(
+        &["10.0.0.1:8080", "10.0.0.2:8080"],
+        &["10.0.0.1:8080"],
+        true,
+    )
+    .run();
+}
+
+#[test]
+fn external_traffic_policy_local_applies_to_cluster_ip_with_external_ips() {
+    Case::new(
+        svc_with(|s| {
             s.external_ips = vec![ip("192.0.2.7")];
             s.external_traffic_policy = TrafficPolicy::Local;
-        }), vec![slice8080(vec![ready("10.0.0.1", "node-a"), ready("10.0.0.2", "node-b")])])
-            .state(|s| {
-                assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
-                assert_eq!(addrs(&s.ports[0].local_endpoints), ["10.0.0.1:8080"]);
-                assert_eq!(s.ports[0].cluster_endpoints.len(), 2);
-            });
-    external_traffic_policy_local_on_a_port_without_node_port_or_external_vip_uses_no_local_set:
-        Case::new(svc_with(|s| {
+        }),
+        vec![slice8080(vec![
+            ready("10.0.0.1", "node-a"),
+            ready("10.0.0.2", "node-b"),
+        ])],
+    )
+    .state(|s| {
+        assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
+        assert_eq!(addrs(&s.ports[0].local_endpoints), ["10.0.0.1:8080"]);
+        assert_eq!(s.ports[0].cluster_endpoints.len(), 2);
+    })
+    .run();
+}
+
+#[test]
+fn external_traffic_policy_local_on_a_port_without_node_port_or_external_vip_uses_no_local_set() {
+    Case::new(
+        svc_with(|s| {
             s.service_type = ServiceType::LoadBalancer;
             s.external_traffic_policy = TrafficPolicy::Local;
-        }), vec![slice8080(vec![ready("10.0.0.1", "node-a")])])
-            .endpoints(&["10.0.0.1:8080"], &[], true);
-    local_set_falls_back_independently_of_cluster_set:
-        Case::new(svc_with(|s| {
+        }),
+        vec![slice8080(vec![ready("10.0.0.1", "node-a")])],
+    )
+    .endpoints(&["10.0.0.1:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn local_set_falls_back_independently_of_cluster_set() {
+    Case::new(
+        svc_with(|s| {
             s.service_type = ServiceType::NodePort;
             s.ports = vec![node_port("", 80, 30080)];
             s.external_traffic_policy = TrafficPolicy::Local;
-        }), vec![slice8080(vec![
-            serving_terminating("10.0.0.1", "node-a"), not_ready("10.0.0.3", "node-a"), ready("10.0.0.2", "node-b"),
-        ])]).endpoints(&["10.0.0.2:8080"], &["10.0.0.1:8080"], true);
-    local_set_prefers_ready_local_endpoints_over_terminating_ones:
-        Case::new(svc_with(|s| s.internal_traffic_policy = TrafficPolicy::Local), vec![slice8080(vec![
-            serving_terminating("10.0.0.1", "node-a"), ready("10.0.0.2", "node-a"),
-        ])]).endpoints(&[], &["10.0.0.2:8080"], true);
-    serving_terminating_endpoints_elsewhere_still_count_as_any_endpoints:
-        Case::new(svc_with(|s| s.internal_traffic_policy = TrafficPolicy::Local),
-                  vec![slice8080(vec![serving_terminating("10.0.0.2", "node-b")])])
-            .endpoints(&[], &[], true);
-    local_set_ignores_topology_hints:
-        Case::new(svc_with(|s| s.internal_traffic_policy = TrafficPolicy::Local), vec![slice8080(vec![
-            for_zones(ready("10.0.0.1", "node-a"), &["zone-b"]), for_zones(ready("10.0.0.2", "node-b"), &["zone-a"]),
-        ])]).endpoints(&[], &["10.0.0.1:8080"], true);
-    node_without_a_name_has_no_local_endpoints:
-        Case::new(svc_with(|s| s.internal_traffic_policy = TrafficPolicy::Local),
-                  vec![slice8080(vec![ready("10.0.0.1", "")])]).on("", None)
-            .endpoints(&[], &[], true);
+        }),
+        vec![slice8080(vec![
+            serving_terminating("10.0.0.1", "node-a"),
+            not_ready("10.0.0.3", "node-a"),
+            ready("10.0.0.2", "node-b"),
+        ])],
+    )
+    .endpoints(&["10.0.0.2:8080"], &["10.0.0.1:8080"], true)
+    .run();
+}
 
-    // --- Topology hints (cluster set only) -----------------------------------------------
-    zone_hints_restrict_the_cluster_set_to_this_zone:
-        Case::new(svc(), vec![slice8080(vec![
-            for_zones(ready("10.0.0.1", "node-b"), &["zone-a"]), for_zones(ready("10.0.0.2", "node-c"), &["zone-b"]),
-        ])]).endpoints(&["10.0.0.1:8080"], &[], true);
-    zone_hints_ignored_when_none_names_this_zone:
-        Case::new(svc(), vec![slice8080(vec![
-            for_zones(ready("10.0.0.1", "node-b"), &["zone-b"]), for_zones(ready("10.0.0.2", "node-c"), &["zone-c"]),
-        ])]).endpoints(&["10.0.0.1:8080", "10.0.0.2:8080"], &[], true);
-    zone_hints_ignored_when_a_ready_endpoint_lacks_one:
-        Case::new(svc(), vec![slice8080(vec![
-            for_zones(ready("10.0.0.1", "node-b"), &["zone-a"]), ready("10.0.0.2", "node-c"),
-        ])]).endpoints(&["10.0.0.1:8080", "10.0.0.2:8080"], &[], true);
-    zone_hints_of_endpoints_that_are_not_ready_do_not_count:
-        Case::new(svc(), vec![slice8080(vec![
+#[test]
+fn local_set_prefers_ready_local_endpoints_over_terminating_ones() {
+    Case::new(
+        svc_with(|s| s.internal_traffic_policy = TrafficPolicy::Local),
+        vec![slice8080(vec![
+            serving_terminating("10.0.0.1", "node-a"),
+            ready("10.0.0.2", "node-a"),
+        ])],
+    )
+    .endpoints(&[], &["10.0.0.2:8080"], true)
+    .run();
+}
+
+#[test]
+fn serving_terminating_endpoints_elsewhere_still_count_as_any_endpoints() {
+    Case::new(
+        svc_with(|s| s.internal_traffic_policy = TrafficPolicy::Local),
+        vec![slice8080(vec![serving_terminating("10.0.0.2", "node-b")])],
+    )
+    .endpoints(&[], &[], true)
+    .run();
+}
+
+#[test]
+fn local_set_ignores_topology_hints() {
+    Case::new(
+        svc_with(|s| s.internal_traffic_policy = TrafficPolicy::Local),
+        vec![slice8080(vec![
+            for_zones(ready("10.0.0.1", "node-a"), &["zone-b"]),
+            for_zones(ready("10.0.0.2", "node-b"), &["zone-a"]),
+        ])],
+    )
+    .endpoints(&[], &["10.0.0.1:8080"], true)
+    .run();
+}
+
+#[test]
+fn node_without_a_name_has_no_local_endpoints() {
+    Case::new(
+        svc_with(|s| s.internal_traffic_policy = TrafficPolicy::Local),
+        vec![slice8080(vec![ready("10.0.0.1", "")])],
+    )
+    .on("", None)
+    .endpoints(&[], &[], true)
+    .run();
+}
+
+// --- Topology hints (cluster set only) -----------------------------------------------
+#[test]
+fn zone_hints_restrict_the_cluster_set_to_this_zone() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
+            for_zones(ready("10.0.0.1", "node-b"), &["zone-a"]),
+            for_zones(ready("10.0.0.2", "node-c"), &["zone-b"]),
+        ])],
+    )
+    .endpoints(&["10.0.0.1:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn zone_hints_ignored_when_none_names_this_zone() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
+            for_zones(ready("10.0.0.1", "node-b"), &["zone-b"]),
+            for_zones(ready("10.0.0.2", "node-c"), &["zone-c"]),
+        ])],
+    )
+    .endpoints(&["10.0.0.1:8080", "10.0.0.2:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn zone_hints_ignored_when_a_ready_endpoint_lacks_one() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
+            for_zones(ready("10.0.0.1", "node-b"), &["zone-a"]),
+            ready("10.0.0.2", "node-c"),
+        ])],
+    )
+    .endpoints(&["10.0.0.1:8080", "10.0.0.2:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn zone_hints_of_endpoints_that_are_not_ready_do_not_count() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
             for_zones(ready("10.0.0.1", "node-b"), &["zone-a"]),
             for_zones(ready("10.0.0.2", "node-c"), &["zone-b"]),
             not_ready("10.0.0.3", "node-d"),
-        ])]).endpoints(&["10.0.0.1:8080"], &[], true);
-    zone_hints_ignored_on_a_node_without_zone:
-        Case::new(svc(), vec![slice8080(vec![
-            for_zones(ready("10.0.0.1", "node-b"), &["zone-a"]), for_zones(ready("10.0.0.2", "node-c"), &["zone-b"]),
-        ])]).on("node-a", None).endpoints(&["10.0.0.1:8080", "10.0.0.2:8080"], &[], true);
-    node_hints_restrict_the_cluster_set_to_this_node:
-        Case::new(svc(), vec![slice8080(vec![
-            for_nodes(ready("10.0.0.1", "node-a"), &["node-a"]), for_nodes(ready("10.0.0.2", "node-b"), &["node-b"]),
-        ])]).endpoints(&["10.0.0.1:8080"], &[], true);
-    node_hints_used_only_when_every_ready_endpoint_has_one:
-        Case::new(svc(), vec![slice8080(vec![
-            for_nodes(ready("10.0.0.1", "node-a"), &["node-a"]), ready("10.0.0.2", "node-b"),
-        ])]).endpoints(&["10.0.0.1:8080", "10.0.0.2:8080"], &[], true);
-    node_hints_win_over_zone_hints:
-        Case::new(svc(), vec![slice8080(vec![
-            for_zones(for_nodes(ready("10.0.0.1", "node-a"), &["node-a"]), &["zone-a"]),
-            for_zones(for_nodes(ready("10.0.0.2", "node-b"), &["node-b"]), &["zone-a"]),
-        ])]).endpoints(&["10.0.0.1:8080"], &[], true);
-    node_hints_not_naming_this_node_fall_through_to_zone_hints:
-        Case::new(svc(), vec![slice8080(vec![
-            for_zones(for_nodes(ready("10.0.0.1", "node-b"), &["node-b"]), &["zone-a"]),
-            for_zones(for_nodes(ready("10.0.0.2", "node-c"), &["node-c"]), &["zone-b"]),
-        ])]).endpoints(&["10.0.0.1:8080"], &[], true);
-    terminating_fallback_ignores_topology:
-        Case::new(svc(), vec![slice8080(vec![
+        ])],
+    )
+    .endpoints(&["10.0.0.1:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn zone_hints_ignored_on_a_node_without_zone() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
+            for_zones(ready("10.0.0.1", "node-b"), &["zone-a"]),
+            for_zones(ready("10.0.0.2", "node-c"), &["zone-b"]),
+        ])],
+    )
+    .on("node-a", None)
+    .endpoints(&["10.0.0.1:8080", "10.0.0.2:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn node_hints_restrict_the_cluster_set_to_this_node() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
+            for_nodes(ready("10.0.0.1", "node-a"), &["node-a"]),
+            for_nodes(ready("10.0.0.2", "node-b"), &["node-b"]),
+        ])],
+    )
+    .endpoints(&["10.0.0.1:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn node_hints_used_only_when_every_ready_endpoint_has_one() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
+            for_nodes(ready("10.0.0.1", "node-a"), &["node-a"]),
+            ready("10.0.0.2", "node-b"),
+        ])],
+    )
+    .endpoints(&["10.0.0.1:8080", "10.0.0.2:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn node_hints_win_over_zone_hints() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
+            for_zones(
+                for_nodes(ready("10.0.0.1", "node-a"), &["node-a"]),
+                &["zone-a"],
+            ),
+            for_zones(
+                for_nodes(ready("10.0.0.2", "node-b"), &["node-b"]),
+                &["zone-a"],
+            ),
+        ])],
+    )
+    .endpoints(&["10.0.0.1:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn node_hints_not_naming_this_node_fall_through_to_zone_hints() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
+            for_zones(
+                for_nodes(ready("10.0.0.1", "node-b"), &["node-b"]),
+                &["zone-a"],
+            ),
+            for_zones(
+                for_nodes(ready("10.0.0.2", "node-c"), &["node-c"]),
+                &["zone-b"],
+            ),
+        ])],
+    )
+    .endpoints(&["10.0.0.1:8080"], &[], true)
+    .run();
+}
+
+#[test]
+fn terminating_fallback_ignores_topology() {
+    Case::new(
+        svc(),
+        vec![slice8080(vec![
             for_zones(serving_terminating("10.0.0.1", "node-b"), &["zone-b"]),
             for_zones(serving_terminating("10.0.0.2", "node-c"), &["zone-a"]),
-        ])]).endpoints(&["10.0.0.1:8080", "10.0.0.2:8080"], &[], true);
+        ])],
+    )
+    .endpoints(&["10.0.0.1:8080", "10.0.0.2:8080"], &[], true)
+    .run();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -840,8 +1626,17 @@ fn random_service(rng: &mut Rng) -> Service {
             s.ports[0].node_port = Some(30080);
             s.ports[1].node_port = rng.chance(50).then_some(30053);
         }
+        s.cluster_ips = rng
+            .pick(&[
+                vec!["10.96.0.10"],
+                vec!["fd00::10"],
+                vec!["10.96.0.10", "fd00::10"],
+            ])
+            .iter()
+            .map(|a| ip(a))
+            .collect();
         if rng.chance(30) {
-            s.external_ips = vec![ip("192.0.2.7")];
+            s.external_ips = vec![ip(*rng.pick(&["192.0.2.7", "2001:db8::7"]))];
         }
         let policies = [TrafficPolicy::Cluster, TrafficPolicy::Local];
         s.external_traffic_policy = *rng.pick(&policies);
@@ -856,7 +1651,11 @@ fn random_slices(rng: &mut Rng) -> Vec<EndpointSlice> {
         .map(|s| {
             let endpoints = (0..rng.below(5))
                 .map(|e| {
-                    let address = format!("10.0.{}.{}", rng.below(2), rng.below(6) + e);
+                    let address = if rng.chance(70) {
+                        format!("10.0.{}.{}", rng.below(2), rng.below(6) + e)
+                    } else {
+                        format!("fd00:{}::{}", rng.below(2), rng.below(6) + e)
+                    };
                     let node = if rng.chance(10) {
                         ""
                     } else {
