@@ -1636,7 +1636,8 @@ fn random_service(rng: &mut Rng) -> Service {
             .map(|a| ip(a))
             .collect();
         if rng.chance(30) {
-            s.external_ips = vec![ip(*rng.pick(&["192.0.2.7", "2001:db8::7"]))];
+            let external = *rng.pick(&["192.0.2.7", "2001:db8::7"]);
+            s.external_ips = vec![ip(external)];
         }
         let policies = [TrafficPolicy::Cluster, TrafficPolicy::Local];
         s.external_traffic_policy = *rng.pick(&policies);
