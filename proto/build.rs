@@ -4,7 +4,10 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-const PUBLIC: [&str; 2] = ["proto/switchyard/v1/node_state.proto", "proto/switchyard/v1/query.proto"];
+const PUBLIC: [&str; 2] = [
+    "proto/switchyard/v1/node_state.proto",
+    "proto/switchyard/v1/query.proto",
+];
 const SERVER_TWIN: &str = "proto/switchyard/v1/encoded/node_state_server.proto";
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -14,7 +17,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(env::var("OUT_DIR")?);
 
     let public = protox::compile(PUBLIC, ["proto"])?;
-    fs::write(out.join("switchyard_descriptor.bin"), public.encode_to_vec())?;
+    fs::write(
+        out.join("switchyard_descriptor.bin"),
+        public.encode_to_vec(),
+    )?;
     tonic_prost_build::configure().compile_fds(public)?;
 
     // The twin shares package switchyard.v1 (same gRPC path), so it is generated into
@@ -26,7 +32,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(false)
         .out_dir(&twin_dir)
         .bytes(".switchyard.v1.EncodedNodeStateResponse.resources")
-        .extern_path(".switchyard.v1.NodeStateRequest", "crate::v1::NodeStateRequest")
+        .extern_path(
+            ".switchyard.v1.NodeStateRequest",
+            "crate::v1::NodeStateRequest",
+        )
         .compile_fds(twin)?;
     Ok(())
 }

@@ -15,8 +15,9 @@
 //! - the *local* set (used when some traffic follows the Local policy) holds this node's
 //!   ready endpoints, or, when it has none, this node's serving-and-terminating endpoints;
 //!   hints never apply to it;
-//! - `has_any_endpoints` says whether any endpoint anywhere is usable (ready, or serving
-//!   and terminating): with none the dataplane rejects, otherwise an empty set drops.
+//! - `usable_ipv4` / `usable_ipv6` say whether any endpoint of that family anywhere is
+//!   usable (ready, or serving and terminating): with none the dataplane rejects traffic
+//!   to that family's VIPs, otherwise an empty set drops.
 //!
 //! kube-proxy runs one proxier per IP family, so all of the above is decided per family:
 //! a family's fallback and topology look only at that family's endpoints, and endpoints
@@ -329,7 +330,8 @@ fn categorize(
         node_port: port.node_port,
         cluster_endpoints: Vec::new(),
         local_endpoints: Vec::new(),
-        has_any_endpoints: false,
+        usable_ipv4: false,
+        usable_ipv6: false,
     };
     // Candidates are sorted by IP, and every IPv4 address sorts before every IPv6 one.
     let (v4, v6) = candidates.split_at(candidates.partition_point(|c| c.ip.is_ipv4()));
@@ -346,7 +348,12 @@ fn categorize(
         if internal_local || (external_local && externally_accessible) {
             state.local_endpoints.extend(local_set(family));
         }
-        state.has_any_endpoints |= family.iter().any(|c| c.ready() || c.serving_terminating());
+        let usable = family.iter().any(|c| c.ready() || c.serving_terminating());
+        if ipv4 {
+            state.usable_ipv4 = usable;
+        } else {
+            state.usable_ipv6 = usable;
+        }
     }
     state
 }

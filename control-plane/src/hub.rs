@@ -47,7 +47,11 @@ impl EncodedResource {
             version: format_version(version),
             service: Some(service),
         };
-        Self { name, version, bytes: resource.encode_to_vec().into() }
+        Self {
+            name,
+            version,
+            bytes: resource.encode_to_vec().into(),
+        }
     }
 
     /// The wire message, for the query API.
@@ -63,13 +67,24 @@ pub struct ServiceEntry {
     service: Arc<Service>,
     slices: Vec<Arc<EndpointSlice>>,
     /// `None`: this proxy does not handle the Service on nodes of that variant.
-    variants: Mutex<HashMap<VariantKey, Option<Arc<EncodedResource>>>>,
+    variants: Mutex<HashMap<CacheKey, Option<Arc<EncodedResource>>>>,
 }
 
+/// A [`VariantKey`], plus the node's zone for per-node variants: a node's own result
+/// still depends on its zone (zone hints apply when no node hint names it), and the
+/// zone can change while the Service does not.
+type CacheKey = (VariantKey, Option<String>);
+
 impl ServiceEntry {
-    fn resource(&self, node: NodeContext<'_>, options: &ComputeOptions) -> Option<Arc<EncodedResource>> {
+    fn resource(
+        &self,
+        node: NodeContext<'_>,
+        options: &ComputeOptions,
+    ) -> Option<Arc<EncodedResource>> {
         let slices = || self.slices.iter().map(|s| &**s);
-        let key = compute::variant_key(&self.service, slices(), node);
+        let variant = compute::variant_key(&self.service, slices(), node);
+        let zone = matches!(variant, VariantKey::Node(_)).then(|| node.zone.map(str::to_owned));
+        let key = (variant, zone.flatten());
         let mut variants = self.variants.lock().unwrap_or_else(|e| e.into_inner());
         variants
             .entry(key)
@@ -94,7 +109,10 @@ pub struct ChangeRecord {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Changes {
     /// Only these Services can differ for the node.
-    Services { services: HashSet<ServiceKey>, trigger_time: Option<SystemTime> },
+    Services {
+        services: HashSet<ServiceKey>,
+        trigger_time: Option<SystemTime>,
+    },
     /// Anything may differ: the node itself changed, or the stream is too far behind.
     All { trigger_time: Option<SystemTime> },
 }
@@ -121,13 +139,19 @@ impl Generation {
     }
 
     fn node_context<'a>(&'a self, node: &'a str) -> NodeContext<'a> {
-        let zone = self.snapshot.nodes.get(node).and_then(|n| n.zone.as_deref());
+        let zone = self
+            .snapshot
+            .nodes
+            .get(node)
+            .and_then(|n| n.zone.as_deref());
         NodeContext { name: node, zone }
     }
 
     /// The resource `node` must hold for `service`; `None` when it must hold none.
     pub fn resource(&self, service: &ServiceKey, node: &str) -> Option<Arc<EncodedResource>> {
-        self.services.get(service)?.resource(self.node_context(node), &self.options)
+        self.services
+            .get(service)?
+            .resource(self.node_context(node), &self.options)
     }
 
     /// Every Service in the cluster, handled or not.
@@ -150,7 +174,10 @@ impl Generation {
     /// What may have changed for `node` since generation `seq`.
     pub fn changes_since(&self, seq: u64, node: &str) -> Changes {
         if seq == self.seq {
-            return Changes::Services { services: HashSet::new(), trigger_time: None };
+            return Changes::Services {
+                services: HashSet::new(),
+                trigger_time: None,
+            };
         }
         let covered = self.recent.front().is_some_and(|r| r.seq <= seq + 1);
         let newer = self.recent.iter().filter(|r| r.seq > seq);
@@ -159,7 +186,10 @@ impl Generation {
             return Changes::All { trigger_time };
         }
         let services = newer.flat_map(|r| r.services.iter().cloned()).collect();
-        Changes::Services { services, trigger_time }
+        Changes::Services {
+            services,
+            trigger_time,
+        }
     }
 
     /// The next generation after `touched` changed the snapshot.
@@ -225,8 +255,18 @@ impl Hub {
     pub fn new(options: ComputeOptions, updates: mpsc::Receiver<StoreUpdate>) -> (Self, HubHandle) {
         let store = Store::new();
         let (publish, generations) = watch::channel(Arc::new(Generation::empty(options)));
-        let handle = HubHandle { generations, problems: store.problems() };
-        (Self { store, updates, publish }, handle)
+        let handle = HubHandle {
+            generations,
+            problems: store.problems(),
+        };
+        (
+            Self {
+                store,
+                updates,
+                publish,
+            },
+            handle,
+        )
     }
 
     /// Runs until every source has dropped its sender.
@@ -238,8 +278,210 @@ impl Hub {
                 continue;
             }
             let next = self.publish.borrow().next(self.store.snapshot(), touched);
-            tracing::debug!(generation = next.seq, services = next.services.len(), "published");
+            tracing::debug!(
+                generation = next.seq,
+                services = next.services.len(),
+                "published"
+            );
             self.publish.send_replace(Arc::new(next));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+    use crate::model::{
+        AddressFamily, Endpoint, EndpointPort, Node, Object, Protocol, ServicePort, ServiceType,
+        TrafficPolicy,
+    };
+
+    fn web() -> Service {
+        Service {
+            key: ServiceKey::new("default", "web"),
+            service_type: ServiceType::ClusterIp,
+            headless: false,
+            cluster_ips: vec!["10.96.0.1".parse().unwrap()],
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
+            ports: vec![ServicePort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: None,
+            }],
+            session_affinity_timeout: None,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            health_check_node_port: None,
+            proxy_name: None,
+        }
+    }
+
+    fn endpoint(address: &str, node: &str, zone_hints: &[&str], node_hints: &[&str]) -> Endpoint {
+        Endpoint {
+            address: address.parse().unwrap(),
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: Some(node.into()),
+            zone: None,
+            zone_hints: zone_hints.iter().map(|z| z.to_string()).collect(),
+            node_hints: node_hints.iter().map(|n| n.to_string()).collect(),
+        }
+    }
+
+    fn web_slice(endpoints: Vec<Endpoint>) -> Object {
+        Object::EndpointSlice(EndpointSlice {
+            key: ServiceKey::new("default", "web-1"),
+            service: ServiceKey::new("default", "web"),
+            address_family: AddressFamily::V4,
+            ports: vec![EndpointPort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+            endpoints,
+            trigger_time: None,
+        })
+    }
+
+    fn node(name: &str, zone: &str) -> Object {
+        Object::Node(Node {
+            name: name.into(),
+            zone: Some(zone.into()),
+            deleting: false,
+            addresses: vec![],
+        })
+    }
+
+    fn generation_after(
+        store: &mut Store,
+        previous: &Generation,
+        objects: Vec<Object>,
+    ) -> Generation {
+        let touched = store.apply([StoreUpdate::Replace {
+            origin: "test".into(),
+            objects,
+            at: UNIX_EPOCH,
+        }]);
+        previous.next(store.snapshot(), touched)
+    }
+
+    fn cluster_ips(generation: &Generation, node: &str) -> Vec<String> {
+        let resource = generation
+            .resource(&ServiceKey::new("default", "web"), node)
+            .unwrap()
+            .decode();
+        resource.service.unwrap().ports[0]
+            .cluster_endpoints
+            .iter()
+            .map(|e| e.ip.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_node_whose_zone_changes_gets_its_state_recomputed_for_the_new_zone() {
+        // node-a is named by a node hint on no endpoint but hosts one, so its variant is
+        // per node; zone hints decide what it sees.
+        let endpoints = vec![
+            endpoint("10.0.0.1", "node-a", &["zone-1"], &[]),
+            endpoint("10.0.0.2", "node-b", &["zone-2"], &[]),
+        ];
+        let mut store = Store::new();
+        let empty = Generation::empty(ComputeOptions::default());
+        let objects = |zone| {
+            vec![
+                Object::Service(web()),
+                web_slice(endpoints.clone()),
+                node("node-a", zone),
+            ]
+        };
+        let first = generation_after(&mut store, &empty, objects("zone-1"));
+        assert_eq!(cluster_ips(&first, "node-a"), ["10.0.0.1"]);
+        let second = generation_after(&mut store, &first, objects("zone-2"));
+        assert_eq!(cluster_ips(&second, "node-a"), ["10.0.0.2"]);
+    }
+
+    #[test]
+    fn nodes_that_see_a_service_alike_share_one_encoded_resource() {
+        let mut store = Store::new();
+        let empty = Generation::empty(ComputeOptions::default());
+        let objects = vec![
+            Object::Service(web()),
+            web_slice(vec![endpoint("10.0.0.1", "node-a", &[], &[])]),
+            node("node-a", "z"),
+            node("node-b", "z"),
+            node("node-c", "z"),
+        ];
+        let generation = generation_after(&mut store, &empty, objects);
+        let key = ServiceKey::new("default", "web");
+        let b = generation.resource(&key, "node-b").unwrap();
+        let c = generation.resource(&key, "node-c").unwrap();
+        assert!(Arc::ptr_eq(&b, &c), "node-b and node-c share one buffer");
+        let a = generation.resource(&key, "node-a").unwrap();
+        assert_ne!(
+            a.version, b.version,
+            "node-a hosts the endpoint, so it is local there"
+        );
+    }
+
+    #[test]
+    fn changes_since_lists_touched_services_and_falls_back_to_all_when_the_node_changed() {
+        let mut store = Store::new();
+        let g0 = Generation::empty(ComputeOptions::default());
+        let g1 = generation_after(
+            &mut store,
+            &g0,
+            vec![Object::Service(web()), node("node-a", "z")],
+        );
+        let g2 = generation_after(
+            &mut store,
+            &g1,
+            vec![
+                Object::Service(web()),
+                node("node-a", "z"),
+                web_slice(vec![]),
+            ],
+        );
+        let key = ServiceKey::new("default", "web");
+        assert_eq!(
+            g2.changes_since(1, "node-a"),
+            Changes::Services {
+                services: [key].into(),
+                trigger_time: Some(UNIX_EPOCH)
+            }
+        );
+        assert_eq!(
+            g2.changes_since(2, "node-a"),
+            Changes::Services {
+                services: HashSet::new(),
+                trigger_time: None
+            }
+        );
+        assert!(
+            matches!(g2.changes_since(0, "node-a"), Changes::All { .. }),
+            "a new stream diffs everything"
+        );
+        let g3 = generation_after(
+            &mut store,
+            &g2,
+            vec![
+                Object::Service(web()),
+                node("node-a", "y"),
+                web_slice(vec![]),
+            ],
+        );
+        assert!(
+            matches!(g3.changes_since(2, "node-a"), Changes::All { .. }),
+            "node-a itself changed"
+        );
+        assert!(matches!(
+            g3.changes_since(2, "node-b"),
+            Changes::Services { .. }
+        ));
     }
 }

@@ -51,11 +51,17 @@ enum Source {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let _telemetry =
-        telemetry::init("switchyard-controller", args.log_format, args.otlp_endpoint.as_deref())?;
+    let _telemetry = telemetry::init(
+        "switchyard-controller",
+        args.log_format,
+        args.otlp_endpoint.as_deref(),
+    )?;
 
     let options = ComputeOptions {
-        proxy_names: args.proxy_name.clone().map_or(ProxyNameFilter::Default, ProxyNameFilter::Only),
+        proxy_names: args
+            .proxy_name
+            .clone()
+            .map_or(ProxyNameFilter::Default, ProxyNameFilter::Only),
     };
     let (updates, updates_rx) = mpsc::channel(4096);
     let (hub, handle) = Hub::new(options, updates_rx);
@@ -73,7 +79,9 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(async move { source.run(updates).await.map_err(anyhow::Error::from) })
         }
         Source::Kubernetes => {
-            let source = KubeSource::try_default().await.context("cannot reach the Kubernetes API")?;
+            let source = KubeSource::try_default()
+                .await
+                .context("cannot reach the Kubernetes API")?;
             tracing::info!("watching the Kubernetes API");
             tokio::spawn(async move { source.run(updates).await.map_err(anyhow::Error::from) })
         }

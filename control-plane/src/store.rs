@@ -32,7 +32,12 @@ pub struct ProblemsView(Arc<RwLock<BTreeMap<ProblemKey, Problem>>>);
 
 impl ProblemsView {
     pub fn list(&self) -> Vec<Problem> {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect()
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 }
 
@@ -84,9 +89,15 @@ impl Store {
         let mut touched = Touched::default();
         for update in updates {
             match update {
-                StoreUpdate::Replace { origin, objects, at } => {
-                    let new: BTreeMap<_, _> =
-                        objects.into_iter().map(|o| (o.object_ref(), Arc::new(o))).collect();
+                StoreUpdate::Replace {
+                    origin,
+                    objects,
+                    at,
+                } => {
+                    let new: BTreeMap<_, _> = objects
+                        .into_iter()
+                        .map(|o| (o.object_ref(), Arc::new(o)))
+                        .collect();
                     let old = self.origins.remove(&origin).unwrap_or_default();
                     for r in old.keys().filter(|r| !new.contains_key(*r)) {
                         self.unhold(r, &origin);
@@ -96,7 +107,10 @@ impl Store {
                         if old.get(r) != Some(object) {
                             refs.insert(r.clone());
                         }
-                        self.holders.entry(r.clone()).or_default().insert(origin.clone());
+                        self.holders
+                            .entry(r.clone())
+                            .or_default()
+                            .insert(origin.clone());
                     }
                     if !new.is_empty() {
                         self.origins.insert(origin, new);
@@ -105,35 +119,62 @@ impl Store {
                 }
                 StoreUpdate::Upsert { origin, object, at } => {
                     let r = object.object_ref();
-                    self.holders.entry(r.clone()).or_default().insert(origin.clone());
-                    self.origins.entry(origin).or_default().insert(r.clone(), Arc::new(object));
+                    self.holders
+                        .entry(r.clone())
+                        .or_default()
+                        .insert(origin.clone());
+                    self.origins
+                        .entry(origin)
+                        .or_default()
+                        .insert(r.clone(), Arc::new(object));
                     refs.insert(r);
                     earliest(&mut touched.trigger_time, at);
                 }
                 StoreUpdate::Delete { origin, object, at } => {
-                    let removed = self.origins.get_mut(&origin).and_then(|o| o.remove(&object));
+                    let removed = self
+                        .origins
+                        .get_mut(&origin)
+                        .and_then(|o| o.remove(&object));
                     if removed.is_some() {
                         self.unhold(&object, &origin);
                         refs.insert(object);
                         earliest(&mut touched.trigger_time, at);
                     }
                 }
-                StoreUpdate::Problem { origin, object, message } => {
+                StoreUpdate::Problem {
+                    origin,
+                    object,
+                    message,
+                } => {
                     let mut problems = self.problems.0.write().unwrap_or_else(|e| e.into_inner());
                     let key = (origin.clone(), object.clone());
                     let since = match problems.get(&key) {
                         Some(p) if p.message == message => p.since,
                         _ => SystemTime::now(),
                     };
-                    problems.insert(key, Problem { origin, object, message, since });
+                    problems.insert(
+                        key,
+                        Problem {
+                            origin,
+                            object,
+                            message,
+                            since,
+                        },
+                    );
                 }
-                StoreUpdate::ClearProblem { origin, object: None } => {
+                StoreUpdate::ClearProblem {
+                    origin,
+                    object: None,
+                } => {
                     let mut problems = self.problems.0.write().unwrap_or_else(|e| e.into_inner());
                     problems.retain(|(o, r), p| {
                         o != &origin || (r.is_some() && p.message.starts_with(DUPLICATE))
                     });
                 }
-                StoreUpdate::ClearProblem { origin, object: Some(r) } => {
+                StoreUpdate::ClearProblem {
+                    origin,
+                    object: Some(r),
+                } => {
                     let mut problems = self.problems.0.write().unwrap_or_else(|e| e.into_inner());
                     problems.remove(&(origin, Some(r)));
                 }
@@ -162,8 +203,11 @@ impl Store {
 
     /// Puts the winning copy of `r` (if any) into the snapshot and records what moved.
     fn resolve(&mut self, r: &ObjectRef, touched: &mut Touched) {
-        let holders: Vec<Origin> =
-            self.holders.get(r).map(|h| h.iter().cloned().collect()).unwrap_or_default();
+        let holders: Vec<Origin> = self
+            .holders
+            .get(r)
+            .map(|h| h.iter().cloned().collect())
+            .unwrap_or_default();
         if let Some((winner, losers)) = holders.split_first() {
             let mut problems = self.problems.0.write().unwrap_or_else(|e| e.into_inner());
             problems.remove(&(winner.clone(), Some(r.clone())));
@@ -178,7 +222,10 @@ impl Store {
                     });
             }
         }
-        let winner = holders.first().and_then(|o| self.origins.get(o)).and_then(|o| o.get(r));
+        let winner = holders
+            .first()
+            .and_then(|o| self.origins.get(o))
+            .and_then(|o| o.get(r));
         let snapshot = &mut self.snapshot;
         match r.kind {
             ObjectKind::Service => {
@@ -226,8 +273,13 @@ impl Store {
                             earliest(&mut touched.trigger_time, t);
                         }
                     }
-                    self.slice_owner.insert(slice_key.clone(), slice.service.clone());
-                    snapshot.slices.entry(slice.service.clone()).or_default().insert(slice_key, slice);
+                    self.slice_owner
+                        .insert(slice_key.clone(), slice.service.clone());
+                    snapshot
+                        .slices
+                        .entry(slice.service.clone())
+                        .or_default()
+                        .insert(slice_key, slice);
                 }
             }
             ObjectKind::Node => {
@@ -257,7 +309,8 @@ mod tests {
 
     use super::*;
     use crate::model::{
-        AddressFamily, EndpointSlice, Node, Protocol, Service, ServicePort, ServiceType, TrafficPolicy,
+        AddressFamily, EndpointSlice, Node, Protocol, Service, ServicePort, ServiceType,
+        TrafficPolicy,
     };
 
     fn at(secs: u64) -> SystemTime {
@@ -273,7 +326,12 @@ mod tests {
             external_ips: vec![],
             load_balancer_ips: vec![],
             load_balancer_source_ranges: vec![],
-            ports: vec![ServicePort { name: String::new(), protocol: Protocol::Tcp, port, node_port: None }],
+            ports: vec![ServicePort {
+                name: String::new(),
+                protocol: Protocol::Tcp,
+                port,
+                node_port: None,
+            }],
             session_affinity_timeout: None,
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
@@ -294,38 +352,75 @@ mod tests {
     }
 
     fn node(name: &str, zone: &str) -> Object {
-        Object::Node(Node { name: name.into(), zone: Some(zone.into()), deleting: false, addresses: vec![] })
+        Object::Node(Node {
+            name: name.into(),
+            zone: Some(zone.into()),
+            deleting: false,
+            addresses: vec![],
+        })
     }
 
     fn replace(origin: &str, objects: Vec<Object>, secs: u64) -> StoreUpdate {
-        StoreUpdate::Replace { origin: origin.into(), objects, at: at(secs) }
+        StoreUpdate::Replace {
+            origin: origin.into(),
+            objects,
+            at: at(secs),
+        }
     }
 
     fn keys(names: &[&str]) -> BTreeSet<ServiceKey> {
-        names.iter().map(|n| ServiceKey::new("default", *n)).collect()
+        names
+            .iter()
+            .map(|n| ServiceKey::new("default", *n))
+            .collect()
     }
 
     #[test]
     fn replacing_an_origin_touches_only_what_changed() {
         let mut store = Store::new();
-        let first = store.apply([replace("a.yaml", vec![service("web", 80), service("db", 5432)], 10)]);
+        let first = store.apply([replace(
+            "a.yaml",
+            vec![service("web", 80), service("db", 5432)],
+            10,
+        )]);
         assert_eq!(first.services, keys(&["db", "web"]));
         assert_eq!(first.trigger_time, Some(at(10)));
 
-        let second = store.apply([replace("a.yaml", vec![service("web", 8080), service("db", 5432)], 20)]);
+        let second = store.apply([replace(
+            "a.yaml",
+            vec![service("web", 8080), service("db", 5432)],
+            20,
+        )]);
         assert_eq!(second.services, keys(&["web"]));
         assert_eq!(store.snapshot().services.len(), 2);
 
         let third = store.apply([replace("a.yaml", vec![service("web", 8080)], 30)]);
         assert_eq!(third.services, keys(&["db"]));
-        assert!(!store.snapshot().services.contains_key(&ServiceKey::new("default", "db")));
+        assert!(
+            !store
+                .snapshot()
+                .services
+                .contains_key(&ServiceKey::new("default", "db"))
+        );
     }
 
     #[test]
     fn an_unchanged_replace_touches_nothing() {
         let mut store = Store::new();
-        store.apply([replace("a.yaml", vec![service("web", 80), node("n1", "z1")], 10)]);
-        assert!(store.apply([replace("a.yaml", vec![service("web", 80), node("n1", "z1")], 20)]).is_empty());
+        store.apply([replace(
+            "a.yaml",
+            vec![service("web", 80), node("n1", "z1")],
+            10,
+        )]);
+        assert!(
+            store
+                .apply([replace(
+                    "a.yaml",
+                    vec![service("web", 80), node("n1", "z1")],
+                    20
+                )])
+                .is_empty()
+        );
     }
 
     #[test]
@@ -333,12 +428,24 @@ mod tests {
         let mut store = Store::new();
         let touched = store.apply([replace("s.yaml", vec![slice("web-1", "web")], 10)]);
         assert_eq!(touched.services, keys(&["web"]));
-        assert_eq!(touched.trigger_time, Some(at(5)), "the slice's own trigger time is earlier");
+        assert_eq!(
+            touched.trigger_time,
+            Some(at(5)),
+            "the slice's own trigger time is earlier"
+        );
 
         let moved = store.apply([replace("s.yaml", vec![slice("web-1", "api")], 20)]);
         assert_eq!(moved.services, keys(&["api", "web"]));
-        assert!(!store.snapshot().slices.contains_key(&ServiceKey::new("default", "web")));
-        assert_eq!(store.snapshot().slices[&ServiceKey::new("default", "api")].len(), 1);
+        assert!(
+            !store
+                .snapshot()
+                .slices
+                .contains_key(&ServiceKey::new("default", "web"))
+        );
+        assert_eq!(
+            store.snapshot().slices[&ServiceKey::new("default", "api")].len(),
+            1
+        );
     }
 
     #[test]
@@ -346,20 +453,44 @@ mod tests {
         let mut store = Store::new();
         store.apply([replace("kubernetes/Service", vec![service("web", 80)], 1)]);
         let origin = "kubernetes/Service".to_string();
-        let upserted = store.apply([StoreUpdate::Upsert { origin: origin.clone(), object: service("db", 1), at: at(2) }]);
+        let upserted = store.apply([StoreUpdate::Upsert {
+            origin: origin.clone(),
+            object: service("db", 1),
+            at: at(2),
+        }]);
         assert_eq!(upserted.services, keys(&["db"]));
         let object = service("web", 80).object_ref();
-        let deleted = store.apply([StoreUpdate::Delete { origin: origin.clone(), object: object.clone(), at: at(3) }]);
+        let deleted = store.apply([StoreUpdate::Delete {
+            origin: origin.clone(),
+            object: object.clone(),
+            at: at(3),
+        }]);
         assert_eq!(deleted.services, keys(&["web"]));
-        assert!(store.apply([StoreUpdate::Delete { origin, object, at: at(4) }]).is_empty());
+        assert!(
+            store
+                .apply([StoreUpdate::Delete {
+                    origin,
+                    object,
+                    at: at(4)
+                }])
+                .is_empty()
+        );
     }
 
     #[test]
     fn node_changes_are_reported_by_name() {
         let mut store = Store::new();
-        let touched = store.apply([replace("nodes.yaml", vec![node("n1", "z1"), node("n2", "z1")], 1)]);
+        let touched = store.apply([replace(
+            "nodes.yaml",
+            vec![node("n1", "z1"), node("n2", "z1")],
+            1,
+        )]);
         assert_eq!(touched.nodes, ["n1", "n2"].map(String::from).into());
-        let touched = store.apply([replace("nodes.yaml", vec![node("n1", "z1"), node("n2", "z2")], 2)]);
+        let touched = store.apply([replace(
+            "nodes.yaml",
+            vec![node("n1", "z1"), node("n2", "z2")],
+            2,
+        )]);
         assert_eq!(touched.nodes, ["n2"].map(String::from).into());
     }
 
@@ -368,12 +499,18 @@ mod tests {
         let mut store = Store::new();
         store.apply([replace("b.yaml", vec![service("web", 81)], 1)]);
         store.apply([replace("a.yaml", vec![service("web", 80)], 2)]);
-        let Object::Service(expected) = service("web", 80) else { unreachable!() };
+        let Object::Service(expected) = service("web", 80) else {
+            unreachable!()
+        };
         assert_eq!(*store.snapshot().services[&expected.key], expected);
         let problems = store.problems().list();
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].origin, "b.yaml");
-        assert!(problems[0].message.contains("also defined in a.yaml"), "{}", problems[0].message);
+        assert!(
+            problems[0].message.contains("also defined in a.yaml"),
+            "{}",
+            problems[0].message
+        );
 
         // Removing the winner promotes the other copy and clears the problem.
         let touched = store.apply([replace("a.yaml", vec![], 3)]);
@@ -385,12 +522,19 @@ mod tests {
     #[test]
     fn problems_are_kept_until_cleared_and_keep_their_first_time() {
         let mut store = Store::new();
-        let problem = || StoreUpdate::Problem { origin: "x.yaml".into(), object: None, message: "bad".into() };
+        let problem = || StoreUpdate::Problem {
+            origin: "x.yaml".into(),
+            object: None,
+            message: "bad".into(),
+        };
         store.apply([problem()]);
         let since = store.problems().list()[0].since;
         store.apply([problem()]);
         assert_eq!(store.problems().list()[0].since, since);
-        store.apply([StoreUpdate::ClearProblem { origin: "x.yaml".into(), object: None }]);
+        store.apply([StoreUpdate::ClearProblem {
+            origin: "x.yaml".into(),
+            object: None,
+        }]);
         assert!(store.problems().list().is_empty());
     }
 }

@@ -29,16 +29,30 @@ impl Drop for Telemetry {
 }
 
 /// Installs the global subscriber. `RUST_LOG` overrides the default `info` filter.
-pub fn init(service: &'static str, format: LogFormat, otlp_endpoint: Option<&str>) -> anyhow::Result<Telemetry> {
+pub fn init(
+    service: &'static str,
+    format: LogFormat,
+    otlp_endpoint: Option<&str>,
+) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let fmt = match format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_writer(std::io::stderr).boxed(),
-        LogFormat::Json => tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
     let provider = match otlp_endpoint {
         Some(endpoint) => {
-            let exporter = SpanExporter::builder().with_tonic().with_endpoint(endpoint).build()?;
-            let resource = opentelemetry_sdk::Resource::builder().with_service_name(service).build();
+            let exporter = SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint)
+                .build()?;
+            let resource = opentelemetry_sdk::Resource::builder()
+                .with_service_name(service)
+                .build();
             Some(
                 SdkTracerProvider::builder()
                     .with_batch_exporter(exporter)
@@ -51,6 +65,10 @@ pub fn init(service: &'static str, format: LogFormat, otlp_endpoint: Option<&str
     let otel = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));
-    tracing_subscriber::registry().with(filter).with(fmt).with(otel).try_init()?;
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .try_init()?;
     Ok(Telemetry { provider })
 }

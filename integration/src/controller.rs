@@ -38,11 +38,19 @@ impl TestController {
             let stop = async {
                 let _ = stop.await;
             };
-            if let Err(error) = server::serve(listener, server_handle, Sessions::default(), stop).await {
+            if let Err(error) =
+                server::serve(listener, server_handle, Sessions::default(), stop).await
+            {
                 tracing::error!(%error, "test controller failed");
             }
         });
-        Ok(Self { address, updates, hub: handle, shutdown: Some(shutdown), server })
+        Ok(Self {
+            address,
+            updates,
+            hub: handle,
+            shutdown: Some(shutdown),
+            server,
+        })
     }
 
     pub fn endpoint(&self) -> String {
@@ -53,7 +61,11 @@ impl TestController {
     pub async fn replace(&self, origin: &str, objects: Vec<Object>) {
         let mut generations = self.hub.generations.clone();
         let before = generations.borrow_and_update().seq;
-        let update = StoreUpdate::Replace { origin: origin.into(), objects, at: SystemTime::now() };
+        let update = StoreUpdate::Replace {
+            origin: origin.into(),
+            objects,
+            at: SystemTime::now(),
+        };
         self.updates.send(update).await.expect("hub is running");
         // An update that changes nothing publishes nothing: wait briefly, then move on.
         let _ = tokio::time::timeout(std::time::Duration::from_secs(2), async {

@@ -3,8 +3,8 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use switchyard_controller::model::{
-    AddressFamily, Endpoint, EndpointPort, EndpointSlice, Node, Object, Protocol, Service, ServiceKey,
-    ServicePort, ServiceType, TrafficPolicy,
+    AddressFamily, Endpoint, EndpointPort, EndpointSlice, Node, Object, Protocol, Service,
+    ServiceKey, ServicePort, ServiceType, TrafficPolicy,
 };
 
 /// A ClusterIP Service `default/<name>` with one TCP port 80 named "http".
@@ -17,7 +17,12 @@ pub fn service(name: &str, cluster_ip: IpAddr) -> Service {
         external_ips: vec![],
         load_balancer_ips: vec![],
         load_balancer_source_ranges: vec![],
-        ports: vec![ServicePort { name: "http".into(), protocol: Protocol::Tcp, port: 80, node_port: None }],
+        ports: vec![ServicePort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            node_port: None,
+        }],
         session_affinity_timeout: None,
         external_traffic_policy: TrafficPolicy::Cluster,
         internal_traffic_policy: TrafficPolicy::Cluster,
@@ -46,14 +51,23 @@ pub fn slice(service: &str, endpoints: Vec<Endpoint>) -> EndpointSlice {
         key: ServiceKey::new("default", format!("{service}-1")),
         service: ServiceKey::new("default", service),
         address_family: AddressFamily::V4,
-        ports: vec![EndpointPort { name: "http".into(), protocol: Protocol::Tcp, port: 8080 }],
+        ports: vec![EndpointPort {
+            name: "http".into(),
+            protocol: Protocol::Tcp,
+            port: 8080,
+        }],
         endpoints,
         trigger_time: None,
     }
 }
 
 pub fn node(name: &str) -> Node {
-    Node { name: name.into(), zone: Some("zone-1".into()), deleting: false, addresses: vec![] }
+    Node {
+        name: name.into(),
+        zone: Some("zone-1".into()),
+        deleting: false,
+        addresses: vec![],
+    }
 }
 
 /// The i-th address of 10.0.0.0/8, for generated clusters.

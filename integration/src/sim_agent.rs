@@ -5,7 +5,8 @@ use std::{collections::BTreeMap, collections::HashMap, time::Duration};
 
 use anyhow::{Context, anyhow};
 use switchyard_proto::v1::{
-    self, NodeIdentity, NodeStateRequest, NodeStateResponse, node_state_discovery_client::NodeStateDiscoveryClient,
+    self, NodeIdentity, NodeStateRequest, NodeStateResponse,
+    node_state_discovery_client::NodeStateDiscoveryClient,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,13 +23,24 @@ pub struct SimAgent {
 
 impl SimAgent {
     /// Connects a new channel and opens the stream for `node`.
-    pub async fn connect(endpoint: &str, node: &str, held: HashMap<String, String>) -> anyhow::Result<Self> {
-        let channel = Channel::from_shared(endpoint.to_string())?.tcp_nodelay(true).connect().await?;
+    pub async fn connect(
+        endpoint: &str,
+        node: &str,
+        held: HashMap<String, String>,
+    ) -> anyhow::Result<Self> {
+        let channel = Channel::from_shared(endpoint.to_string())?
+            .tcp_nodelay(true)
+            .connect()
+            .await?;
         Self::open(channel, node, held).await
     }
 
     /// Opens the stream for `node` on an existing channel.
-    pub async fn open(channel: Channel, node: &str, held: HashMap<String, String>) -> anyhow::Result<Self> {
+    pub async fn open(
+        channel: Channel,
+        node: &str,
+        held: HashMap<String, String>,
+    ) -> anyhow::Result<Self> {
         let (requests, rx) = mpsc::channel(4);
         requests
             .send(NodeStateRequest {
@@ -46,7 +58,12 @@ impl SimAgent {
             .stream_node_state(ReceiverStream::new(rx))
             .await?
             .into_inner();
-        Ok(Self { node: node.into(), requests, responses, held: BTreeMap::new() })
+        Ok(Self {
+            node: node.into(),
+            requests,
+            responses,
+            held: BTreeMap::new(),
+        })
     }
 
     /// The next response, or an error if none arrives within `wait`.
@@ -54,7 +71,9 @@ impl SimAgent {
         match tokio::time::timeout(wait, self.responses.message()).await {
             Ok(Ok(Some(response))) => Ok(response),
             Ok(Ok(None)) => Err(anyhow!("{}: stream ended", self.node)),
-            Ok(Err(status)) => Err(anyhow::Error::from(status).context(format!("{}: stream failed", self.node))),
+            Ok(Err(status)) => {
+                Err(anyhow::Error::from(status).context(format!("{}: stream failed", self.node)))
+            }
             Err(_) => Err(anyhow!("{}: no response within {wait:?}", self.node)),
         }
     }
@@ -68,7 +87,8 @@ impl SimAgent {
     pub fn apply(&mut self, response: &NodeStateResponse) {
         for resource in &response.resources {
             let state = resource.service.clone().unwrap_or_default();
-            self.held.insert(resource.name.clone(), (resource.version.clone(), state));
+            self.held
+                .insert(resource.name.clone(), (resource.version.clone(), state));
         }
         for name in &response.removed_resources {
             self.held.remove(name);
@@ -84,7 +104,11 @@ impl SimAgent {
     }
 
     async fn answer(&self, nonce: &str, errors: Vec<v1::ResourceError>) -> anyhow::Result<()> {
-        let request = NodeStateRequest { response_nonce: nonce.into(), errors, ..Default::default() };
+        let request = NodeStateRequest {
+            response_nonce: nonce.into(),
+            errors,
+            ..Default::default()
+        };
         self.requests.send(request).await.context("stream closed")
     }
 
@@ -98,6 +122,9 @@ impl SimAgent {
 
     /// Name → version of everything held, as sent on reconnect.
     pub fn versions(&self) -> HashMap<String, String> {
-        self.held.iter().map(|(n, (v, _))| (n.clone(), v.clone())).collect()
+        self.held
+            .iter()
+            .map(|(n, (v, _))| (n.clone(), v.clone()))
+            .collect()
     }
 }

@@ -23,7 +23,9 @@ fn three_node_cluster(web_endpoints: usize) -> Vec<Object> {
     let mut local_only = service("local-only", ip(200));
     local_only.internal_traffic_policy = TrafficPolicy::Local;
     let nodes = ["node-a", "node-b", "node-c"];
-    let web_eps = (0..web_endpoints).map(|i| endpoint(ip(1000 + i as u32), nodes[i % 3])).collect();
+    let web_eps = (0..web_endpoints)
+        .map(|i| endpoint(ip(1000 + i as u32), nodes[i % 3]))
+        .collect();
     vec![
         Object::Node(node("node-a")),
         Object::Node(node("node-b")),
@@ -38,7 +40,9 @@ fn three_node_cluster(web_endpoints: usize) -> Vec<Object> {
 async fn synced_agents(controller: &TestController, nodes: &[&str]) -> Vec<SimAgent> {
     let mut agents = Vec::new();
     for n in nodes {
-        let mut agent = SimAgent::connect(&controller.endpoint(), n, HashMap::new()).await.unwrap();
+        let mut agent = SimAgent::connect(&controller.endpoint(), n, HashMap::new())
+            .await
+            .unwrap();
         agent.sync(WAIT).await.unwrap();
         agents.push(agent);
     }
@@ -49,7 +53,9 @@ async fn synced_agents(controller: &TestController, nodes: &[&str]) -> Vec<SimAg
 async fn initial_sync_sends_every_service_with_endpoints_selected_for_the_node() {
     let controller = TestController::start().await.unwrap();
     controller.replace("cluster", three_node_cluster(3)).await;
-    let mut agent = SimAgent::connect(&controller.endpoint(), "node-b", HashMap::new()).await.unwrap();
+    let mut agent = SimAgent::connect(&controller.endpoint(), "node-b", HashMap::new())
+        .await
+        .unwrap();
     let response = agent.sync(WAIT).await.unwrap();
 
     let names: Vec<_> = response.resources.iter().map(|r| r.name.as_str()).collect();
@@ -60,13 +66,20 @@ async fn initial_sync_sends_every_service_with_endpoints_selected_for_the_node()
     assert_eq!(web.cluster_ips, ["10.0.0.100"]);
     assert_eq!(web.ports[0].cluster_endpoints.len(), 3);
     let local = &agent.held["default/local-only"].1;
-    assert_eq!(local.ports[0].local_endpoints.len(), 1, "node-b hosts the only endpoint");
+    assert_eq!(
+        local.ports[0].local_endpoints.len(),
+        1,
+        "node-b hosts the only endpoint"
+    );
     assert!(local.ports[0].local_endpoints[0].local);
     for resource in &response.resources {
         let expected = switchyard_proto::resource_version(resource.service.as_ref().unwrap());
         assert_eq!(resource.version, expected, "version is the content hash");
     }
-    assert!(agent.receives_within(QUIET).await.is_none(), "nothing more after an ACK with no change");
+    assert!(
+        agent.receives_within(QUIET).await.is_none(),
+        "nothing more after an ACK with no change"
+    );
 }
 
 #[tokio::test]
@@ -87,33 +100,55 @@ async fn one_endpoint_change_sends_exactly_one_resource_to_each_affected_node_an
     // Moving local-only's endpoint from node-b to node-c changes only those two nodes.
     let mut objects = three_node_cluster(4);
     objects.pop();
-    objects.push(Object::EndpointSlice(slice("local-only", vec![endpoint(ip(2000), "node-c")])));
+    objects.push(Object::EndpointSlice(slice(
+        "local-only",
+        vec![endpoint(ip(2000), "node-c")],
+    )));
     controller.replace("cluster", objects).await;
     for agent in &mut agents {
         if agent.node == "node-a" {
-            assert!(agent.receives_within(QUIET).await.is_none(), "node-a sees local-only the same");
+            assert!(
+                agent.receives_within(QUIET).await.is_none(),
+                "node-a sees local-only the same"
+            );
         } else {
             let response = agent.sync(WAIT).await.unwrap();
             let names: Vec<_> = response.resources.iter().map(|r| r.name.as_str()).collect();
             assert_eq!(names, ["default/local-only"], "{}", agent.node);
         }
     }
-    assert_eq!(agents[2].held["default/local-only"].1.ports[0].local_endpoints.len(), 1);
-    assert!(agents[1].held["default/local-only"].1.ports[0].local_endpoints.is_empty());
+    assert_eq!(
+        agents[2].held["default/local-only"].1.ports[0]
+            .local_endpoints
+            .len(),
+        1
+    );
+    assert!(
+        agents[1].held["default/local-only"].1.ports[0]
+            .local_endpoints
+            .is_empty()
+    );
 }
 
 #[tokio::test]
 async fn a_reconnecting_agent_with_its_versions_receives_only_what_differs() {
     let controller = TestController::start().await.unwrap();
     controller.replace("cluster", three_node_cluster(3)).await;
-    let mut agent = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new()).await.unwrap();
+    let mut agent = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new())
+        .await
+        .unwrap();
     agent.sync(WAIT).await.unwrap();
     let held = agent.versions();
     drop(agent);
 
     // Same state: the resumed stream sends nothing at all.
-    let mut resumed = SimAgent::connect(&controller.endpoint(), "node-a", held.clone()).await.unwrap();
-    assert!(resumed.receives_within(QUIET).await.is_none(), "nothing differs, nothing is sent");
+    let mut resumed = SimAgent::connect(&controller.endpoint(), "node-a", held.clone())
+        .await
+        .unwrap();
+    assert!(
+        resumed.receives_within(QUIET).await.is_none(),
+        "nothing differs, nothing is sent"
+    );
     drop(resumed);
 
     // While disconnected, web changes and local-only disappears; the agent also claims a
@@ -123,18 +158,25 @@ async fn a_reconnecting_agent_with_its_versions_receives_only_what_differs() {
     controller.replace("cluster", objects).await;
     let mut held = held;
     held.insert("default/ghost".into(), "0123456789abcdef".into());
-    let mut resumed = SimAgent::connect(&controller.endpoint(), "node-a", held).await.unwrap();
+    let mut resumed = SimAgent::connect(&controller.endpoint(), "node-a", held)
+        .await
+        .unwrap();
     let response = resumed.next(WAIT).await.unwrap();
     let names: Vec<_> = response.resources.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["default/web"]);
-    assert_eq!(response.removed_resources, ["default/ghost", "default/local-only"]);
+    assert_eq!(
+        response.removed_resources,
+        ["default/ghost", "default/local-only"]
+    );
 }
 
 #[tokio::test]
 async fn upserts_of_new_services_come_before_changes_and_removals_come_last() {
     let controller = TestController::start().await.unwrap();
     controller.replace("cluster", three_node_cluster(3)).await;
-    let mut agent = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new()).await.unwrap();
+    let mut agent = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new())
+        .await
+        .unwrap();
     agent.sync(WAIT).await.unwrap();
 
     let mut objects = three_node_cluster(4);
@@ -151,16 +193,25 @@ async fn upserts_of_new_services_come_before_changes_and_removals_come_last() {
 async fn a_nack_leaves_the_version_uncommitted_and_shows_in_the_query_api() {
     let controller = TestController::start().await.unwrap();
     controller.replace("cluster", three_node_cluster(3)).await;
-    let mut agent = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new()).await.unwrap();
+    let mut agent = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new())
+        .await
+        .unwrap();
     let response = agent.next(WAIT).await.unwrap();
-    let error = v1::ResourceError { resource_name: "default/web".into(), message: "iptables-restore: exit 2".into() };
+    let error = v1::ResourceError {
+        resource_name: "default/web".into(),
+        message: "iptables-restore: exit 2".into(),
+    };
     agent.nack(&response.nonce, vec![error]).await.unwrap();
 
-    let mut query = ControllerQueryClient::connect(controller.endpoint()).await.unwrap();
+    let mut query = ControllerQueryClient::connect(controller.endpoint())
+        .await
+        .unwrap();
     let state = tokio::time::timeout(WAIT, async {
         loop {
             let state = query
-                .get_node_state(v1::GetNodeStateRequest { node_name: "node-a".into() })
+                .get_node_state(v1::GetNodeStateRequest {
+                    node_name: "node-a".into(),
+                })
                 .await
                 .unwrap()
                 .into_inner();
@@ -174,7 +225,10 @@ async fn a_nack_leaves_the_version_uncommitted_and_shows_in_the_query_api() {
     .expect("the NACK shows in the query API");
     let status = state.status.unwrap();
     assert_eq!(status.pending_changes, 1, "web is not acknowledged");
-    assert_eq!(status.last_nack.unwrap().errors[0].message, "iptables-restore: exit 2");
+    assert_eq!(
+        status.last_nack.unwrap().errors[0].message,
+        "iptables-restore: exit 2"
+    );
     assert!(state.acked_versions.contains_key("default/local-only"));
     assert!(!state.acked_versions.contains_key("default/web"));
     assert_ne!(status.acked_version, status.desired_version);
@@ -208,18 +262,25 @@ async fn a_stalled_agent_does_not_delay_a_hundred_others() {
     controller.replace("cluster", objects.clone()).await;
 
     // The stalled agent receives its first response and never answers nor reads again.
-    let mut stalled = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new()).await.unwrap();
+    let mut stalled = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new())
+        .await
+        .unwrap();
     stalled.next(WAIT).await.unwrap();
     let mut agents = Vec::new();
     for i in 0..100 {
-        let mut agent = SimAgent::connect(&controller.endpoint(), &format!("n{i:03}"), HashMap::new()).await.unwrap();
+        let mut agent =
+            SimAgent::connect(&controller.endpoint(), &format!("n{i:03}"), HashMap::new())
+                .await
+                .unwrap();
         agent.sync(WAIT).await.unwrap();
         agents.push(agent);
     }
     for round in 4..7 {
         objects[4] = Object::EndpointSlice(slice(
             "web",
-            (0..round).map(|i| endpoint(ip(1000 + i), "node-b")).collect(),
+            (0..round)
+                .map(|i| endpoint(ip(1000 + i), "node-b"))
+                .collect(),
         ));
         controller.replace("cluster", objects.clone()).await;
         let started = std::time::Instant::now();
@@ -227,20 +288,29 @@ async fn a_stalled_agent_does_not_delay_a_hundred_others() {
             let response = agent.sync(WAIT).await.unwrap();
             assert_eq!(response.resources.len(), 1);
         }
-        assert!(started.elapsed() < Duration::from_secs(5), "round {round} took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "round {round} took {:?}",
+            started.elapsed()
+        );
     }
     // Once the stalled agent answers, it gets the latest state in one response.
     let first = stalled.held.len();
     assert_eq!(first, 0);
     let response = stalled.receives_within(QUIET).await;
-    assert!(response.is_none(), "nothing is queued for an agent that did not ACK");
+    assert!(
+        response.is_none(),
+        "nothing is queued for an agent that did not ACK"
+    );
 }
 
 #[tokio::test]
 async fn a_lagging_agent_receives_the_latest_state_not_every_step() {
     let controller = TestController::start().await.unwrap();
     controller.replace("cluster", three_node_cluster(3)).await;
-    let mut agent = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new()).await.unwrap();
+    let mut agent = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new())
+        .await
+        .unwrap();
     let first = agent.next(WAIT).await.unwrap();
     for n in 4..10 {
         controller.replace("cluster", three_node_cluster(n)).await;
@@ -249,7 +319,10 @@ async fn a_lagging_agent_receives_the_latest_state_not_every_step() {
     agent.ack(&first.nonce).await.unwrap();
     let catch_up = agent.sync(WAIT).await.unwrap();
     assert_eq!(catch_up.resources.len(), 1);
-    assert_eq!(agent.held["default/web"].1.ports[0].cluster_endpoints.len(), 9);
+    assert_eq!(
+        agent.held["default/web"].1.ports[0].cluster_endpoints.len(),
+        9
+    );
     assert!(agent.receives_within(QUIET).await.is_none());
 }
 
@@ -257,14 +330,24 @@ async fn a_lagging_agent_receives_the_latest_state_not_every_step() {
 async fn a_newer_stream_for_the_same_node_closes_the_older_with_a_clear_status() {
     let controller = TestController::start().await.unwrap();
     controller.replace("cluster", three_node_cluster(3)).await;
-    let mut old = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new()).await.unwrap();
+    let mut old = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new())
+        .await
+        .unwrap();
     old.sync(WAIT).await.unwrap();
-    let mut new = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new()).await.unwrap();
+    let mut new = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new())
+        .await
+        .unwrap();
     new.sync(WAIT).await.unwrap();
     let error = old.next(WAIT).await.unwrap_err();
-    let status = error.downcast_ref::<tonic::Status>().expect("a gRPC status");
+    let status = error
+        .downcast_ref::<tonic::Status>()
+        .expect("a gRPC status");
     assert_eq!(status.code(), tonic::Code::Aborted);
-    assert!(status.message().contains("newer stream for node node-a"), "{}", status.message());
+    assert!(
+        status.message().contains("newer stream for node node-a"),
+        "{}",
+        status.message()
+    );
     // The newer stream still works.
     controller.replace("cluster", three_node_cluster(4)).await;
     new.sync(WAIT).await.unwrap();
@@ -278,7 +361,9 @@ async fn a_stream_that_does_not_name_its_node_is_refused() {
         Ok(agent) => agent.next(WAIT).await.unwrap_err(),
         Err(_) => agent.err().unwrap(),
     };
-    let status = error.downcast_ref::<tonic::Status>().expect("a gRPC status");
+    let status = error
+        .downcast_ref::<tonic::Status>()
+        .expect("a gRPC status");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
 }
 
@@ -294,31 +379,56 @@ async fn the_query_api_shows_one_service_across_nodes_and_source_problems() {
         })
         .await;
     let _agent = synced_agents(&controller, &["node-b"]).await;
-    let mut query = ControllerQueryClient::connect(controller.endpoint()).await.unwrap();
+    let mut query = ControllerQueryClient::connect(controller.endpoint())
+        .await
+        .unwrap();
 
     let service = query
-        .get_service(v1::GetServiceRequest { namespace: "default".into(), name: "local-only".into() })
+        .get_service(v1::GetServiceRequest {
+            namespace: "default".into(),
+            name: "local-only".into(),
+        })
         .await
         .unwrap()
         .into_inner();
     let nodes: Vec<_> = service.nodes.iter().map(|n| n.node_name.as_str()).collect();
     assert_eq!(nodes, ["node-a", "node-b", "node-c"]);
     let b = &service.nodes[1];
-    assert_eq!(b.resource.as_ref().unwrap().service.as_ref().unwrap().ports[0].local_endpoints.len(), 1);
+    assert_eq!(
+        b.resource.as_ref().unwrap().service.as_ref().unwrap().ports[0]
+            .local_endpoints
+            .len(),
+        1
+    );
     assert_eq!(b.acked_version, b.resource.as_ref().unwrap().version);
-    assert!(service.nodes[0].acked_version.is_empty(), "node-a has no agent");
+    assert!(
+        service.nodes[0].acked_version.is_empty(),
+        "node-a has no agent"
+    );
 
     let missing = query
-        .get_service(v1::GetServiceRequest { namespace: "default".into(), name: "nope".into() })
+        .get_service(v1::GetServiceRequest {
+            namespace: "default".into(),
+            name: "nope".into(),
+        })
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
 
-    let problems = query.list_source_problems(v1::ListSourceProblemsRequest {}).await.unwrap().into_inner();
+    let problems = query
+        .list_source_problems(v1::ListSourceProblemsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(problems.problems.len(), 1);
     assert_eq!(problems.problems[0].origin, "broken.yaml");
 
-    let nodes = query.list_nodes(v1::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    let nodes = query
+        .list_nodes(v1::ListNodesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
     assert_eq!(nodes.len(), 3);
     let b = nodes.iter().find(|n| n.node_name == "node-b").unwrap();
     assert!(b.connected && b.in_cluster);

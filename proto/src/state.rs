@@ -103,8 +103,28 @@ pub struct PortState {
     /// Endpoints on this node for traffic under the Local policy; empty when no policy
     /// is Local.
     pub local_endpoints: Vec<EndpointState>,
-    /// Whether any endpoint exists for this port, usable or not (reject vs drop).
-    pub has_any_endpoints: bool,
+    /// Whether any IPv4 endpoint of this port is usable anywhere in the cluster: traffic
+    /// to an IPv4 VIP is rejected without one, and dropped when there is one but the
+    /// set its traffic policy selects is empty.
+    pub usable_ipv4: bool,
+    /// The same for IPv6.
+    pub usable_ipv6: bool,
+}
+
+impl PortState {
+    /// Whether traffic to a VIP of `ip`'s family has a usable endpoint anywhere.
+    pub fn has_usable_endpoints_for(&self, ip: IpAddr) -> bool {
+        if ip.is_ipv4() {
+            self.usable_ipv4
+        } else {
+            self.usable_ipv6
+        }
+    }
+
+    /// Whether any family has a usable endpoint.
+    pub fn has_usable_endpoints(&self) -> bool {
+        self.usable_ipv4 || self.usable_ipv6
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -155,7 +175,11 @@ pub fn resource_version(state: &v1::ServiceState) -> String {
 /// [`resource_version`] as a number, for compact bookkeeping.
 pub fn version_hash(state: &v1::ServiceState) -> u64 {
     let digest = Sha256::digest(state.encode_to_vec());
-    u64::from_be_bytes(digest[..8].try_into().expect("a SHA-256 digest has 32 bytes"))
+    u64::from_be_bytes(
+        digest[..8]
+            .try_into()
+            .expect("a SHA-256 digest has 32 bytes"),
+    )
 }
 
 /// The wire form of a version number: 16 lowercase hex digits.
@@ -165,7 +189,11 @@ pub fn format_version(version: u64) -> String {
 
 /// Reads a version sent by a peer; `None` for anything [`format_version`] cannot produce.
 pub fn parse_version(version: &str) -> Option<u64> {
-    if version.len() == 16 { u64::from_str_radix(version, 16).ok() } else { None }
+    if version.len() == 16 {
+        u64::from_str_radix(version, 16).ok()
+    } else {
+        None
+    }
 }
 
 impl From<Protocol> for v1::Protocol {
@@ -210,7 +238,8 @@ impl From<&PortState> for v1::ServicePort {
             node_port: p.node_port.map_or(0, u32::from),
             cluster_endpoints: p.cluster_endpoints.iter().map(Into::into).collect(),
             local_endpoints: p.local_endpoints.iter().map(Into::into).collect(),
-            has_any_endpoints: p.has_any_endpoints,
+            has_usable_ipv4_endpoints: p.usable_ipv4,
+            has_usable_ipv6_endpoints: p.usable_ipv6,
         }
     }
 }
@@ -323,7 +352,8 @@ impl TryFrom<&v1::ServicePort> for PortState {
             node_port: optional_port("port.node_port", p.node_port)?,
             cluster_endpoints: endpoints(&p.cluster_endpoints)?,
             local_endpoints: endpoints(&p.local_endpoints)?,
-            has_any_endpoints: p.has_any_endpoints,
+            usable_ipv4: p.has_usable_ipv4_endpoints,
+            usable_ipv6: p.has_usable_ipv6_endpoints,
         })
     }
 }
@@ -396,7 +426,8 @@ mod tests {
                     terminating: false,
                 }],
                 local_endpoints: vec![],
-                has_any_endpoints: true,
+                usable_ipv4: true,
+                usable_ipv6: false,
             }],
             session_affinity_timeout: Some(10800),
             external_traffic_policy: TrafficPolicy::Local,

@@ -170,7 +170,7 @@ fn addrs(endpoints: &[EndpointState]) -> Vec<String> {
 enum Expect {
     /// `compute_service` returns `None`.
     Skipped,
-    /// The Service's only port holds these endpoints (`ip:port`) and this `has_any_endpoints`.
+    /// The Service's only port holds these endpoints (`ip:port`) and whether any family has a usable endpoint.
     Endpoints {
         cluster: &'static [&'static str],
         local: &'static [&'static str],
@@ -266,7 +266,7 @@ impl Case {
                 let port = &state.ports[0];
                 assert_eq!(addrs(&port.cluster_endpoints), cluster, "cluster endpoints");
                 assert_eq!(addrs(&port.local_endpoints), local, "local endpoints");
-                assert_eq!(port.has_any_endpoints, any, "has_any_endpoints");
+                assert_eq!(port.has_usable_endpoints(), any, "has usable endpoints");
             }
             (Expect::State(check), Some(state)) => check(&state),
         }
@@ -780,7 +780,7 @@ fn duplicate_terminating_endpoints_keep_the_first_slice_by_name() {
         let port = &s.ports[0];
         assert!(port.cluster_endpoints.is_empty());
         assert!(
-            !port.has_any_endpoints,
+            !port.has_usable_endpoints(),
             "the copy from web-a is not serving"
         );
     })
@@ -839,6 +839,32 @@ fn endpoints_of_a_family_without_cluster_ip_are_ignored() {
         ])],
     )
     .endpoints(&[], &[], false)
+    .run();
+}
+
+#[test]
+fn usable_endpoints_are_reported_per_family_so_each_vip_rejects_on_its_own() {
+    Case::new(
+        svc_with(|s| s.cluster_ips = vec![ip("10.96.0.10"), ip("fd00::10")]),
+        vec![
+            slice("web-v4", vec![tcp("", 8080)], vec![ready("10.0.0.1", "")]),
+            slice(
+                "web-v6",
+                vec![tcp("", 8080)],
+                vec![not_ready("fd00:1::1", "")],
+            ),
+        ],
+    )
+    .state(|s| {
+        let port = &s.ports[0];
+        assert!(port.usable_ipv4, "the IPv4 endpoint is ready");
+        assert!(
+            !port.usable_ipv6,
+            "the only IPv6 endpoint is not ready: reject on the v6 VIP"
+        );
+        assert!(port.has_usable_endpoints_for(ip("10.96.0.10")));
+        assert!(!port.has_usable_endpoints_for(ip("fd00::10")));
+    })
     .run();
 }
 
@@ -1473,7 +1499,7 @@ fn compute_node_holds_every_handled_service_and_skips_the_rest() {
     assert!(web.ports[0].cluster_endpoints[0].local);
     let dns = &state[&ServiceKey::new("kube-system", "dns")];
     assert!(
-        !dns.ports[0].has_any_endpoints,
+        !dns.ports[0].has_usable_endpoints(),
         "a Service without slices has no endpoints"
     );
 }

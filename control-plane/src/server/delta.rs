@@ -39,7 +39,10 @@ pub struct DeltaService {
 
 impl DeltaService {
     pub fn new(generations: watch::Receiver<Arc<Generation>>, sessions: Sessions) -> Self {
-        Self { generations, sessions }
+        Self {
+            generations,
+            sessions,
+        }
     }
 }
 
@@ -53,17 +56,27 @@ impl NodeStateDiscovery for DeltaService {
         &self,
         request: Request<Streaming<v1::NodeStateRequest>>,
     ) -> Result<Response<Self::StreamNodeStateStream>, Status> {
-        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(IDENTIFY_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(first))) => first,
             Ok(Ok(None)) => return Err(Status::cancelled("stream closed before naming a node")),
             Ok(Err(status)) => return Err(status),
-            Err(_) => return Err(Status::deadline_exceeded("no first message naming the node")),
+            Err(_) => {
+                return Err(Status::deadline_exceeded(
+                    "no first message naming the node",
+                ));
+            }
         };
-        let identity = first.node.filter(|n| !n.node_name.is_empty()).ok_or_else(|| {
-            Status::invalid_argument("the first message must name the node (node.node_name)")
-        })?;
+        let identity = first
+            .node
+            .filter(|n| !n.node_name.is_empty())
+            .ok_or_else(|| {
+                Status::invalid_argument("the first message must name the node (node.node_name)")
+            })?;
         // Versions that do not parse map to 0, which matches nothing: resent or removed.
         let held = first
             .initial_resource_versions
@@ -157,12 +170,15 @@ impl NodeStream {
         self.seen = generation.seq;
         let mut protocol = self.session.protocol();
         let (candidates, all, trigger_time): (Vec<ServiceKey>, _, _) = match changes {
-            Changes::Services { services, trigger_time } => {
-                (services.into_iter().collect(), false, trigger_time)
-            }
-            Changes::All { trigger_time } => {
-                (generation.services().map(|(k, _)| k.clone()).collect(), true, trigger_time)
-            }
+            Changes::Services {
+                services,
+                trigger_time,
+            } => (services.into_iter().collect(), false, trigger_time),
+            Changes::All { trigger_time } => (
+                generation.services().map(|(k, _)| k.clone()).collect(),
+                true,
+                trigger_time,
+            ),
         };
         let mut added = Vec::new();
         let mut modified = Vec::new();
@@ -170,7 +186,10 @@ impl NodeStream {
         let mut considered = HashSet::with_capacity(candidates.len());
         for key in &candidates {
             let name = key.to_string();
-            let held = protocol.acked.get_key_value(name.as_str()).map(|(n, v)| (n.clone(), *v));
+            let held = protocol
+                .acked
+                .get_key_value(name.as_str())
+                .map(|(n, v)| (n.clone(), *v));
             match generation.resource(key, node) {
                 Some(resource) => {
                     let rejected = protocol.nacked.get(name.as_str()) == Some(&resource.version);
@@ -188,7 +207,11 @@ impl NodeStream {
         if all {
             // Anything the node holds that no longer exists in the cluster goes too.
             removals.extend(
-                protocol.acked.keys().filter(|n| !considered.contains(&***n)).cloned(),
+                protocol
+                    .acked
+                    .keys()
+                    .filter(|n| !considered.contains(&***n))
+                    .cloned(),
             );
         }
         if added.is_empty() && modified.is_empty() && removals.is_empty() {
@@ -197,7 +220,9 @@ impl NodeStream {
             }
             return None;
         }
-        protocol.out_of_sync_since.get_or_insert_with(SystemTime::now);
+        protocol
+            .out_of_sync_since
+            .get_or_insert_with(SystemTime::now);
         drop(protocol);
 
         let by_name = |a: &Arc<EncodedResource>, b: &Arc<EncodedResource>| a.name.cmp(&b.name);
@@ -210,7 +235,10 @@ impl NodeStream {
         let nonce = format!("{}-{}", self.session.id, self.nonces);
         self.in_flight = Some(InFlight {
             nonce: nonce.clone(),
-            upserts: upserts.iter().map(|r| (r.name.clone(), r.version)).collect(),
+            upserts: upserts
+                .iter()
+                .map(|r| (r.name.clone(), r.version))
+                .collect(),
             removals: removals.clone(),
         });
         Some(EncodedNodeStateResponse {
@@ -225,7 +253,10 @@ impl NodeStream {
     /// Commits the in-flight response on ACK; on NACK commits all but the rejected resources.
     fn answer(&mut self, request: v1::NodeStateRequest) {
         let node = &self.session.node;
-        let Some(in_flight) = self.in_flight.take_if(|f| f.nonce == request.response_nonce) else {
+        let Some(in_flight) = self
+            .in_flight
+            .take_if(|f| f.nonce == request.response_nonce)
+        else {
             tracing::debug!(%node, nonce = %request.response_nonce, "ignoring answer to a stale nonce");
             return;
         };

@@ -26,9 +26,14 @@ pub async fn serve(
     let query = query::QueryService::new(hub.generations, sessions, hub.problems);
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<v1::controller_query_server::ControllerQueryServer<query::QueryService>>().await;
     health
-        .set_service_status("switchyard.v1.NodeStateDiscovery", tonic_health::ServingStatus::Serving)
+        .set_serving::<v1::controller_query_server::ControllerQueryServer<query::QueryService>>()
+        .await;
+    health
+        .set_service_status(
+            "switchyard.v1.NodeStateDiscovery",
+            tonic_health::ServingStatus::Serving,
+        )
         .await;
 
     let reflection = || {
@@ -36,13 +41,19 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1().expect("descriptor sets are built into the binary");
-    let reflection_v1alpha = reflection().build_v1alpha().expect("descriptor sets are built into the binary");
+    let reflection_v1 = reflection()
+        .build_v1()
+        .expect("descriptor sets are built into the binary");
+    let reflection_v1alpha = reflection()
+        .build_v1alpha()
+        .expect("descriptor sets are built into the binary");
 
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .add_service(encoded::node_state_discovery_server::NodeStateDiscoveryServer::new(delta))
-        .add_service(v1::controller_query_server::ControllerQueryServer::new(query))
+        .add_service(v1::controller_query_server::ControllerQueryServer::new(
+            query,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -31,7 +31,11 @@ impl QueryService {
         sessions: Sessions,
         problems: ProblemsView,
     ) -> Self {
-        Self { generations, sessions, problems }
+        Self {
+            generations,
+            sessions,
+            problems,
+        }
     }
 
     /// Nodes in the cluster and nodes with an agent, in name order.
@@ -51,7 +55,9 @@ fn state_version<'a>(resources: impl IntoIterator<Item = (&'a str, u64)>) -> Str
         hash.update(format!("{name}={version:016x}\n"));
     }
     let digest = hash.finalize();
-    format_version(u64::from_be_bytes(digest[..8].try_into().expect("32-byte digest")))
+    format_version(u64::from_be_bytes(
+        digest[..8].try_into().expect("32-byte digest"),
+    ))
 }
 
 fn node_status(
@@ -69,16 +75,25 @@ fn node_status(
         pending_changes: desired.len() as u32,
         ..Default::default()
     };
-    let Some(session) = session else { return status };
+    let Some(session) = session else {
+        return status;
+    };
     status.connected = session.is_connected();
     status.dataplane = session.identity.dataplane;
     status.agent_version = session.identity.agent_version.clone();
     status.peer = session.peer.clone();
     status.connected_since = Some(session.connected_since.into());
     let protocol = session.protocol();
-    let stale = desired.iter().filter(|r| protocol.acked.get(&r.name) != Some(&r.version)).count();
+    let stale = desired
+        .iter()
+        .filter(|r| protocol.acked.get(&r.name) != Some(&r.version))
+        .count();
     let desired_names: BTreeSet<&str> = desired.iter().map(|r| &*r.name).collect();
-    let extra = protocol.acked.keys().filter(|n| !desired_names.contains(&***n)).count();
+    let extra = protocol
+        .acked
+        .keys()
+        .filter(|n| !desired_names.contains(&***n))
+        .count();
     status.pending_changes = (stale + extra) as u32;
     if !protocol.acked.is_empty() || desired.is_empty() {
         status.acked_version = if status.pending_changes == 0 {
@@ -88,7 +103,9 @@ fn node_status(
         };
     }
     if status.pending_changes > 0 {
-        let since = protocol.out_of_sync_since.unwrap_or(session.connected_since);
+        let since = protocol
+            .out_of_sync_since
+            .unwrap_or(session.connected_since);
         let lag = SystemTime::now().duration_since(since).unwrap_or_default();
         status.lag = lag.try_into().ok();
     }
@@ -112,7 +129,12 @@ impl ControllerQuery for QueryService {
             .into_iter()
             .map(|node| {
                 let desired = generation.node_resources(&node);
-                node_status(&node, &generation, self.sessions.get(&node).as_deref(), &desired)
+                node_status(
+                    &node,
+                    &generation,
+                    self.sessions.get(&node).as_deref(),
+                    &desired,
+                )
             })
             .collect();
         Ok(Response::new(v1::ListNodesResponse { nodes }))
@@ -134,7 +156,11 @@ impl ControllerQuery for QueryService {
         let status = node_status(&node, &generation, session.as_deref(), &desired);
         let acked_versions = session
             .map(|s| {
-                s.protocol().acked.iter().map(|(n, v)| (n.to_string(), format_version(*v))).collect()
+                s.protocol()
+                    .acked
+                    .iter()
+                    .map(|(n, v)| (n.to_string(), format_version(*v)))
+                    .collect()
             })
             .unwrap_or_default();
         Ok(Response::new(v1::GetNodeStateResponse {

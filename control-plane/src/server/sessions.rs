@@ -90,7 +90,10 @@ impl Sessions {
             peer: peer.clone(),
             connected_since: SystemTime::now(),
             connected: Mutex::new(true),
-            protocol: Mutex::new(NodeProtocol { acked, ..Default::default() }),
+            protocol: Mutex::new(NodeProtocol {
+                acked,
+                ..Default::default()
+            }),
             superseded: watch::Sender::new(None),
         });
         if let Some(old) = inner.by_node.insert(node, session.clone()) {
@@ -105,10 +108,21 @@ impl Sessions {
     }
 
     pub fn get(&self, node: &str) -> Option<Arc<Session>> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).by_node.get(node).cloned()
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_node
+            .get(node)
+            .cloned()
     }
 
     pub fn all(&self) -> Vec<Arc<Session>> {
-        self.inner.lock().unwrap_or_else(|e| e.into_inner()).by_node.values().cloned().collect()
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_node
+            .values()
+            .cloned()
+            .collect()
     }
 }

@@ -55,8 +55,14 @@ struct LiteResponse {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    if args.child { runtime.block_on(child(args)) } else { runtime.block_on(driver(args)) }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    if args.child {
+        runtime.block_on(child(args))
+    } else {
+        runtime.block_on(driver(args))
+    }
 }
 
 /// The controller side: loads the cluster, then applies one endpoint change per
@@ -75,7 +81,9 @@ async fn child(args: Args) -> anyhow::Result<()> {
                 let i: usize = i.parse()?;
                 // Slices follow their Service: object 2 + 2s + 1 is Service s's slice.
                 let index = args.agents + 2 * (i % args.services) + 1;
-                let Object::EndpointSlice(slice) = &mut objects[index] else { bail!("not a slice") };
+                let Object::EndpointSlice(slice) = &mut objects[index] else {
+                    bail!("not a slice")
+                };
                 slice.endpoints[0].address = fixtures::ip((2 << 20) + i as u32);
                 let update = StoreUpdate::Upsert {
                     origin: "bench".into(),
@@ -94,8 +102,15 @@ async fn child(args: Args) -> anyhow::Result<()> {
 
 fn peak_rss_kib(pid: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM")?;
-    Ok(line.split_whitespace().nth(1).context("VmHWM value")?.parse()?)
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .context("no VmHWM")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmHWM value")?
+        .parse()?)
 }
 
 /// What one agent saw of one response.
@@ -111,7 +126,10 @@ async fn agent(
     report: mpsc::UnboundedSender<(usize, Received)>,
     connected: Arc<Barrier>,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Channel::from_shared(endpoint)?.tcp_nodelay(true).connect().await?;
+    let channel = tonic::transport::Channel::from_shared(endpoint)?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
     let (requests, rx) = mpsc::channel(4);
     requests
         .send(NodeStateRequest {
@@ -136,8 +154,16 @@ async fn agent(
         .into_inner();
     let mut count = 0;
     while let Some(response) = responses.message().await? {
-        let received = Received { bytes: response.encoded_len(), resources: response.resources.len() };
-        requests.send(NodeStateRequest { response_nonce: response.nonce, ..Default::default() }).await?;
+        let received = Received {
+            bytes: response.encoded_len(),
+            resources: response.resources.len(),
+        };
+        requests
+            .send(NodeStateRequest {
+                response_nonce: response.nonce,
+                ..Default::default()
+            })
+            .await?;
         report.send((count, received)).ok();
         count += 1;
     }
@@ -152,7 +178,12 @@ async fn driver(args: Args) -> anyhow::Result<()> {
     rlimit::increase_nofile_limit(65_536)?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["--child", "--agents", &args.agents.to_string()])
-        .args(["--services", &args.services.to_string(), "--endpoints", &args.endpoints.to_string()])
+        .args([
+            "--services",
+            &args.services.to_string(),
+            "--endpoints",
+            &args.endpoints.to_string(),
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()?;
@@ -230,7 +261,8 @@ async fn driver(args: Args) -> anyhow::Result<()> {
         latencies.push(sent.elapsed());
     }
     latencies.sort();
-    let mean_bytes = bytes_per_node.iter().sum::<usize>() as f64 / bytes_per_node.len().max(1) as f64;
+    let mean_bytes =
+        bytes_per_node.iter().sum::<usize>() as f64 / bytes_per_node.len().max(1) as f64;
     println!(
         "one endpoint change, all {} agents ACKed: p50 {:.1?}, p99 {:.1?}, max {:.1?} over {} changes",
         args.agents,
