@@ -307,6 +307,41 @@ async fn fake_server_pages_lists_and_streams_watches_to_a_plain_kube_watcher() {
 }
 
 #[tokio::test]
+async fn fake_server_serves_streaming_lists_to_a_plain_kube_watcher() {
+    let server = FakeApiServer::start().await;
+    server.apply(node("node-a", "zone-1"));
+    let api = Api::<core::Node>::all(server.client());
+    let config = watcher::Config::default().streaming_lists();
+    let mut events = watcher::watcher(api, config).boxed();
+    let mut seen = Vec::new();
+    timeout(WAIT, async {
+        loop {
+            match events.next().await.unwrap().unwrap() {
+                Event::Init => seen.push("Init".to_string()),
+                Event::InitApply(node) => seen.push(node.metadata.name.unwrap()),
+                Event::InitDone => break,
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("initial events in time");
+    assert_eq!(seen, ["Init", "node-a"]);
+    server.apply(node("node-b", "zone-1"));
+    match timeout(WAIT, events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap()
+    {
+        Event::Apply(node) => assert_eq!(node.metadata.name.as_deref(), Some("node-b")),
+        other => panic!("expected Apply(node-b), got {other:?}"),
+    }
+    let watch = &server.requests()[0];
+    assert!(watch.contains("sendInitialEvents=true"), "{watch}");
+}
+
+#[tokio::test]
 async fn initial_list_of_all_three_kinds_produces_one_replace_per_kind() {
     let server = FakeApiServer::start().await;
     server.apply(service("web", "10.96.0.10"));
@@ -468,10 +503,14 @@ async fn expired_history_after_a_lost_watch_forces_a_relist_that_ends_up_right()
     harness.server.release_watches();
 
     harness
-        .wait_for("the relist", |view| {
-            view.replaces(SERVICE_ORIGIN) == 2 && view.replaces(ENDPOINT_SLICE_ORIGIN) == 2
+        .wait_for("the relist of every kind", |view| {
+            [SERVICE_ORIGIN, ENDPOINT_SLICE_ORIGIN, NODE_ORIGIN]
+                .iter()
+                .all(|origin| view.replaces(origin) == 2)
         })
         .await;
+    // Every kind's resumed watch was refused as too old, then relisted.
+    assert_eq!(harness.server.expired_watches(), 3);
     let view = &harness.view;
     assert_eq!(view.names(SERVICE_ORIGIN), ["new", "web"]);
     assert_eq!(view.cluster_ips("web"), Some(vec![ip("10.96.0.30")]));
@@ -492,11 +531,8 @@ async fn expired_history_after_a_lost_watch_forces_a_relist_that_ends_up_right()
         "{:#?}",
         view.log
     );
-    // The relist followed a watch refused for its old resourceVersion.
     let lists = harness.requests_matching("/api/v1/services", false);
     assert_eq!(lists.len(), 2, "{lists:?}");
-    // Nodes saw no change to their kind: their watch resumed (the history is compacted, so
-    // it relisted too) and their Replace is still empty.
     assert!(view.names(NODE_ORIGIN).is_empty());
 }
 
@@ -511,7 +547,22 @@ async fn invalid_service_reports_a_problem_keeps_the_last_good_version_and_a_fix
 
     let broken = service_ref("broken");
     let web = service_ref("web");
+    harness
+        .wait_for("a problem for broken", |view| {
+            view.problems
+                .contains_key(&(SERVICE_ORIGIN.to_string(), broken.clone()))
+        })
+        .await;
     assert_eq!(harness.view.names(SERVICE_ORIGIN), ["web"]);
+    assert!(
+        !harness
+            .view
+            .log
+            .iter()
+            .any(|u| matches!(u, StoreUpdate::Upsert { .. })),
+        "{:#?}",
+        harness.view.log
+    );
     let message = harness
         .view
         .problems

@@ -142,6 +142,8 @@ struct State {
     watches_held: bool,
     open_watches: usize,
     bookmarks_sent: usize,
+    /// Watches answered with `410 Expired`.
+    expired_watches: usize,
     requests: Vec<String>,
     snapshots: HashMap<u64, Snapshot>,
     next_id: u64,
@@ -333,6 +335,11 @@ impl FakeApiServer {
 
     pub fn open_watches(&self) -> usize {
         self.shared.lock().open_watches
+    }
+
+    /// How many watches were refused with `410 Expired` (too old resourceVersion).
+    pub fn expired_watches(&self) -> usize {
+        self.shared.lock().expired_watches
     }
 
     pub fn bookmarks_sent(&self) -> usize {
@@ -729,6 +736,7 @@ fn watch(shared: &Arc<Shared>, filter: Filter, query: &Query) -> Response<Body> 
     };
     if position < state.compacted {
         // What the watch cache does with a too old resourceVersion: 200, one ERROR event.
+        state.expired_watches += 1;
         pending.push_back(event(
             "ERROR",
             status_object(
@@ -788,6 +796,7 @@ impl WatchStream {
                     return None;
                 }
                 if self.position < state.compacted {
+                    state.expired_watches += 1;
                     self.pending.push_back(event(
                         "ERROR",
                         status_object(
