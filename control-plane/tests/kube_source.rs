@@ -166,8 +166,15 @@ struct Harness {
 
 impl Harness {
     async fn start(server: FakeApiServer) -> Self {
+        Self::start_with(server, |source| source).await
+    }
+
+    async fn start_with(
+        server: FakeApiServer,
+        configure: impl FnOnce(KubeSource) -> KubeSource,
+    ) -> Self {
         let (tx, updates) = mpsc::channel(64);
-        let source = tokio::spawn(KubeSource::new(server.client()).run(tx));
+        let source = tokio::spawn(configure(KubeSource::new(server.client())).run(tx));
         Self {
             server,
             updates,
@@ -629,6 +636,19 @@ async fn endpoint_slices_of_headless_services_are_not_watched() {
             view.names(ENDPOINT_SLICE_ORIGIN).is_empty()
         })
         .await;
+}
+
+#[tokio::test]
+async fn endpoint_slices_of_headless_services_are_reported_when_not_skipped() {
+    let server = FakeApiServer::start().await;
+    let mut headless = slice("dns-1", "dns", "10.0.0.9");
+    headless["metadata"]["labels"]["service.kubernetes.io/headless"] = json!("");
+    server.apply(headless);
+    let mut harness = Harness::start_with(server, |source| source.skip_headless(false)).await;
+    harness.wait_synced().await;
+    assert_eq!(harness.view.names(ENDPOINT_SLICE_ORIGIN), ["dns-1"]);
+    let slice_lists = harness.requests_matching("/apis/discovery.k8s.io/v1/endpointslices", false);
+    assert!(!slice_lists[0].contains("labelSelector"), "{slice_lists:?}");
 }
 
 #[tokio::test]

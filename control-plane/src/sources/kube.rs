@@ -96,20 +96,21 @@ impl KubeSource {
     /// (0.8 s doubling to 30 s, with jitter). A watch that falls out of the API server's
     /// history (`410 Gone`) relists that kind, which reaches the store as one `Replace`.
     pub async fn run(self, tx: StoreSender) -> Result<(), KubeSourceError> {
-        let selector = self.skip_headless.then(|| format!("!{HEADLESS_LABEL}"));
-        let config = |selector: Option<&String>| match selector {
-            Some(selector) => watcher::Config::default().labels(selector),
-            None => watcher::Config::default(),
+        // Bookmarks on, consistent paginated lists: kube-runtime's defaults.
+        let filtered = if self.skip_headless {
+            watcher::Config::default().labels(&format!("!{HEADLESS_LABEL}"))
+        } else {
+            watcher::Config::default()
         };
         let services = watch_kind(
             Api::<core::Service>::all(self.client.clone()),
-            config(selector.as_ref()),
+            filtered.clone(),
             KindTracker::new(SERVICE_ORIGIN, ObjectKind::Service, convert_service),
             &tx,
         );
         let slices = watch_kind(
             Api::<discovery::EndpointSlice>::all(self.client.clone()),
-            config(selector.as_ref()),
+            filtered,
             KindTracker::new(
                 ENDPOINT_SLICE_ORIGIN,
                 ObjectKind::EndpointSlice,
@@ -119,7 +120,7 @@ impl KubeSource {
         );
         let nodes = watch_kind(
             Api::<core::Node>::all(self.client.clone()),
-            config(None),
+            watcher::Config::default(),
             KindTracker::new(NODE_ORIGIN, ObjectKind::Node, convert_node),
             &tx,
         );
