@@ -9,6 +9,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1 as core;
 use kube::{
     Api,
+    api::{ListParams, VersionMatch},
     runtime::watcher::{self, Event},
 };
 use serde_json::{Value, json};
@@ -311,6 +312,51 @@ async fn fake_server_pages_lists_and_streams_watches_to_a_plain_kube_watcher() {
         .filter(|r| !r.contains("watch=true"))
         .count();
     assert_eq!(lists, 2, "one page per Service: {:?}", server.requests());
+}
+
+#[tokio::test]
+async fn fake_server_lists_exact_versions_from_history_and_expires_them_on_compaction() {
+    let server = FakeApiServer::start().await;
+    server.apply(service("a", "10.96.0.1"));
+    let before_b = server.apply(service("b", "10.96.0.2"));
+    server.apply(service("b", "10.96.0.3"));
+    server.delete("Service", "default", "a");
+    let api = Api::<core::Service>::all(server.client());
+
+    let exact = ListParams::default()
+        .at(&before_b.to_string())
+        .matching(VersionMatch::Exact);
+    let list = api.list(&exact).await.expect("exact list");
+    let cluster_ips: Vec<_> = list
+        .items
+        .iter()
+        .map(|s| s.spec.as_ref().unwrap().cluster_ip.clone().unwrap())
+        .collect();
+    assert_eq!(cluster_ips, ["10.96.0.1", "10.96.0.2"]);
+    assert_eq!(list.metadata.resource_version, Some(before_b.to_string()));
+
+    server.apply(service("c", "10.96.0.4"));
+    let first = api
+        .list(&ListParams::default().limit(1))
+        .await
+        .expect("first page");
+    let token = first.metadata.continue_.clone().expect("a continue token");
+    // Compacting keeps the latest revision readable (as etcd does), so move past it first.
+    server.apply(service("d", "10.96.0.5"));
+    server.compact();
+    let expired = api
+        .list(&ListParams::default().limit(1).continue_token(&token))
+        .await
+        .expect_err("the continue token expired");
+    assert!(
+        matches!(&expired, kube::Error::Api(status) if status.code == 410),
+        "{expired:?}"
+    );
+    let gone = api.list(&exact).await.expect_err("history compacted");
+    assert!(
+        matches!(&gone, kube::Error::Api(status) if status.code == 410),
+        "{gone:?}"
+    );
 }
 
 #[tokio::test]
