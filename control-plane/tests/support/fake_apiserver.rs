@@ -292,8 +292,9 @@ impl FakeApiServer {
         Some(rv)
     }
 
-    /// Forgets all history: lists, continues and watches from any earlier
-    /// resourceVersion now get `410 Gone`.
+    /// Forgets all history: lists, continues and watches from any resourceVersion older
+    /// than the current one now get `410`; the current one stays readable, as after an
+    /// etcd compaction.
     pub fn compact(&self) {
         {
             let mut state = self.shared.lock();
