@@ -1,0 +1,387 @@
+//! The manifests source against a real folder and inotify, and the example manifests
+//! shipped in `deploy/examples`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use switchyard_controller::{
+    model::{Endpoint, EndpointSlice, Object, Protocol, ServiceType, TrafficPolicy},
+    sources::{
+        StoreUpdate,
+        manifests::{ManifestError, ManifestSource, is_manifest, parse_file},
+    },
+};
+use tokio::{
+    sync::mpsc,
+    time::{Instant, timeout},
+};
+
+/// Longest any expected update may take; generous so a loaded machine never fails the
+/// test, while the reaction time itself is asserted separately.
+const PATIENCE: Duration = Duration::from_secs(5);
+/// How long "nothing more arrives" is watched for.
+const QUIET: Duration = Duration::from_millis(400);
+
+fn service(port: u16) -> String {
+    format!(
+        "apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop}}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{{name: http, port: {port}}}]
+"
+    )
+}
+
+const NODE: &str = "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n";
+
+/// Writes like an editor that saves atomically: a temporary file renamed over the target.
+fn write_atomically(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+async fn next(rx: &mut mpsc::Receiver<StoreUpdate>) -> StoreUpdate {
+    timeout(PATIENCE, rx.recv())
+        .await
+        .expect("no update in time")
+        .expect("source stopped")
+}
+
+async fn assert_quiet(rx: &mut mpsc::Receiver<StoreUpdate>) {
+    if let Ok(update) = timeout(QUIET, rx.recv()).await {
+        panic!("unexpected update: {update:?}");
+    }
+}
+
+fn origin(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn service_ports(objects: &[Object]) -> Vec<u16> {
+    objects
+        .iter()
+        .filter_map(|o| match o {
+            Object::Service(s) => Some(s.ports[0].port),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_source_reports_each_file_then_every_change_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let web = root.join("web.yaml");
+    let nodes = root.join("cluster/nodes.yml");
+    std::fs::create_dir(root.join("cluster")).unwrap();
+    std::fs::write(&web, service(80)).unwrap();
+    std::fs::write(&nodes, NODE).unwrap();
+    std::fs::write(root.join("README.md"), "not a manifest").unwrap();
+
+    let (tx, mut rx) = mpsc::channel(64);
+    let source = tokio::spawn(ManifestSource::new(&root).run(tx));
+
+    // Initial read: one Replace and one ClearProblem per file, nothing else.
+    let mut initial = BTreeMap::new();
+    for _ in 0..4 {
+        match next(&mut rx).await {
+            StoreUpdate::Replace {
+                origin, objects, ..
+            } => {
+                initial.insert(origin, objects);
+            }
+            StoreUpdate::ClearProblem { object: None, .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        initial.keys().cloned().collect::<Vec<_>>(),
+        [origin(&nodes), origin(&web)]
+    );
+    assert_eq!(service_ports(&initial[&origin(&web)]), [80]);
+    assert_quiet(&mut rx).await;
+
+    // An edit is seen quickly, as one Replace.
+    let started = Instant::now();
+    write_atomically(&web, &service(8080));
+    match next(&mut rx).await {
+        StoreUpdate::Replace {
+            origin: o, objects, ..
+        } => {
+            assert_eq!(o, origin(&web));
+            assert_eq!(service_ports(&objects), [8080]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let reaction = started.elapsed();
+    assert!(
+        reaction < Duration::from_secs(1),
+        "took {reaction:?} to see an edit"
+    );
+    assert!(matches!(
+        next(&mut rx).await,
+        StoreUpdate::ClearProblem { object: None, .. }
+    ));
+    assert_quiet(&mut rx).await;
+
+    // Rewriting the same content changes nothing.
+    std::fs::write(&web, service(8080)).unwrap();
+    assert_quiet(&mut rx).await;
+
+    // A broken file is reported, and its last good objects are not replaced.
+    write_atomically(&web, "apiVersion: v1\nkind: [Service\n");
+    match next(&mut rx).await {
+        StoreUpdate::Problem {
+            origin: o,
+            object,
+            message,
+        } => {
+            assert_eq!(o, origin(&web));
+            assert_eq!(object, None);
+            assert!(message.contains("not valid YAML"), "{message}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_quiet(&mut rx).await;
+
+    // An invalid object names the object; the old problem is cleared first.
+    write_atomically(&web, &service(0));
+    assert!(matches!(
+        next(&mut rx).await,
+        StoreUpdate::ClearProblem { object: None, .. }
+    ));
+    match next(&mut rx).await {
+        StoreUpdate::Problem {
+            object: Some(object),
+            message,
+            ..
+        } => {
+            assert_eq!(object.to_string(), "Service shop/web");
+            assert!(
+                message.contains("document 1: Service shop/web: spec.ports[0].port"),
+                "{message}"
+            );
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_quiet(&mut rx).await;
+
+    // Fixing it sends the objects and clears the problems.
+    write_atomically(&web, &service(443));
+    match next(&mut rx).await {
+        StoreUpdate::Replace { objects, .. } => assert_eq!(service_ports(&objects), [443]),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(
+        next(&mut rx).await,
+        StoreUpdate::ClearProblem {
+            origin: origin(&web),
+            object: None
+        }
+    );
+
+    // A file in a new subfolder is picked up.
+    let extra = root.join("more/deeper/node-b.json");
+    std::fs::create_dir_all(extra.parent().unwrap()).unwrap();
+    write_atomically(
+        &extra,
+        r#"{"apiVersion": "v1", "kind": "Node", "metadata": {"name": "node-b"}}"#,
+    );
+    match next(&mut rx).await {
+        StoreUpdate::Replace {
+            origin: o, objects, ..
+        } => {
+            assert_eq!(o, origin(&extra));
+            assert_eq!(objects.len(), 1);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(matches!(
+        next(&mut rx).await,
+        StoreUpdate::ClearProblem { .. }
+    ));
+
+    // Deleting a file empties its origin.
+    std::fs::remove_file(&web).unwrap();
+    assert!(matches!(
+        next(&mut rx).await,
+        StoreUpdate::Replace { origin: o, objects, .. } if o == origin(&web) && objects.is_empty()
+    ));
+    assert!(matches!(
+        next(&mut rx).await,
+        StoreUpdate::ClearProblem { origin: o, object: None } if o == origin(&web)
+    ));
+
+    // Removing a whole folder empties every file under it.
+    std::fs::remove_dir_all(root.join("cluster")).unwrap();
+    assert!(matches!(
+        next(&mut rx).await,
+        StoreUpdate::Replace { origin: o, objects, .. } if o == origin(&nodes) && objects.is_empty()
+    ));
+    assert!(matches!(
+        next(&mut rx).await,
+        StoreUpdate::ClearProblem { .. }
+    ));
+    assert_quiet(&mut rx).await;
+
+    // The source ends once the store stops listening.
+    drop(rx);
+    let result = timeout(PATIENCE, source)
+        .await
+        .expect("source did not stop");
+    result.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_missing_folder_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nowhere");
+    let (tx, _rx) = mpsc::channel(1);
+    let error = ManifestSource::new(&missing).run(tx).await.unwrap_err();
+    assert!(matches!(&error, ManifestError::Missing { dir } if dir == &missing));
+    assert_eq!(
+        error.to_string(),
+        format!("manifests folder {} does not exist", missing.display())
+    );
+}
+
+#[tokio::test]
+async fn a_file_instead_of_a_folder_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("web.yaml");
+    std::fs::write(&file, NODE).unwrap();
+    let (tx, _rx) = mpsc::channel(1);
+    let error = ManifestSource::new(&file).run(tx).await.unwrap_err();
+    assert!(
+        matches!(error, ManifestError::NotADirectory { .. }),
+        "{error}"
+    );
+}
+
+fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/examples")
+}
+
+fn example_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            example_files(&path, out);
+        } else if is_manifest(&path) {
+            out.push(path);
+        }
+    }
+}
+
+fn example_objects() -> Vec<Object> {
+    let mut files = Vec::new();
+    example_files(&examples_dir(), &mut files);
+    files.sort();
+    assert!(files.len() >= 5, "examples missing: {files:?}");
+    assert!(
+        files
+            .iter()
+            .any(|f| f.extension().is_some_and(|e| e == "json"))
+    );
+    let mut objects = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        match parse_file(&file, &text) {
+            Ok(found) => objects.extend(found),
+            Err(problems) => panic!("{problems:#?}"),
+        }
+    }
+    objects
+}
+
+#[test]
+fn every_example_manifest_parses_without_problems() {
+    example_objects();
+}
+
+#[test]
+fn the_examples_cover_what_the_readme_promises() {
+    let objects = example_objects();
+    let mut services = BTreeMap::new();
+    let mut slices: BTreeMap<String, Vec<&EndpointSlice>> = BTreeMap::new();
+    let mut nodes = BTreeMap::new();
+    for object in &objects {
+        match object {
+            Object::Service(s) => {
+                services.insert(s.key.to_string(), s);
+            }
+            Object::EndpointSlice(s) => slices.entry(s.service.to_string()).or_default().push(s),
+            Object::Node(n) => {
+                nodes.insert(n.name.as_str(), n.zone.as_deref());
+            }
+        }
+    }
+    assert_eq!(
+        nodes,
+        BTreeMap::from([
+            ("node-a", Some("zone-1")),
+            ("node-b", Some("zone-1")),
+            ("node-c", Some("zone-2"))
+        ])
+    );
+    let service = |name: &str| *services.get(name).unwrap_or_else(|| panic!("no {name}"));
+    let endpoints =
+        |name: &str| -> Vec<&Endpoint> { slices[name].iter().flat_map(|s| &s.endpoints).collect() };
+
+    assert_eq!(endpoints("shop/web").len(), 3);
+    assert_eq!(service("shop/api").cluster_ips.len(), 2);
+    let families: BTreeSet<_> = slices["shop/api"]
+        .iter()
+        .map(|s| s.address_family)
+        .collect();
+    assert_eq!(families.len(), 2);
+    let dns_ports: BTreeSet<_> = slices["kube-system/kube-dns"]
+        .iter()
+        .map(|s| s.ports.iter().find(|p| p.name == "dns").unwrap().port)
+        .collect();
+    assert_eq!(dns_ports, BTreeSet::from([53, 5353]));
+    assert_eq!(
+        service("kube-system/kube-dns").ports[0].protocol,
+        Protocol::Udp
+    );
+    assert_eq!(service("shop/checkout").service_type, ServiceType::NodePort);
+    let lb = service("ingress-nginx/ingress-nginx-controller");
+    assert_eq!(lb.service_type, ServiceType::LoadBalancer);
+    assert_eq!(lb.external_traffic_policy, TrafficPolicy::Local);
+    assert_eq!(lb.health_check_node_port, Some(32100));
+    assert_eq!(lb.load_balancer_ips.len(), 1);
+    assert_eq!(lb.load_balancer_source_ranges.len(), 2);
+    assert_eq!(service("shop/partner-gateway").external_ips.len(), 1);
+    assert_eq!(
+        service("monitoring/log-collector").internal_traffic_policy,
+        TrafficPolicy::Local
+    );
+    assert_eq!(service("shop/cart").session_affinity_timeout, Some(1800));
+    assert!(
+        endpoints("shop/orders")
+            .iter()
+            .all(|e| !e.ready && e.terminating)
+    );
+    assert!(endpoints("shop/orders").iter().any(|e| e.serving));
+    assert!(
+        endpoints("shop/catalog")
+            .iter()
+            .all(|e| !e.zone_hints.is_empty())
+    );
+    assert_eq!(
+        service("telecom/diameter").ports[0].protocol,
+        Protocol::Sctp
+    );
+    assert!(service("data/postgres").headless);
+    assert_eq!(
+        service("mesh/mesh-gateway").proxy_name.as_deref(),
+        Some("other")
+    );
+    assert!(endpoints("shop/reports").is_empty());
+}
