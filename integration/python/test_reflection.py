@@ -38,7 +38,7 @@ def address():
             line = proc.stderr.readline()
             if not line:
                 break
-            m = re.search(r"serving on (\S+?)\.", line)
+            m = re.search(r"serving on ([0-9.]+:[0-9]+)", line)
             if m:
                 addr = m.group(1)
                 break
