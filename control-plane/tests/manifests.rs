@@ -239,6 +239,61 @@ async fn the_source_reports_each_file_then_every_change_to_it() {
 }
 
 #[tokio::test]
+async fn a_config_map_volume_update_is_seen_through_its_symlinks() {
+    // The layout kubelet gives a ConfigMap volume: visible symlinks into `..data`, which
+    // is itself a symlink to a timestamped folder swapped atomically on update.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    std::fs::create_dir(root.join("..2026_01_15_09_30_00.1")).unwrap();
+    std::fs::write(root.join("..2026_01_15_09_30_00.1/web.yaml"), service(80)).unwrap();
+    std::os::unix::fs::symlink("..2026_01_15_09_30_00.1", root.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/web.yaml", root.join("web.yaml")).unwrap();
+    let web = root.join("web.yaml");
+
+    let (tx, mut rx) = mpsc::channel(64);
+    let _source = tokio::spawn(ManifestSource::new(&root).run(tx));
+    match next(&mut rx).await {
+        StoreUpdate::Replace {
+            origin: o, objects, ..
+        } => {
+            assert_eq!(o, origin(&web));
+            assert_eq!(service_ports(&objects), [80]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(matches!(
+        next(&mut rx).await,
+        StoreUpdate::ClearProblem { .. }
+    ));
+    assert_quiet(&mut rx).await;
+
+    std::fs::create_dir(root.join("..2026_01_15_09_45_00.2")).unwrap();
+    std::fs::write(root.join("..2026_01_15_09_45_00.2/web.yaml"), service(8080)).unwrap();
+    std::os::unix::fs::symlink("..2026_01_15_09_45_00.2", root.join("..data_tmp")).unwrap();
+    std::fs::rename(root.join("..data_tmp"), root.join("..data")).unwrap();
+    std::fs::remove_dir_all(root.join("..2026_01_15_09_30_00.1")).unwrap();
+
+    match next(&mut rx).await {
+        StoreUpdate::Replace {
+            origin: o, objects, ..
+        } => {
+            assert_eq!(o, origin(&web));
+            assert_eq!(service_ports(&objects), [8080]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert!(matches!(
+        next(&mut rx).await,
+        StoreUpdate::ClearProblem { .. }
+    ));
+    assert_quiet(&mut rx).await;
+
+    // Hidden files (an editor's swap file) are not manifests.
+    std::fs::write(root.join(".web.yaml.swp"), "kind: [").unwrap();
+    assert_quiet(&mut rx).await;
+}
+
+#[tokio::test]
 async fn a_missing_folder_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("nowhere");

@@ -308,8 +308,9 @@ fn raw_object_ref(kind: ObjectKind, value: &Value) -> Option<ObjectRef> {
 /// What the source knows about one file.
 #[derive(Debug)]
 struct FileState {
-    /// SHA-256 of the bytes last read, to skip events that changed nothing.
-    hash: [u8; 32],
+    /// SHA-256 of the bytes last read, to skip events that changed nothing; `None`
+    /// when the file could not be read.
+    hash: Option<[u8; 32]>,
     /// Whether problems are outstanding for this file in the store.
     has_problems: bool,
 }
@@ -346,7 +347,7 @@ impl Files {
         };
         let hash: [u8; 32] = Sha256::digest(contents).into();
         let had_problems = match self.known.get(path) {
-            Some(state) if state.hash == hash => return Vec::new(),
+            Some(state) if state.hash == Some(hash) => return Vec::new(),
             Some(state) => state.has_problems,
             None => false,
         };
@@ -393,8 +394,42 @@ impl Files {
                 (updates, true)
             }
         };
-        self.known
-            .insert(path.to_owned(), FileState { hash, has_problems });
+        self.known.insert(
+            path.to_owned(),
+            FileState {
+                hash: Some(hash),
+                has_problems,
+            },
+        );
+        updates
+    }
+
+    /// The updates the store needs when `path` exists but cannot be read: a problem;
+    /// the file's last good objects stay, and it is read again on its next event.
+    fn unreadable(&mut self, path: &Path, error: &io::Error) -> Vec<StoreUpdate> {
+        let origin: Origin = path.display().to_string();
+        let message = format!("{origin}: cannot read: {error}");
+        tracing::warn!(file = %origin, "{message}");
+        let state = self.known.entry(path.to_owned()).or_insert(FileState {
+            hash: None,
+            has_problems: false,
+        });
+        let mut updates = Vec::with_capacity(2);
+        if state.has_problems {
+            updates.push(StoreUpdate::ClearProblem {
+                origin: origin.clone(),
+                object: None,
+            });
+        }
+        updates.push(StoreUpdate::Problem {
+            origin,
+            object: None,
+            message,
+        });
+        *state = FileState {
+            hash: None,
+            has_problems: true,
+        };
         updates
     }
 
@@ -587,25 +622,41 @@ async fn scan_blocking(root: PathBuf) -> io::Result<Vec<PathBuf>> {
 }
 
 /// Re-reads what a batch of events touched. `false` once the store is gone.
+///
+/// A change inside a hidden folder rescans everything, because visible files may be
+/// symlinks into it: a ConfigMap volume updates by swapping its `..data` symlink.
+/// Hidden files (editor swap files) are ignored.
 async fn apply(files: &mut Files, dir: &Path, batch: Batch, tx: &StoreSender) -> bool {
-    let roots: Vec<PathBuf> = if batch.rescan {
-        vec![dir.to_owned()]
-    } else {
-        let mut roots = Vec::new();
-        for path in batch.paths {
-            if is_manifest(&path) && !tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_dir()) {
-                if !refresh(files, &path, tx).await {
-                    return false;
-                }
-            } else if tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_dir())
-                || !files.under(&path).is_empty()
-            {
-                // A folder appeared, vanished or moved: look at everything under it.
-                roots.push(path);
-            }
+    let mut rescan = batch.rescan;
+    let mut manifests = Vec::new();
+    let mut roots = Vec::new();
+    for path in batch.paths {
+        let is_dir = tokio::fs::metadata(&path).await.is_ok_and(|m| m.is_dir());
+        let relative = path.strip_prefix(dir).unwrap_or(&path);
+        let hidden: Vec<bool> = relative
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy().starts_with('.'))
+            .collect();
+        if let Some((last, parents)) = hidden.split_last()
+            && (parents.iter().any(|h| *h) || *last)
+        {
+            rescan |= is_dir || parents.iter().any(|h| *h);
+        } else if is_dir || files.under(&path).iter().any(|known| known != &path) {
+            // A folder appeared, vanished or moved: look at everything under it.
+            roots.push(path);
+        } else if is_manifest(&path) {
+            manifests.push(path);
         }
-        roots
-    };
+    }
+    if rescan {
+        manifests.clear();
+        roots = vec![dir.to_owned()];
+    }
+    for path in manifests {
+        if !refresh(files, &path, tx).await {
+            return false;
+        }
+    }
     for root in roots {
         let found = match scan_blocking(root.clone()).await {
             Ok(found) => found,
@@ -630,23 +681,14 @@ async fn apply(files: &mut Files, dir: &Path, batch: Batch, tx: &StoreSender) ->
 /// Reads one file (gone counts as removed) and sends what changed. `false` once the
 /// store is gone.
 async fn refresh(files: &mut Files, path: &Path, tx: &StoreSender) -> bool {
-    let contents = match tokio::fs::read(path).await {
-        Ok(contents) => Some(contents),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-        Err(e) => {
-            // Not a content change: keep the last good objects, say why.
-            let origin = path.display().to_string();
-            tracing::warn!(file = %origin, error = %e, "cannot read manifest");
-            files.known.remove(path);
-            let problem = StoreUpdate::Problem {
-                message: format!("{origin}: cannot read: {e}"),
-                origin,
-                object: None,
-            };
-            return tx.send(problem).await.is_ok();
+    let updates = match tokio::fs::read(path).await {
+        Ok(contents) => files.update(path, Some(&contents), SystemTime::now()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            files.update(path, None, SystemTime::now())
         }
+        Err(e) => files.unreadable(path, &e),
     };
-    for update in files.update(path, contents.as_deref(), SystemTime::now()) {
+    for update in updates {
         if tx.send(update).await.is_err() {
             return false;
         }
@@ -1021,6 +1063,34 @@ spec: {ports: [{port: eighty}]}
             ]
         );
         assert_eq!(files.update(path, None, at()), vec![]);
+    }
+
+    #[test]
+    fn an_unreadable_file_is_a_problem_and_is_still_emptied_when_removed() {
+        let mut files = Files::default();
+        let path = Path::new("/m/n.yaml");
+        files.update(path, Some(NODE.as_bytes()), at());
+        let error = io::Error::from(io::ErrorKind::PermissionDenied);
+        let updates = files.unreadable(path, &error);
+        assert!(matches!(
+            &updates[..],
+            [StoreUpdate::Problem { object: None, message, .. }]
+                if message.starts_with("/m/n.yaml: cannot read: ")
+        ));
+        // Readable again with the same content: it must be sent again.
+        assert!(matches!(
+            &files.update(path, Some(NODE.as_bytes()), at())[..],
+            [
+                StoreUpdate::Replace { .. },
+                StoreUpdate::ClearProblem { .. }
+            ]
+        ));
+        files.unreadable(path, &error);
+        assert!(matches!(
+            &files.update(path, None, at())[..],
+            [StoreUpdate::Replace { objects, .. }, StoreUpdate::ClearProblem { object: None, .. }]
+                if objects.is_empty()
+        ));
     }
 
     #[test]
