@@ -41,8 +41,12 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// ClientIP affinity timeout in seconds; `None` without ClientIP affinity.
     pub session_affinity_timeout: Option<u32>,
+    /// Already `Cluster` unless the Service is reachable from outside (node ports,
+    /// load-balancer or external IPs), as kube-proxy's `ExternalPolicyLocal` reads it.
     pub external_traffic_policy: TrafficPolicy,
     pub internal_traffic_policy: TrafficPolicy,
+    /// `None` also for a LoadBalancer with eTP Local when no API server allocated one
+    /// (manifests may leave it out).
     pub health_check_node_port: Option<u16>,
     /// The `service.kubernetes.io/service-proxy-name` label, if any.
     pub proxy_name: Option<String>,

@@ -210,7 +210,7 @@ async fn driver(args: Args) -> anyhow::Result<()> {
 
     let (report, mut reports) = mpsc::unbounded_channel();
     let connected = Arc::new(Barrier::new(args.agents + 1));
-    let (_stop, stopped) = watch::channel(());
+    let (stop, stopped) = watch::channel(());
     for n in 0..args.agents {
         let endpoint = format!("http://{address}");
         let (report, connected, mut stopped) = (report.clone(), connected.clone(), stopped.clone());
@@ -276,6 +276,9 @@ async fn driver(args: Args) -> anyhow::Result<()> {
     let rss = lines.recv().await.context("controller exited")?;
     let kib: u64 = rss.trim_start_matches("rss ").parse()?;
     println!("controller peak RSS: {:.0} MiB", kib as f64 / 1024.0);
+    // Agents first, so none reports the controller going away as an error.
+    drop(stop);
+    tokio::time::sleep(Duration::from_millis(100)).await;
     drop(to_child);
     child.kill().ok();
     child.wait()?;
