@@ -635,26 +635,11 @@ mod tests {
         let s = service(&svc()).unwrap();
         assert_eq!(
             s,
-            Service {
-                key: ServiceKey::new("default", "web"),
-                service_type: ServiceType::ClusterIp,
-                headless: false,
-                cluster_ips: vec!["10.96.0.10".parse().unwrap()],
-                external_ips: vec![],
-                load_balancer_ips: vec![],
-                load_balancer_source_ranges: vec![],
-                ports: vec![ServicePort {
-                    name: String::new(),
-                    protocol: Protocol::Tcp,
-                    port: 80,
-                    node_port: None,
-                }],
-                session_affinity_timeout: None,
-                external_traffic_policy: TrafficPolicy::Cluster,
-                internal_traffic_policy: TrafficPolicy::Cluster,
-                health_check_node_port: None,
-                proxy_name: None,
-            }
+            Service::cluster_ip(
+                ServiceKey::new("default", "web"),
+                "10.96.0.10".parse().unwrap(),
+                vec![ServicePort::tcp("", 80)],
+            )
         );
     }
 

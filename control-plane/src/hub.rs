@@ -294,31 +294,16 @@ mod tests {
 
     use super::*;
     use crate::model::{
-        AddressFamily, Endpoint, EndpointPort, Node, Object, Protocol, ServicePort, ServiceType,
-        TrafficPolicy,
+        AddressFamily, Endpoint, EndpointPort, Node, Object, Protocol, ServicePort,
     };
 
     fn web() -> Service {
-        Service {
-            key: ServiceKey::new("default", "web"),
-            service_type: ServiceType::ClusterIp,
-            headless: false,
-            cluster_ips: vec!["10.96.0.1".parse().unwrap()],
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            load_balancer_source_ranges: vec![],
-            ports: vec![ServicePort {
-                name: String::new(),
-                protocol: Protocol::Tcp,
-                port: 80,
-                node_port: None,
-            }],
-            session_affinity_timeout: None,
-            external_traffic_policy: TrafficPolicy::Cluster,
-            internal_traffic_policy: TrafficPolicy::Cluster,
-            health_check_node_port: None,
-            proxy_name: None,
-        }
+        let key = ServiceKey::new("default", "web");
+        Service::cluster_ip(
+            key,
+            "10.96.0.1".parse().unwrap(),
+            vec![ServicePort::tcp("", 80)],
+        )
     }
 
     fn endpoint(address: &str, node: &str, zone_hints: &[&str], node_hints: &[&str]) -> Endpoint {

@@ -52,6 +52,29 @@ pub struct Service {
     pub proxy_name: Option<String>,
 }
 
+impl Service {
+    /// A ClusterIP Service with every other field at its API default (Cluster traffic
+    /// policies, no affinity, no external addresses): the start of tests and generated
+    /// clusters.
+    pub fn cluster_ip(key: ServiceKey, cluster_ip: IpAddr, ports: Vec<ServicePort>) -> Self {
+        Self {
+            key,
+            service_type: ServiceType::ClusterIp,
+            headless: false,
+            cluster_ips: vec![cluster_ip],
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
+            ports,
+            session_affinity_timeout: None,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            health_check_node_port: None,
+            proxy_name: None,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ServicePort {
     /// May be empty only when the Service has a single port.
@@ -59,6 +82,18 @@ pub struct ServicePort {
     pub protocol: Protocol,
     pub port: u16,
     pub node_port: Option<u16>,
+}
+
+impl ServicePort {
+    /// A TCP port without a node port.
+    pub fn tcp(name: &str, port: u16) -> Self {
+        Self {
+            name: name.into(),
+            protocol: Protocol::Tcp,
+            port,
+            node_port: None,
+        }
+    }
 }
 
 /// The name of an EndpointSlice: `namespace/name`.

@@ -308,36 +308,19 @@ mod tests {
     use std::time::{Duration, UNIX_EPOCH};
 
     use super::*;
-    use crate::model::{
-        AddressFamily, EndpointSlice, Node, Protocol, Service, ServicePort, ServiceType,
-        TrafficPolicy,
-    };
+    use crate::model::{AddressFamily, EndpointSlice, Node, Service, ServicePort};
 
     fn at(secs: u64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs)
     }
 
     fn service(name: &str, port: u16) -> Object {
-        Object::Service(Service {
-            key: ServiceKey::new("default", name),
-            service_type: ServiceType::ClusterIp,
-            headless: false,
-            cluster_ips: vec!["10.96.0.1".parse().unwrap()],
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            load_balancer_source_ranges: vec![],
-            ports: vec![ServicePort {
-                name: String::new(),
-                protocol: Protocol::Tcp,
-                port,
-                node_port: None,
-            }],
-            session_affinity_timeout: None,
-            external_traffic_policy: TrafficPolicy::Cluster,
-            internal_traffic_policy: TrafficPolicy::Cluster,
-            health_check_node_port: None,
-            proxy_name: None,
-        })
+        let key = ServiceKey::new("default", name);
+        Object::Service(Service::cluster_ip(
+            key,
+            "10.96.0.1".parse().unwrap(),
+            vec![ServicePort::tcp("", port)],
+        ))
     }
 
     fn slice(name: &str, service: &str) -> Object {

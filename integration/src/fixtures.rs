@@ -4,31 +4,16 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use switchyard_controller::model::{
     AddressFamily, Endpoint, EndpointPort, EndpointSlice, Node, Object, Protocol, Service,
-    ServiceKey, ServicePort, ServiceType, TrafficPolicy,
+    ServiceKey, ServicePort,
 };
 
 /// A ClusterIP Service `default/<name>` with one TCP port 80 named "http".
 pub fn service(name: &str, cluster_ip: IpAddr) -> Service {
-    Service {
-        key: ServiceKey::new("default", name),
-        service_type: ServiceType::ClusterIp,
-        headless: false,
-        cluster_ips: vec![cluster_ip],
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        ports: vec![ServicePort {
-            name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 80,
-            node_port: None,
-        }],
-        session_affinity_timeout: None,
-        external_traffic_policy: TrafficPolicy::Cluster,
-        internal_traffic_policy: TrafficPolicy::Cluster,
-        health_check_node_port: None,
-        proxy_name: None,
-    }
+    Service::cluster_ip(
+        ServiceKey::new("default", name),
+        cluster_ip,
+        vec![ServicePort::tcp("http", 80)],
+    )
 }
 
 /// A ready endpoint on `node`.

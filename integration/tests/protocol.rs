@@ -37,6 +37,17 @@ fn three_node_cluster(web_endpoints: usize) -> Vec<Object> {
     ]
 }
 
+/// A controller holding `three_node_cluster(3)` and an agent for `node` connected to
+/// it, before its first response.
+async fn cluster_with_agent(node: &str) -> (TestController, SimAgent) {
+    let controller = TestController::start().await.unwrap();
+    controller.replace("cluster", three_node_cluster(3)).await;
+    let agent = SimAgent::connect(&controller.endpoint(), node, HashMap::new())
+        .await
+        .unwrap();
+    (controller, agent)
+}
+
 async fn synced_agents(controller: &TestController, nodes: &[&str]) -> Vec<SimAgent> {
     let mut agents = Vec::new();
     for n in nodes {
@@ -132,11 +143,7 @@ async fn one_endpoint_change_sends_exactly_one_resource_to_each_affected_node_an
 
 #[tokio::test]
 async fn a_reconnecting_agent_with_its_versions_receives_only_what_differs() {
-    let controller = TestController::start().await.unwrap();
-    controller.replace("cluster", three_node_cluster(3)).await;
-    let mut agent = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new())
-        .await
-        .unwrap();
+    let (controller, mut agent) = cluster_with_agent("node-a").await;
     agent.sync(WAIT).await.unwrap();
     let held = agent.versions();
     drop(agent);
@@ -172,11 +179,7 @@ async fn a_reconnecting_agent_with_its_versions_receives_only_what_differs() {
 
 #[tokio::test]
 async fn upserts_of_new_services_come_before_changes_and_removals_come_last() {
-    let controller = TestController::start().await.unwrap();
-    controller.replace("cluster", three_node_cluster(3)).await;
-    let mut agent = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new())
-        .await
-        .unwrap();
+    let (controller, mut agent) = cluster_with_agent("node-a").await;
     agent.sync(WAIT).await.unwrap();
 
     let mut objects = three_node_cluster(4);
@@ -191,11 +194,7 @@ async fn upserts_of_new_services_come_before_changes_and_removals_come_last() {
 
 #[tokio::test]
 async fn a_nack_leaves_the_version_uncommitted_and_shows_in_the_query_api() {
-    let controller = TestController::start().await.unwrap();
-    controller.replace("cluster", three_node_cluster(3)).await;
-    let mut agent = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new())
-        .await
-        .unwrap();
+    let (controller, mut agent) = cluster_with_agent("node-a").await;
     let response = agent.next(WAIT).await.unwrap();
     let error = v1::ResourceError {
         resource_name: "default/web".into(),
@@ -306,11 +305,7 @@ async fn a_stalled_agent_does_not_delay_a_hundred_others() {
 
 #[tokio::test]
 async fn a_lagging_agent_receives_the_latest_state_not_every_step() {
-    let controller = TestController::start().await.unwrap();
-    controller.replace("cluster", three_node_cluster(3)).await;
-    let mut agent = SimAgent::connect(&controller.endpoint(), "node-a", HashMap::new())
-        .await
-        .unwrap();
+    let (controller, mut agent) = cluster_with_agent("node-a").await;
     let first = agent.next(WAIT).await.unwrap();
     for n in 4..10 {
         controller.replace("cluster", three_node_cluster(n)).await;
