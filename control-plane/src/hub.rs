@@ -154,6 +154,14 @@ impl Generation {
             .resource(self.node_context(node), &self.options)
     }
 
+    /// The resource name of `service`, shared with its cached resources when it exists.
+    pub fn name_of(&self, service: &ServiceKey) -> Arc<str> {
+        match self.services.get(service) {
+            Some(entry) => entry.name.clone(),
+            None => service.to_string().into(),
+        }
+    }
+
     /// Every Service in the cluster, handled or not.
     pub fn services(&self) -> impl Iterator<Item = (&ServiceKey, &Arc<ServiceEntry>)> {
         self.services.iter()

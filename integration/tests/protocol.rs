@@ -433,3 +433,32 @@ async fn the_query_api_shows_one_service_across_nodes_and_source_problems() {
     assert!(!a.connected);
     assert_eq!(a.pending_changes, 2);
 }
+
+#[tokio::test]
+async fn a_large_sync_arrives_in_bounded_responses_with_removals_in_the_last() {
+    let controller = TestController::start().await.unwrap();
+    controller
+        .replace(
+            "cluster",
+            switchyard_integration::fixtures::cluster(3, 600, 2),
+        )
+        .await;
+    let held = HashMap::from([("default/ghost".to_string(), "0123456789abcdef".to_string())]);
+    let mut agent = SimAgent::connect(&controller.endpoint(), "node-0000", held)
+        .await
+        .unwrap();
+    let mut sizes = Vec::new();
+    let mut removals = Vec::new();
+    while let Some(response) = agent.receives_within(QUIET).await {
+        sizes.push(response.resources.len());
+        removals.push(response.removed_resources.clone());
+        agent.apply(&response);
+        agent.ack(&response.nonce).await.unwrap();
+    }
+    assert_eq!(sizes, [256, 256, 88]);
+    assert_eq!(
+        removals,
+        [vec![], vec![], vec!["default/ghost".to_string()]]
+    );
+    assert_eq!(agent.held.len(), 600);
+}

@@ -6,7 +6,7 @@
 //! state, not every generation in between.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::{BTreeSet, HashMap},
     pin::Pin,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -22,10 +22,12 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::sessions::{Nack, Session, Sessions};
-use crate::{
-    hub::{Changes, EncodedResource, Generation},
-    model::ServiceKey,
-};
+use crate::hub::{Changes, EncodedResource, Generation};
+
+/// Most resources in one response. Bounds what one stream holds in send buffers: an
+/// initial sync of 10,000 Services goes out as 40 responses, not one of several MB, so a
+/// thousand agents syncing at once do not need gigabytes of buffers.
+const MAX_RESOURCES_PER_RESPONSE: usize = 256;
 
 /// How long a new stream may take to say which node it is.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -92,6 +94,7 @@ impl NodeStateDiscovery for DeltaService {
             generations: self.generations.clone(),
             tx,
             in_flight: None,
+            backlog: Backlog::default(),
             seen: 0,
             nonces: 0,
         };
@@ -114,9 +117,21 @@ struct NodeStream {
     generations: watch::Receiver<Arc<Generation>>,
     tx: mpsc::Sender<Result<EncodedNodeStateResponse, Status>>,
     in_flight: Option<InFlight>,
-    /// The generation the last diff was computed against.
+    /// What is still to be checked against the node's acknowledged versions.
+    backlog: Backlog,
+    /// The generation whose changes were last folded into the backlog.
     seen: u64,
     nonces: u64,
+}
+
+/// Services that may differ on the node, in name order, and the removals held back
+/// until every upsert is out.
+#[derive(Debug, Default)]
+struct Backlog {
+    names: BTreeSet<Arc<str>>,
+    removals: BTreeSet<Arc<str>>,
+    /// The earliest change the backlog carries.
+    trigger_time: Option<SystemTime>,
 }
 
 impl NodeStream {
@@ -162,57 +177,76 @@ impl NodeStream {
         self.sessions.close(&self.session);
     }
 
-    /// The response that brings the node from what it acknowledged to `generation`, or
-    /// `None` when it already holds everything it can.
-    fn diff(&mut self, generation: &Generation) -> Option<EncodedNodeStateResponse> {
-        let node = &self.session.node;
-        let changes = generation.changes_since(self.seen, node);
+    /// Queues every Service that changed for this node since the last generation seen.
+    fn fold(&mut self, generation: &Generation) {
+        let changes = generation.changes_since(self.seen, &self.session.node);
         self.seen = generation.seq;
-        let mut protocol = self.session.protocol();
-        let (candidates, all, trigger_time): (Vec<ServiceKey>, _, _) = match changes {
+        let backlog = &mut self.backlog;
+        let trigger_time = match changes {
             Changes::Services {
                 services,
                 trigger_time,
-            } => (services.into_iter().collect(), false, trigger_time),
-            Changes::All { trigger_time } => (
-                generation.services().map(|(k, _)| k.clone()).collect(),
-                true,
-                trigger_time,
-            ),
+            } => {
+                backlog
+                    .names
+                    .extend(services.iter().map(|key| generation.name_of(key)));
+                trigger_time
+            }
+            Changes::All { trigger_time } => {
+                backlog
+                    .names
+                    .extend(generation.services().map(|(_, entry)| entry.name.clone()));
+                // Whatever the node holds that the cluster no longer has must go too.
+                backlog
+                    .names
+                    .extend(self.session.protocol().acked.keys().cloned());
+                trigger_time
+            }
         };
+        if let Some(t) = trigger_time {
+            backlog.trigger_time = Some(backlog.trigger_time.map_or(t, |b| b.min(t)));
+        }
+    }
+
+    /// The next response bringing the node toward `generation`, or `None` when it holds
+    /// everything it can. Upserts go out in chunks of [`MAX_RESOURCES_PER_RESPONSE`];
+    /// removals wait until no upsert is left (make-before-break).
+    fn diff(&mut self, generation: &Generation) -> Option<EncodedNodeStateResponse> {
+        self.fold(generation);
+        let node = &self.session.node;
+        let mut protocol = self.session.protocol();
+        let backlog = &mut self.backlog;
         let mut added = Vec::new();
         let mut modified = Vec::new();
-        let mut removals: Vec<Arc<str>> = Vec::new();
-        let mut considered = HashSet::with_capacity(candidates.len());
-        for key in &candidates {
-            let name = key.to_string();
-            let held = protocol
-                .acked
-                .get_key_value(name.as_str())
-                .map(|(n, v)| (n.clone(), *v));
-            match generation.resource(key, node) {
+        while added.len() + modified.len() < MAX_RESOURCES_PER_RESPONSE {
+            let Some(name) = backlog.names.pop_first() else {
+                break;
+            };
+            let held = protocol.acked.get(&name).copied();
+            let desired = name
+                .parse()
+                .ok()
+                .and_then(|key| generation.resource(&key, node));
+            match desired {
                 Some(resource) => {
-                    let rejected = protocol.nacked.get(name.as_str()) == Some(&resource.version);
+                    backlog.removals.remove(&name);
+                    let rejected = protocol.nacked.get(&name) == Some(&resource.version);
                     match held {
-                        Some((_, v)) if v == resource.version => {}
+                        Some(v) if v == resource.version => {}
                         _ if rejected => {}
                         None => added.push(resource),
                         Some(_) => modified.push(resource),
                     }
                 }
-                None => removals.extend(held.map(|(n, _)| n)),
+                None if held.is_some() => {
+                    backlog.removals.insert(name);
+                }
+                None => {}
             }
-            considered.insert(name);
         }
-        if all {
-            // Anything the node holds that no longer exists in the cluster goes too.
-            removals.extend(
-                protocol
-                    .acked
-                    .keys()
-                    .filter(|n| !considered.contains(&***n))
-                    .cloned(),
-            );
+        let mut removals = Vec::new();
+        if backlog.names.is_empty() {
+            removals.extend(std::mem::take(&mut backlog.removals));
         }
         if added.is_empty() && modified.is_empty() && removals.is_empty() {
             if protocol.nacked.is_empty() {
@@ -225,29 +259,33 @@ impl NodeStream {
             .get_or_insert_with(SystemTime::now);
         drop(protocol);
 
+        let trigger_time = if backlog.names.is_empty() && backlog.removals.is_empty() {
+            backlog.trigger_time.take()
+        } else {
+            backlog.trigger_time
+        };
         let by_name = |a: &Arc<EncodedResource>, b: &Arc<EncodedResource>| a.name.cmp(&b.name);
         added.sort_by(by_name);
         modified.sort_by(by_name);
-        removals.sort();
-        removals.dedup();
         let upserts: Vec<_> = added.into_iter().chain(modified).collect();
         self.nonces += 1;
         let nonce = format!("{}-{}", self.session.id, self.nonces);
-        self.in_flight = Some(InFlight {
+        let response = EncodedNodeStateResponse {
+            system_version: generation.seq.to_string(),
+            resources: upserts.iter().map(|r| r.bytes.clone()).collect(),
+            removed_resources: removals.iter().map(|n| n.to_string()).collect(),
             nonce: nonce.clone(),
+            trigger_time: trigger_time.map(Into::into),
+        };
+        self.in_flight = Some(InFlight {
+            nonce,
             upserts: upserts
                 .iter()
                 .map(|r| (r.name.clone(), r.version))
                 .collect(),
-            removals: removals.clone(),
+            removals,
         });
-        Some(EncodedNodeStateResponse {
-            system_version: generation.seq.to_string(),
-            resources: upserts.iter().map(|r| r.bytes.clone()).collect(),
-            removed_resources: removals.iter().map(|n| n.to_string()).collect(),
-            nonce,
-            trigger_time: trigger_time.map(Into::into),
-        })
+        Some(response)
     }
 
     /// Commits the in-flight response on ACK; on NACK commits all but the rejected resources.
