@@ -9,7 +9,7 @@
 
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::SystemTime,
 };
 
@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::{
     compute::{self, ComputeOptions, NodeContext, VariantKey},
-    model::{ClusterSnapshot, EndpointSlice, Service, ServiceKey},
+    model::{ClusterSnapshot, EndpointSlice, Service},
     sources::StoreUpdate,
     store::{ProblemsView, Store, Touched},
 };
@@ -100,7 +100,8 @@ impl ServiceEntry {
 #[derive(Debug)]
 pub struct ChangeRecord {
     pub seq: u64,
-    pub services: HashSet<ServiceKey>,
+    /// Resource names (`namespace/name`) of the Services touched.
+    pub services: HashSet<Arc<str>>,
     pub nodes: HashSet<String>,
     pub trigger_time: Option<SystemTime>,
 }
@@ -108,9 +109,9 @@ pub struct ChangeRecord {
 /// What changed between a stream's last generation and the current one.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Changes {
-    /// Only these Services can differ for the node.
+    /// Only these Services (by resource name) can differ for the node.
     Services {
-        services: HashSet<ServiceKey>,
+        services: HashSet<Arc<str>>,
         trigger_time: Option<SystemTime>,
     },
     /// Anything may differ: the node itself changed, or the stream is too far behind.
@@ -122,7 +123,11 @@ pub enum Changes {
 pub struct Generation {
     pub seq: u64,
     pub snapshot: Arc<ClusterSnapshot>,
-    services: HashMap<ServiceKey, Arc<ServiceEntry>>,
+    /// Every Service of the snapshot by resource name.
+    services: HashMap<Arc<str>, Arc<ServiceEntry>>,
+    /// The keys of `services`, sorted; built on first use and shared by every stream
+    /// that diffs the whole generation.
+    sorted_names: OnceLock<Arc<[Arc<str>]>>,
     recent: VecDeque<Arc<ChangeRecord>>,
     options: Arc<ComputeOptions>,
 }
@@ -133,6 +138,7 @@ impl Generation {
             seq: 0,
             snapshot: Arc::default(),
             services: HashMap::new(),
+            sorted_names: OnceLock::new(),
             recent: VecDeque::new(),
             options: Arc::new(options),
         }
@@ -147,24 +153,28 @@ impl Generation {
         NodeContext { name: node, zone }
     }
 
-    /// The resource `node` must hold for `service`; `None` when it must hold none.
-    pub fn resource(&self, service: &ServiceKey, node: &str) -> Option<Arc<EncodedResource>> {
+    /// The resource `node` must hold for the Service named `name` (`namespace/name`);
+    /// `None` when it must hold none.
+    pub fn resource(&self, name: &str, node: &str) -> Option<Arc<EncodedResource>> {
         self.services
-            .get(service)?
+            .get(name)?
             .resource(self.node_context(node), &self.options)
     }
 
-    /// The resource name of `service`, shared with its cached resources when it exists.
-    pub fn name_of(&self, service: &ServiceKey) -> Arc<str> {
-        match self.services.get(service) {
-            Some(entry) => entry.name.clone(),
-            None => service.to_string().into(),
-        }
+    /// Whether the Service named `name` exists, handled or not.
+    pub fn contains(&self, name: &str) -> bool {
+        self.services.contains_key(name)
     }
 
-    /// Every Service in the cluster, handled or not.
-    pub fn services(&self) -> impl Iterator<Item = (&ServiceKey, &Arc<ServiceEntry>)> {
-        self.services.iter()
+    /// The names of every Service in the cluster, handled or not, sorted.
+    pub fn sorted_names(&self) -> Arc<[Arc<str>]> {
+        self.sorted_names
+            .get_or_init(|| {
+                let mut names: Vec<_> = self.services.keys().cloned().collect();
+                names.sort_unstable();
+                names.into()
+            })
+            .clone()
     }
 
     /// Every resource `node` must hold.
@@ -203,7 +213,13 @@ impl Generation {
     /// The next generation after `touched` changed the snapshot.
     fn next(&self, snapshot: &ClusterSnapshot, touched: Touched) -> Self {
         let mut services = self.services.clone();
+        let mut touched_names = HashSet::with_capacity(touched.services.len());
         for key in &touched.services {
+            let name: Arc<str> = match self.services.get_key_value(key.to_string().as_str()) {
+                Some((name, _)) => name.clone(),
+                None => key.to_string().into(),
+            };
+            touched_names.insert(name.clone());
             match snapshot.services.get(key) {
                 Some(service) => {
                     let slices = snapshot
@@ -212,15 +228,15 @@ impl Generation {
                         .map(|s| s.values().cloned().collect())
                         .unwrap_or_default();
                     let entry = ServiceEntry {
-                        name: key.to_string().into(),
+                        name: name.clone(),
                         service: service.clone(),
                         slices,
                         variants: Mutex::default(),
                     };
-                    services.insert(key.clone(), Arc::new(entry));
+                    services.insert(name, Arc::new(entry));
                 }
                 None => {
-                    services.remove(key);
+                    services.remove(&name);
                 }
             }
         }
@@ -231,7 +247,7 @@ impl Generation {
         }
         recent.push_back(Arc::new(ChangeRecord {
             seq,
-            services: touched.services.into_iter().collect(),
+            services: touched_names,
             nodes: touched.nodes.into_iter().collect(),
             trigger_time: touched.trigger_time,
         }));
@@ -239,6 +255,7 @@ impl Generation {
             seq,
             snapshot: Arc::new(snapshot.clone()),
             services,
+            sorted_names: OnceLock::new(),
             recent,
             options: self.options.clone(),
         }
@@ -301,6 +318,7 @@ mod tests {
     use std::time::UNIX_EPOCH;
 
     use super::*;
+    use crate::model::ServiceKey;
     use crate::model::{
         AddressFamily, Endpoint, EndpointPort, Node, Object, Protocol, ServicePort,
     };
@@ -365,10 +383,7 @@ mod tests {
     }
 
     fn cluster_ips(generation: &Generation, node: &str) -> Vec<String> {
-        let resource = generation
-            .resource(&ServiceKey::new("default", "web"), node)
-            .unwrap()
-            .decode();
+        let resource = generation.resource("default/web", node).unwrap().decode();
         resource.service.unwrap().ports[0]
             .cluster_endpoints
             .iter()
@@ -411,11 +426,10 @@ mod tests {
             node("node-c", "z"),
         ];
         let generation = generation_after(&mut store, &empty, objects);
-        let key = ServiceKey::new("default", "web");
-        let b = generation.resource(&key, "node-b").unwrap();
-        let c = generation.resource(&key, "node-c").unwrap();
+        let b = generation.resource("default/web", "node-b").unwrap();
+        let c = generation.resource("default/web", "node-c").unwrap();
         assert!(Arc::ptr_eq(&b, &c), "node-b and node-c share one buffer");
-        let a = generation.resource(&key, "node-a").unwrap();
+        let a = generation.resource("default/web", "node-a").unwrap();
         assert_ne!(
             a.version, b.version,
             "node-a hosts the endpoint, so it is local there"
@@ -440,7 +454,7 @@ mod tests {
                 web_slice(vec![]),
             ],
         );
-        let key = ServiceKey::new("default", "web");
+        let key: Arc<str> = "default/web".into();
         assert_eq!(
             g2.changes_since(1, "node-a"),
             Changes::Services {

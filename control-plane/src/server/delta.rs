@@ -124,14 +124,39 @@ struct NodeStream {
     nonces: u64,
 }
 
-/// Services that may differ on the node, in name order, and the removals held back
-/// until every upsert is out.
+/// Services that may differ on the node, and the removals held back until every upsert
+/// is out.
 #[derive(Debug, Default)]
 struct Backlog {
+    /// A pass over every Service of a generation: its shared sorted names and the
+    /// position reached, so a full diff costs a stream no copy of the names.
+    full_pass: Option<(Arc<[Arc<str>]>, usize)>,
+    /// Services changed since, by name.
     names: BTreeSet<Arc<str>>,
     removals: BTreeSet<Arc<str>>,
     /// The earliest change the backlog carries.
     trigger_time: Option<SystemTime>,
+}
+
+impl Backlog {
+    fn pop(&mut self) -> Option<Arc<str>> {
+        if let Some((names, next)) = &mut self.full_pass {
+            if let Some(name) = names.get(*next) {
+                *next += 1;
+                return Some(name.clone());
+            }
+            self.full_pass = None;
+        }
+        self.names.pop_first()
+    }
+
+    fn upserts_done(&self) -> bool {
+        self.names.is_empty()
+            && self
+                .full_pass
+                .as_ref()
+                .is_none_or(|(names, next)| *next >= names.len())
+    }
 }
 
 impl NodeStream {
@@ -187,19 +212,15 @@ impl NodeStream {
                 services,
                 trigger_time,
             } => {
-                backlog
-                    .names
-                    .extend(services.iter().map(|key| generation.name_of(key)));
+                backlog.names.extend(services);
                 trigger_time
             }
             Changes::All { trigger_time } => {
-                backlog
-                    .names
-                    .extend(generation.services().map(|(_, entry)| entry.name.clone()));
+                backlog.full_pass = Some((generation.sorted_names(), 0));
                 // Whatever the node holds that the cluster no longer has must go too.
-                backlog
-                    .names
-                    .extend(self.session.protocol().acked.keys().cloned());
+                let protocol = self.session.protocol();
+                let gone = protocol.acked.keys().filter(|n| !generation.contains(n));
+                backlog.names.extend(gone.cloned());
                 trigger_time
             }
         };
@@ -219,15 +240,9 @@ impl NodeStream {
         let mut added = Vec::new();
         let mut modified = Vec::new();
         while added.len() + modified.len() < MAX_RESOURCES_PER_RESPONSE {
-            let Some(name) = backlog.names.pop_first() else {
-                break;
-            };
+            let Some(name) = backlog.pop() else { break };
             let held = protocol.acked.get(&name).copied();
-            let desired = name
-                .parse()
-                .ok()
-                .and_then(|key| generation.resource(&key, node));
-            match desired {
+            match generation.resource(&name, node) {
                 Some(resource) => {
                     backlog.removals.remove(&name);
                     let rejected = protocol.nacked.get(&name) == Some(&resource.version);
@@ -245,7 +260,7 @@ impl NodeStream {
             }
         }
         let mut removals = Vec::new();
-        if backlog.names.is_empty() {
+        if backlog.upserts_done() {
             removals.extend(std::mem::take(&mut backlog.removals));
         }
         if added.is_empty() && modified.is_empty() && removals.is_empty() {
@@ -259,7 +274,7 @@ impl NodeStream {
             .get_or_insert_with(SystemTime::now);
         drop(protocol);
 
-        let trigger_time = if backlog.names.is_empty() && backlog.removals.is_empty() {
+        let trigger_time = if backlog.upserts_done() && backlog.removals.is_empty() {
             backlog.trigger_time.take()
         } else {
             backlog.trigger_time

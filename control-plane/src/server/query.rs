@@ -185,7 +185,7 @@ impl ControllerQuery for QueryService {
             .node_names(&generation)
             .into_iter()
             .filter_map(|node| {
-                let resource = generation.resource(&key, &node)?;
+                let resource = generation.resource(&name, &node)?;
                 let acked_version = self
                     .sessions
                     .get(&node)

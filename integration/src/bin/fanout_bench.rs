@@ -123,7 +123,7 @@ struct Received {
 async fn agent(
     endpoint: String,
     node: String,
-    report: mpsc::UnboundedSender<(usize, Received)>,
+    report: mpsc::UnboundedSender<Received>,
     connected: Arc<Barrier>,
 ) -> anyhow::Result<()> {
     let channel = tonic::transport::Channel::from_shared(endpoint)?
@@ -152,7 +152,6 @@ async fn agent(
         .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, codec)
         .await?
         .into_inner();
-    let mut count = 0;
     while let Some(response) = responses.message().await? {
         let received = Received {
             bytes: response.encoded_len(),
@@ -164,8 +163,7 @@ async fn agent(
                 ..Default::default()
             })
             .await?;
-        report.send((count, received)).ok();
-        count += 1;
+        report.send(received).ok();
     }
     Ok(())
 }
@@ -225,13 +223,17 @@ async fn driver(args: Args) -> anyhow::Result<()> {
     }
     connected.wait().await;
     let started = Instant::now();
+    // Initial state arrives in several responses per agent; done when all agents
+    // together hold every Service.
     let mut initial_bytes = 0;
-    for _ in 0..args.agents {
-        let (_, received) = tokio::time::timeout(Duration::from_secs(600), reports.recv())
+    let mut initial_resources = 0;
+    while initial_resources < args.agents * args.services {
+        let received = tokio::time::timeout(Duration::from_secs(600), reports.recv())
             .await
             .context("initial sync timed out")?
             .context("agents stopped")?;
         initial_bytes += received.bytes;
+        initial_resources += received.resources;
     }
     let initial = started.elapsed();
     println!(
@@ -249,7 +251,7 @@ async fn driver(args: Args) -> anyhow::Result<()> {
         lines.recv().await.context("controller exited")?;
         let mut acked = 0;
         while acked < args.agents {
-            let (_, received) = tokio::time::timeout(Duration::from_secs(60), reports.recv())
+            let received = tokio::time::timeout(Duration::from_secs(60), reports.recv())
                 .await
                 .context("change timed out")?
                 .context("agents stopped")?;
