@@ -25,7 +25,7 @@
 //! are concatenated (IPv4 first), and the dataplane splits them again.
 
 use std::{
-    collections::{BTreeMap, btree_map::Entry},
+    collections::{BTreeMap, HashSet, btree_map::Entry},
     net::IpAddr,
 };
 
@@ -167,22 +167,49 @@ pub fn variant_key<'a>(
     slices: impl IntoIterator<Item = &'a EndpointSlice> + Clone,
     node: NodeContext<'_>,
 ) -> VariantKey {
-    let zone = node.zone_label();
-    let mut zone_named = false;
-    let endpoints = slices
-        .into_iter()
-        .filter(|slice| slice.service == service.key)
-        .flat_map(|slice| &slice.endpoints);
-    for endpoint in endpoints {
-        if node.hosts(endpoint) || endpoint.node_hints.iter().any(|h| h == node.name) {
-            return VariantKey::Node(node.name.to_owned());
+    VariantIndex::new(service, slices).key(node)
+}
+
+/// [`variant_key`] for many nodes: reads a Service's endpoints once, then classifies
+/// each node with two set lookups.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VariantIndex {
+    /// Nodes that host an endpoint or that some node hint names.
+    nodes: HashSet<String>,
+    /// Zones that some zone hint names.
+    zones: HashSet<String>,
+}
+
+impl VariantIndex {
+    pub fn new<'a>(
+        service: &Service,
+        slices: impl IntoIterator<Item = &'a EndpointSlice> + Clone,
+    ) -> Self {
+        let mut index = Self::default();
+        let endpoints = slices
+            .into_iter()
+            .filter(|slice| slice.service == service.key)
+            .flat_map(|slice| &slice.endpoints);
+        for endpoint in endpoints {
+            // An unnamed node never hosts an endpoint (kube-proxy's `isLocal`).
+            index
+                .nodes
+                .extend(endpoint.node_name.iter().filter(|n| !n.is_empty()).cloned());
+            index.nodes.extend(endpoint.node_hints.iter().cloned());
+            index.zones.extend(endpoint.zone_hints.iter().cloned());
         }
-        zone_named |= endpoint.zone_hints.iter().any(|h| h == zone);
+        index
     }
-    if zone_named {
-        VariantKey::Zone(zone.to_owned())
-    } else {
-        VariantKey::Shared
+
+    /// The key under which `node`'s state can be shared with other nodes.
+    pub fn key(&self, node: NodeContext<'_>) -> VariantKey {
+        if self.nodes.contains(node.name) {
+            VariantKey::Node(node.name.to_owned())
+        } else if self.zones.contains(node.zone_label()) {
+            VariantKey::Zone(node.zone_label().to_owned())
+        } else {
+            VariantKey::Shared
+        }
     }
 }
 

@@ -8,18 +8,21 @@
 //! only those Services.
 
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::VecDeque,
     sync::{Arc, Mutex, OnceLock},
     time::SystemTime,
 };
 
 use bytes::Bytes;
+// Seeded and several times faster than SipHash on short keys such as resource names:
+// these maps are hit once per node and Service during a sync.
+use foldhash::{HashMap, HashSet, HashSetExt};
 use prost::Message;
 use switchyard_proto::{format_version, v1, version_hash};
 use tokio::sync::{mpsc, watch};
 
 use crate::{
-    compute::{self, ComputeOptions, NodeContext, VariantKey},
+    compute::{self, ComputeOptions, NodeContext, VariantIndex, VariantKey},
     model::{ClusterSnapshot, EndpointSlice, Service},
     sources::StoreUpdate,
     store::{ProblemsView, Store, Touched},
@@ -66,7 +69,12 @@ pub struct ServiceEntry {
     pub name: Arc<str>,
     service: Arc<Service>,
     slices: Vec<Arc<EndpointSlice>>,
-    /// `None`: this proxy does not handle the Service on nodes of that variant.
+    /// Which nodes see this Service alike; built on first use.
+    index: OnceLock<VariantIndex>,
+    /// The resource of [`VariantKey::Shared`] nodes, most nodes of a large cluster:
+    /// looked up without a lock. `None` inside: not handled on such nodes.
+    shared: OnceLock<Option<Arc<EncodedResource>>>,
+    /// Resources of the other variants.
     variants: Mutex<HashMap<CacheKey, Option<Arc<EncodedResource>>>>,
 }
 
@@ -76,22 +84,39 @@ pub struct ServiceEntry {
 type CacheKey = (VariantKey, Option<String>);
 
 impl ServiceEntry {
+    fn new(name: Arc<str>, service: Arc<Service>, slices: Vec<Arc<EndpointSlice>>) -> Self {
+        Self {
+            name,
+            service,
+            slices,
+            index: OnceLock::new(),
+            shared: OnceLock::new(),
+            variants: Mutex::default(),
+        }
+    }
+
     fn resource(
         &self,
         node: NodeContext<'_>,
         options: &ComputeOptions,
     ) -> Option<Arc<EncodedResource>> {
         let slices = || self.slices.iter().map(|s| &**s);
-        let variant = compute::variant_key(&self.service, slices(), node);
+        let compute = || {
+            compute::compute_service(&self.service, slices(), node, options)
+                .map(|state| Arc::new(EncodedResource::new(self.name.clone(), &state)))
+        };
+        let index = self
+            .index
+            .get_or_init(|| VariantIndex::new(&self.service, slices()));
+        let variant = index.key(node);
+        if variant == VariantKey::Shared {
+            return self.shared.get_or_init(compute).clone();
+        }
         let zone = matches!(variant, VariantKey::Node(_)).then(|| node.zone.map(str::to_owned));
-        let key = (variant, zone.flatten());
         let mut variants = self.variants.lock().unwrap_or_else(|e| e.into_inner());
         variants
-            .entry(key)
-            .or_insert_with(|| {
-                compute::compute_service(&self.service, slices(), node, options)
-                    .map(|state| Arc::new(EncodedResource::new(self.name.clone(), &state)))
-            })
+            .entry((variant, zone.flatten()))
+            .or_insert_with(compute)
             .clone()
     }
 }
@@ -137,14 +162,15 @@ impl Generation {
         Self {
             seq: 0,
             snapshot: Arc::default(),
-            services: HashMap::new(),
+            services: HashMap::default(),
             sorted_names: OnceLock::new(),
             recent: VecDeque::new(),
             options: Arc::new(options),
         }
     }
 
-    fn node_context<'a>(&'a self, node: &'a str) -> NodeContext<'a> {
+    /// What the computation needs to know about `node`; resolve it once per diff.
+    pub fn node_context<'a>(&'a self, node: &'a str) -> NodeContext<'a> {
         let zone = self
             .snapshot
             .nodes
@@ -156,9 +182,12 @@ impl Generation {
     /// The resource `node` must hold for the Service named `name` (`namespace/name`);
     /// `None` when it must hold none.
     pub fn resource(&self, name: &str, node: &str) -> Option<Arc<EncodedResource>> {
-        self.services
-            .get(name)?
-            .resource(self.node_context(node), &self.options)
+        self.resource_for(name, self.node_context(node))
+    }
+
+    /// [`Generation::resource`] with the node's context already resolved.
+    pub fn resource_for(&self, name: &str, node: NodeContext<'_>) -> Option<Arc<EncodedResource>> {
+        self.services.get(name)?.resource(node, &self.options)
     }
 
     /// Whether the Service named `name` exists, handled or not.
@@ -227,12 +256,7 @@ impl Generation {
                         .get(key)
                         .map(|s| s.values().cloned().collect())
                         .unwrap_or_default();
-                    let entry = ServiceEntry {
-                        name: name.clone(),
-                        service: service.clone(),
-                        slices,
-                        variants: Mutex::default(),
-                    };
+                    let entry = ServiceEntry::new(name.clone(), service.clone(), slices);
                     services.insert(name, Arc::new(entry));
                 }
                 None => {
@@ -458,7 +482,7 @@ mod tests {
         assert_eq!(
             g2.changes_since(1, "node-a"),
             Changes::Services {
-                services: [key].into(),
+                services: HashSet::from_iter([key]),
                 trigger_time: Some(UNIX_EPOCH)
             }
         );

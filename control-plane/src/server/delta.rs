@@ -234,7 +234,7 @@ impl NodeStream {
     /// removals wait until no upsert is left (make-before-break).
     fn diff(&mut self, generation: &Generation) -> Option<EncodedNodeStateResponse> {
         self.fold(generation);
-        let node = &self.session.node;
+        let node = generation.node_context(&self.session.node);
         let mut protocol = self.session.protocol();
         let backlog = &mut self.backlog;
         let mut added = Vec::new();
@@ -242,7 +242,7 @@ impl NodeStream {
         while added.len() + modified.len() < MAX_RESOURCES_PER_RESPONSE {
             let Some(name) = backlog.pop() else { break };
             let held = protocol.acked.get(&name).copied();
-            match generation.resource(&name, node) {
+            match generation.resource_for(&name, node) {
                 Some(resource) => {
                     backlog.removals.remove(&name);
                     let rejected = protocol.nacked.get(&name) == Some(&resource.version);

@@ -22,9 +22,9 @@ pub struct Nack {
 #[derive(Debug, Default)]
 pub struct NodeProtocol {
     /// Resource name → version the agent holds, as acknowledged (or declared on connect).
-    pub acked: HashMap<Arc<str>, u64>,
+    pub acked: foldhash::HashMap<Arc<str>, u64>,
     /// Versions the agent rejected; not resent until the desired version moves on.
-    pub nacked: HashMap<Arc<str>, u64>,
+    pub nacked: foldhash::HashMap<Arc<str>, u64>,
     pub last_nack: Option<Nack>,
     /// Since when the agent has been missing some desired change; `None` when in sync.
     pub out_of_sync_since: Option<SystemTime>,
@@ -78,7 +78,7 @@ impl Sessions {
         &self,
         identity: v1::NodeIdentity,
         peer: String,
-        acked: HashMap<Arc<str>, u64>,
+        acked: foldhash::HashMap<Arc<str>, u64>,
     ) -> Arc<Session> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.next_id += 1;

@@ -93,11 +93,25 @@ async fn child(args: Args) -> anyhow::Result<()> {
                 controller.send(update).await;
                 println!("sent");
             }
-            ["rss"] => println!("rss {}", peak_rss_kib("self")?),
+            ["rss"] => println!("rss {} {}", peak_rss_kib("self")?, cpu_seconds()?),
             _ => bail!("unknown command {line:?}"),
         }
     }
     Ok(())
+}
+
+/// User and system CPU time of this process, in seconds.
+fn cpu_seconds() -> anyhow::Result<String> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> anyhow::Result<f64> { Ok(fields[i].parse::<f64>()? / 100.0) };
+    Ok(format!("{:.1} {:.1}", ticks(11)?, ticks(12)?))
 }
 
 fn peak_rss_kib(pid: &str) -> anyhow::Result<u64> {
@@ -276,8 +290,14 @@ async fn driver(args: Args) -> anyhow::Result<()> {
     println!("bytes per node per change (gRPC payload): {mean_bytes:.0} B");
     writeln!(to_child, "rss")?;
     let rss = lines.recv().await.context("controller exited")?;
-    let kib: u64 = rss.trim_start_matches("rss ").parse()?;
-    println!("controller peak RSS: {:.0} MiB", kib as f64 / 1024.0);
+    let mut fields = rss.split_whitespace().skip(1);
+    let kib: u64 = fields.next().context("rss")?.parse()?;
+    let (user, system) = (fields.next().unwrap_or("?"), fields.next().unwrap_or("?"));
+    println!(
+        "controller peak RSS: {:.0} MiB ({:.2} MiB per agent); CPU over the whole run: {user} s user, {system} s system",
+        kib as f64 / 1024.0,
+        kib as f64 / 1024.0 / args.agents as f64
+    );
     // Agents first, so none reports the controller going away as an error.
     drop(stop);
     tokio::time::sleep(Duration::from_millis(100)).await;
