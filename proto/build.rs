@@ -4,9 +4,10 @@ use std::{env, fs, path::PathBuf};
 
 use prost::Message;
 
-const PUBLIC: [&str; 2] = [
+const PUBLIC: [&str; 3] = [
     "proto/switchyard/v1/node_state.proto",
     "proto/switchyard/v1/query.proto",
+    "proto/switchyard/v1/agent_query.proto",
 ];
 const SERVER_TWIN: &str = "proto/switchyard/v1/encoded/node_state_server.proto";
 

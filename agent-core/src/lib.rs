@@ -1,7 +1,8 @@
 //! What every switchyard agent shares; the dataplane crates add only kernel code.
 //!
-//! The stream client, desired-state cache and `Dataplane` trait arrive with the agent
-//! runtime (issue 3); until then this crate only re-exports the state agents program.
+//! Entry point: the [`dataplane::Dataplane`] trait a dataplane implements.
 #![forbid(unsafe_code)]
+
+pub mod dataplane;
 
 pub use switchyard_proto::state;

@@ -1,0 +1,90 @@
+//! The contract between the agent runtime and a dataplane (iptables, IPVS, eBPF):
+//! apply a change, read back what the kernel holds, say what a Service should look like
+//! in the kernel, and remove everything on request. Dataplanes add only kernel code.
+
+use std::collections::BTreeMap;
+
+use switchyard_proto::{state::ServiceState, v1};
+
+/// One Service the node must hold, with the version the controller sent for it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredService {
+    pub version: u64,
+    pub state: ServiceState,
+}
+
+/// Everything the node must hold, by resource name (`namespace/name`).
+pub type Desired = BTreeMap<String, DesiredService>;
+
+/// What an apply must change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Change {
+    /// Resources to add or replace; their state is in the [`Desired`] passed along.
+    pub upserted: Vec<String>,
+    /// Resources to remove, after the upserts are in place.
+    pub removed: Vec<String>,
+    /// Rewrite everything the dataplane owns from `desired` (startup, periodic full
+    /// sync, drift repair), not only the named resources.
+    pub full: bool,
+}
+
+/// One Service as read back from the kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ProgrammedService {
+    /// The version the kernel objects were programmed from, if they record it.
+    pub version: Option<u64>,
+    /// The kernel objects, in the dataplane's notation (iptables-save lines, ipvsadm
+    /// entries, map entries), sorted so that equal states compare equal.
+    pub kernel_objects: Vec<String>,
+}
+
+/// Everything the dataplane finds in the kernel, by resource name.
+pub type Programmed = BTreeMap<String, ProgrammedService>;
+
+/// How an apply went: the resources that could not be programmed, with why. Every
+/// resource not listed is in force when `apply` returns.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyOutcome {
+    pub failed: BTreeMap<String, String>,
+}
+
+/// A failure of the dataplane as a whole (the kernel interface, not one resource).
+/// Retryable: the runtime retries with backoff and keeps what the kernel holds.
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// An external command failed (e.g. `iptables-restore`), with what it printed.
+    #[error("{command}: {message}")]
+    Command { command: String, message: String },
+    /// A system call or file operation failed.
+    #[error("{operation}: {source}")]
+    Io {
+        operation: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// What the kernel returned could not be understood.
+    #[error("cannot read back kernel state: {0}")]
+    ReadBack(String),
+}
+
+/// The kernel-facing part of an agent. Methods block (they run external commands or
+/// system calls); the runtime calls them off the async executor, one at a time.
+pub trait Dataplane: Send + 'static {
+    /// Which dataplane this is, as the agent reports itself to the controller.
+    fn kind(&self) -> v1::Dataplane;
+
+    /// Makes the kernel hold `desired` for every resource `change` names (every
+    /// resource when `change.full`), leaving the others untouched. Traffic to Services
+    /// not named must never be interrupted.
+    fn apply(&mut self, desired: &Desired, change: &Change) -> Result<ApplyOutcome, DataplaneError>;
+
+    /// What the kernel holds now.
+    fn read_back(&mut self) -> Result<Programmed, DataplaneError>;
+
+    /// The kernel objects `service` renders to, in the notation of [`Dataplane::read_back`]:
+    /// the runtime compares the two to find drift.
+    fn expected(&self, name: &str, service: &DesiredService) -> Vec<String>;
+
+    /// Removes everything this dataplane ever installed.
+    fn cleanup(&mut self) -> Result<(), DataplaneError>;
+}
