@@ -14,7 +14,7 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io;
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -286,6 +286,21 @@ impl Netns {
                 .join()
                 .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
         })
+    }
+
+    /// A TCP listener bound inside this namespace, usable from any thread of this process
+    /// (a socket stays in the namespace it was created in). Hand it to an in-process server
+    /// — e.g. the controller on `127.0.0.1:0` of the node — so a process running in the
+    /// namespace reaches the server on the namespace's own loopback.
+    pub fn tcp_listener(&self, addr: SocketAddr) -> Result<TcpListener, NetnsError> {
+        self.run(|| TcpListener::bind(addr))?
+            .map_err(|e| NetnsError::io(format!("bind tcp {addr} in {}", self.name), e))
+    }
+
+    /// A UDP socket bound inside this namespace, usable from any thread of this process.
+    pub fn udp_socket(&self, addr: SocketAddr) -> Result<UdpSocket, NetnsError> {
+        self.run(|| UdpSocket::bind(addr))?
+            .map_err(|e| NetnsError::io(format!("bind udp {addr} in {}", self.name), e))
     }
 
     /// Opens the namespace file, for a long-lived thread to [`enter`] later.

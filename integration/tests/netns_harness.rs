@@ -157,6 +157,36 @@ fn one_hand_written_dnat_rule_reaches_backend_1_with_the_client_source_preserved
     let (name, _) = who_and_from(&tcp_request(node, CLUSTER_IP, 80).unwrap());
     assert_eq!(name, "backend-1");
 
+    // A NodePort-style rule on the node IP: PREROUTING sees the client's packets to a
+    // local address and the backend still sees the client.
+    node.exec([
+        "iptables",
+        "-w",
+        "-t",
+        "nat",
+        "-A",
+        "PREROUTING",
+        "-d",
+        "10.201.0.1",
+        "-p",
+        "tcp",
+        "--dport",
+        "30080",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "10.244.2.2:8080",
+    ])
+    .expect("install NodePort-style DNAT rule");
+    let (name, from) =
+        who_and_from(&tcp_request(topology.client(), topology.node_ip(), 30080).unwrap());
+    assert_eq!(name, "backend-2");
+    assert_eq!(
+        from,
+        IpAddr::V4(topology.client_ip()),
+        "source IP preserved"
+    );
+
     // Nothing else was rewritten.
     let err = tcp_request(topology.client(), CLUSTER_IP, 81).unwrap_err();
     assert!(err.is_timeout(), "{err}");
@@ -257,4 +287,59 @@ fn guards_remove_every_namespace_and_process_even_on_panic() {
             "backend pid {pid} still running"
         );
     }
+}
+
+#[test]
+fn a_listener_bound_in_the_node_serves_the_node_loopback_from_this_process() {
+    let topology = Topology::builder().build().expect("topology");
+    let listener = topology
+        .node()
+        .tcp_listener(SocketAddr::from(([127, 0, 0, 1], 0)))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Served by a thread that never entered the namespace.
+    let server = std::thread::spawn(move || {
+        use std::io::{Read, Write};
+        let (mut stream, peer) = listener.accept().unwrap();
+        let mut request = [0u8; 256];
+        let _ = stream.read(&mut request).unwrap();
+        let body = format!("controller from {peer}\n");
+        write!(
+            stream,
+            "HTTP/1.0 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+    });
+    let (name, from) = who_and_from(&tcp_request(topology.node(), addr.ip(), addr.port()).unwrap());
+    assert_eq!((name.as_str(), from), ("controller", addr.ip()));
+    server.join().unwrap();
+
+    // Another namespace's loopback is a different one: nothing listens there.
+    let err = tcp_request(topology.client(), addr.ip(), addr.port()).unwrap_err();
+    assert!(err.is_refused(), "{err}");
+}
+
+#[test]
+fn a_process_in_a_namespace_is_terminated_then_killed_if_it_ignores_sigterm() {
+    use std::os::unix::process::ExitStatusExt;
+    let topology = Topology::builder().ipv6(false).build().expect("topology");
+
+    let mut polite = topology.node().spawn(["sleep", "30"]).unwrap();
+    let status = polite.terminate(Duration::from_secs(5)).unwrap();
+    assert_eq!(status.signal(), Some(15), "{status}");
+
+    let mut stubborn = topology
+        .node()
+        .spawn(["sh", "-c", "trap '' TERM; echo armed; exec sleep 30"])
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(stubborn.child_mut().stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line, "armed\n");
+    let status = stubborn.terminate(Duration::from_millis(200)).unwrap();
+    assert_eq!(status.signal(), Some(9), "{status}");
 }
