@@ -10,10 +10,10 @@
 //!   forwarding on, redirects off. Its client-facing address [`NODE_IP`] is the node IP that
 //!   NodePort / external traffic targets; its default route points at the client, which
 //!   stands for the outside world, so locally generated traffic to a ClusterIP has a route
-//!   before NAT rewrites it. Backend subnets are directly connected (10.244.<i>.1/24).
+//!   before NAT rewrites it. Backend subnets are directly connected (`10.244.<i>.1/24`).
 //! - **client**: default route via the node; traffic it sends keeps its source
 //!   [`CLIENT_IP`], so backends can check source-IP preservation.
-//! - **backend i** (1-based): 10.244.<i>.2/24 (fd00:244:<i>::2/64), default route via
+//! - **backend i** (1-based): `10.244.<i>.2/24` (`fd00:244:<i>::2/64`), default route via
 //!   the node. Which backends are "local to the node" is data only: [`BackendNs::node_name`]
 //!   returns the topology's node name for them and [`REMOTE_NODE_NAME`] otherwise, for
 //!   manifests that set `nodeName` on endpoints.
