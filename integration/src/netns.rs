@@ -24,7 +24,7 @@ mod backend;
 mod probe;
 pub mod topology;
 
-pub use backend::{Backend, backend_binary};
+pub use backend::{Backend, READY_TIMEOUT, backend_binary};
 pub use probe::{
     ConnectionLoop, LoopStats, ProbeError, ProbeOptions, tcp_request, tcp_request_with,
     udp_request, udp_request_with,

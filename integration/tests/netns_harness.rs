@@ -230,8 +230,9 @@ fn the_connection_loop_counts_answers_then_failures_once_the_backend_dies() {
     std::thread::sleep(Duration::from_millis(200));
     let after = client_loop.stop();
     assert!(after.failed > 0, "{after:?}");
+    // A request in flight when the backend died may be reset; later ones are refused.
     assert!(
-        after.failures[0].contains("refused"),
+        after.failures.last().unwrap().contains("refused"),
         "{:?}",
         after.failures
     );
