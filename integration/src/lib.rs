@@ -5,4 +5,5 @@
 
 pub mod controller;
 pub mod fixtures;
+pub mod netns;
 pub mod sim_agent;

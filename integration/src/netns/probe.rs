@@ -1,0 +1,378 @@
+//! Real requests from inside a namespace, classified the way dataplane tests assert on them:
+//! answered, refused at once, timed out, unreachable.
+//!
+//! Sockets are opened on a thread that has entered the namespace (no process per request),
+//! so a [`ConnectionLoop`] can run hundreds of connections a second.
+
+use std::collections::BTreeMap;
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{Netns, NetnsError, enter};
+
+/// Limits of one probe.
+#[derive(Clone, Debug)]
+pub struct ProbeOptions {
+    /// TCP connect timeout; past it the probe is a [`ProbeError::Timeout`]. Default 1 s.
+    pub connect_timeout: Duration,
+    /// Timeout for each read and write after connecting (and for the UDP reply). Default 2 s.
+    pub io_timeout: Duration,
+}
+
+impl Default for ProbeOptions {
+    fn default() -> Self {
+        ProbeOptions {
+            connect_timeout: Duration::from_secs(1),
+            io_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Why a probe got no answer. `after` is the time from the first packet to the verdict, so
+/// tests can assert "rejected at once" (`Refused` well under the connect timeout).
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// A TCP RST or ICMP port-unreachable came back (e.g. an iptables `REJECT`).
+    #[error("{addr}: refused after {after:?}")]
+    Refused {
+        /// Target.
+        addr: SocketAddr,
+        /// Time to the verdict.
+        after: Duration,
+    },
+    /// Nothing came back in time (e.g. dropped, or no route beyond the node).
+    #[error("{addr}: no answer within {after:?}")]
+    Timeout {
+        /// Target.
+        addr: SocketAddr,
+        /// Time to the verdict.
+        after: Duration,
+    },
+    /// The network or host was reported unreachable (no route, ICMP host-unreachable).
+    #[error("{addr}: unreachable after {after:?}: {source}")]
+    Unreachable {
+        /// Target.
+        addr: SocketAddr,
+        /// Time to the verdict.
+        after: Duration,
+        /// The socket error.
+        #[source]
+        source: io::Error,
+    },
+    /// The connection was reset after it was established.
+    #[error("{addr}: connection reset after {after:?}")]
+    Reset {
+        /// Target.
+        addr: SocketAddr,
+        /// Time to the verdict.
+        after: Duration,
+    },
+    /// An answer came that is not a `swy-backend` reply.
+    #[error("{addr}: unexpected answer {response:?}")]
+    BadResponse {
+        /// Target.
+        addr: SocketAddr,
+        /// What came back.
+        response: String,
+    },
+    /// Any other socket error.
+    #[error("{addr}: {op}: {source}")]
+    Io {
+        /// Target.
+        addr: SocketAddr,
+        /// The socket operation.
+        op: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Entering the namespace failed.
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+}
+
+impl ProbeError {
+    /// True for [`ProbeError::Refused`].
+    pub fn is_refused(&self) -> bool {
+        matches!(self, ProbeError::Refused { .. })
+    }
+
+    /// True for [`ProbeError::Timeout`].
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, ProbeError::Timeout { .. })
+    }
+
+    /// Time from the first packet to the verdict, when the probe got that far.
+    pub fn after(&self) -> Option<Duration> {
+        match self {
+            ProbeError::Refused { after, .. }
+            | ProbeError::Timeout { after, .. }
+            | ProbeError::Unreachable { after, .. }
+            | ProbeError::Reset { after, .. } => Some(*after),
+            _ => None,
+        }
+    }
+}
+
+fn classify(e: io::Error, op: &'static str, addr: SocketAddr, started: Instant) -> ProbeError {
+    let after = started.elapsed();
+    match e.kind() {
+        ErrorKind::ConnectionRefused => ProbeError::Refused { addr, after },
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => ProbeError::Timeout { addr, after },
+        ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => ProbeError::Unreachable {
+            addr,
+            after,
+            source: e,
+        },
+        ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted => {
+            ProbeError::Reset { addr, after }
+        }
+        _ => ProbeError::Io {
+            addr,
+            op,
+            source: e,
+        },
+    }
+}
+
+/// One HTTP/1.0 request from `ns` to `addr:port`; returns the response body (for
+/// `swy-backend`: `backend-1 from 10.201.0.2:53422\n`).
+pub fn tcp_request(ns: &Netns, addr: impl Into<IpAddr>, port: u16) -> Result<String, ProbeError> {
+    tcp_request_with(
+        ns,
+        SocketAddr::new(addr.into(), port),
+        &ProbeOptions::default(),
+    )
+}
+
+/// [`tcp_request`] with explicit limits.
+pub fn tcp_request_with(
+    ns: &Netns,
+    addr: SocketAddr,
+    options: &ProbeOptions,
+) -> Result<String, ProbeError> {
+    ns.run(|| tcp_request_here(addr, options))?
+}
+
+/// One UDP datagram from `ns` to `addr:port`; returns the reply.
+pub fn udp_request(ns: &Netns, addr: impl Into<IpAddr>, port: u16) -> Result<String, ProbeError> {
+    udp_request_with(
+        ns,
+        SocketAddr::new(addr.into(), port),
+        &ProbeOptions::default(),
+    )
+}
+
+/// [`udp_request`] with explicit limits (`io_timeout` bounds the wait for the reply).
+pub fn udp_request_with(
+    ns: &Netns,
+    addr: SocketAddr,
+    options: &ProbeOptions,
+) -> Result<String, ProbeError> {
+    ns.run(|| udp_request_here(addr, options))?
+}
+
+/// [`tcp_request_with`] on the calling thread's namespace.
+fn tcp_request_here(addr: SocketAddr, options: &ProbeOptions) -> Result<String, ProbeError> {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect_timeout(&addr, options.connect_timeout)
+        .map_err(|e| classify(e, "connect", addr, started))?;
+    let io = |e, op| classify(e, op, addr, started);
+    stream
+        .set_read_timeout(Some(options.io_timeout))
+        .map_err(|e| io(e, "set timeout"))?;
+    stream
+        .set_write_timeout(Some(options.io_timeout))
+        .map_err(|e| io(e, "set timeout"))?;
+    stream
+        .write_all(b"GET / HTTP/1.0\r\nHost: switchyard-probe\r\n\r\n")
+        .map_err(|e| io(e, "write"))?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .map_err(|e| io(e, "read"))?;
+    let response = String::from_utf8_lossy(&response).into_owned();
+    match response.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.0 200") => Ok(body.to_owned()),
+        _ => Err(ProbeError::BadResponse { addr, response }),
+    }
+}
+
+/// [`udp_request_with`] on the calling thread's namespace.
+fn udp_request_here(addr: SocketAddr, options: &ProbeOptions) -> Result<String, ProbeError> {
+    let started = Instant::now();
+    let local: IpAddr = if addr.is_ipv4() {
+        Ipv4Addr::UNSPECIFIED.into()
+    } else {
+        Ipv6Addr::UNSPECIFIED.into()
+    };
+    let io = |e, op| classify(e, op, addr, started);
+    let socket = UdpSocket::bind((local, 0)).map_err(|e| io(e, "bind"))?;
+    // Connected, so an ICMP port-unreachable surfaces as ECONNREFUSED.
+    socket.connect(addr).map_err(|e| io(e, "connect"))?;
+    socket
+        .set_read_timeout(Some(options.io_timeout))
+        .map_err(|e| io(e, "set timeout"))?;
+    socket.send(b"ping\n").map_err(|e| io(e, "send"))?;
+    let mut buf = [0u8; 2048];
+    let n = socket.recv(&mut buf).map_err(|e| io(e, "recv"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// What a [`ConnectionLoop`] has seen so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LoopStats {
+    /// Connections attempted.
+    pub attempts: u64,
+    /// Requests answered.
+    pub succeeded: u64,
+    /// Requests that failed.
+    pub failed: u64,
+    /// Answers per backend name (first word of the reply).
+    pub by_backend: BTreeMap<String, u64>,
+    /// The first [`LoopStats::MAX_FAILURES_KEPT`] failures, as `+<ms since start>: <error>`.
+    pub failures: Vec<String>,
+}
+
+impl LoopStats {
+    /// How many failure descriptions are kept.
+    pub const MAX_FAILURES_KEPT: usize = 50;
+}
+
+/// Opens TCP connections from a namespace to one target at a fixed rate on a background
+/// thread, counting answers and failures — for "restart the agent under load: zero failed
+/// connections" tests. Requests are sequential: one slow request delays the next rather
+/// than piling up. Stops on [`ConnectionLoop::stop`] or drop.
+#[derive(Debug)]
+pub struct ConnectionLoop {
+    stop: Arc<AtomicBool>,
+    stats: Arc<Mutex<LoopStats>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ConnectionLoop {
+    /// Starts a request to `target` every `interval` from `ns`, with default limits.
+    pub fn start(ns: &Netns, target: SocketAddr, interval: Duration) -> Result<Self, NetnsError> {
+        Self::start_with(ns, target, interval, ProbeOptions::default())
+    }
+
+    /// [`ConnectionLoop::start`] with explicit limits.
+    pub fn start_with(
+        ns: &Netns,
+        target: SocketAddr,
+        interval: Duration,
+        options: ProbeOptions,
+    ) -> Result<Self, NetnsError> {
+        let file = ns.open()?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Mutex::new(LoopStats::default()));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let stop = stop.clone();
+            let stats = stats.clone();
+            let name = ns.name().to_owned();
+            std::thread::Builder::new()
+                .name(format!("connection-loop-{name}"))
+                .spawn(move || {
+                    let entered = enter(&file);
+                    let failed_to_enter = entered.is_err();
+                    let _ = ready_tx
+                        .send(entered.map_err(|e| NetnsError::io(format!("setns {name}"), e)));
+                    if failed_to_enter {
+                        return;
+                    }
+                    run_loop(target, interval, &options, &stop, &stats);
+                })
+                .map_err(|e| NetnsError::io("spawn connection loop thread", e))?
+        };
+        ready_rx
+            .recv()
+            .map_err(|_| NetnsError::io("connection loop", io::Error::other("thread died")))??;
+        Ok(ConnectionLoop {
+            stop,
+            stats,
+            thread: Some(thread),
+        })
+    }
+
+    /// A snapshot of the counts so far.
+    pub fn stats(&self) -> LoopStats {
+        self.stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Waits until at least `n` requests have been answered; false if `timeout` passes first.
+    pub fn wait_for_successes(&self, n: u64, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stats().succeeded >= n {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stops after the request in flight and returns the final counts.
+    pub fn stop(mut self) -> LoopStats {
+        self.halt();
+        self.stats()
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for ConnectionLoop {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+fn run_loop(
+    target: SocketAddr,
+    interval: Duration,
+    options: &ProbeOptions,
+    stop: &AtomicBool,
+    stats: &Mutex<LoopStats>,
+) {
+    let started = Instant::now();
+    let mut next = started;
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        if next > now {
+            std::thread::sleep(next - now);
+        }
+        // Behind schedule (a slow request): carry on from now instead of bursting.
+        next = (next + interval).max(Instant::now());
+        let result = tcp_request_here(target, options);
+        let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
+        stats.attempts += 1;
+        match result {
+            Ok(body) => {
+                stats.succeeded += 1;
+                let backend = body.split_whitespace().next().unwrap_or("").to_owned();
+                *stats.by_backend.entry(backend).or_default() += 1;
+            }
+            Err(e) => {
+                stats.failed += 1;
+                if stats.failures.len() < LoopStats::MAX_FAILURES_KEPT {
+                    let at = started.elapsed().as_millis();
+                    stats.failures.push(format!("+{at}ms: {e}"));
+                }
+            }
+        }
+    }
+}
