@@ -76,7 +76,8 @@ pub trait Dataplane: Send + 'static {
     /// Makes the kernel hold `desired` for every resource `change` names (every
     /// resource when `change.full`), leaving the others untouched. Traffic to Services
     /// not named must never be interrupted.
-    fn apply(&mut self, desired: &Desired, change: &Change) -> Result<ApplyOutcome, DataplaneError>;
+    fn apply(&mut self, desired: &Desired, change: &Change)
+    -> Result<ApplyOutcome, DataplaneError>;
 
     /// What the kernel holds now.
     fn read_back(&mut self) -> Result<Programmed, DataplaneError>;
