@@ -62,6 +62,10 @@ pub struct AgentArgs {
     /// How often everything is rewritten from the desired state; 0s: never.
     #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
     pub full_sync_period: Duration,
+    /// Remove everything this dataplane installed, delete the desired cache, and exit
+    /// (kube-proxy's --cleanup).
+    #[arg(long)]
+    pub cleanup: bool,
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -254,6 +258,9 @@ pub async fn run<D: Dataplane>(args: AgentArgs, dataplane: D) -> anyhow::Result<
     let state_dir = args
         .state_dir
         .unwrap_or_else(|| PathBuf::from("/run/switchyard").join(dataplane_name(kind)));
+    if args.cleanup {
+        return cleanup(dataplane, &state_dir).await;
+    }
     let query_listener = TcpListener::bind(args.query_listen)
         .await
         .with_context(|| format!("binding the query API to {}", args.query_listen))?;
@@ -278,5 +285,30 @@ pub async fn run<D: Dataplane>(args: AgentArgs, dataplane: D) -> anyhow::Result<
     terminated().await.context("waiting for a signal")?;
     tracing::info!("stopping; the kernel keeps its rules");
     drop(agent);
+    Ok(())
+}
+
+async fn cleanup<D: Dataplane>(
+    mut dataplane: D,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let kind = dataplane.kind();
+    tokio::task::spawn_blocking(move || dataplane.cleanup())
+        .await
+        .context("the cleanup task panicked")?
+        .with_context(|| {
+            format!(
+                "removing what the {} dataplane installed",
+                dataplane_name(kind)
+            )
+        })?;
+    let cache = CacheFile::in_dir(state_dir);
+    match std::fs::remove_file(cache.path()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", cache.path().display())),
+    }
+    tracing::info!(dataplane = dataplane_name(kind), "cleaned up");
     Ok(())
 }

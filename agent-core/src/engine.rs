@@ -81,19 +81,29 @@ impl<D: Dataplane> Engine<D> {
         let kind = dataplane.kind();
         let dataplane = Arc::new(Mutex::new(dataplane));
         let file = cache.clone();
-        let reconciled = blocking(&dataplane, move |d| {
-            let kernel = d.read_back().unwrap_or_else(|error| {
-                tracing::warn!(%error, "cannot read the kernel back on start; declaring nothing");
-                Programmed::new()
-            });
-            let cached = file.load().unwrap_or_else(|error| {
+        let cached = tokio::task::spawn_blocking(move || {
+            file.load().unwrap_or_else(|error| {
                 tracing::warn!(%error, "cannot load the desired cache; every kernel resource counts as unknown");
                 Desired::new()
-            });
-            reconcile(&kernel, cached, |n, s| d.expected(n, s))
+            })
         })
-        .await;
-        let Reconciled { held, unknown } = reconciled;
+        .await
+        .unwrap_or_default();
+        let kernel = read_back_on_start(&dataplane).await;
+        let Reconciled { held, unknown } = match kernel {
+            Some(kernel) => {
+                blocking(&dataplane, move |d| {
+                    reconcile(&kernel, cached, |n, s| d.expected(n, s))
+                })
+                .await
+            }
+            // Without a read-back nothing is trusted; what the cache names is declared
+            // unknown so the controller resends or removes it.
+            None => Reconciled {
+                held: Desired::new(),
+                unknown: cached.into_keys().collect(),
+            },
+        };
         tracing::info!(
             held = held.len(),
             unknown = unknown.len(),
@@ -333,6 +343,24 @@ impl<D: Dataplane> Engine<D> {
         self.committed(&desired, duration, resources, true).await;
         Ok(())
     }
+}
+
+/// Reads the kernel back, retrying a few times: resuming without it means trusting
+/// nothing the kernel holds.
+async fn read_back_on_start<D: Dataplane>(dataplane: &Arc<Mutex<D>>) -> Option<Programmed> {
+    let mut backoff =
+        crate::client::Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+    for attempt in 1..=5 {
+        match blocking(dataplane, |d| d.read_back()).await {
+            Ok(kernel) => return Some(kernel),
+            Err(error) => {
+                tracing::warn!(%error, attempt, "cannot read the kernel back on start");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    }
+    tracing::error!("resuming without a kernel read-back; every cached resource counts as unknown");
+    None
 }
 
 async fn blocking<D: Send + 'static, T: Send + 'static>(

@@ -28,6 +28,8 @@ pub struct KernelContents {
     pub fail_resources: BTreeMap<String, String>,
     /// When set, every `apply` fails as a whole with this message.
     pub fail_all: Option<String>,
+    /// When set, every `read_back` fails with this message.
+    pub fail_read_back: Option<String>,
 }
 
 /// A shared handle on the in-memory kernel.
@@ -142,7 +144,11 @@ impl Dataplane for MemoryDataplane {
     }
 
     fn read_back(&mut self) -> Result<Programmed, DataplaneError> {
-        Ok(self.kernel.lock().programmed.clone())
+        let kernel = self.kernel.lock();
+        if let Some(message) = &kernel.fail_read_back {
+            return Err(DataplaneError::ReadBack(message.clone()));
+        }
+        Ok(kernel.programmed.clone())
     }
 
     fn expected(&self, name: &str, service: &DesiredService) -> Vec<String> {

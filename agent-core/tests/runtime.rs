@@ -681,3 +681,28 @@ async fn a_full_sync_rewrites_everything_from_the_desired_cache() {
             .contains("switchyard_sync_full_proxy_rules_duration_seconds_count 1")
     );
 }
+
+#[tokio::test]
+async fn without_a_kernel_read_back_on_start_every_cached_resource_is_declared_unknown() {
+    let mut controller = Controller::start().await;
+    let kernel = MemoryKernel::default();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&controller, &kernel, dir.path()).await;
+    let mut stream = controller.next_stream().await;
+    stream.exchange(vec![web(), db()], vec![]).await;
+    drop(agent);
+    drop(stream);
+
+    kernel.lock().fail_read_back = Some("netlink: permission denied".into());
+    let applies = kernel.apply_count();
+    let _agent = start_agent(&controller, &kernel, dir.path()).await;
+    let stream = controller.next_stream().await;
+    assert_eq!(
+        stream.first.initial_resource_versions,
+        HashMap::from([
+            ("default/web".to_string(), String::new()),
+            ("default/db".to_string(), String::new()),
+        ])
+    );
+    assert_eq!(kernel.apply_count(), applies);
+}
