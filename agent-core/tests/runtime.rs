@@ -706,3 +706,84 @@ async fn without_a_kernel_read_back_on_start_every_cached_resource_is_declared_u
     );
     assert_eq!(kernel.apply_count(), applies);
 }
+
+#[tokio::test]
+async fn the_query_port_serves_grpc_health_and_reflection_v1_and_v1alpha() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    use tonic_reflection::pb::{v1 as r1, v1alpha as r1a};
+
+    let controller = Controller::start().await;
+    let kernel = MemoryKernel::default();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&controller, &kernel, dir.path()).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", agent.query_addr()))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    let status = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: "switchyard.v1.AgentQuery".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(status, ServingStatus::Serving);
+
+    let request = r1::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(r1::server_reflection_request::MessageRequest::ListServices(
+            String::new(),
+        )),
+    };
+    let mut responses = r1::server_reflection_client::ServerReflectionClient::new(channel.clone())
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = tokio::time::timeout(WAIT, responses.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(r1::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        response.message_response
+    else {
+        panic!("unexpected reflection answer: {response:?}");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"switchyard.v1.AgentQuery".to_string()),
+        "{names:?}"
+    );
+
+    let request = r1a::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            r1a::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "switchyard.v1.AgentQuery".into(),
+            ),
+        ),
+    };
+    let mut responses = r1a::server_reflection_client::ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = tokio::time::timeout(WAIT, responses.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(
+        matches!(
+            response.message_response,
+            Some(r1a::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+        ),
+        "{response:?}"
+    );
+}
