@@ -787,3 +787,17 @@ async fn the_query_port_serves_grpc_health_and_reflection_v1_and_v1alpha() {
         "{response:?}"
     );
 }
+
+#[tokio::test]
+async fn a_response_with_nothing_convertible_is_nacked_without_calling_the_dataplane() {
+    let mut controller = Controller::start().await;
+    let kernel = MemoryKernel::default();
+    let dir = tempfile::tempdir().unwrap();
+    let _agent = start_agent(&controller, &kernel, dir.path()).await;
+    let mut stream = controller.next_stream().await;
+    let mut bad = web();
+    bad.version = "not-a-version".into();
+    let answer = stream.exchange(vec![bad], vec![]).await;
+    assert_eq!(errors(&answer).keys().collect::<Vec<_>>(), ["default/web"]);
+    assert_eq!(kernel.apply_count(), 0);
+}
