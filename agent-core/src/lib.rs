@@ -1,8 +1,26 @@
 //! What every switchyard agent shares; the dataplane crates add only kernel code.
 //!
-//! Entry point: the [`dataplane::Dataplane`] trait a dataplane implements.
+//! Entry point: [`run`] (or [`Agent::start`]) with an [`AgentArgs`] and a
+//! [`dataplane::Dataplane`] implementation. The runtime streams the node's state from the
+//! controller ([`client`]), keeps the desired cache on disk ([`cache`]), repairs drift
+//! ([`drift`]), serves the local query API ([`query`]), `/healthz`, `/livez` and
+//! `/metrics` ([`health`], [`metrics`]) and the Services' health-check node ports
+//! ([`healthcheck`]).
 #![forbid(unsafe_code)]
 
+pub mod agent;
+pub mod cache;
+pub mod client;
 pub mod dataplane;
+pub mod drift;
+mod engine;
+pub mod health;
+pub mod healthcheck;
+mod http;
+pub mod metrics;
+pub mod query;
+pub mod testing;
 
+pub use agent::{Agent, AgentArgs, AgentOptions, LogFormat, run};
+pub use engine::ApplyTiming;
 pub use switchyard_proto::state;

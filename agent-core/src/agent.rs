@@ -1,0 +1,314 @@
+//! The entry point every agent binary calls: flags ([`AgentArgs`]), wiring ([`Agent`])
+//! and the process lifetime ([`run`]).
+//!
+//! # Periodic work
+//! - Drift repair every `--drift-interval` (30 s, kube-proxy's `--sync-period`): read the
+//!   kernel back, compare, re-apply only what drifted.
+//! - A full sync every `--full-sync-period` (1 h, like kube-proxy's iptables and
+//!   nftables proxiers, which do partial syncs and a full resync hourly; `0s` turns it
+//!   off): `apply` with `full: true`.
+//!
+//! Both run only while a stream to the controller is up (fail-static: with the
+//! controller unreachable the kernel is left exactly as it is). The health timeout is
+//! twice the drift interval, as kube-proxy's is twice its sync period. Exiting never
+//! touches the kernel.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use clap::{Args, ValueEnum};
+use tokio::net::TcpListener;
+
+use crate::{
+    cache::CacheFile,
+    client::{self, ClientConfig, dataplane_name},
+    dataplane::{Dataplane, DataplaneError},
+    drift::Drift,
+    engine::Engine,
+    health::{self, ProxyHealth},
+    healthcheck::HealthChecks,
+    http::AbortOnDrop,
+    metrics::Metrics,
+    query::{self, QueryService},
+};
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// The flags every agent shares; `#[command(flatten)]` them into the binary's own.
+#[derive(Args, Clone, Debug)]
+pub struct AgentArgs {
+    /// The controller's gRPC address.
+    #[arg(long, default_value = "http://127.0.0.1:9740")]
+    pub controller: String,
+    /// This node's name, as the controller knows it. Defaults to the host name.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where the desired cache is kept across restarts [default: /run/switchyard/<dataplane>].
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Address of the local query API (gRPC, with health and reflection).
+    #[arg(long, default_value = "127.0.0.1:9741")]
+    pub query_listen: SocketAddr,
+    /// Address of /healthz, /livez and /metrics (kube-proxy's healthz port).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    pub healthz_listen: SocketAddr,
+    /// How often the kernel is read back and drift repaired (kube-proxy's --sync-period).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub drift_interval: Duration,
+    /// How often everything is rewritten from the desired state; 0s: never.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub full_sync_period: Duration,
+    /// Remove everything this dataplane installed, delete the desired cache, and exit
+    /// (kube-proxy's --cleanup).
+    #[arg(long)]
+    pub cleanup: bool,
+    /// Log line format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Everything the runtime needs, resolved from [`AgentArgs`].
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub controller: String,
+    pub node_name: String,
+    pub state_dir: PathBuf,
+    pub drift_interval: Duration,
+    pub full_sync_period: Duration,
+    pub agent_version: String,
+}
+
+/// A running agent: the stream client, periodic drift repair and full sync, the query
+/// API, the health endpoints and the health-check node ports. Dropping it stops them
+/// all and leaves the kernel as it is.
+pub struct Agent<D> {
+    engine: Arc<Engine<D>>,
+    health: Arc<ProxyHealth>,
+    query_addr: SocketAddr,
+    http_addr: SocketAddr,
+    _tasks: Vec<AbortOnDrop>,
+}
+
+impl<D: Dataplane> Agent<D> {
+    /// Resumes from the kernel and the cache (no apply), then starts every task. The
+    /// listeners are bound by the caller.
+    pub async fn start(
+        options: AgentOptions,
+        dataplane: D,
+        query_listener: TcpListener,
+        http_listener: TcpListener,
+    ) -> std::io::Result<Self> {
+        let query_addr = query_listener.local_addr()?;
+        let http_addr = http_listener.local_addr()?;
+        let metrics = Arc::new(Metrics::new());
+        let health = Arc::new(ProxyHealth::new(options.drift_interval * 2));
+        let healthchecks = HealthChecks::new(health.clone());
+        let engine = Engine::start(
+            dataplane,
+            CacheFile::in_dir(&options.state_dir),
+            metrics.clone(),
+            health.clone(),
+            healthchecks,
+        )
+        .await;
+        let mut tasks = vec![
+            health::serve(http_listener, health.clone(), metrics),
+            query::serve(
+                query_listener,
+                QueryService::new(
+                    engine.clone(),
+                    options.node_name.clone(),
+                    options.controller.clone(),
+                ),
+            )
+            .await,
+            AbortOnDrop(tokio::spawn(client::run(
+                engine.clone(),
+                ClientConfig {
+                    controller: options.controller.clone(),
+                    node_name: options.node_name.clone(),
+                    agent_version: options.agent_version.clone(),
+                },
+            ))),
+        ];
+        if !options.drift_interval.is_zero() {
+            let engine = engine.clone();
+            tasks.push(periodic(options.drift_interval, move || {
+                let engine = engine.clone();
+                async move {
+                    if engine.view().connected
+                        && let Err(error) = engine.repair_drift().await
+                    {
+                        tracing::warn!(%error, "drift check failed");
+                    }
+                }
+            }));
+        }
+        if !options.full_sync_period.is_zero() {
+            let engine = engine.clone();
+            tasks.push(periodic(options.full_sync_period, move || {
+                let engine = engine.clone();
+                async move {
+                    if engine.view().connected
+                        && let Err(error) = engine.full_sync().await
+                    {
+                        tracing::warn!(%error, "full sync failed");
+                    }
+                }
+            }));
+        }
+        Ok(Self {
+            engine,
+            health,
+            query_addr,
+            http_addr,
+            _tasks: tasks,
+        })
+    }
+
+    /// Where the query API listens.
+    pub fn query_addr(&self) -> SocketAddr {
+        self.query_addr
+    }
+
+    /// Where /healthz, /livez and /metrics listen.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// Whether a stream to the controller is up.
+    pub fn connected(&self) -> bool {
+        self.engine.view().connected
+    }
+
+    /// Checks for drift now and repairs it; returns what was found.
+    pub async fn repair_drift(&self) -> Result<Vec<Drift>, DataplaneError> {
+        self.engine.repair_drift().await
+    }
+
+    /// Rewrites everything now.
+    pub async fn full_sync(&self) -> Result<(), DataplaneError> {
+        self.engine.full_sync().await
+    }
+
+    /// Marks the node as being deleted (`/healthz` answers 503) or not. The controller
+    /// does not send node deletion over the stream yet, so nothing calls this today
+    /// except a binary that learns it some other way.
+    pub fn set_node_eligible(&self, eligible: bool) {
+        self.health.set_node_eligible(eligible);
+    }
+
+    /// The agent's metrics in Prometheus text form.
+    pub fn metrics_text(&self) -> String {
+        self.engine.metrics.encode()
+    }
+}
+
+fn periodic<F, Fut>(every: Duration, mut tick: F) -> AbortOnDrop
+where
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    AbortOnDrop(tokio::spawn(async move {
+        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            interval.tick().await;
+            tick().await;
+        }
+    }))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // A binary that installed its own subscriber keeps it.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+async fn terminated() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result,
+        _ = term.recv() => Ok(()),
+    }
+}
+
+/// Runs an agent over `dataplane` until Ctrl-C or SIGTERM. Exiting leaves the kernel as
+/// it is (fail-static); the next start resumes from it.
+pub async fn run<D: Dataplane>(args: AgentArgs, dataplane: D) -> anyhow::Result<()> {
+    use anyhow::Context;
+    init_logging(args.log_format);
+    let kind = dataplane.kind();
+    let node_name = match args.node_name {
+        Some(name) => name,
+        None => hostname::get()
+            .context("reading the host name (set --node-name or NODE_NAME)")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let state_dir = args
+        .state_dir
+        .unwrap_or_else(|| PathBuf::from("/run/switchyard").join(dataplane_name(kind)));
+    if args.cleanup {
+        return cleanup(dataplane, &state_dir).await;
+    }
+    let query_listener = TcpListener::bind(args.query_listen)
+        .await
+        .with_context(|| format!("binding the query API to {}", args.query_listen))?;
+    let http_listener = TcpListener::bind(args.healthz_listen)
+        .await
+        .with_context(|| format!("binding /healthz to {}", args.healthz_listen))?;
+    let options = AgentOptions {
+        controller: args.controller,
+        node_name,
+        state_dir,
+        drift_interval: args.drift_interval,
+        full_sync_period: args.full_sync_period,
+        agent_version: concat!("switchyard-agent-core/", env!("CARGO_PKG_VERSION")).into(),
+    };
+    tracing::info!(
+        ?options,
+        dataplane = dataplane_name(kind),
+        "starting the agent"
+    );
+    let agent = Agent::start(options, dataplane, query_listener, http_listener).await?;
+    tracing::info!(query = %agent.query_addr(), healthz = %agent.http_addr(), "agent running");
+    terminated().await.context("waiting for a signal")?;
+    tracing::info!("stopping; the kernel keeps its rules");
+    drop(agent);
+    Ok(())
+}
+
+async fn cleanup<D: Dataplane>(
+    mut dataplane: D,
+    state_dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let kind = dataplane.kind();
+    tokio::task::spawn_blocking(move || dataplane.cleanup())
+        .await
+        .context("the cleanup task panicked")?
+        .with_context(|| {
+            format!(
+                "removing what the {} dataplane installed",
+                dataplane_name(kind)
+            )
+        })?;
+    let cache = CacheFile::in_dir(state_dir);
+    match std::fs::remove_file(cache.path()) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", cache.path().display())),
+    }
+    tracing::info!(dataplane = dataplane_name(kind), "cleaned up");
+    Ok(())
+}

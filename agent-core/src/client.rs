@@ -1,0 +1,262 @@
+//! The stream client: connects to the controller, declares what the node holds, applies
+//! each response and answers it with an ACK or a NACK, and reconnects forever with
+//! backoff. Entry point: [`run`].
+//!
+//! # Fail-static
+//! While the controller is unreachable the client only retries: it never touches the
+//! kernel, so the rules in force keep serving traffic.
+//!
+//! # Per response
+//! Each resource is converted with `TryFrom`; one that fails is NACKed with its error and
+//! not applied. The rest are merged into the desired cache (upserts, then removals) and
+//! handed to `Dataplane::apply` with a `Change` naming exactly them. The answer ACKs the
+//! nonce, or NACKs it with the conversion errors plus the resources the dataplane
+//! reported in `ApplyOutcome::failed`. If the dataplane fails as a whole, every resource
+//! of the response is NACKed with that error and the stream goes on.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use switchyard_proto::v1::{
+    self, ApplyStats, NodeIdentity, NodeStateRequest, NodeStateResponse, ResourceError,
+    node_state_discovery_client::NodeStateDiscoveryClient,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Endpoint;
+
+use crate::{cache::convert, dataplane::Dataplane, engine::Engine};
+
+/// Why one stream ended. Always retryable: the client backs off and reconnects.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The controller address is not a valid URI.
+    #[error("invalid controller address {address:?}: {source}")]
+    Address {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// Connecting failed.
+    #[error("connect to the controller: {0}")]
+    Connect(#[source] tonic::transport::Error),
+    /// The stream failed or the controller closed it.
+    #[error("stream: {0}")]
+    Stream(#[source] tonic::Status),
+    /// The controller ended the stream.
+    #[error("the controller closed the stream")]
+    Closed,
+}
+
+/// Who the agent is on the stream.
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    pub controller: String,
+    pub node_name: String,
+    pub agent_version: String,
+}
+
+/// Exponential backoff with jitter: 100 ms doubling to a 10 s cap, each delay drawn
+/// from the upper half of the current step.
+#[derive(Debug)]
+pub struct Backoff {
+    current: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self::new(Duration::from_millis(100), Duration::from_secs(10))
+    }
+}
+
+impl Backoff {
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            current: min,
+            min,
+            max,
+        }
+    }
+
+    /// The next delay.
+    pub fn next_delay(&mut self) -> Duration {
+        let step = self.current;
+        self.current = (self.current * 2).min(self.max);
+        step / 2 + step.mul_f64(fastrand::f64() / 2.0)
+    }
+
+    pub fn reset(&mut self) {
+        self.current = self.min;
+    }
+}
+
+/// Streams from the controller forever, reconnecting with [`Backoff`].
+pub(crate) async fn run<D: Dataplane>(engine: Arc<Engine<D>>, config: ClientConfig) {
+    let mut backoff = Backoff::default();
+    loop {
+        let result = session(&engine, &config, &mut backoff).await;
+        engine.set_connected(false);
+        let delay = backoff.next_delay();
+        match result {
+            Ok(()) => tracing::info!(?delay, "stream ended; reconnecting"),
+            Err(error) => {
+                tracing::warn!(%error, ?delay, "controller unreachable; rules stay as they are")
+            }
+        }
+        tokio::time::sleep(delay).await;
+    }
+}
+
+async fn session<D: Dataplane>(
+    engine: &Engine<D>,
+    config: &ClientConfig,
+    backoff: &mut Backoff,
+) -> Result<(), ClientError> {
+    let endpoint = Endpoint::from_shared(config.controller.clone())
+        .map_err(|source| ClientError::Address {
+            address: config.controller.clone(),
+            source,
+        })?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    let channel = endpoint.connect().await.map_err(ClientError::Connect)?;
+    let (tx, rx) = mpsc::channel(4);
+    let declared = engine.declared_versions().await;
+    tracing::info!(declared = declared.len(), controller = %config.controller, "opening the stream");
+    let first = NodeStateRequest {
+        node: Some(NodeIdentity {
+            node_name: config.node_name.clone(),
+            dataplane: engine.kind.into(),
+            agent_version: config.agent_version.clone(),
+        }),
+        initial_resource_versions: declared.into_iter().collect(),
+        ..Default::default()
+    };
+    tx.send(first).await.map_err(|_| ClientError::Closed)?;
+    let mut responses = NodeStateDiscoveryClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .stream_node_state(ReceiverStream::new(rx))
+        .await
+        .map_err(ClientError::Stream)?
+        .into_inner();
+    engine.set_connected(true);
+    backoff.reset();
+    loop {
+        let Some(response) = responses.message().await.map_err(ClientError::Stream)? else {
+            return Ok(());
+        };
+        let answer = handle_response(engine, response).await;
+        tx.send(answer).await.map_err(|_| ClientError::Closed)?;
+    }
+}
+
+/// Applies one response and builds its ACK or NACK.
+pub(crate) async fn handle_response<D: Dataplane>(
+    engine: &Engine<D>,
+    response: NodeStateResponse,
+) -> NodeStateRequest {
+    engine.health.queued_update();
+    let mut errors = Vec::new();
+    let mut upserts = Vec::new();
+    for resource in &response.resources {
+        match convert(resource) {
+            Ok(service) => upserts.push((resource.name.clone(), service)),
+            Err(message) => {
+                tracing::warn!(name = %resource.name, %message, "rejecting a resource that does not convert");
+                errors.push(ResourceError {
+                    resource_name: resource.name.clone(),
+                    message,
+                });
+            }
+        }
+    }
+    let (applied, duration) = match engine
+        .apply_delta(upserts, response.removed_resources.clone())
+        .await
+    {
+        Ok(report) => {
+            errors.extend(report.failed.into_iter().map(|(resource_name, message)| {
+                ResourceError {
+                    resource_name,
+                    message,
+                }
+            }));
+            engine.health.updated();
+            if let Some(trigger) = response
+                .trigger_time
+                .and_then(|t| SystemTime::try_from(t).ok())
+                && let Ok(latency) = SystemTime::now().duration_since(trigger)
+            {
+                engine
+                    .metrics
+                    .network_programming_duration
+                    .observe(latency.as_secs_f64());
+            }
+            (report.applied, report.duration)
+        }
+        Err(error) => {
+            tracing::error!(%error, nonce = %response.nonce, "the dataplane failed; NACKing the whole response");
+            let message = error.to_string();
+            errors = response
+                .resources
+                .iter()
+                .map(|r| r.name.clone())
+                .chain(response.removed_resources.iter().cloned())
+                .map(|resource_name| ResourceError {
+                    resource_name,
+                    message: message.clone(),
+                })
+                .collect();
+            (0, Duration::ZERO)
+        }
+    };
+    if errors.is_empty() {
+        tracing::debug!(nonce = %response.nonce, applied, "ACK");
+    } else {
+        tracing::warn!(nonce = %response.nonce, rejected = errors.len(), "NACK");
+    }
+    NodeStateRequest {
+        response_nonce: response.nonce,
+        errors,
+        apply_stats: Some(ApplyStats {
+            apply_duration: prost_types::Duration::try_from(duration).ok(),
+            resources_applied: applied,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The dataplane kinds' names, as used in default paths.
+pub fn dataplane_name(kind: v1::Dataplane) -> &'static str {
+    match kind {
+        v1::Dataplane::Iptables => "iptables",
+        v1::Dataplane::Ipvs => "ipvs",
+        v1::Dataplane::Ebpf => "ebpf",
+        v1::Dataplane::Unspecified => "unspecified",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_up_to_its_cap_and_resets() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+        let first = backoff.next_delay();
+        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100));
+        for _ in 0..20 {
+            let d = backoff.next_delay();
+            assert!(d <= Duration::from_secs(10), "{d:?}");
+        }
+        assert!(backoff.next_delay() >= Duration::from_secs(5));
+        backoff.reset();
+        assert!(backoff.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,162 @@
+//! An in-memory [`Dataplane`] for tests: the runtime's tests need no kernel (the real
+//! kernel is exercised by each dataplane agent's own tests).
+//!
+//! [`MemoryDataplane`] keeps its "kernel" in a [`MemoryKernel`] handle that tests keep a
+//! clone of, to inspect what was applied, make resources fail, or simulate drift; a new
+//! dataplane over the same handle simulates an agent restart with the kernel untouched.
+
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, Mutex, MutexGuard, PoisonError},
+};
+
+use switchyard_proto::{format_version, v1};
+
+use crate::dataplane::{
+    ApplyOutcome, Change, Dataplane, DataplaneError, Desired, DesiredService, Programmed,
+    ProgrammedService,
+};
+
+/// What the in-memory kernel holds and how it should misbehave.
+#[derive(Debug, Default)]
+pub struct KernelContents {
+    /// What `read_back` returns.
+    pub programmed: Programmed,
+    /// Every `apply` call, in order.
+    pub applies: Vec<Change>,
+    /// Resources whose apply fails, with the message to report.
+    pub fail_resources: BTreeMap<String, String>,
+    /// When set, every `apply` fails as a whole with this message.
+    pub fail_all: Option<String>,
+    /// When set, every `read_back` fails with this message.
+    pub fail_read_back: Option<String>,
+}
+
+/// A shared handle on the in-memory kernel.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryKernel(Arc<Mutex<KernelContents>>);
+
+impl MemoryKernel {
+    pub fn lock(&self) -> MutexGuard<'_, KernelContents> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// How many `apply` calls the dataplane received.
+    pub fn apply_count(&self) -> usize {
+        self.lock().applies.len()
+    }
+
+    /// Name → version of what the kernel holds.
+    pub fn versions(&self) -> BTreeMap<String, Option<u64>> {
+        self.lock()
+            .programmed
+            .iter()
+            .map(|(n, p)| (n.clone(), p.version))
+            .collect()
+    }
+}
+
+/// A [`Dataplane`] that programs a [`MemoryKernel`].
+#[derive(Debug, Default)]
+pub struct MemoryDataplane {
+    pub kernel: MemoryKernel,
+}
+
+impl MemoryDataplane {
+    pub fn new(kernel: MemoryKernel) -> Self {
+        Self { kernel }
+    }
+}
+
+/// The "kernel objects" a Service renders to in the in-memory notation.
+pub fn memory_objects(name: &str, service: &DesiredService) -> Vec<String> {
+    let wire = v1::ServiceState::from(&service.state);
+    let mut objects = vec![format!(
+        "service {name} {}",
+        format_version(service.version)
+    )];
+    for port in &wire.ports {
+        for endpoint in port.cluster_endpoints.iter().chain(&port.local_endpoints) {
+            objects.push(format!(
+                "endpoint {name} {}/{} -> {}:{}",
+                port.protocol, port.port, endpoint.ip, endpoint.port
+            ));
+        }
+    }
+    objects.sort();
+    objects
+}
+
+impl Dataplane for MemoryDataplane {
+    fn kind(&self) -> v1::Dataplane {
+        v1::Dataplane::Iptables
+    }
+
+    fn apply(
+        &mut self,
+        desired: &Desired,
+        change: &Change,
+    ) -> Result<ApplyOutcome, DataplaneError> {
+        let mut kernel = self.kernel.lock();
+        kernel.applies.push(change.clone());
+        if let Some(message) = &kernel.fail_all {
+            return Err(DataplaneError::Command {
+                command: "memory-restore".into(),
+                message: message.clone(),
+            });
+        }
+        let mut outcome = ApplyOutcome::default();
+        let upserted: Vec<&String> = if change.full {
+            desired.keys().collect()
+        } else {
+            change.upserted.iter().collect()
+        };
+        for name in upserted {
+            if let Some(message) = kernel.fail_resources.get(name) {
+                outcome.failed.insert(name.clone(), message.clone());
+                continue;
+            }
+            let Some(service) = desired.get(name) else {
+                outcome
+                    .failed
+                    .insert(name.clone(), "not in the desired state".into());
+                continue;
+            };
+            let programmed = ProgrammedService {
+                version: Some(service.version),
+                kernel_objects: memory_objects(name, service),
+            };
+            kernel.programmed.insert(name.clone(), programmed);
+        }
+        for name in &change.removed {
+            if let Some(message) = kernel.fail_resources.get(name) {
+                outcome.failed.insert(name.clone(), message.clone());
+                continue;
+            }
+            kernel.programmed.remove(name);
+        }
+        if change.full {
+            kernel
+                .programmed
+                .retain(|name, _| desired.contains_key(name));
+        }
+        Ok(outcome)
+    }
+
+    fn read_back(&mut self) -> Result<Programmed, DataplaneError> {
+        let kernel = self.kernel.lock();
+        if let Some(message) = &kernel.fail_read_back {
+            return Err(DataplaneError::ReadBack(message.clone()));
+        }
+        Ok(kernel.programmed.clone())
+    }
+
+    fn expected(&self, name: &str, service: &DesiredService) -> Vec<String> {
+        memory_objects(name, service)
+    }
+
+    fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        self.kernel.lock().programmed.clear();
+        Ok(())
+    }
+}
