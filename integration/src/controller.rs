@@ -27,10 +27,16 @@ impl TestController {
     }
 
     pub async fn start_with(options: ComputeOptions) -> anyhow::Result<Self> {
+        Self::start_on(TcpListener::bind("127.0.0.1:0").await?, options).await
+    }
+
+    /// Serves on a listener bound elsewhere, e.g. inside a test network namespace
+    /// (`Netns::tcp_listener`), so an agent there reaches the controller on its own
+    /// loopback.
+    pub async fn start_on(listener: TcpListener, options: ComputeOptions) -> anyhow::Result<Self> {
         let (updates, updates_rx) = tokio::sync::mpsc::channel(1024);
         let (hub, handle) = Hub::new(options, updates_rx);
         tokio::spawn(hub.run());
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
         let address = listener.local_addr()?;
         let (shutdown, stop) = oneshot::channel();
         let server_handle = handle.clone();
