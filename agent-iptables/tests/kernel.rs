@@ -1,0 +1,211 @@
+//! The iptables dataplane against the machine's kernel, each test inside a network
+//! namespace it creates and deletes. Needs root, `ip` and iptables (nft and legacy).
+
+mod common;
+
+use common::*;
+use switchyard_agent_core::dataplane::{Change, Dataplane, Desired};
+use switchyard_agent_iptables::{Backend, IptablesConfig, IptablesDataplane, RenderConfig};
+use switchyard_proto::state::Protocol;
+
+fn dataplane(ns: &NetNs, backend: Backend) -> IptablesDataplane {
+    IptablesDataplane::new(IptablesConfig {
+        render: RenderConfig {
+            cluster_cidrs: vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00:244::/48".parse().unwrap(),
+            ],
+            node_ips: vec!["203.0.113.7".parse().unwrap()],
+            ..RenderConfig::default()
+        },
+        command_prefix: ns.prefix(),
+        backend: Some(backend),
+        ..IptablesConfig::default()
+    })
+}
+
+fn full() -> Change {
+    Change {
+        full: true,
+        ..Change::default()
+    }
+}
+
+fn upsert(names: &[&str]) -> Change {
+    Change {
+        upserted: names.iter().map(|n| n.to_string()).collect(),
+        ..Change::default()
+    }
+}
+
+fn swy_lines(ns: &NetNs, tool: &str) -> Vec<String> {
+    ns.sh(tool)
+        .lines()
+        .filter(|l| l.contains("SWY-"))
+        .map(String::from)
+        .collect()
+}
+
+fn every_rule_kind_reads_back_exactly_as_rendered(backend: Backend) {
+    let ns = NetNs::new("kinds");
+    let mut dp = dataplane(&ns, backend);
+    let mut want = Desired::new();
+    want.insert("shop/front".into(), desired(kitchen_sink()));
+    let mut empty = service(
+        "shop/empty",
+        &["10.96.0.21"],
+        vec![port("http", Protocol::Tcp, 80, vec![])],
+    );
+    empty.ports[0].node_port = Some(30081);
+    want.insert("shop/empty".into(), desired(empty));
+    dp.apply(&want, &full()).unwrap();
+
+    let back = dp.read_back().unwrap();
+    assert_eq!(
+        back.keys().collect::<Vec<_>>(),
+        ["shop/empty", "shop/front"]
+    );
+    for (name, service) in &want {
+        assert_eq!(back[name].version, Some(service.version), "{name}");
+        let expected = dp.expected(name, service);
+        assert_eq!(
+            back[name].kernel_objects, expected,
+            "{name}: kernel (left) differs from rendered (right)"
+        );
+    }
+    // A second full sync changes nothing and leaves no duplicate jump.
+    let save = match backend {
+        Backend::Nft => "iptables-nft-save; ip6tables-nft-save",
+        Backend::Legacy => "iptables-legacy-save; ip6tables-legacy-save",
+    };
+    let before = swy_lines(&ns, save);
+    assert!(before.len() > 100, "{before:#?}");
+    dp.apply(&want, &full()).unwrap();
+    assert_eq!(before, swy_lines(&ns, save));
+}
+
+#[test]
+fn every_rule_kind_reads_back_exactly_as_rendered_with_nft() {
+    every_rule_kind_reads_back_exactly_as_rendered(Backend::Nft);
+}
+
+#[test]
+fn every_rule_kind_reads_back_exactly_as_rendered_with_legacy() {
+    every_rule_kind_reads_back_exactly_as_rendered(Backend::Legacy);
+}
+
+fn chains_of(lines: &[String], service_comment: &str) -> Vec<String> {
+    lines
+        .iter()
+        .filter(|l| l.contains(service_comment))
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn partial_syncs_touch_only_the_named_services_and_cleanup_removes_everything() {
+    let ns = NetNs::new("life");
+    let mut dp = dataplane(&ns, Backend::Nft);
+    let a = service(
+        "ns/a",
+        &["10.96.0.10"],
+        vec![port(
+            "http",
+            Protocol::Tcp,
+            80,
+            vec![ep("10.244.0.5", 8080, true), ep("10.244.0.6", 8080, false)],
+        )],
+    );
+    let b = service(
+        "ns/b",
+        &["10.96.0.11"],
+        vec![port(
+            "dns",
+            Protocol::Udp,
+            53,
+            vec![ep("10.244.0.7", 53, true)],
+        )],
+    );
+    let mut want = Desired::new();
+    want.insert("ns/a".into(), desired(a.clone()));
+    want.insert("ns/b".into(), desired(b.clone()));
+    dp.apply(&want, &full()).unwrap();
+    let save = ns.sh("iptables-save");
+    assert!(
+        save.contains("-A SWY-SERVICES -d 10.96.0.10/32 -p tcp"),
+        "{save}"
+    );
+    for jump in [
+        "-A PREROUTING -m comment --comment \"swy service portals\" -j SWY-SERVICES",
+        "-A OUTPUT -m comment --comment \"swy service portals\" -j SWY-SERVICES",
+        "-A POSTROUTING -m comment --comment \"swy postrouting rules\" -j SWY-POSTROUTING",
+    ] {
+        assert!(save.contains(jump), "missing {jump}:\n{save}");
+    }
+
+    // Change a: one endpoint goes away. b's rules must not move.
+    let lines = swy_lines(&ns, "iptables-save");
+    let b_before = chains_of(&lines, "ns/b");
+    let mut a2 = a.clone();
+    a2.ports[0].cluster_endpoints.pop();
+    want.insert("ns/a".into(), desired(a2));
+    dp.apply(&want, &upsert(&["ns/a"])).unwrap();
+    let lines = swy_lines(&ns, "iptables-save");
+    assert_eq!(chains_of(&lines, "ns/b"), b_before);
+    let back = dp.read_back().unwrap();
+    assert_eq!(
+        back["ns/a"].kernel_objects,
+        dp.expected("ns/a", &want["ns/a"])
+    );
+    assert_eq!(back["ns/a"].version, Some(want["ns/a"].version));
+    assert!(
+        !lines.iter().any(|l| l.contains("10.244.0.6")),
+        "stale endpoint left"
+    );
+    let sep_chains = |lines: &[String]| lines.iter().filter(|l| l.starts_with(":SWY-SEP-")).count();
+    assert_eq!(
+        sep_chains(&lines),
+        2,
+        "the removed endpoint's chain is deleted"
+    );
+
+    // A fresh dataplane (agent restart) recovers versions and syncs partially.
+    let mut restarted = dataplane(&ns, Backend::Nft);
+    let back = restarted.read_back().unwrap();
+    assert_eq!(back["ns/b"].version, Some(want["ns/b"].version));
+    want.remove("ns/b");
+    restarted
+        .apply(
+            &want,
+            &Change {
+                removed: vec!["ns/b".into()],
+                ..Change::default()
+            },
+        )
+        .unwrap();
+    let lines = swy_lines(&ns, "iptables-save");
+    assert!(chains_of(&lines, "ns/b").is_empty(), "{lines:#?}");
+    assert_eq!(sep_chains(&lines), 1);
+    assert_eq!(
+        restarted.read_back().unwrap().keys().collect::<Vec<_>>(),
+        ["ns/a"]
+    );
+
+    restarted.cleanup().unwrap();
+    for tool in ["iptables-save", "ip6tables-save"] {
+        let left = swy_lines(&ns, tool);
+        assert!(left.is_empty(), "{tool} after cleanup: {left:#?}");
+    }
+}
+
+#[test]
+#[ignore = "prints the kernel's view, for people"]
+fn show_kitchen_sink() {
+    let ns = NetNs::new("show");
+    let mut dp = dataplane(&ns, Backend::Nft);
+    let mut want = Desired::new();
+    want.insert("shop/front".into(), desired(kitchen_sink()));
+    dp.apply(&want, &full()).unwrap();
+    println!("{}", ns.sh("iptables-save; ip6tables-save"));
+    println!("{:#?}", dp.read_back().unwrap());
+}
