@@ -597,7 +597,7 @@ fn render_family(out: &mut Out, name: &str, svc: &ServiceState, cfg: &RenderConf
             let c = format!("{spn} has no local endpoints");
             (
                 (!has_internal).then(|| ("DROP", c.clone())),
-                (!has_external).then(|| ("DROP", c)),
+                (!has_external).then_some(("DROP", c)),
             )
         };
 
@@ -976,4 +976,85 @@ pub fn restore_input(
     }
     text.push_str("COMMIT\n");
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_names_hash_like_kube_proxy() {
+        // Values from kube-proxy's own tests for ns1/svc1:p80/TCP and 10.180.0.1:80.
+        let spn = "ns1/svc1:p80";
+        assert_eq!(
+            port_chain("SVC", spn, Protocol::Tcp),
+            "SWY-SVC-XPGD46QRK7WJZT7O"
+        );
+        let ep: SocketAddr = "10.180.0.1:80".parse().unwrap();
+        assert_eq!(
+            endpoint_chain(spn, Protocol::Tcp, &ep),
+            "SWY-SEP-SXIVWICOYRO3J4NJ"
+        );
+        // Chain names stay within iptables' 28-character limit.
+        assert!(endpoint_chain(spn, Protocol::Sctp, &"[fd00::1]:80".parse().unwrap()).len() <= 28);
+    }
+
+    #[test]
+    fn probabilities_are_printed_as_xt_statistic_stores_them() {
+        assert_eq!(probability(3), "0.33333333349");
+        assert_eq!(probability(2), "0.50000000000");
+        assert_eq!(probability(4), "0.25000000000");
+        assert_eq!(probability(7), "0.14285714272");
+    }
+
+    #[test]
+    fn restore_input_declares_touched_and_stale_chains_and_deletes_stale_last() {
+        let rules = ServiceRules {
+            version: Some(1),
+            rules: vec![
+                Rule {
+                    family: Family::V4,
+                    table: Table::Nat,
+                    chain: SERVICES.into(),
+                    spec: "-d 10.0.0.1/32 -j SWY-SVC-A".into(),
+                },
+                Rule {
+                    family: Family::V4,
+                    table: Table::Nat,
+                    chain: "SWY-SVC-A".into(),
+                    spec: "-j SWY-SEP-A".into(),
+                },
+            ],
+        };
+        let plan = TablePlan {
+            all: vec![&rules],
+            touched: vec![&rules],
+            stale: ["SWY-SEP-OLD".to_string()].into(),
+        };
+        let text = restore_input(Family::V4, Table::Nat, &plan, &RenderConfig::default());
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "*nat");
+        assert!(lines.contains(&":SWY-SVC-A - [0:0]"));
+        assert!(lines.contains(&":SWY-SEP-OLD - [0:0]"));
+        let services = lines
+            .iter()
+            .position(|l| l.starts_with("-A SWY-SERVICES -d"))
+            .unwrap();
+        let tail = lines
+            .iter()
+            .position(|l| l.contains("NOTE: this must be the last"))
+            .unwrap();
+        assert!(services < tail);
+        assert_eq!(lines[lines.len() - 2], "-X SWY-SEP-OLD");
+        assert_eq!(lines[lines.len() - 1], "COMMIT");
+        // Untouched services keep their chains: nothing declared, only shared rules.
+        let plan = TablePlan {
+            all: vec![&rules],
+            touched: vec![],
+            stale: BTreeSet::new(),
+        };
+        let text = restore_input(Family::V4, Table::Nat, &plan, &RenderConfig::default());
+        assert!(!text.contains("SWY-SVC-A - [0:0]"));
+        assert!(text.contains("-A SWY-SERVICES -d 10.0.0.1/32 -j SWY-SVC-A"));
+    }
 }
