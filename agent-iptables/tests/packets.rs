@@ -167,3 +167,69 @@ fn packets_reach_the_backend_and_empty_services_refuse_with_nft() {
 fn packets_reach_the_backend_and_empty_services_refuse_with_legacy() {
     packets_reach_the_backend_and_empty_services_refuse(Backend::Legacy);
 }
+
+fn udp_flows(ns: &NetNs) -> String {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "conntrack", "-L", "-p", "udp"])
+        .output()
+        .expect("conntrack (Debian package conntrack) is needed for packet tests");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn removing_a_udp_endpoint_deletes_its_conntrack_flows() {
+    let node = NetNs::new("ctnode");
+    let back = NetNs::new("ctback");
+    node.sh(&format!(
+        "ip link add vn0 type veth peer name vb0 netns {b} && \
+         ip addr add 10.200.0.1/24 dev vn0 && ip link set vn0 up && \
+         ip route add 10.96.0.0/12 dev vn0",
+        b = back.name
+    ));
+    back.sh("ip addr add 10.200.0.2/24 dev vb0 && ip addr add 10.200.0.3/24 dev vb0 && ip link set vb0 up");
+    let mut dp = IptablesDataplane::new(IptablesConfig {
+        command_prefix: node.prefix(),
+        backend: Some(Backend::Nft),
+        ..IptablesConfig::default()
+    });
+    let dns = |ip: &str| {
+        service(
+            "kube-system/dns",
+            &["10.96.0.12"],
+            vec![port("dns", Protocol::Udp, 53, vec![ep(ip, 5353, false)])],
+        )
+    };
+    let mut want = Desired::new();
+    want.insert("kube-system/dns".into(), desired(dns("10.200.0.2")));
+    dp.apply(
+        &want,
+        &Change {
+            full: true,
+            ..Change::default()
+        },
+    )
+    .unwrap();
+    node.sh("echo ping | socat -u - UDP:10.96.0.12:53,sourceport=40000");
+    let flows = udp_flows(&node);
+    assert!(
+        flows.contains("dst=10.96.0.12") && flows.contains("src=10.200.0.2"),
+        "no NATed flow to the endpoint: {flows}"
+    );
+
+    // Without the flush the flow above would stay NATed to 10.200.0.2 (checked by
+    // running this test with `disable_conntrack: true`).
+    want.insert("kube-system/dns".into(), desired(dns("10.200.0.3")));
+    dp.apply(
+        &want,
+        &Change {
+            upserted: vec!["kube-system/dns".into()],
+            ..Change::default()
+        },
+    )
+    .unwrap();
+    let flows = udp_flows(&node);
+    assert!(
+        !flows.contains("src=10.200.0.2"),
+        "stale flow kept: {flows}"
+    );
+}
