@@ -102,6 +102,24 @@ fn chains_of(lines: &[String], service_comment: &str) -> Vec<String> {
         .collect()
 }
 
+/// The nft rules (with their handles) of the Service-owned chains `lines` mention: a
+/// chain that is rewritten gets new handles.
+fn nft_handles(ns: &NetNs, lines: &[String]) -> String {
+    let mut chains: Vec<&str> = lines
+        .iter()
+        .filter_map(|l| l.strip_prefix("-A "))
+        .filter_map(|l| l.split(' ').next())
+        .filter(|c| {
+            c.starts_with("SWY-SVC-") || c.starts_with("SWY-SEP-") || c.starts_with("SWY-VER-")
+        })
+        .collect();
+    chains.dedup();
+    chains
+        .iter()
+        .map(|c| ns.sh(&format!("nft -a list chain ip nat {c}")))
+        .collect()
+}
+
 #[test]
 fn partial_syncs_touch_only_the_named_services_and_cleanup_removes_everything() {
     let ns = NetNs::new("life");
@@ -146,12 +164,19 @@ fn partial_syncs_touch_only_the_named_services_and_cleanup_removes_everything() 
     // Change a: one endpoint goes away. b's rules must not move.
     let lines = swy_lines(&ns, "iptables-save");
     let b_before = chains_of(&lines, "ns/b");
+    let b_handles = nft_handles(&ns, &b_before);
+    assert!(b_handles.contains("# handle"), "{b_handles}");
     let mut a2 = a.clone();
     a2.ports[0].cluster_endpoints.pop();
     want.insert("ns/a".into(), desired(a2));
     dp.apply(&want, &upsert(&["ns/a"])).unwrap();
     let lines = swy_lines(&ns, "iptables-save");
     assert_eq!(chains_of(&lines, "ns/b"), b_before);
+    assert_eq!(
+        nft_handles(&ns, &b_before),
+        b_handles,
+        "b's own chains were rewritten"
+    );
     let back = dp.read_back().unwrap();
     assert_eq!(
         back["ns/a"].kernel_objects,
