@@ -22,6 +22,10 @@ use crate::{
     },
 };
 
+/// Most chains declared in one `iptables-restore` transaction; see
+/// [`IptablesDataplane`]'s `write`.
+pub const CHUNK_CHAINS: usize = 4000;
+
 /// Settings of the iptables dataplane.
 #[derive(Clone, Debug, Default)]
 pub struct IptablesConfig {
@@ -36,6 +40,8 @@ pub struct IptablesConfig {
     pub disable_ipv6: bool,
     /// Do not run `conntrack` after UDP endpoint changes.
     pub disable_conntrack: bool,
+    /// Most chains declared in one restore; 0: [`CHUNK_CHAINS`].
+    pub chunk_chains: usize,
 }
 
 /// Programs Services into iptables; see the crate docs for the rule layout.
@@ -152,9 +158,77 @@ impl IptablesDataplane {
         Ok(())
     }
 
-    /// Writes `next` for the Services in `touched`, deleting `stale` chains; IPv6 first
-    /// so that the IPv4 version record lands last.
+    /// Writes `next` for the Services in `touched`, deleting `stale` chains.
+    ///
+    /// Up to [`CHUNK_CHAINS`] chains go in one transaction per family. Beyond that
+    /// (initial sync of thousands of Services) iptables-nft's `--noflush` restore grows
+    /// quadratically with the chains it declares (40k chains: 2 minutes), so the sync
+    /// is split, make-before-break: the Services' own chains a chunk at a time (each
+    /// Service whole, so each stays consistent), then the shared chains in one
+    /// transaction, then stale chains flushed and deleted in chunks.
     fn write(
+        &self,
+        next: &BTreeMap<String, ServiceRules>,
+        touched: &[&ServiceRules],
+        stale: &BTreeSet<(Family, Table, String)>,
+    ) -> Result<(), DataplaneError> {
+        let limit = match self.config.chunk_chains {
+            0 => CHUNK_CHAINS,
+            n => n,
+        };
+        let owned: usize = touched.iter().map(|s| s.owned_chains().len()).sum();
+        if owned + stale.len() <= limit {
+            return self.write_one(next, touched, stale);
+        }
+        let mut chunk: Vec<&ServiceRules> = Vec::new();
+        let mut size = 0;
+        for service in touched {
+            let n = service.owned_chains().len();
+            if size + n > limit && !chunk.is_empty() {
+                self.write_own_chains(&chunk)?;
+                chunk.clear();
+                size = 0;
+            }
+            chunk.push(service);
+            size += n;
+        }
+        self.write_own_chains(&chunk)?;
+        self.write_one(next, &[], &BTreeSet::new())?;
+        for delete in [false, true] {
+            for family in self.families() {
+                for table in Table::ALL {
+                    let chains: Vec<String> = stale
+                        .iter()
+                        .filter(|(f, t, _)| *f == family && *t == table)
+                        .map(|(_, _, c)| c.clone())
+                        .collect();
+                    for part in chains.chunks(limit) {
+                        self.restore(family, &render::drop_chains_input(table, part, delete))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_own_chains(&self, chunk: &[&ServiceRules]) -> Result<(), DataplaneError> {
+        let mut families = self.families();
+        families.reverse();
+        for family in families {
+            let input: String = [Table::Nat, Table::Filter]
+                .iter()
+                .filter_map(|t| render::own_chains_input(family, *t, chunk, &self.config.render))
+                .collect();
+            if !input.is_empty() {
+                self.restore(family, &input)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One transaction per family: touched chains, shared chains, stale chains; IPv6
+    /// first so that the IPv4 version record lands last.
+    fn write_one(
         &self,
         next: &BTreeMap<String, ServiceRules>,
         touched: &[&ServiceRules],

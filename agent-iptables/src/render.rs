@@ -978,6 +978,66 @@ pub fn restore_input(
     text
 }
 
+/// `iptables-restore --noflush` input that rewrites only the touched Services' own chains
+/// (plus the static `SWY-MARK-MASQ` they jump to), leaving the shared chains alone: one
+/// step of a sync too large for one transaction. Each Service's chains change together.
+/// `None` when there is nothing to write.
+pub fn own_chains_input(
+    family: Family,
+    table: Table,
+    touched: &[&ServiceRules],
+    cfg: &RenderConfig,
+) -> Option<String> {
+    let mut declared = BTreeSet::new();
+    let mut body = String::new();
+    for service in touched {
+        for rule in service.rules_in(family, table) {
+            if !is_global_chain(table, &rule.chain) {
+                declared.insert(rule.chain.clone());
+                body.push_str(&rule.line());
+                body.push('\n');
+            }
+        }
+    }
+    if declared.is_empty() {
+        return None;
+    }
+    let mut text = format!("*{table}\n");
+    if table == Table::Nat {
+        text.push_str(&format!(":{MARK_MASQ} - [0:0]\n"));
+    }
+    for chain in &declared {
+        text.push_str(&format!(":{chain} - [0:0]\n"));
+    }
+    if table == Table::Nat {
+        for rule in global_rules(family, cfg)
+            .iter()
+            .filter(|r| r.table == table && r.chain == MARK_MASQ)
+        {
+            text.push_str(&rule.line());
+            text.push('\n');
+        }
+    }
+    text.push_str(&body);
+    text.push_str("COMMIT\n");
+    Some(text)
+}
+
+/// `iptables-restore --noflush` input that flushes `chains` (`delete: false`) or deletes
+/// them once they are empty and unreferenced (`delete: true`).
+pub fn drop_chains_input(table: Table, chains: &[String], delete: bool) -> String {
+    let mut text = format!("*{table}\n");
+    for chain in chains {
+        if delete {
+            text.push_str(&format!("-X {chain}\n"));
+        } else {
+            text.push_str(&format!(":{chain} - [0:0]\n"));
+        }
+    }
+    text.push_str("COMMIT\n");
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

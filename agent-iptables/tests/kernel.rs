@@ -9,7 +9,12 @@ use switchyard_agent_iptables::{Backend, IptablesConfig, IptablesDataplane, Rend
 use switchyard_proto::state::Protocol;
 
 fn dataplane(ns: &NetNs, backend: Backend) -> IptablesDataplane {
+    dataplane_with_chunks(ns, backend, 0)
+}
+
+fn dataplane_with_chunks(ns: &NetNs, backend: Backend, chunk_chains: usize) -> IptablesDataplane {
     IptablesDataplane::new(IptablesConfig {
+        chunk_chains,
         render: RenderConfig {
             cluster_cidrs: vec![
                 "10.244.0.0/16".parse().unwrap(),
@@ -122,8 +127,17 @@ fn nft_handles(ns: &NetNs, lines: &[String]) -> String {
 
 #[test]
 fn partial_syncs_touch_only_the_named_services_and_cleanup_removes_everything() {
+    lifecycle(0);
+}
+
+#[test]
+fn syncs_split_into_small_transactions_end_in_the_same_state() {
+    lifecycle(2);
+}
+
+fn lifecycle(chunk_chains: usize) {
     let ns = NetNs::new("life");
-    let mut dp = dataplane(&ns, Backend::Nft);
+    let mut dp = dataplane_with_chunks(&ns, Backend::Nft, chunk_chains);
     let a = service(
         "ns/a",
         &["10.96.0.10"],
@@ -195,7 +209,7 @@ fn partial_syncs_touch_only_the_named_services_and_cleanup_removes_everything() 
     );
 
     // A fresh dataplane (agent restart) recovers versions and syncs partially.
-    let mut restarted = dataplane(&ns, Backend::Nft);
+    let mut restarted = dataplane_with_chunks(&ns, Backend::Nft, chunk_chains);
     let back = restarted.read_back().unwrap();
     assert_eq!(back["ns/b"].version, Some(want["ns/b"].version));
     want.remove("ns/b");
@@ -233,4 +247,57 @@ fn show_kitchen_sink() {
     dp.apply(&want, &full()).unwrap();
     println!("{}", ns.sh("iptables-save; ip6tables-save"));
     println!("{:#?}", dp.read_back().unwrap());
+}
+
+/// Not a timed test: prints apply times for an initial sync of N Services with two
+/// endpoints each and for one change with N in place.
+/// `cargo test --release --test kernel apply_times -- --ignored --nocapture`
+#[test]
+#[ignore = "measurement, run by hand"]
+fn apply_times() {
+    for backend in [Backend::Nft, Backend::Legacy] {
+        for n in [1000usize, 10000] {
+            let ns = NetNs::new("bench");
+            let mut dp = dataplane(&ns, backend);
+            let mut want = Desired::new();
+            for i in 0..n {
+                let ip = format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256);
+                let a = format!("10.244.{}.{}", (i / 128) % 256, (i % 128) * 2);
+                let b = format!("10.245.{}.{}", (i / 128) % 256, (i % 128) * 2);
+                let s = service(
+                    &format!("bench/s{i}"),
+                    &[&ip],
+                    vec![port(
+                        "http",
+                        Protocol::Tcp,
+                        80,
+                        vec![ep(&a, 8080, true), ep(&b, 8080, false)],
+                    )],
+                );
+                want.insert(format!("bench/s{i}"), desired(s));
+            }
+            if let Some(dir) = std::env::var_os("SWY_DUMP") {
+                let path = std::path::Path::new(&dir).join(format!("dry-run-{n}.rules"));
+                std::fs::write(path, dp.dry_run(&want)).unwrap();
+                continue;
+            }
+            let start = std::time::Instant::now();
+            dp.apply(&want, &full()).unwrap();
+            let initial = start.elapsed();
+            let s = &mut want.get_mut("bench/s7").unwrap().state;
+            s.ports[0].cluster_endpoints.pop();
+            let v = version_of(s);
+            want.get_mut("bench/s7").unwrap().version = v;
+            let start = std::time::Instant::now();
+            dp.apply(&want, &upsert(&["bench/s7"])).unwrap();
+            let one = start.elapsed();
+            let start = std::time::Instant::now();
+            let back = dp.read_back().unwrap();
+            let read = start.elapsed();
+            assert_eq!(back.len(), n);
+            println!(
+                "{backend:?} n={n}: initial {initial:?}, one change {one:?}, read back {read:?}"
+            );
+        }
+    }
 }
