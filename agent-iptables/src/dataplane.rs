@@ -40,7 +40,8 @@ pub struct IptablesConfig {
     pub disable_ipv6: bool,
     /// Do not run `conntrack` after UDP endpoint changes.
     pub disable_conntrack: bool,
-    /// Most chains declared in one restore; 0: [`CHUNK_CHAINS`].
+    /// Most chains declared in one restore; 0: [`CHUNK_CHAINS`] with nft, no limit
+    /// with legacy.
     pub chunk_chains: usize,
 }
 
@@ -160,7 +161,7 @@ impl IptablesDataplane {
 
     /// Writes `next` for the Services in `touched`, deleting `stale` chains.
     ///
-    /// Up to [`CHUNK_CHAINS`] chains go in one transaction per family. Beyond that
+    /// With nft, up to [`CHUNK_CHAINS`] chains go in one transaction per family. Beyond that
     /// (initial sync of thousands of Services) iptables-nft's `--noflush` restore grows
     /// quadratically with the chains it declares (40k chains: 2 minutes), so the sync
     /// is split, make-before-break: the Services' own chains a chunk at a time (each
@@ -172,9 +173,11 @@ impl IptablesDataplane {
         touched: &[&ServiceRules],
         stale: &BTreeSet<(Family, Table, String)>,
     ) -> Result<(), DataplaneError> {
-        let limit = match self.config.chunk_chains {
-            0 => CHUNK_CHAINS,
-            n => n,
+        let limit = match (self.config.chunk_chains, self.backend) {
+            // Legacy replaces the whole table per transaction: one is cheapest.
+            (0, Backend::Legacy) => usize::MAX,
+            (0, Backend::Nft) => CHUNK_CHAINS,
+            (n, _) => n,
         };
         let owned: usize = touched.iter().map(|s| s.owned_chains().len()).sum();
         if owned + stale.len() <= limit {
