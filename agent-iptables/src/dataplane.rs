@@ -54,6 +54,9 @@ pub struct IptablesDataplane {
     programmed: Option<BTreeMap<String, ServiceRules>>,
     /// The states last applied, to find UDP endpoints that went away.
     states: BTreeMap<String, ServiceState>,
+    /// A read-back found a jump from a built-in chain missing: the next apply restores
+    /// the jumps (every apply rewrites the shared chains anyway).
+    repair_jumps: bool,
 }
 
 impl IptablesDataplane {
@@ -71,6 +74,7 @@ impl IptablesDataplane {
             runner,
             programmed: None,
             states: BTreeMap::new(),
+            repair_jumps: false,
         }
     }
 
@@ -258,6 +262,20 @@ impl IptablesDataplane {
         Ok(())
     }
 
+    /// The jumps from built-in chains that `saved` lacks, as `family table line`.
+    pub fn missing_jumps(&self, saved: &Saved) -> Vec<String> {
+        let present: BTreeSet<String> = saved.jumps.iter().map(|r| r.object()).collect();
+        self.families()
+            .into_iter()
+            .flat_map(|family| {
+                builtin_jumps()
+                    .into_iter()
+                    .map(move |j| format!("{family} {} {}", j.table, j.line()))
+            })
+            .filter(|line| !present.contains(line))
+            .collect()
+    }
+
     fn flush_conntrack(&self, name: &str, new: Option<&ServiceState>) {
         if self.config.disable_conntrack {
             return;
@@ -307,6 +325,7 @@ impl Dataplane for IptablesDataplane {
             let touched: Vec<&ServiceRules> = next.values().collect();
             self.write(&next, &touched, &stale)?;
             self.ensure_jumps()?;
+            self.repair_jumps = false;
             let gone: Vec<String> = self
                 .states
                 .keys()
@@ -368,8 +387,9 @@ impl Dataplane for IptablesDataplane {
             self.programmed = (!first).then_some(current);
             return Err(err);
         }
-        if first {
+        if first || self.repair_jumps {
             self.ensure_jumps()?;
+            self.repair_jumps = false;
         }
         for name in &names {
             let new = desired.get(name).map(|s| &s.state);
@@ -389,6 +409,14 @@ impl Dataplane for IptablesDataplane {
 
     fn read_back(&mut self) -> Result<Programmed, DataplaneError> {
         let saved = self.read_kernel()?;
+        let missing = self.missing_jumps(&saved);
+        if !missing.is_empty() && self.programmed.is_some() {
+            tracing::warn!(
+                ?missing,
+                "jumps into switchyard chains are missing; the next apply restores them"
+            );
+            self.repair_jumps = true;
+        }
         Ok(saved
             .services
             .iter()

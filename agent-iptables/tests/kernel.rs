@@ -175,6 +175,11 @@ fn lifecycle(chunk_chains: usize) {
         assert!(save.contains(jump), "missing {jump}:\n{save}");
     }
 
+    // A jump deleted behind our back is noticed by read-back and restored by the next
+    // apply.
+    ns.sh("iptables -t nat -D OUTPUT -m comment --comment 'swy service portals' -j SWY-SERVICES");
+    dp.read_back().unwrap();
+
     // Change a: one endpoint goes away. b's rules must not move.
     let lines = swy_lines(&ns, "iptables-save");
     let b_before = chains_of(&lines, "ns/b");
