@@ -1,0 +1,207 @@
+//! Chooses between the nft and legacy iptables backends and runs their commands, through
+//! an optional command prefix (e.g. `ip netns exec NS`).
+
+use std::{
+    io::Write,
+    process::{Command, Stdio},
+};
+
+use switchyard_agent_core::dataplane::DataplaneError;
+
+use crate::render::Family;
+
+/// Which iptables implementation programs the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    /// `iptables-nft`: iptables syntax on nf_tables.
+    Nft,
+    /// `iptables-legacy`: the x_tables kernel interface.
+    Legacy,
+}
+
+impl Backend {
+    fn suffix(self) -> &'static str {
+        match self {
+            Backend::Nft => "nft",
+            Backend::Legacy => "legacy",
+        }
+    }
+
+    fn tool(self, family: Family, tool: &str) -> String {
+        let base = match family {
+            Family::V4 => "iptables",
+            Family::V6 => "ip6tables",
+        };
+        if tool.is_empty() {
+            format!("{base}-{}", self.suffix())
+        } else {
+            format!("{base}-{}-{tool}", self.suffix())
+        }
+    }
+
+    /// `iptables-nft`, `ip6tables-legacy`, …
+    pub fn iptables(self, family: Family) -> String {
+        self.tool(family, "")
+    }
+
+    pub fn save(self, family: Family) -> String {
+        self.tool(family, "save")
+    }
+
+    pub fn restore(self, family: Family) -> String {
+        self.tool(family, "restore")
+    }
+}
+
+/// Chains whose presence tells which backend the node's components use: kubelet's and
+/// kube-proxy's hints, and switchyard's own chains.
+const HINTS: [&str; 3] = [":KUBE-IPTABLES-HINT ", ":KUBE-KUBELET-CANARY ", ":SWY-"];
+
+fn has_hint(save: &str) -> bool {
+    save.lines().any(|l| HINTS.iter().any(|h| l.starts_with(h)))
+}
+
+fn rule_count(save: &str) -> usize {
+    save.lines().filter(|l| l.starts_with('-')).count()
+}
+
+/// Picks the backend the node already uses, as kube-proxy's iptables wrapper does:
+/// a hint chain decides (nft first); otherwise legacy if it holds 10 rules or more, or
+/// more rules than nft; otherwise nft. Inputs are the concatenated outputs of the
+/// `-save` tools of both families.
+pub fn choose_backend(legacy_save: &str, nft_save: &str) -> Backend {
+    if has_hint(nft_save) {
+        return Backend::Nft;
+    }
+    if has_hint(legacy_save) {
+        return Backend::Legacy;
+    }
+    let legacy = rule_count(legacy_save);
+    if legacy >= 10 || legacy > rule_count(nft_save) {
+        Backend::Legacy
+    } else {
+        Backend::Nft
+    }
+}
+
+/// Runs external commands, each behind the configured prefix.
+#[derive(Clone, Debug, Default)]
+pub struct Runner {
+    pub prefix: Vec<String>,
+}
+
+impl Runner {
+    fn command(&self, program: &str, args: &[&str]) -> (Command, String) {
+        let mut argv: Vec<&str> = self.prefix.iter().map(String::as_str).collect();
+        argv.push(program);
+        argv.extend_from_slice(args);
+        let mut command = Command::new(argv[0]);
+        command.args(&argv[1..]);
+        (command, argv.join(" "))
+    }
+
+    /// Runs `program args…` with `stdin`; returns stdout, or an error with stderr.
+    pub fn run(
+        &self,
+        program: &str,
+        args: &[&str],
+        stdin: Option<&str>,
+    ) -> Result<String, DataplaneError> {
+        let (mut command, shown) = self.command(program, args);
+        command
+            .stdin(if stdin.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let io = |source| DataplaneError::Io {
+            operation: shown.clone(),
+            source,
+        };
+        let mut child = command.spawn().map_err(io)?;
+        if let Some(input) = stdin {
+            let mut pipe = child.stdin.take().expect("stdin is piped");
+            pipe.write_all(input.as_bytes()).map_err(io)?;
+        }
+        let output = child.wait_with_output().map_err(io)?;
+        if output.status.success() {
+            Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            Err(DataplaneError::Command {
+                command: shown,
+                message: format!(
+                    "{}: {}",
+                    output.status,
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
+            })
+        }
+    }
+
+    /// Whether `program args…` exits successfully (for `iptables -C`).
+    pub fn succeeds(&self, program: &str, args: &[&str]) -> Result<bool, DataplaneError> {
+        let (mut command, shown) = self.command(program, args);
+        let status = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|source| DataplaneError::Io {
+                operation: shown,
+                source,
+            })?;
+        Ok(status.success())
+    }
+
+    /// Detects the backend by running both families' `-save` tools of both backends;
+    /// a tool that is missing or fails counts as empty.
+    pub fn detect_backend(&self) -> Backend {
+        let dump = |backend: Backend| {
+            Family::ALL
+                .iter()
+                .filter_map(|f| self.run(&backend.save(*f), &[], None).ok())
+                .collect::<Vec<_>>()
+                .join("\n")
+        };
+        choose_backend(&dump(Backend::Legacy), &dump(Backend::Nft))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hint_chains_decide_before_rule_counts() {
+        let many = "-A INPUT -j ACCEPT\n".repeat(20);
+        let hinted = "*mangle\n:KUBE-IPTABLES-HINT - [0:0]\nCOMMIT\n";
+        assert_eq!(choose_backend(&many, hinted), Backend::Nft);
+        assert_eq!(choose_backend(hinted, &many), Backend::Legacy);
+        assert_eq!(
+            choose_backend("", "*nat\n:SWY-SERVICES - [0:0]\n"),
+            Backend::Nft
+        );
+        assert_eq!(
+            choose_backend("*nat\n:SWY-SERVICES - [0:0]\n", ""),
+            Backend::Legacy
+        );
+    }
+
+    #[test]
+    fn legacy_wins_with_ten_rules_or_more_rules_than_nft() {
+        let rules = |n| "-A INPUT -j ACCEPT\n".repeat(n);
+        assert_eq!(choose_backend(&rules(10), &rules(50)), Backend::Legacy);
+        assert_eq!(choose_backend(&rules(3), &rules(2)), Backend::Legacy);
+        assert_eq!(choose_backend(&rules(2), &rules(2)), Backend::Nft);
+        assert_eq!(choose_backend("", ""), Backend::Nft);
+    }
+
+    #[test]
+    fn tools_are_named_per_family_and_backend() {
+        assert_eq!(Backend::Nft.restore(Family::V4), "iptables-nft-restore");
+        assert_eq!(Backend::Legacy.save(Family::V6), "ip6tables-legacy-save");
+        assert_eq!(Backend::Legacy.iptables(Family::V6), "ip6tables-legacy");
+    }
+}

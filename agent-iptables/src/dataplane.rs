@@ -1,0 +1,481 @@
+//! The iptables [`Dataplane`]: applies rendered rules with `iptables-restore --noflush`,
+//! reads them back with `iptables-save`, installs the jumps from built-in chains, and
+//! clears stale UDP conntrack entries.
+//!
+//! It never touches a chain outside `SWY-`, except to add and remove its own jumps.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use switchyard_agent_core::dataplane::{
+    ApplyOutcome, Change, Dataplane, DataplaneError, Desired, DesiredService, Programmed,
+    ProgrammedService,
+};
+use switchyard_proto::{state::ServiceState, v1};
+
+use crate::{
+    backend::{Backend, Runner},
+    conntrack,
+    readback::{Saved, parse_save},
+    render::{
+        self, Family, RenderConfig, ServiceRules, Table, TablePlan, builtin_jumps, global_chains,
+        render_service, restore_input,
+    },
+};
+
+/// Most chains declared in one `iptables-restore` transaction; see
+/// [`IptablesDataplane`]'s `write`.
+pub const CHUNK_CHAINS: usize = 4000;
+
+/// Settings of the iptables dataplane.
+#[derive(Clone, Debug, Default)]
+pub struct IptablesConfig {
+    /// What the rules say (cluster CIDR, masquerade-all, node-port addresses, …).
+    pub render: RenderConfig,
+    /// Put in front of every command, e.g. `["ip", "netns", "exec", "ns1"]` to program
+    /// another network namespace; empty: run the commands directly.
+    pub command_prefix: Vec<String>,
+    /// Force a backend; `None`: detect it like kube-proxy's iptables wrapper.
+    pub backend: Option<Backend>,
+    /// Skip IPv6 (`ip6tables`) entirely.
+    pub disable_ipv6: bool,
+    /// Do not run `conntrack` after UDP endpoint changes.
+    pub disable_conntrack: bool,
+    /// Most chains declared in one restore; 0: [`CHUNK_CHAINS`] with nft, no limit
+    /// with legacy.
+    pub chunk_chains: usize,
+}
+
+/// Programs Services into iptables; see the crate docs for the rule layout.
+pub struct IptablesDataplane {
+    config: IptablesConfig,
+    backend: Backend,
+    runner: Runner,
+    /// What the kernel holds per Service, as last written (or read at startup).
+    programmed: Option<BTreeMap<String, ServiceRules>>,
+    /// The states last applied, to find UDP endpoints that went away.
+    states: BTreeMap<String, ServiceState>,
+    /// A read-back found a jump from a built-in chain missing: the next apply restores
+    /// the jumps (every apply rewrites the shared chains anyway).
+    repair_jumps: bool,
+}
+
+impl IptablesDataplane {
+    /// Creates the dataplane; detects the backend unless the config forces one. Touches
+    /// nothing in the kernel.
+    pub fn new(config: IptablesConfig) -> Self {
+        let runner = Runner {
+            prefix: config.command_prefix.clone(),
+        };
+        let backend = config.backend.unwrap_or_else(|| runner.detect_backend());
+        tracing::info!(?backend, "iptables backend");
+        Self {
+            config,
+            backend,
+            runner,
+            programmed: None,
+            states: BTreeMap::new(),
+            repair_jumps: false,
+        }
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    fn families(&self) -> Vec<Family> {
+        if self.config.disable_ipv6 {
+            vec![Family::V4]
+        } else {
+            Family::ALL.to_vec()
+        }
+    }
+
+    fn render(&self, name: &str, service: &DesiredService) -> ServiceRules {
+        let mut rules = render_service(name, service, &self.config.render);
+        if self.config.disable_ipv6 {
+            rules.rules.retain(|r| r.family == Family::V4);
+        }
+        rules
+    }
+
+    /// The whole ruleset a full sync of `desired` would restore, per family, without
+    /// touching the kernel (stale chains, which need the kernel to know, are not listed).
+    pub fn dry_run(&self, desired: &Desired) -> String {
+        let rendered: Vec<ServiceRules> = desired
+            .iter()
+            .map(|(name, service)| self.render(name, service))
+            .collect();
+        let plan = TablePlan {
+            all: rendered.iter().collect(),
+            touched: rendered.iter().collect(),
+            stale: BTreeSet::new(),
+        };
+        let mut text = String::new();
+        for family in self.families() {
+            text.push_str(&format!("# {family}\n"));
+            for table in [Table::Nat, Table::Filter] {
+                text.push_str(&restore_input(family, table, &plan, &self.config.render));
+            }
+        }
+        text
+    }
+
+    /// `iptables-save` of one family (nat and filter).
+    pub fn save(&self, family: Family) -> Result<String, DataplaneError> {
+        let tool = self.backend.save(family);
+        let mut text = self.runner.run(&tool, &["-t", "nat"], None)?;
+        text.push_str(&self.runner.run(&tool, &["-t", "filter"], None)?);
+        Ok(text)
+    }
+
+    fn read_kernel(&self) -> Result<Saved, DataplaneError> {
+        let mut saved = Saved::default();
+        for family in self.families() {
+            let text = self.save(family)?;
+            parse_save(family, &text, &mut saved).map_err(DataplaneError::ReadBack)?;
+        }
+        Ok(saved)
+    }
+
+    fn restore(&self, family: Family, input: &str) -> Result<(), DataplaneError> {
+        tracing::debug!(%family, bytes = input.len(), "iptables-restore");
+        self.runner.run(
+            &self.backend.restore(family),
+            &["--noflush", "-w", "5"],
+            Some(input),
+        )?;
+        Ok(())
+    }
+
+    fn ensure_jumps(&self) -> Result<(), DataplaneError> {
+        for family in self.families() {
+            let tool = self.backend.iptables(family);
+            for jump in builtin_jumps() {
+                let mut check = vec!["-w", "5", "-t", jump.table.name(), "-C", jump.builtin];
+                check.extend(jump.args.iter().map(String::as_str));
+                if !self.runner.succeeds(&tool, &check)? {
+                    let mut insert = check.clone();
+                    insert[4] = "-I";
+                    self.runner.run(&tool, &insert, None)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `next` for the Services in `touched`, deleting `stale` chains.
+    ///
+    /// With nft, up to [`CHUNK_CHAINS`] chains go in one transaction per family. Beyond that
+    /// (initial sync of thousands of Services) iptables-nft's `--noflush` restore grows
+    /// quadratically with the chains it declares (40k chains: 2 minutes), so the sync
+    /// is split, make-before-break: the Services' own chains a chunk at a time (each
+    /// Service whole, so each stays consistent), then the shared chains in one
+    /// transaction, then stale chains flushed and deleted in chunks.
+    fn write(
+        &self,
+        next: &BTreeMap<String, ServiceRules>,
+        touched: &[&ServiceRules],
+        stale: &BTreeSet<(Family, Table, String)>,
+    ) -> Result<(), DataplaneError> {
+        let limit = match (self.config.chunk_chains, self.backend) {
+            // Legacy replaces the whole table per transaction: one is cheapest.
+            (0, Backend::Legacy) => usize::MAX,
+            (0, Backend::Nft) => CHUNK_CHAINS,
+            (n, _) => n,
+        };
+        let owned: usize = touched.iter().map(|s| s.owned_chains().len()).sum();
+        if owned + stale.len() <= limit {
+            return self.write_one(next, touched, stale);
+        }
+        let mut chunk: Vec<&ServiceRules> = Vec::new();
+        let mut size = 0;
+        for service in touched {
+            let n = service.owned_chains().len();
+            if size + n > limit && !chunk.is_empty() {
+                self.write_own_chains(&chunk)?;
+                chunk.clear();
+                size = 0;
+            }
+            chunk.push(service);
+            size += n;
+        }
+        self.write_own_chains(&chunk)?;
+        self.write_one(next, &[], &BTreeSet::new())?;
+        for delete in [false, true] {
+            for family in self.families() {
+                for table in Table::ALL {
+                    let chains: Vec<String> = stale
+                        .iter()
+                        .filter(|(f, t, _)| *f == family && *t == table)
+                        .map(|(_, _, c)| c.clone())
+                        .collect();
+                    for part in chains.chunks(limit) {
+                        self.restore(family, &render::drop_chains_input(table, part, delete))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_own_chains(&self, chunk: &[&ServiceRules]) -> Result<(), DataplaneError> {
+        let mut families = self.families();
+        families.reverse();
+        for family in families {
+            let input: String = [Table::Nat, Table::Filter]
+                .iter()
+                .filter_map(|t| render::own_chains_input(family, *t, chunk, &self.config.render))
+                .collect();
+            if !input.is_empty() {
+                self.restore(family, &input)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// One transaction per family: touched chains, shared chains, stale chains; IPv6
+    /// first so that the IPv4 version record lands last.
+    fn write_one(
+        &self,
+        next: &BTreeMap<String, ServiceRules>,
+        touched: &[&ServiceRules],
+        stale: &BTreeSet<(Family, Table, String)>,
+    ) -> Result<(), DataplaneError> {
+        let mut families = self.families();
+        families.reverse();
+        for family in families {
+            let mut input = String::new();
+            for table in [Table::Nat, Table::Filter] {
+                let plan = TablePlan {
+                    all: next.values().collect(),
+                    touched: touched.to_vec(),
+                    stale: stale
+                        .iter()
+                        .filter(|(f, t, _)| *f == family && *t == table)
+                        .map(|(_, _, c)| c.clone())
+                        .collect(),
+                };
+                input.push_str(&restore_input(family, table, &plan, &self.config.render));
+            }
+            self.restore(family, &input)?;
+        }
+        Ok(())
+    }
+
+    /// The jumps from built-in chains that `saved` lacks, as `family table line`.
+    pub fn missing_jumps(&self, saved: &Saved) -> Vec<String> {
+        let present: BTreeSet<String> = saved.jumps.iter().map(|r| r.object()).collect();
+        self.families()
+            .into_iter()
+            .flat_map(|family| {
+                builtin_jumps()
+                    .into_iter()
+                    .map(move |j| format!("{family} {} {}", j.table, j.line()))
+            })
+            .filter(|line| !present.contains(line))
+            .collect()
+    }
+
+    fn flush_conntrack(&self, name: &str, new: Option<&ServiceState>) {
+        if self.config.disable_conntrack {
+            return;
+        }
+        for args in conntrack::flush_commands(self.states.get(name), new) {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            match self.runner.run("conntrack", &args, None) {
+                Ok(_) => tracing::debug!(service = name, ?args, "conntrack entries deleted"),
+                // conntrack exits 1 when no entry matched: not worth a warning.
+                Err(DataplaneError::Command { message, .. })
+                    if message.contains("0 flow entries") =>
+                {
+                    tracing::trace!(service = name, ?args, "no conntrack entries");
+                }
+                Err(err) => tracing::warn!(service = name, %err, "conntrack cleanup failed"),
+            }
+        }
+    }
+}
+
+impl Dataplane for IptablesDataplane {
+    fn kind(&self) -> v1::Dataplane {
+        v1::Dataplane::Iptables
+    }
+
+    fn apply(
+        &mut self,
+        desired: &Desired,
+        change: &Change,
+    ) -> Result<ApplyOutcome, DataplaneError> {
+        let mut outcome = ApplyOutcome::default();
+        if change.full {
+            let kernel = self.read_kernel()?;
+            let next: BTreeMap<String, ServiceRules> = desired
+                .iter()
+                .map(|(name, service)| (name.clone(), self.render(name, service)))
+                .collect();
+            let keep: BTreeSet<(Family, Table, String)> =
+                next.values().flat_map(ServiceRules::owned_chains).collect();
+            let stale: BTreeSet<(Family, Table, String)> = kernel
+                .chains
+                .iter()
+                .filter(|(_, t, c)| !global_chains(*t).contains(&c.as_str()))
+                .filter(|c| !keep.contains(*c))
+                .cloned()
+                .collect();
+            let touched: Vec<&ServiceRules> = next.values().collect();
+            self.write(&next, &touched, &stale)?;
+            self.ensure_jumps()?;
+            self.repair_jumps = false;
+            let gone: Vec<String> = self
+                .states
+                .keys()
+                .filter(|n| !desired.contains_key(*n))
+                .cloned()
+                .collect();
+            for name in gone {
+                self.flush_conntrack(&name, None);
+            }
+            for (name, service) in desired {
+                self.flush_conntrack(name, Some(&service.state));
+            }
+            self.states = desired
+                .iter()
+                .map(|(n, s)| (n.clone(), s.state.clone()))
+                .collect();
+            self.programmed = Some(next);
+            return Ok(outcome);
+        }
+
+        let first = self.programmed.is_none();
+        let current = match self.programmed.take() {
+            Some(current) => current,
+            None => self.read_kernel()?.services,
+        };
+        let mut next = current.clone();
+        let mut names = Vec::new();
+        for name in &change.upserted {
+            match desired.get(name) {
+                Some(service) => {
+                    next.insert(name.clone(), self.render(name, service));
+                    names.push(name.clone());
+                }
+                None => {
+                    outcome
+                        .failed
+                        .insert(name.clone(), "upserted but not in the desired state".into());
+                }
+            }
+        }
+        for name in &change.removed {
+            next.remove(name);
+            names.push(name.clone());
+        }
+        let mut stale = BTreeSet::new();
+        for name in &names {
+            let old = current.get(name).map(ServiceRules::owned_chains);
+            let new = next.get(name).map(ServiceRules::owned_chains);
+            for chain in old.unwrap_or_default() {
+                if !new.as_ref().is_some_and(|n| n.contains(&chain)) {
+                    stale.insert(chain);
+                }
+            }
+        }
+        let touched: Vec<&ServiceRules> = names.iter().filter_map(|n| next.get(n)).collect();
+        let written = self.write(&next, &touched, &stale);
+        if let Err(err) = written {
+            // Keep what we knew; the kernel still holds it (each restore is atomic).
+            self.programmed = (!first).then_some(current);
+            return Err(err);
+        }
+        if first || self.repair_jumps {
+            self.ensure_jumps()?;
+            self.repair_jumps = false;
+        }
+        for name in &names {
+            let new = desired.get(name).map(|s| &s.state);
+            self.flush_conntrack(name, new);
+            match new {
+                Some(state) if !change.removed.contains(name) => {
+                    self.states.insert(name.clone(), state.clone());
+                }
+                _ => {
+                    self.states.remove(name);
+                }
+            }
+        }
+        self.programmed = Some(next);
+        Ok(outcome)
+    }
+
+    fn read_back(&mut self) -> Result<Programmed, DataplaneError> {
+        let saved = self.read_kernel()?;
+        let missing = self.missing_jumps(&saved);
+        if !missing.is_empty() && self.programmed.is_some() {
+            tracing::warn!(
+                ?missing,
+                "jumps into switchyard chains are missing; the next apply restores them"
+            );
+            self.repair_jumps = true;
+        }
+        Ok(saved
+            .services
+            .iter()
+            .map(|(name, rules)| {
+                (
+                    name.clone(),
+                    ProgrammedService {
+                        version: rules.version,
+                        kernel_objects: rules.objects(),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    fn expected(&self, name: &str, service: &DesiredService) -> Vec<String> {
+        self.render(name, service).objects()
+    }
+
+    fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        for family in self.families() {
+            let tool = self.backend.iptables(family);
+            for jump in builtin_jumps() {
+                let mut delete = vec!["-w", "5", "-t", jump.table.name(), "-D", jump.builtin];
+                delete.extend(jump.args.iter().map(String::as_str));
+                // A jump may have been inserted more than once; delete until none is left.
+                for _ in 0..16 {
+                    if !self.runner.succeeds(&tool, &delete)? {
+                        break;
+                    }
+                }
+            }
+        }
+        let kernel = self.read_kernel()?;
+        for family in self.families() {
+            let mut input = String::new();
+            for table in [Table::Nat, Table::Filter] {
+                let chains = kernel.chains_in(family, table);
+                if chains.is_empty() {
+                    continue;
+                }
+                input.push_str(&format!("*{table}\n"));
+                for chain in &chains {
+                    input.push_str(&format!(":{chain} - [0:0]\n"));
+                }
+                for chain in &chains {
+                    input.push_str(&format!("-X {chain}\n"));
+                }
+                input.push_str("COMMIT\n");
+            }
+            if !input.is_empty() {
+                self.restore(family, &input)?;
+            }
+        }
+        self.programmed = None;
+        self.states.clear();
+        Ok(())
+    }
+}
+
+/// The chain-name prefix, for callers that inspect the kernel themselves.
+pub use render::CHAIN_PREFIX;
