@@ -114,7 +114,12 @@ impl TopologyBuilder {
         let node = Netns::create("node")?;
         node.sysctl("net.ipv4.ip_forward", "1")?;
         node.sysctl("net.ipv4.conf.all.route_localnet", "1")?;
+        // A device sends redirects if `all` or the device itself says so; devices take
+        // `default` when created. A redirect (the node's default route points back at
+        // the client) would also spend the per-peer ICMP token, suppressing the port
+        // unreachable that a REJECT rule sends right after it.
         node.sysctl("net.ipv4.conf.all.send_redirects", "0")?;
+        node.sysctl("net.ipv4.conf.default.send_redirects", "0")?;
         if self.ipv6 {
             node.sysctl("net.ipv6.conf.all.forwarding", "1")?;
         }
