@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# Runs every switchyard test: formatting, lints, the Rust unit and integration tests,
-# and the Python reflection-client checks against the real controller binary.
+# Runs every switchyard test: formatting, lints, the Rust unit and integration tests
+# (including real packets through iptables rules in network namespaces, so it runs as
+# root), and the Python reflection-client checks against the real controller binary.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 cd "$SWITCHYARD_ROOT"
 
 ensure_debian_packages ca-certificates gcc libc6-dev pkg-config
+# Real-kernel tests: namespaces, iptables (nft and legacy), conntrack, a socat backend.
+ensure_debian_packages iproute2 iptables conntrack socat
 ensure_rust
 ensure_python_clients
 
