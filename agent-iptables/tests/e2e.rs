@@ -14,7 +14,7 @@ use std::{
 use switchyard_controller::{compute::ComputeOptions, sources::manifests::ManifestSource};
 use switchyard_integration::{
     controller::TestController,
-    netns::{Backend, Netns, NsChild, Topology, tcp_request, udp_request},
+    netns::{Backend, ConnectionLoop, Netns, NsChild, Topology, tcp_request, udp_request},
 };
 
 const NODE: &str = "node-a";
@@ -83,10 +83,10 @@ fn write(path: &Path, contents: &str) {
 struct Cluster {
     topology: Topology,
     _backends: Vec<Backend>,
-    _controller: TestController,
-    _agent: NsChild,
+    controller: Option<TestController>,
+    agent: NsChild,
     manifests: tempfile::TempDir,
-    _state: tempfile::TempDir,
+    state: tempfile::TempDir,
 }
 
 impl Cluster {
@@ -104,43 +104,16 @@ impl Cluster {
             &manifests.path().join("cluster.yaml"),
             &manifests_text(&[1, 2, 3]),
         );
-        // The controller listens on the node's own loopback, where the agent looks for it.
-        let listener = topology
-            .node()
-            .tcp_listener("127.0.0.1:0".parse().unwrap())
-            .unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-        let controller = TestController::start_on(listener, ComputeOptions::default())
-            .await
-            .unwrap();
-        tokio::spawn(ManifestSource::new(manifests.path()).run(controller.updates.clone()));
-
         let state = tempfile::tempdir().unwrap();
-        let agent = topology
-            .node()
-            .spawn([
-                env!("CARGO_BIN_EXE_switchyard-agent-iptables"),
-                "--controller",
-                &controller.endpoint(),
-                "--node-name",
-                NODE,
-                "--state-dir",
-                state.path().to_str().unwrap(),
-                "--query-listen",
-                "127.0.0.1:0",
-                "--healthz-listen",
-                "127.0.0.1:0",
-                "--disable-ipv6",
-            ])
-            .unwrap();
+        let controller = start_controller(&topology, manifests.path(), 0).await;
+        let agent = spawn_agent(&topology, &controller, state.path());
         let cluster = Self {
             topology,
             _backends: backends,
-            _controller: controller,
-            _agent: agent,
+            controller: Some(controller),
+            agent,
             manifests,
-            _state: state,
+            state,
         };
         cluster
             .eventually("web reachable from the client", |c| {
@@ -148,6 +121,13 @@ impl Cluster {
             })
             .await;
         cluster
+    }
+
+    /// Stops the agent (SIGTERM) and starts a new one over the same state directory.
+    fn restart_agent(&mut self) {
+        self.agent.terminate(Duration::from_secs(5)).unwrap();
+        let controller = self.controller.as_ref().expect("controller running");
+        self.agent = spawn_agent(&self.topology, controller, self.state.path());
     }
 
     fn client(&self) -> &Netns {
@@ -197,6 +177,43 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// The controller (in-process), listening on the node's own loopback where the agent
+/// looks for it (`port` 0: any), fed by a manifests source on `dir`.
+async fn start_controller(topology: &Topology, dir: &Path, port: u16) -> TestController {
+    let listener = topology
+        .node()
+        .tcp_listener(SocketAddr::from(([127, 0, 0, 1], port)))
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let controller = TestController::start_on(listener, ComputeOptions::default())
+        .await
+        .unwrap();
+    tokio::spawn(ManifestSource::new(dir).run(controller.updates.clone()));
+    controller
+}
+
+/// The agent binary, inside the node namespace.
+fn spawn_agent(topology: &Topology, controller: &TestController, state: &Path) -> NsChild {
+    topology
+        .node()
+        .spawn([
+            env!("CARGO_BIN_EXE_switchyard-agent-iptables"),
+            "--controller",
+            &controller.endpoint(),
+            "--node-name",
+            NODE,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--query-listen",
+            "127.0.0.1:0",
+            "--healthz-listen",
+            "127.0.0.1:0",
+            "--disable-ipv6",
+        ])
+        .unwrap()
 }
 
 fn manifests_text(web_endpoints: &[u8]) -> String {
@@ -302,4 +319,43 @@ async fn client_ip_affinity_sticks_to_one_backend() {
     let cluster = Cluster::start().await;
     let (backends, _) = cluster.spread(cluster.client(), "10.96.0.14", 80, 20, false);
     assert_eq!(backends.len(), 1, "{backends:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarting_or_losing_the_agent_and_the_controller_fails_no_connection() {
+    let mut cluster = Cluster::start().await;
+    let target: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let traffic =
+        ConnectionLoop::start(cluster.client(), target, Duration::from_millis(20)).unwrap();
+    assert!(traffic.wait_for_successes(10, PATIENCE));
+
+    // The agent restarts: the rules stay in place throughout.
+    cluster.restart_agent();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // The controller restarts on the same address, then is gone for 10 s.
+    let port = cluster.controller.take().unwrap().address.port();
+    let controller = start_controller(&cluster.topology, cluster.manifests.path(), port).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(controller);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    cluster.controller =
+        Some(start_controller(&cluster.topology, cluster.manifests.path(), port).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let stats = traffic.stop();
+    assert!(stats.succeeded > 200, "{stats:?}");
+    assert_eq!(stats.failed, 0, "{:?}", stats.failures);
+    assert_eq!(stats.by_backend.len(), 3, "{stats:?}");
+
+    // The agent found the controller again: a change on disk reaches the kernel.
+    write(
+        &cluster.manifests.path().join("cluster.yaml"),
+        &manifests_text(&[2, 3]),
+    );
+    cluster
+        .eventually("backend-1 out of web after the reconnect", |c| {
+            c.spread(c.client(), "10.96.0.10", 80, 20, false).0 == set(&["backend-2", "backend-3"])
+        })
+        .await;
 }
