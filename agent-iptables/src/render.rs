@@ -978,6 +978,72 @@ pub fn restore_input(
     text
 }
 
+/// One Service moving from what the kernel holds (`old`) to what it must hold (`new`);
+/// `None` on either side for a Service appearing or going away.
+pub type ServiceMove<'a> = (Option<&'a ServiceRules>, Option<&'a ServiceRules>);
+
+/// `iptables-restore --noflush` input for one table of one family that moves the given
+/// Services from their old rules to their new ones without rewriting the shared chains:
+/// their own chains are declared (flushed) and refilled, and in the shared chains only
+/// their own lines are deleted (`-D`) and inserted at the top (`-I … 1`, in reverse, so
+/// they keep their order and stay ahead of the shared rules that end a chain). A change
+/// of endpoints leaves every shared line alone. Stale chains are emptied and deleted
+/// last (make-before-break).
+///
+/// The transaction fails as a whole if a line to delete is not in the kernel (someone
+/// edited the rules); the caller then falls back to [`restore_input`].
+pub fn incremental_input(
+    family: Family,
+    table: Table,
+    moves: &[ServiceMove<'_>],
+    stale: &BTreeSet<String>,
+) -> String {
+    let rules = |side: Option<&ServiceRules>, shared: bool| -> Vec<Rule> {
+        side.into_iter()
+            .flat_map(|s| s.rules_in(family, table))
+            .filter(|r| is_global_chain(table, &r.chain) == shared)
+            .cloned()
+            .collect()
+    };
+    let mut text = format!("*{table}\n");
+    let mut declared = BTreeSet::new();
+    for (_, new) in moves {
+        for rule in rules(*new, false) {
+            if declared.insert(rule.chain.clone()) {
+                text.push_str(&format!(":{} - [0:0]\n", rule.chain));
+            }
+        }
+    }
+    for chain in stale {
+        if declared.insert(chain.clone()) {
+            text.push_str(&format!(":{chain} - [0:0]\n"));
+        }
+    }
+    for (old, new) in moves {
+        let (old, new) = (rules(*old, true), rules(*new, true));
+        if old == new {
+            continue;
+        }
+        for rule in &old {
+            text.push_str(&format!("-D {} {}\n", rule.chain, rule.spec));
+        }
+        for rule in new.iter().rev() {
+            text.push_str(&format!("-I {} 1 {}\n", rule.chain, rule.spec));
+        }
+    }
+    for (_, new) in moves {
+        for rule in rules(*new, false) {
+            text.push_str(&rule.line());
+            text.push('\n');
+        }
+    }
+    for chain in stale {
+        text.push_str(&format!("-X {chain}\n"));
+    }
+    text.push_str("COMMIT\n");
+    text
+}
+
 /// `iptables-restore --noflush` input that rewrites only the touched Services' own chains
 /// (plus the static `SWY-MARK-MASQ` they jump to), leaving the shared chains alone: one
 /// step of a sync too large for one transaction. Each Service's chains change together.
@@ -1041,6 +1107,80 @@ pub fn drop_chains_input(table: Table, chains: &[String], delete: bool) -> Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rule(table: Table, chain: &str, spec: &str) -> Rule {
+        Rule {
+            family: Family::V4,
+            table,
+            chain: chain.into(),
+            spec: spec.into(),
+        }
+    }
+
+    fn service(rules: Vec<Rule>) -> ServiceRules {
+        ServiceRules {
+            version: None,
+            rules,
+        }
+    }
+
+    #[test]
+    fn an_endpoint_change_rewrites_own_chains_and_leaves_every_shared_line_alone() {
+        let dispatch = rule(Table::Nat, SERVICES, "-d 10.96.0.1/32 -j SWY-SVC-A");
+        let old = service(vec![
+            dispatch.clone(),
+            rule(Table::Nat, "SWY-SVC-A", "-j SWY-SEP-1"),
+        ]);
+        let new = service(vec![
+            dispatch,
+            rule(Table::Nat, "SWY-SVC-A", "-j SWY-SEP-2"),
+        ]);
+        let stale = BTreeSet::from(["SWY-SEP-1".to_string()]);
+        let text = incremental_input(Family::V4, Table::Nat, &[(Some(&old), Some(&new))], &stale);
+        assert_eq!(
+            text,
+            "*nat\n:SWY-SVC-A - [0:0]\n:SWY-SEP-1 - [0:0]\n-A SWY-SVC-A -j SWY-SEP-2\n-X SWY-SEP-1\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn changed_shared_lines_are_deleted_then_inserted_on_top_in_their_order() {
+        let old = service(vec![rule(
+            Table::Nat,
+            SERVICES,
+            "-d 10.96.0.1/32 -j SWY-SVC-A",
+        )]);
+        let new = service(vec![
+            rule(Table::Nat, SERVICES, "-d 10.96.0.2/32 -j SWY-SVC-A"),
+            rule(Table::Nat, SERVICES, "-d 192.0.2.1/32 -j SWY-EXT-A"),
+        ]);
+        let added = service(vec![rule(
+            Table::Nat,
+            SERVICES,
+            "-d 10.96.0.9/32 -j SWY-SVC-B",
+        )]);
+        let moves = [
+            (Some(&old), Some(&new)),
+            (None, Some(&added)),
+            (Some(&added), None),
+        ];
+        let text = incremental_input(Family::V4, Table::Nat, &moves, &BTreeSet::new());
+        assert_eq!(
+            text,
+            "*nat\n\
+             -D SWY-SERVICES -d 10.96.0.1/32 -j SWY-SVC-A\n\
+             -I SWY-SERVICES 1 -d 192.0.2.1/32 -j SWY-EXT-A\n\
+             -I SWY-SERVICES 1 -d 10.96.0.2/32 -j SWY-SVC-A\n\
+             -I SWY-SERVICES 1 -d 10.96.0.9/32 -j SWY-SVC-B\n\
+             -D SWY-SERVICES -d 10.96.0.9/32 -j SWY-SVC-B\n\
+             COMMIT\n"
+        );
+        let filter = incremental_input(Family::V4, Table::Filter, &moves, &BTreeSet::new());
+        assert_eq!(
+            filter, "*filter\nCOMMIT\n",
+            "nothing of these Services in filter"
+        );
+    }
 
     #[test]
     fn chain_names_hash_like_kube_proxy() {

@@ -241,3 +241,106 @@ fn lifecycle(chunk_chains: usize) {
         assert!(left.is_empty(), "{tool} after cleanup: {left:#?}");
     }
 }
+
+/// Every Service reads back exactly as rendered, with its version.
+fn assert_in_sync(dp: &mut IptablesDataplane, want: &Desired) {
+    let back = dp.read_back().unwrap();
+    assert_eq!(
+        back.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
+    for (name, service) in want {
+        assert_eq!(
+            back[name].kernel_objects,
+            dp.expected(name, service),
+            "{name}"
+        );
+        assert_eq!(back[name].version, Some(service.version), "{name}");
+    }
+}
+
+#[test]
+fn incremental_syncs_keep_shared_lines_of_other_services_and_recover_from_hand_edits() {
+    let ns = NetNs::new("incr");
+    let mut dp = dataplane(&ns, Backend::Nft);
+    let web = |vip: &str, endpoints: &[&str]| {
+        let eps = endpoints.iter().map(|ip| ep(ip, 8080, false)).collect();
+        desired(service(
+            "ns/web",
+            &[vip],
+            vec![port("http", Protocol::Tcp, 80, eps)],
+        ))
+    };
+    let dns = desired(service(
+        "ns/dns",
+        &["10.96.0.11"],
+        vec![port(
+            "dns",
+            Protocol::Udp,
+            53,
+            vec![ep("10.244.0.7", 53, true)],
+        )],
+    ));
+    let mut want = Desired::new();
+    want.insert(
+        "ns/web".into(),
+        web("10.96.0.10", &["10.244.0.5", "10.244.0.6"]),
+    );
+    want.insert("ns/dns".into(), dns);
+    dp.apply(&want, &full()).unwrap();
+    let dns_before = chains_of(&swy_lines(&ns, "iptables-save"), "ns/dns");
+    let dns_handles = nft_handles(&ns, &dns_before);
+
+    // An endpoint goes, then the VIP moves (a shared line changes), then a new Service.
+    for (vip, endpoints) in [
+        ("10.96.0.10", &["10.244.0.5"][..]),
+        ("10.96.0.20", &["10.244.0.5"][..]),
+    ] {
+        want.insert("ns/web".into(), web(vip, endpoints));
+        dp.apply(&want, &upsert(&["ns/web"])).unwrap();
+        assert_in_sync(&mut dp, &want);
+    }
+    let mut api = web("10.96.0.30", &["10.244.0.9"]);
+    api.state.key = switchyard_proto::state::ServiceKey::new("ns", "api");
+    api.version = version_of(&api.state);
+    want.insert("ns/api".into(), api);
+    dp.apply(&want, &upsert(&["ns/api"])).unwrap();
+    assert_in_sync(&mut dp, &want);
+    let lines = swy_lines(&ns, "iptables-save");
+    assert!(
+        !lines.iter().any(|l| l.contains("10.96.0.10/32")),
+        "the old VIP's line is gone"
+    );
+    assert_eq!(chains_of(&lines, "ns/dns"), dns_before);
+    assert_eq!(
+        nft_handles(&ns, &dns_before),
+        dns_handles,
+        "dns's lines were rewritten"
+    );
+
+    // Someone deletes web's dispatch line: the next change to web cannot delete it
+    // either, so it falls back to a rewrite.
+    let delete = |lines: &[String], prefix: &str| {
+        let line = lines.iter().find(|l| l.starts_with(prefix)).expect(prefix);
+        ns.sh(&format!(
+            "iptables -t nat {}",
+            line.replacen("-A ", "-D ", 1)
+        ));
+    };
+    delete(&lines, "-A SWY-SERVICES -d 10.96.0.20/32");
+    want.insert(
+        "ns/web".into(),
+        web("10.96.0.21", &["10.244.0.5", "10.244.0.8"]),
+    );
+    dp.apply(&want, &upsert(&["ns/web"])).unwrap();
+    assert_in_sync(&mut dp, &want);
+
+    // Someone deletes dns's dispatch line: drift repair re-applies dns unchanged, which
+    // rewrites the shared lines.
+    delete(
+        &swy_lines(&ns, "iptables-save"),
+        "-A SWY-SERVICES -d 10.96.0.11/32",
+    );
+    dp.apply(&want, &upsert(&["ns/dns"])).unwrap();
+    assert_in_sync(&mut dp, &want);
+}
