@@ -391,12 +391,17 @@ impl Dataplane for IptablesDataplane {
             Some(current) => current,
             None => self.read_kernel()?.services,
         };
-        let mut next = current.clone();
+        // Changed in place (a clone of 10,000 Services' rules would dominate a one-Service
+        // change); the touched Services' previous rules are kept for the diff and to roll
+        // back on failure.
+        let mut next = current;
+        let mut previous: BTreeMap<String, Option<ServiceRules>> = BTreeMap::new();
         let mut names = Vec::new();
         for name in &change.upserted {
             match desired.get(name) {
                 Some(service) => {
-                    next.insert(name.clone(), self.render(name, service));
+                    let old = next.insert(name.clone(), self.render(name, service));
+                    previous.entry(name.clone()).or_insert(old);
                     names.push(name.clone());
                 }
                 None => {
@@ -407,14 +412,18 @@ impl Dataplane for IptablesDataplane {
             }
         }
         for name in &change.removed {
-            next.remove(name);
+            let old = next.remove(name);
+            previous.entry(name.clone()).or_insert(old);
             names.push(name.clone());
         }
+        let old = |name: &str| previous.get(name).and_then(Option::as_ref);
         let mut stale = BTreeSet::new();
         for name in &names {
-            let old = current.get(name).map(ServiceRules::owned_chains);
             let new = next.get(name).map(ServiceRules::owned_chains);
-            for chain in old.unwrap_or_default() {
+            for chain in old(name)
+                .map(ServiceRules::owned_chains)
+                .unwrap_or_default()
+            {
                 if !new.as_ref().is_some_and(|n| n.contains(&chain)) {
                     stale.insert(chain);
                 }
@@ -429,13 +438,11 @@ impl Dataplane for IptablesDataplane {
         // its shared lines must be rewritten even though they did not change.
         let repair = names
             .iter()
-            .any(|n| next.contains_key(n) && current.get(n) == next.get(n));
+            .any(|n| next.contains_key(n) && old(n) == next.get(n));
         let incremental =
             !first && !repair && !self.repair_jumps && self.fits_one_transaction(&touched, &stale);
-        let moves: Vec<render::ServiceMove<'_>> = names
-            .iter()
-            .map(|n| (current.get(n), next.get(n)))
-            .collect();
+        let moves: Vec<render::ServiceMove<'_>> =
+            names.iter().map(|n| (old(n), next.get(n))).collect();
         let written = match incremental.then(|| self.write_incremental(&moves, &stale)) {
             Some(Ok(())) => Ok(()),
             Some(Err(err)) => {
@@ -447,7 +454,13 @@ impl Dataplane for IptablesDataplane {
         drop(moves);
         if let Err(err) = written {
             // Keep what we knew; the kernel still holds it (each restore is atomic).
-            self.programmed = (!first).then_some(current);
+            for (name, rules) in previous {
+                match rules {
+                    Some(rules) => next.insert(name, rules),
+                    None => next.remove(&name),
+                };
+            }
+            self.programmed = (!first).then_some(next);
             return Err(err);
         }
         if first || self.repair_jumps {
