@@ -115,7 +115,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let listener = topology
         .node()
-        .tcp_listener(SocketAddr::from(([127, 0, 0, 1], 0)))?;
+        .tcp_listener(SocketAddr::from(([127, 0, 0, 1], 9740)))?;
     listener.set_nonblocking(true)?;
     let controller = TestController::start_on(
         tokio::net::TcpListener::from_std(listener)?,
@@ -457,9 +457,10 @@ async fn agent_state() -> anyhow::Result<String> {
     if let Some(apply) = &state.last_apply {
         writeln!(
             out,
-            "last apply: {} for {} Services{}",
+            "last apply: {} for {} Service{}{}",
             duration(apply.duration.as_ref()),
             apply.resources,
+            if apply.resources == 1 { "" } else { "s" },
             if apply.full_sync { " (full sync)" } else { "" }
         )?;
     }
