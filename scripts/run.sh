@@ -1,13 +1,34 @@
 #!/usr/bin/env bash
-# Runs the switchyard controller on the embedded default: the example manifests in
-# deploy/examples, no cluster needed. Extra arguments go to the controller
-# (try --help). Stop it with Ctrl-C.
+# Runs switchyard on the embedded default, no cluster needed. As root:
+#
+#   scripts/run.sh [--keep] [demo flags]
+#       the demo: the controller on the example cluster in deploy/examples (plus the
+#       demo's own Service in deploy/demo), the iptables agent as node-a in a throwaway
+#       node network namespace with three backend namespaces and a client namespace;
+#       prints the controller's and the agent's state and requests through a ClusterIP,
+#       then removes everything (--keep: stays up until Ctrl-C; --help: the flags).
+#
+#   scripts/run.sh --controller-only [controller flags]
+#       the controller alone on deploy/examples, on 127.0.0.1:9740 (Ctrl-C stops it).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 cd "$SWITCHYARD_ROOT"
 
 ensure_debian_packages ca-certificates gcc libc6-dev pkg-config
 ensure_rust
-log "building switchyard-controller"
-cargo build --release --locked -p switchyard-controller
-exec "$CARGO_TARGET_DIR/release/switchyard-controller" --manifests deploy/examples "$@"
+
+if [[ "${1:-}" == "--controller-only" ]]; then
+  shift
+  log "building switchyard-controller"
+  cargo build --release --locked -p switchyard-controller
+  exec "$CARGO_TARGET_DIR/release/switchyard-controller" --manifests deploy/examples "$@"
+fi
+
+# The demo: namespaces (iproute2), the agent's iptables-restore / iptables-save and
+# UDP conntrack cleanup (iptables, conntrack).
+ensure_debian_packages iproute2 iptables conntrack
+log "building switchyard-controller, switchyard-agent-iptables, swy-backend, switchyard-demo"
+cargo build --release --locked -p switchyard-controller -p switchyard-agent-iptables \
+  -p switchyard-integration --bin switchyard-controller --bin switchyard-agent-iptables \
+  --bin swy-backend --bin switchyard-demo
+exec "$CARGO_TARGET_DIR/release/switchyard-demo" "$@"
