@@ -160,3 +160,31 @@ impl Dataplane for MemoryDataplane {
         Ok(())
     }
 }
+
+/// Starts an agent for `node` over a [`MemoryDataplane`] on `kernel`, both listeners on
+/// `127.0.0.1:0`, periodic drift checks and full syncs out of the way (tests trigger
+/// them with [`crate::Agent::repair_drift`] and [`crate::Agent::full_sync`]).
+pub async fn start_memory_agent(
+    controller: String,
+    node: &str,
+    kernel: &MemoryKernel,
+    state_dir: &std::path::Path,
+) -> crate::Agent<MemoryDataplane> {
+    let options = crate::AgentOptions {
+        controller,
+        node_name: node.into(),
+        state_dir: state_dir.to_path_buf(),
+        drift_interval: std::time::Duration::from_secs(3600),
+        full_sync_period: std::time::Duration::ZERO,
+        agent_version: "test".into(),
+    };
+    let listener = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    crate::Agent::start(
+        options,
+        MemoryDataplane::new(kernel.clone()),
+        listener().await.expect("bind a loopback port"),
+        listener().await.expect("bind a loopback port"),
+    )
+    .await
+    .expect("the agent starts")
+}

@@ -5,16 +5,15 @@
 use std::{
     collections::{BTreeMap, HashMap},
     net::SocketAddr,
-    path::Path,
     pin::Pin,
     time::Duration,
 };
 
 use futures::Stream;
 use switchyard_agent_core::{
-    Agent, AgentOptions,
+    Agent,
     dataplane::ProgrammedService,
-    testing::{MemoryDataplane, MemoryKernel},
+    testing::{MemoryDataplane, MemoryKernel, start_memory_agent},
 };
 use switchyard_proto::{
     resource_version,
@@ -141,25 +140,15 @@ impl Controller {
 async fn start_agent(
     controller: &Controller,
     kernel: &MemoryKernel,
-    state_dir: &Path,
+    state_dir: &std::path::Path,
 ) -> Agent<MemoryDataplane> {
-    let options = AgentOptions {
-        controller: format!("http://{}", controller.addr),
-        node_name: "node-a".into(),
-        state_dir: state_dir.to_path_buf(),
-        // Periodic work stays out of the way; tests trigger it.
-        drift_interval: Duration::from_secs(3600),
-        full_sync_period: Duration::ZERO,
-        agent_version: "test".into(),
-    };
-    Agent::start(
-        options,
-        MemoryDataplane::new(kernel.clone()),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    start_memory_agent(
+        format!("http://{}", controller.addr),
+        "node-a",
+        kernel,
+        state_dir,
     )
     .await
-    .unwrap()
 }
 
 fn endpoint(ip: &str, port: u32, local: bool, ready: bool) -> v1::Endpoint {

@@ -5,12 +5,11 @@
 use std::time::Duration;
 
 use switchyard_agent_core::{
-    Agent, AgentOptions,
-    testing::{MemoryDataplane, MemoryKernel},
+    Agent,
+    testing::{MemoryDataplane, MemoryKernel, start_memory_agent},
 };
 use switchyard_controller::model::Object;
 use switchyard_integration::{controller::TestController, fixtures};
-use tokio::net::TcpListener;
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -19,22 +18,7 @@ async fn start_agent(
     kernel: &MemoryKernel,
     state_dir: &std::path::Path,
 ) -> Agent<MemoryDataplane> {
-    let options = AgentOptions {
-        controller: controller.endpoint(),
-        node_name: "node-0000".into(),
-        state_dir: state_dir.to_path_buf(),
-        drift_interval: Duration::from_secs(3600),
-        full_sync_period: Duration::ZERO,
-        agent_version: "test".into(),
-    };
-    Agent::start(
-        options,
-        MemoryDataplane::new(kernel.clone()),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap()
+    start_memory_agent(controller.endpoint(), "node-0000", kernel, state_dir).await
 }
 
 async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
