@@ -7,31 +7,9 @@
 mod common;
 
 use common::*;
-use switchyard_agent_core::dataplane::{Change, Dataplane, Desired};
-use switchyard_agent_iptables::{Backend, IptablesConfig, IptablesDataplane};
+use switchyard_agent_core::dataplane::{Dataplane, Desired};
+use switchyard_agent_iptables::Backend;
 use switchyard_proto::state::Protocol;
-
-fn dataplane(ns: &NetNs, backend: Backend) -> IptablesDataplane {
-    IptablesDataplane::new(IptablesConfig {
-        command_prefix: ns.prefix(),
-        backend: Some(backend),
-        ..IptablesConfig::default()
-    })
-}
-
-fn full() -> Change {
-    Change {
-        full: true,
-        ..Change::default()
-    }
-}
-
-fn upsert(names: &[&str]) -> Change {
-    Change {
-        upserted: names.iter().map(|n| n.to_string()).collect(),
-        ..Change::default()
-    }
-}
 
 fn main() {
     for backend in [Backend::Nft, Backend::Legacy] {

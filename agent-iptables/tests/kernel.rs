@@ -5,43 +5,8 @@ mod common;
 
 use common::*;
 use switchyard_agent_core::dataplane::{Change, Dataplane, Desired};
-use switchyard_agent_iptables::{Backend, IptablesConfig, IptablesDataplane, RenderConfig};
+use switchyard_agent_iptables::{Backend, IptablesDataplane};
 use switchyard_proto::state::Protocol;
-
-fn dataplane(ns: &NetNs, backend: Backend) -> IptablesDataplane {
-    dataplane_with_chunks(ns, backend, 0)
-}
-
-fn dataplane_with_chunks(ns: &NetNs, backend: Backend, chunk_chains: usize) -> IptablesDataplane {
-    IptablesDataplane::new(IptablesConfig {
-        chunk_chains,
-        render: RenderConfig {
-            cluster_cidrs: vec![
-                "10.244.0.0/16".parse().unwrap(),
-                "fd00:244::/48".parse().unwrap(),
-            ],
-            node_ips: vec!["203.0.113.7".parse().unwrap()],
-            ..RenderConfig::default()
-        },
-        command_prefix: ns.prefix(),
-        backend: Some(backend),
-        ..IptablesConfig::default()
-    })
-}
-
-fn full() -> Change {
-    Change {
-        full: true,
-        ..Change::default()
-    }
-}
-
-fn upsert(names: &[&str]) -> Change {
-    Change {
-        upserted: names.iter().map(|n| n.to_string()).collect(),
-        ..Change::default()
-    }
-}
 
 fn swy_lines(ns: &NetNs, tool: &str) -> Vec<String> {
     ns.sh(tool)

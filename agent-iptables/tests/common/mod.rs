@@ -7,7 +7,8 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use switchyard_agent_core::dataplane::DesiredService;
+use switchyard_agent_core::dataplane::{Change, DesiredService};
+use switchyard_agent_iptables::{Backend, IptablesConfig, IptablesDataplane, RenderConfig};
 use switchyard_proto::state::{
     EndpointState, PortState, Protocol, ServiceKey, ServiceState, TrafficPolicy,
 };
@@ -169,4 +170,44 @@ pub fn kitchen_sink() -> ServiceState {
     s.external_traffic_policy = TrafficPolicy::Local;
     s.health_check_node_port = Some(32000);
     s
+}
+
+/// The iptables dataplane programming `ns`, as the kernel tests and the bench use it.
+pub fn dataplane(ns: &NetNs, backend: Backend) -> IptablesDataplane {
+    dataplane_with_chunks(ns, backend, 0)
+}
+
+pub fn dataplane_with_chunks(
+    ns: &NetNs,
+    backend: Backend,
+    chunk_chains: usize,
+) -> IptablesDataplane {
+    IptablesDataplane::new(IptablesConfig {
+        chunk_chains,
+        render: RenderConfig {
+            cluster_cidrs: vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00:244::/48".parse().unwrap(),
+            ],
+            node_ips: vec!["203.0.113.7".parse().unwrap()],
+            ..RenderConfig::default()
+        },
+        command_prefix: ns.prefix(),
+        backend: Some(backend),
+        ..IptablesConfig::default()
+    })
+}
+
+pub fn full() -> Change {
+    Change {
+        full: true,
+        ..Change::default()
+    }
+}
+
+pub fn upsert(names: &[&str]) -> Change {
+    Change {
+        upserted: names.iter().map(|n| n.to_string()).collect(),
+        ..Change::default()
+    }
 }
