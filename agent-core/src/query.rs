@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use switchyard_proto::{FILE_DESCRIPTOR_SET, format_version, v1};
+use switchyard_proto::{format_version, v1};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
@@ -99,17 +99,8 @@ pub(crate) async fn serve<D: Dataplane>(
     health
         .set_serving::<v1::agent_query_server::AgentQueryServer<QueryService<D>>>()
         .await;
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .expect("descriptor sets are built into the binary");
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .expect("descriptor sets are built into the binary");
+    let reflection_v1 = switchyard_proto::reflection::v1();
+    let reflection_v1alpha = switchyard_proto::reflection::v1alpha();
     let router = tonic::transport::Server::builder()
         .add_service(v1::agent_query_server::AgentQueryServer::new(service))
         .add_service(health_service)

@@ -3,7 +3,7 @@
 
 use std::future::Future;
 
-use switchyard_proto::{FILE_DESCRIPTOR_SET, encoded, v1};
+use switchyard_proto::{encoded, v1};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 
@@ -36,17 +36,8 @@ pub async fn serve(
         )
         .await;
 
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection()
-        .build_v1()
-        .expect("descriptor sets are built into the binary");
-    let reflection_v1alpha = reflection()
-        .build_v1alpha()
-        .expect("descriptor sets are built into the binary");
+    let reflection_v1 = switchyard_proto::reflection::v1();
+    let reflection_v1alpha = switchyard_proto::reflection::v1alpha();
 
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
