@@ -7,8 +7,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 cd "$SWITCHYARD_ROOT"
 
 ensure_debian_packages ca-certificates gcc libc6-dev pkg-config
-# Real-kernel tests: namespaces, iptables (nft and legacy), conntrack, a socat backend.
-ensure_debian_packages iproute2 iptables conntrack socat
+# Real-kernel tests: namespaces, iptables (nft and legacy), nft to inspect rule handles,
+# conntrack, a socat backend.
+ensure_debian_packages iproute2 iptables nftables conntrack socat
 ensure_rust
 ensure_python_clients
 
