@@ -1,0 +1,166 @@
+//! First-packet cost of the iptables agent's rules: how many new TCP connections per
+//! second a client opens through a ClusterIP, with N = 0, 1,000 and 10,000 other
+//! Services programmed on the node, against a direct connection to the backend across
+//! the same node. `cargo bench -p switchyard-agent-iptables --bench first_packet` (as
+//! root).
+//!
+//! Only a connection's first packet walks the nat chains (later ones follow conntrack),
+//! so the connect rate is where a long dispatch chain shows. Each connect is closed with
+//! an RST so neither side piles up TIME_WAIT sockets. The measured Service sorts last in
+//! the dispatch chain: the worst case of the linear walk that kube-proxy's iptables mode
+//! also has. A direct connection's first packet walks the whole chain too (it matches no
+//! VIP), so it is measured under each ruleset as well as with none.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
+};
+
+use common::{desired, ep, full, port, service};
+use switchyard_agent_core::dataplane::{Dataplane, Desired};
+use switchyard_agent_iptables::{Backend, IptablesConfig, IptablesDataplane, RenderConfig};
+use switchyard_integration::netns::{Netns, Topology};
+use switchyard_proto::state::Protocol;
+
+const TARGET_VIP: &str = "10.96.255.254";
+const BACKEND: &str = "10.244.1.2";
+const BACKEND_PORT: u16 = 8080;
+/// How long one rate measurement runs; the figure is the median of [`ROUNDS`].
+const WINDOW: Duration = Duration::from_secs(2);
+const ROUNDS: usize = 3;
+
+fn services(n: usize) -> Desired {
+    let mut want = Desired::new();
+    for i in 0..n {
+        let vip = format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256);
+        let a = format!("10.245.{}.{}", (i / 128) % 256, (i % 128) * 2);
+        let b = format!("10.246.{}.{}", (i / 128) % 256, (i % 128) * 2);
+        let name = format!("bench/s{i:05}");
+        let endpoints = vec![ep(&a, BACKEND_PORT, false), ep(&b, BACKEND_PORT, false)];
+        let state = service(
+            &name,
+            &[&vip],
+            vec![port("http", Protocol::Tcp, 80, endpoints)],
+        );
+        want.insert(name, desired(state));
+    }
+    // "zzz" sorts after every other Service: its VIP rule is the dispatch chain's last.
+    let endpoints = vec![ep(BACKEND, BACKEND_PORT, false)];
+    let target = service(
+        "zzz/target",
+        &[TARGET_VIP],
+        vec![port("http", Protocol::Tcp, 80, endpoints)],
+    );
+    want.insert("zzz/target".into(), desired(target));
+    want
+}
+
+/// New connections per second from `client` to `target` over [`WINDOW`]; a connect that
+/// fails aborts the bench (the rules or the topology are wrong, not slow).
+fn connect_rate(client: &Netns, node: &Netns, target: SocketAddr) -> f64 {
+    // A window opens more connections than there are ephemeral ports: start each from
+    // empty conntrack tables so a reused port never meets its predecessor's entry.
+    for ns in [client, node] {
+        let _ = ns.exec(["conntrack", "-F"]);
+    }
+    client
+        .run(move || {
+            let start = Instant::now();
+            let mut connections = 0u64;
+            while start.elapsed() < WINDOW {
+                let stream = TcpStream::connect_timeout(&target, Duration::from_secs(1))
+                    .unwrap_or_else(|e| panic!("connect {target} after {connections}: {e}"));
+                // RST on close: no TIME_WAIT, so the ephemeral ports never run out.
+                socket2::SockRef::from(&stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                drop(stream);
+                connections += 1;
+            }
+            connections as f64 / start.elapsed().as_secs_f64()
+        })
+        .unwrap()
+}
+
+fn median(mut f: impl FnMut() -> f64) -> f64 {
+    let mut runs: Vec<f64> = (0..ROUNDS).map(|_| f()).collect();
+    runs.sort_by(f64::total_cmp);
+    runs[ROUNDS / 2]
+}
+
+/// Accepts and drops connections until the process ends.
+fn serve(listener: TcpListener) {
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            drop(stream);
+        }
+    });
+}
+
+fn main() {
+    let topology = Topology::builder()
+        .backends(1)
+        .ipv6(false)
+        .build()
+        .expect("topology (run as root)");
+    let backend_ns = topology.backend(1);
+    // A deep accept queue: a full one drops SYNs, and a retransmitted SYN (1 s) would
+    // measure the accept thread instead of the rules.
+    let listener = backend_ns
+        .ns()
+        .run(|| {
+            let address = SocketAddr::new(BACKEND.parse().unwrap(), BACKEND_PORT);
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.bind(&address.into())?;
+            socket.listen(4096)?;
+            std::io::Result::Ok(TcpListener::from(socket))
+        })
+        .unwrap()
+        .unwrap();
+    serve(listener);
+    let vip: SocketAddr = format!("{TARGET_VIP}:80").parse().unwrap();
+    let direct: SocketAddr = format!("{BACKEND}:{BACKEND_PORT}").parse().unwrap();
+    let client = topology.client();
+
+    let node = topology.node();
+    client
+        .sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+        .unwrap();
+    let bare = median(|| connect_rate(client, node, direct));
+    println!("no rules: direct {bare:.0} connections/s");
+    let mut dp = IptablesDataplane::new(IptablesConfig {
+        render: RenderConfig {
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            ..RenderConfig::default()
+        },
+        command_prefix: vec![
+            "ip".into(),
+            "netns".into(),
+            "exec".into(),
+            node.name().into(),
+        ],
+        backend: std::env::var("SWY_BACKEND").ok().map(|b| {
+            if b == "legacy" {
+                Backend::Legacy
+            } else {
+                Backend::Nft
+            }
+        }),
+        disable_ipv6: true,
+        ..IptablesConfig::default()
+    });
+    for n in [0usize, 1000, 10000] {
+        dp.apply(&services(n), &full()).unwrap();
+        let through_vip = median(|| connect_rate(client, node, vip));
+        let direct_now = median(|| connect_rate(client, node, direct));
+        println!(
+            "{:?} n={n}: ClusterIP {through_vip:.0} connections/s ({:.0}% of direct without rules), direct across the same rules {direct_now:.0}/s",
+            dp.backend(),
+            100.0 * through_vip / bare
+        );
+    }
+    dp.cleanup().unwrap();
+}
