@@ -20,7 +20,8 @@ pub enum Backend {
 }
 
 impl Backend {
-    fn suffix(self) -> &'static str {
+    /// `nft` or `legacy`, as in the tools' names.
+    pub fn name(self) -> &'static str {
         match self {
             Backend::Nft => "nft",
             Backend::Legacy => "legacy",
@@ -33,9 +34,9 @@ impl Backend {
             Family::V6 => "ip6tables",
         };
         if tool.is_empty() {
-            format!("{base}-{}", self.suffix())
+            format!("{base}-{}", self.name())
         } else {
-            format!("{base}-{}-{tool}", self.suffix())
+            format!("{base}-{}-{tool}", self.name())
         }
     }
 

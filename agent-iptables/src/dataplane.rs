@@ -163,6 +163,23 @@ impl IptablesDataplane {
         Ok(())
     }
 
+    /// Inserts the jumps from built-in chains that `saved` (read before this sync) lacks:
+    /// one restore per family instead of an `iptables -C` and `-I` per jump, each of which
+    /// would load the whole table (with 10,000 Services, about 20 ms apiece).
+    fn ensure_jumps_from(&self, saved: &Saved) -> Result<(), DataplaneError> {
+        let present: BTreeSet<String> = saved.jumps.iter().map(|r| r.object()).collect();
+        for family in self.families() {
+            let missing: Vec<_> = builtin_jumps()
+                .into_iter()
+                .filter(|j| !present.contains(&format!("{family} {} {}", j.table, j.line())))
+                .collect();
+            if let Some(input) = render::insert_jumps_input(&missing) {
+                self.restore(family, &input)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `next` for the Services in `touched`, deleting `stale` chains.
     ///
     /// With nft, up to [`CHUNK_CHAINS`] chains go in one transaction per family. Beyond that
@@ -268,7 +285,11 @@ impl IptablesDataplane {
                     .collect();
                 input.push_str(&render::incremental_input(family, table, moves, &stale));
             }
-            self.restore(family, &input)?;
+            // A table with nothing to change costs a restore nothing, but a family with
+            // nothing to change would still cost a process (usually IPv6).
+            if !input.is_empty() {
+                self.restore(family, &input)?;
+            }
         }
         Ok(())
     }
@@ -364,7 +385,8 @@ impl Dataplane for IptablesDataplane {
                 .collect();
             let touched: Vec<&ServiceRules> = next.values().collect();
             self.write(&next, &touched, &stale)?;
-            self.ensure_jumps()?;
+            // The jumps are in built-in chains, which the write does not touch.
+            self.ensure_jumps_from(&kernel)?;
             self.repair_jumps = false;
             let gone: Vec<String> = self
                 .states
@@ -387,9 +409,15 @@ impl Dataplane for IptablesDataplane {
         }
 
         let first = self.programmed.is_none();
+        let mut read_at_start = None;
         let current = match self.programmed.take() {
             Some(current) => current,
-            None => self.read_kernel()?.services,
+            None => {
+                let mut saved = self.read_kernel()?;
+                let services = std::mem::take(&mut saved.services);
+                read_at_start = Some(saved);
+                services
+            }
         };
         // Changed in place (a clone of 10,000 Services' rules would dominate a one-Service
         // change); the touched Services' previous rules are kept for the diff and to roll
@@ -463,7 +491,10 @@ impl Dataplane for IptablesDataplane {
             self.programmed = (!first).then_some(next);
             return Err(err);
         }
-        if first || self.repair_jumps {
+        if let Some(saved) = &read_at_start {
+            self.ensure_jumps_from(saved)?;
+            self.repair_jumps = false;
+        } else if self.repair_jumps {
             self.ensure_jumps()?;
             self.repair_jumps = false;
         }

@@ -1006,6 +1006,7 @@ pub fn incremental_input(
             .collect()
     };
     let mut text = format!("*{table}\n");
+    let empty_len = text.len();
     let mut declared = BTreeSet::new();
     for (_, new) in moves {
         for rule in rules(*new, false) {
@@ -1040,8 +1041,38 @@ pub fn incremental_input(
     for chain in stale {
         text.push_str(&format!("-X {chain}\n"));
     }
+    if text.len() == empty_len {
+        return String::new();
+    }
     text.push_str("COMMIT\n");
     text
+}
+
+/// `iptables-restore --noflush` input inserting `jumps` at the top of their built-in
+/// chains, in order (each `-I … 1` goes above the ones before it, as `iptables -I` does
+/// one at a time); `None` when there are none.
+pub fn insert_jumps_input(jumps: &[BuiltinJump]) -> Option<String> {
+    if jumps.is_empty() {
+        return None;
+    }
+    let mut text = String::new();
+    for table in [Table::Nat, Table::Filter] {
+        let lines: Vec<String> = jumps
+            .iter()
+            .filter(|j| j.table == table)
+            .map(|j| {
+                let line = j.line();
+                let rest = &line[format!("-A {}", j.builtin).len()..];
+                format!("-I {} 1{rest}\n", j.builtin)
+            })
+            .collect();
+        if !lines.is_empty() {
+            text.push_str(&format!("*{table}\n"));
+            text.extend(lines);
+            text.push_str("COMMIT\n");
+        }
+    }
+    Some(text)
 }
 
 /// `iptables-restore --noflush` input that rewrites only the touched Services' own chains
@@ -1177,9 +1208,34 @@ mod tests {
         );
         let filter = incremental_input(Family::V4, Table::Filter, &moves, &BTreeSet::new());
         assert_eq!(
-            filter, "*filter\nCOMMIT\n",
-            "nothing of these Services in filter"
+            filter, "",
+            "nothing of these Services in filter: no section"
         );
+    }
+
+    #[test]
+    fn missing_jumps_are_inserted_in_order_per_table() {
+        let jumps = builtin_jumps();
+        assert_eq!(insert_jumps_input(&[]), None);
+        let nat: Vec<BuiltinJump> = jumps
+            .iter()
+            .filter(|j| j.table == Table::Nat)
+            .cloned()
+            .collect();
+        let text = insert_jumps_input(&nat).unwrap();
+        assert_eq!(
+            text,
+            "*nat\n\
+             -I PREROUTING 1 -m comment --comment \"swy service portals\" -j SWY-SERVICES\n\
+             -I OUTPUT 1 -m comment --comment \"swy service portals\" -j SWY-SERVICES\n\
+             -I POSTROUTING 1 -m comment --comment \"swy postrouting rules\" -j SWY-POSTROUTING\n\
+             COMMIT\n"
+        );
+        let all = insert_jumps_input(&jumps).unwrap();
+        assert!(
+            all.starts_with("*nat\n") && all.contains("COMMIT\n*filter\n-I INPUT 1 -m conntrack")
+        );
+        assert_eq!(all.matches("-I ").count(), jumps.len());
     }
 
     #[test]

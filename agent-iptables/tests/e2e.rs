@@ -14,7 +14,10 @@ use std::{
 use switchyard_controller::{compute::ComputeOptions, sources::manifests::ManifestSource};
 use switchyard_integration::{
     controller::TestController,
-    netns::{Backend, ConnectionLoop, Netns, NsChild, Topology, tcp_request, udp_request},
+    netns::{
+        Backend, ConnectionLoop, Netns, NsChild, ProbeOptions, Topology, tcp_request,
+        tcp_request_with, udp_request,
+    },
 };
 
 const NODE: &str = "node-a";
@@ -121,6 +124,21 @@ impl Cluster {
             })
             .await;
         cluster
+    }
+
+    /// The controller's view of this node's current stream: (stream id, connected,
+    /// resources acknowledged, upserts sent, removals sent).
+    fn node_stream(&self) -> Option<(u64, bool, usize, u64, u64)> {
+        let controller = self.controller.as_ref()?;
+        let session = controller.sessions.get(NODE)?;
+        let protocol = session.protocol();
+        Some((
+            session.id,
+            session.is_connected(),
+            protocol.acked.len(),
+            protocol.resources_sent,
+            protocol.removals_sent,
+        ))
     }
 
     /// Stops the agent (SIGTERM) and starts a new one over the same state directory.
@@ -329,9 +347,25 @@ async fn restarting_or_losing_the_agent_and_the_controller_fails_no_connection()
         ConnectionLoop::start(cluster.client(), target, Duration::from_millis(20)).unwrap();
     assert!(traffic.wait_for_successes(10, PATIENCE));
 
-    // The agent restarts: the rules stay in place throughout.
+    // The agent restarts: the rules stay in place throughout, and the new stream resumes
+    // from the versions the agent read back from the kernel, so nothing is resent.
+    let (before, _, held, _, _) = cluster.node_stream().expect("agent connected");
     cluster.restart_agent();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    cluster
+        .eventually("the restarted agent's stream", |c| {
+            c.node_stream()
+                .is_some_and(|(id, connected, _, _, _)| id != before && connected)
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_, _, acked, sent, removed) = cluster.node_stream().unwrap();
+    assert_eq!(acked, held, "the new stream holds every Service");
+    assert_eq!(
+        (sent, removed),
+        (0, 0),
+        "nothing unchanged is resent after an agent restart"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     // The controller restarts on the same address, then is gone for 10 s.
     let port = cluster.controller.take().unwrap().address.port();
@@ -358,4 +392,37 @@ async fn restarting_or_losing_the_agent_and_the_controller_fails_no_connection()
             c.spread(c.client(), "10.96.0.10", 80, 20, false).0 == set(&["backend-2", "backend-3"])
         })
         .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_added_on_disk_forwards_within_a_second() {
+    let cluster = Cluster::start().await;
+    let fresh = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: fresh}}\n\
+         spec: {{clusterIP: 10.96.0.20, ports: [{{name: http, port: 80}}]}}\n---\n{}",
+        slice("fresh-1", "fresh", "TCP", "http", 8080, &[2])
+    );
+    let target: SocketAddr = "10.96.0.20:80".parse().unwrap();
+    let quick = ProbeOptions {
+        connect_timeout: Duration::from_millis(100),
+        io_timeout: Duration::from_secs(1),
+    };
+    assert!(
+        tcp_request_with(cluster.client(), target, &quick).is_err(),
+        "nothing answers before the Service exists"
+    );
+    let written = Instant::now();
+    write(&cluster.manifests.path().join("fresh.yaml"), &fresh);
+    // Poll every 10 ms: the figure is the time from the write to the first answer.
+    let answer = loop {
+        match tcp_request_with(cluster.client(), target, &quick) {
+            Ok(answer) => break answer,
+            Err(_) if written.elapsed() < PATIENCE => std::thread::sleep(Duration::from_millis(10)),
+            Err(err) => panic!("fresh never answered: {err}"),
+        }
+    };
+    let took = written.elapsed();
+    eprintln!("manifest written to first answer through the new ClusterIP: {took:?}");
+    assert!(answer.starts_with("backend-2 "), "{answer}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
 }

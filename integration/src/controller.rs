@@ -17,6 +17,8 @@ pub struct TestController {
     pub address: SocketAddr,
     pub updates: StoreSender,
     pub hub: HubHandle,
+    /// What the server knows of each node's stream (what the query API reports).
+    pub sessions: Sessions,
     shutdown: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
 }
@@ -40,12 +42,13 @@ impl TestController {
         let address = listener.local_addr()?;
         let (shutdown, stop) = oneshot::channel();
         let server_handle = handle.clone();
+        let sessions = Sessions::default();
+        let server_sessions = sessions.clone();
         let server = tokio::spawn(async move {
             let stop = async {
                 let _ = stop.await;
             };
-            if let Err(error) =
-                server::serve(listener, server_handle, Sessions::default(), stop).await
+            if let Err(error) = server::serve(listener, server_handle, server_sessions, stop).await
             {
                 tracing::error!(%error, "test controller failed");
             }
@@ -54,6 +57,7 @@ impl TestController {
             address,
             updates,
             hub: handle,
+            sessions,
             shutdown: Some(shutdown),
             server,
         })

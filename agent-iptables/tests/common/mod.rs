@@ -183,6 +183,14 @@ pub fn dataplane_with_chunks(
     chunk_chains: usize,
 ) -> IptablesDataplane {
     IptablesDataplane::new(IptablesConfig {
+        command_prefix: ns.prefix(),
+        ..config(backend, chunk_chains)
+    })
+}
+
+/// The tests' configuration (cluster CIDR, a node IP), running commands unprefixed.
+pub fn config(backend: Backend, chunk_chains: usize) -> IptablesConfig {
+    IptablesConfig {
         chunk_chains,
         render: RenderConfig {
             cluster_cidrs: vec![
@@ -192,10 +200,9 @@ pub fn dataplane_with_chunks(
             node_ips: vec!["203.0.113.7".parse().unwrap()],
             ..RenderConfig::default()
         },
-        command_prefix: ns.prefix(),
         backend: Some(backend),
         ..IptablesConfig::default()
-    })
+    }
 }
 
 pub fn full() -> Change {

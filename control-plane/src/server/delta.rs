@@ -285,6 +285,11 @@ impl NodeStream {
         let upserts: Vec<_> = added.into_iter().chain(modified).collect();
         self.nonces += 1;
         let nonce = format!("{}-{}", self.session.id, self.nonces);
+        {
+            let mut protocol = self.session.protocol();
+            protocol.resources_sent += upserts.len() as u64;
+            protocol.removals_sent += removals.len() as u64;
+        }
         let response = EncodedNodeStateResponse {
             system_version: generation.seq.to_string(),
             resources: upserts.iter().map(|r| r.bytes.clone()).collect(),

@@ -84,6 +84,8 @@ fn node_status(
     status.peer = session.peer.clone();
     status.connected_since = Some(session.connected_since.into());
     let protocol = session.protocol();
+    status.resources_sent = protocol.resources_sent;
+    status.removals_sent = protocol.removals_sent;
     let stale = desired
         .iter()
         .filter(|r| protocol.acked.get(&r.name) != Some(&r.version))

@@ -28,6 +28,9 @@ pub struct NodeProtocol {
     pub last_nack: Option<Nack>,
     /// Since when the agent has been missing some desired change; `None` when in sync.
     pub out_of_sync_since: Option<SystemTime>,
+    /// Upserted resources and removals sent on this stream.
+    pub resources_sent: u64,
+    pub removals_sent: u64,
 }
 
 /// One agent's stream for one node.
