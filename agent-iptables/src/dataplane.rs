@@ -355,6 +355,52 @@ impl IptablesDataplane {
             }
         }
     }
+
+    /// A change that failed as a whole, retried one Service at a time (upserts first,
+    /// make-before-break), so that a Service whose rules the kernel refuses is reported
+    /// alone and the others still land. When every one fails, the problem is not any one
+    /// Service: the first error is returned for the runtime to retry.
+    fn apply_one_by_one(
+        &mut self,
+        desired: &Desired,
+        change: &Change,
+        error: DataplaneError,
+    ) -> Result<ApplyOutcome, DataplaneError> {
+        let total = change.upserted.len() + change.removed.len();
+        tracing::warn!(%error, services = total, "change failed; applying its Services one at a time");
+        let singles = change
+            .upserted
+            .iter()
+            .map(|name| Change {
+                upserted: vec![name.clone()],
+                ..Change::default()
+            })
+            .chain(change.removed.iter().map(|name| Change {
+                removed: vec![name.clone()],
+                ..Change::default()
+            }));
+        let mut outcome = ApplyOutcome::default();
+        for single in singles {
+            let name = single
+                .upserted
+                .iter()
+                .chain(&single.removed)
+                .next()
+                .cloned();
+            match self.apply_partial(desired, &single) {
+                Ok(one) => outcome.failed.extend(one.failed),
+                Err(err) => {
+                    let name = name.unwrap_or_default();
+                    tracing::warn!(service = %name, %err, "Service rejected");
+                    outcome.failed.insert(name, err.to_string());
+                }
+            }
+        }
+        if outcome.failed.len() == total {
+            return Err(error);
+        }
+        Ok(outcome)
+    }
 }
 
 impl Dataplane for IptablesDataplane {
@@ -367,7 +413,6 @@ impl Dataplane for IptablesDataplane {
         desired: &Desired,
         change: &Change,
     ) -> Result<ApplyOutcome, DataplaneError> {
-        let mut outcome = ApplyOutcome::default();
         if change.full {
             let kernel = self.read_kernel()?;
             let next: BTreeMap<String, ServiceRules> = desired
@@ -405,9 +450,58 @@ impl Dataplane for IptablesDataplane {
                 .map(|(n, s)| (n.clone(), s.state.clone()))
                 .collect();
             self.programmed = Some(next);
-            return Ok(outcome);
+            return Ok(ApplyOutcome::default());
         }
+        match self.apply_partial(desired, change) {
+            Err(error) if change.upserted.len() + change.removed.len() > 1 => {
+                self.apply_one_by_one(desired, change, error)
+            }
+            result => result,
+        }
+    }
 
+    fn read_back(&mut self) -> Result<Programmed, DataplaneError> {
+        let saved = self.read_kernel()?;
+        let missing = self.missing_jumps(&saved);
+        if !missing.is_empty() && self.programmed.is_some() {
+            tracing::warn!(
+                ?missing,
+                "jumps into switchyard chains are missing; the next apply restores them"
+            );
+            self.repair_jumps = true;
+        }
+        Ok(saved
+            .services
+            .iter()
+            .map(|(name, rules)| {
+                (
+                    name.clone(),
+                    ProgrammedService {
+                        version: rules.version,
+                        kernel_objects: rules.objects(),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    fn expected(&self, name: &str, service: &DesiredService) -> Vec<String> {
+        self.render(name, service).objects()
+    }
+
+    fn cleanup(&mut self) -> Result<(), DataplaneError> {
+        self.remove_everything()
+    }
+}
+
+impl IptablesDataplane {
+    /// A partial sync of the Services `change` names, in as few transactions as it can.
+    fn apply_partial(
+        &mut self,
+        desired: &Desired,
+        change: &Change,
+    ) -> Result<ApplyOutcome, DataplaneError> {
+        let mut outcome = ApplyOutcome::default();
         let first = self.programmed.is_none();
         let mut read_at_start = None;
         let current = match self.programmed.take() {
@@ -514,36 +608,8 @@ impl Dataplane for IptablesDataplane {
         Ok(outcome)
     }
 
-    fn read_back(&mut self) -> Result<Programmed, DataplaneError> {
-        let saved = self.read_kernel()?;
-        let missing = self.missing_jumps(&saved);
-        if !missing.is_empty() && self.programmed.is_some() {
-            tracing::warn!(
-                ?missing,
-                "jumps into switchyard chains are missing; the next apply restores them"
-            );
-            self.repair_jumps = true;
-        }
-        Ok(saved
-            .services
-            .iter()
-            .map(|(name, rules)| {
-                (
-                    name.clone(),
-                    ProgrammedService {
-                        version: rules.version,
-                        kernel_objects: rules.objects(),
-                    },
-                )
-            })
-            .collect())
-    }
-
-    fn expected(&self, name: &str, service: &DesiredService) -> Vec<String> {
-        self.render(name, service).objects()
-    }
-
-    fn cleanup(&mut self) -> Result<(), DataplaneError> {
+    /// `--cleanup`: every jump and chain the agent ever installed.
+    fn remove_everything(&mut self) -> Result<(), DataplaneError> {
         for family in self.families() {
             let tool = self.backend.iptables(family);
             for jump in builtin_jumps() {

@@ -309,3 +309,87 @@ fn incremental_syncs_keep_shared_lines_of_other_services_and_recover_from_hand_e
     dp.apply(&want, &upsert(&["ns/dns"])).unwrap();
     assert_in_sync(&mut dp, &want);
 }
+
+/// A kernel that refuses one Service: the real iptables in `ns`, behind a wrapper that
+/// fails any restore whose input names `shop/poison` (nothing in a valid `ServiceState`
+/// makes the real kernel refuse rules, so the refusal is injected; everything else is
+/// real).
+fn refusing_poison(ns: &NetNs) -> IptablesDataplane {
+    let script = r#"
+case "$1" in
+  *-restore)
+    input=$(mktemp); cat > "$input"; exec 3< "$input"; rm -f "$input"
+    if grep -q 'shop/poison' <&3; then echo "poisoned input refused" >&2; exit 1; fi
+    exec 3< /proc/self/fd/3; exec ip netns exec "$NS" "$@" <&3 ;;
+  *) exec ip netns exec "$NS" "$@" ;;
+esac"#;
+    let mut config = config(Backend::Nft, 0);
+    config.command_prefix = vec![
+        "env".into(),
+        format!("NS={}", ns.name),
+        "sh".into(),
+        "-c".into(),
+        script.into(),
+        "wrapper".into(),
+    ];
+    IptablesDataplane::new(config)
+}
+
+#[test]
+fn a_service_the_kernel_refuses_fails_alone_and_the_rest_of_the_change_lands() {
+    let ns = NetNs::new("poison");
+    let mut dp = refusing_poison(&ns);
+    let web = |ip: &str, backend: &str| {
+        service(
+            &format!("shop/{ip}"),
+            &[ip],
+            vec![port(
+                "http",
+                Protocol::Tcp,
+                80,
+                vec![ep(backend, 8080, false)],
+            )],
+        )
+    };
+    let mut want = Desired::new();
+    want.insert("shop/a".into(), desired(web("10.96.0.1", "10.244.0.1")));
+    dp.apply(&want, &full()).unwrap();
+
+    // One change: a modified, b and poison new. Only poison fails.
+    want.insert("shop/a".into(), desired(web("10.96.0.1", "10.244.0.2")));
+    want.insert("shop/b".into(), desired(web("10.96.0.2", "10.244.0.3")));
+    want.insert(
+        "shop/poison".into(),
+        desired(web("10.96.0.3", "10.244.0.4")),
+    );
+    let outcome = dp
+        .apply(&want, &upsert(&["shop/a", "shop/poison", "shop/b"]))
+        .unwrap();
+    assert_eq!(
+        outcome.failed.keys().collect::<Vec<_>>(),
+        ["shop/poison"],
+        "{outcome:?}"
+    );
+    assert!(outcome.failed["shop/poison"].contains("poisoned input refused"));
+    let back = dp.read_back().unwrap();
+    assert_eq!(back.keys().collect::<Vec<_>>(), ["shop/a", "shop/b"]);
+    for name in ["shop/a", "shop/b"] {
+        assert_eq!(back[name].version, Some(want[name].version), "{name}");
+    }
+
+    // When every Service of a change fails, the dataplane itself is at fault: an error
+    // for the runtime to retry, not a NACK per Service.
+    want.insert(
+        "shop/poison".into(),
+        desired(web("10.96.0.4", "10.244.0.5")),
+    );
+    want.insert(
+        "shop/poison2".into(),
+        desired(web("10.96.0.5", "10.244.0.6")),
+    );
+    assert!(
+        dp.apply(&want, &upsert(&["shop/poison", "shop/poison2"]))
+            .is_err()
+    );
+    assert_eq!(dp.read_back().unwrap().len(), 2, "a and b stay in force");
+}
