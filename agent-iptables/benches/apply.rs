@@ -18,31 +18,9 @@ use std::{
 };
 
 use common::*;
-use switchyard_agent_core::dataplane::{Dataplane, Desired};
+use switchyard_agent_core::dataplane::Dataplane;
 use switchyard_agent_iptables::{Backend, IptablesDataplane};
 use switchyard_integration::netns::Netns;
-use switchyard_proto::state::Protocol;
-
-fn services(n: usize) -> Desired {
-    let mut want = Desired::new();
-    for i in 0..n {
-        let ip = format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256);
-        let a = format!("10.244.{}.{}", (i / 128) % 256, (i % 128) * 2);
-        let b = format!("10.245.{}.{}", (i / 128) % 256, (i % 128) * 2);
-        let s = service(
-            &format!("bench/s{i}"),
-            &[&ip],
-            vec![port(
-                "http",
-                Protocol::Tcp,
-                80,
-                vec![ep(&a, 8080, true), ep(&b, 8080, false)],
-            )],
-        );
-        want.insert(format!("bench/s{i}"), desired(s));
-    }
-    want
-}
 
 /// `iptables-restore` alone: the dry-run ruleset of each family loaded in one flushing
 /// transaction into an empty namespace.
@@ -71,7 +49,7 @@ fn restore_alone(backend: Backend, dry_run: &str) -> Duration {
 fn main() {
     for backend in [Backend::Nft, Backend::Legacy] {
         for n in [1000usize, 10000] {
-            let mut want = services(n);
+            let mut want = bench_services(n);
             let ns = Netns::create("bench").unwrap();
             let dry_run = IptablesDataplane::new(config(backend, 0)).dry_run(&want);
             if let Some(dir) = std::env::var_os("SWY_DUMP") {

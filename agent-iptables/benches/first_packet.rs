@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{desired, ep, full, port, service};
+use common::{bench_services, desired, ep, full, port, service};
 use switchyard_agent_core::dataplane::{Dataplane, Desired};
 use switchyard_agent_iptables::{Backend, IptablesConfig, IptablesDataplane, RenderConfig};
 use switchyard_integration::netns::{Netns, Topology};
@@ -33,20 +33,7 @@ const WINDOW: Duration = Duration::from_secs(2);
 const ROUNDS: usize = 3;
 
 fn services(n: usize) -> Desired {
-    let mut want = Desired::new();
-    for i in 0..n {
-        let vip = format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256);
-        let a = format!("10.245.{}.{}", (i / 128) % 256, (i % 128) * 2);
-        let b = format!("10.246.{}.{}", (i / 128) % 256, (i % 128) * 2);
-        let name = format!("bench/s{i:05}");
-        let endpoints = vec![ep(&a, BACKEND_PORT, false), ep(&b, BACKEND_PORT, false)];
-        let state = service(
-            &name,
-            &[&vip],
-            vec![port("http", Protocol::Tcp, 80, endpoints)],
-        );
-        want.insert(name, desired(state));
-    }
+    let mut want = bench_services(n);
     // "zzz" sorts after every other Service: its VIP rule is the dispatch chain's last.
     let endpoints = vec![ep(BACKEND, BACKEND_PORT, false)];
     let target = service(

@@ -7,7 +7,7 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-use switchyard_agent_core::dataplane::{Change, DesiredService};
+use switchyard_agent_core::dataplane::{Change, Desired, DesiredService};
 use switchyard_agent_iptables::{Backend, IptablesConfig, IptablesDataplane, RenderConfig};
 use switchyard_proto::state::{
     EndpointState, PortState, Protocol, ServiceKey, ServiceState, TrafficPolicy,
@@ -217,4 +217,27 @@ pub fn upsert(names: &[&str]) -> Change {
         upserted: names.iter().map(|n| n.to_string()).collect(),
         ..Change::default()
     }
+}
+
+/// `n` ClusterIP Services `bench/s<i>` with two endpoints each (one local), as the
+/// benches program them.
+pub fn bench_services(n: usize) -> Desired {
+    let mut want = Desired::new();
+    for i in 0..n {
+        let ip = format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256);
+        let a = format!("10.244.{}.{}", (i / 128) % 256, (i % 128) * 2);
+        let b = format!("10.245.{}.{}", (i / 128) % 256, (i % 128) * 2);
+        let s = service(
+            &format!("bench/s{i}"),
+            &[&ip],
+            vec![port(
+                "http",
+                Protocol::Tcp,
+                80,
+                vec![ep(&a, 8080, true), ep(&b, 8080, false)],
+            )],
+        );
+        want.insert(format!("bench/s{i}"), desired(s));
+    }
+    want
 }
