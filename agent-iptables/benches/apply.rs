@@ -6,7 +6,7 @@
 //! `cargo bench -p switchyard-agent-iptables --bench apply` (as root).
 //!
 //! The agent runs inside the namespace, as on a node: no `ip netns exec` in front of
-//! each command.
+//! each command. `SWY_CHUNK_CHAINS=N` overrides the chunk size of large syncs.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -46,24 +46,50 @@ fn restore_alone(backend: Backend, dry_run: &str) -> Duration {
     .unwrap()
 }
 
+/// Rounds of the initial sync and of `iptables-restore` alone, interleaved; the figures
+/// are medians (the machine's noise is larger than the difference under study).
+const ROUNDS: usize = 3;
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
 fn main() {
+    let chunk_chains = std::env::var("SWY_CHUNK_CHAINS")
+        .ok()
+        .map(|v| v.parse().expect("SWY_CHUNK_CHAINS: a number"))
+        .unwrap_or(0);
     for backend in [Backend::Nft, Backend::Legacy] {
         for n in [1000usize, 10000] {
             let mut want = bench_services(n);
-            let ns = Netns::create("bench").unwrap();
             let dry_run = IptablesDataplane::new(config(backend, 0)).dry_run(&want);
             if let Some(dir) = std::env::var_os("SWY_DUMP") {
                 let path = std::path::Path::new(&dir).join(format!("dry-run-{n}.rules"));
                 std::fs::write(path, &dry_run).unwrap();
                 continue;
             }
-            let alone = restore_alone(backend, &dry_run);
-            let (initial, one, read) = ns
+            let mut alone = Vec::new();
+            let mut initial = Vec::new();
+            let mut last = None;
+            for _ in 0..ROUNDS {
+                alone.push(restore_alone(backend, &dry_run));
+                let ns = Netns::create("bench").unwrap();
+                let (took, dp) = ns
+                    .run(|| {
+                        let mut dp = IptablesDataplane::new(config(backend, chunk_chains));
+                        let start = Instant::now();
+                        dp.apply(&want, &full()).unwrap();
+                        (start.elapsed(), dp)
+                    })
+                    .unwrap();
+                initial.push(took);
+                last = Some((ns, dp));
+            }
+            let (alone, initial) = (median(alone), median(initial));
+            let (ns, mut dp) = last.unwrap();
+            let (one, read) = ns
                 .run(|| {
-                    let mut dp = IptablesDataplane::new(config(backend, 0));
-                    let start = Instant::now();
-                    dp.apply(&want, &full()).unwrap();
-                    let initial = start.elapsed();
                     // One Service changes 20 times with N in place: drop, then restore, an
                     // endpoint.
                     let mut changes = Vec::new();
@@ -83,16 +109,15 @@ fn main() {
                         dp.apply(&want, &upsert(&["bench/s7"])).unwrap();
                         changes.push(start.elapsed());
                     }
-                    changes.sort();
                     let start = Instant::now();
                     let back = dp.read_back().unwrap();
                     let read = start.elapsed();
                     assert_eq!(back.len(), n);
-                    (initial, changes[changes.len() / 2], read)
+                    (median(changes), read)
                 })
                 .unwrap();
             println!(
-                "{backend:?} n={n}: initial sync {initial:.2?} (iptables-restore alone {alone:.2?}, {:+.0}%), one-Service change median of 20 {one:.2?}, read back {read:.2?}",
+                "{backend:?} n={n}: initial sync {initial:.2?} (iptables-restore alone {alone:.2?}, {:+.0}%; medians of {ROUNDS}), one-Service change median of 20 {one:.2?}, read back {read:.2?}",
                 100.0 * (initial.as_secs_f64() / alone.as_secs_f64() - 1.0)
             );
         }

@@ -127,6 +127,10 @@ fn lifecycle(chunk_chains: usize) {
     want.insert("ns/a".into(), desired(a.clone()));
     want.insert("ns/b".into(), desired(b.clone()));
     dp.apply(&want, &full()).unwrap();
+    assert_in_sync(&mut dp, &want);
+    // A full sync over rules in force (split make-before-break when chunked).
+    dp.apply(&want, &full()).unwrap();
+    assert_in_sync(&mut dp, &want);
     let save = ns.sh("iptables-save");
     assert!(
         save.contains("-A SWY-SERVICES -d 10.96.0.10/32 -p tcp"),
