@@ -196,10 +196,15 @@ impl<D: Dataplane> Agent<D> {
     }
 
     /// Marks the node as being deleted (`/healthz` answers 503) or not. The controller
-    /// does not send node deletion over the stream yet, so nothing calls this today
-    /// except a binary that learns it some other way.
+    /// says so in every response (`node_being_deleted`); this is for a binary that
+    /// learns it some other way.
     pub fn set_node_eligible(&self, eligible: bool) {
         self.health.set_node_eligible(eligible);
+    }
+
+    /// Whether the node may receive traffic: false while it is being deleted.
+    pub fn node_eligible(&self) -> bool {
+        self.health.node_eligible()
     }
 
     /// The agent's metrics in Prometheus text form.

@@ -162,6 +162,9 @@ pub(crate) async fn handle_response<D: Dataplane>(
     response: NodeStateResponse,
 ) -> NodeStateRequest {
     engine.health.queued_update();
+    engine
+        .health
+        .set_node_eligible(!response.node_being_deleted);
     let mut errors = Vec::new();
     let mut upserts = Vec::new();
     for resource in &response.resources {

@@ -6,8 +6,8 @@
 //! timeout (twice the sync period, here `2 × --drift-interval`) without the kernel
 //! taking it. Before the first successful update it is healthy (starting up). `/livez`
 //! reports exactly that; `/healthz` is also 503 while the node is not eligible (being
-//! deleted). The controller does not send node deletion yet; [`ProxyHealth::set_node_eligible`]
-//! is the hook for it. A controller that is unreachable does not make the agent
+//! deleted: a deletion timestamp or the cluster autoscaler's taint, which the controller
+//! sends as `node_being_deleted`). A controller that is unreachable does not make the agent
 //! unhealthy: nothing is pending, and the kernel keeps serving (fail-static).
 
 use std::{

@@ -57,6 +57,7 @@ impl FakeStream {
             removed_resources: removed.into_iter().map(String::from).collect(),
             nonce: nonce.clone(),
             trigger_time: Some(std::time::SystemTime::now().into()),
+            node_being_deleted: false,
         };
         self.responses
             .send(Ok(response))

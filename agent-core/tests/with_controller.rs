@@ -70,3 +70,62 @@ async fn the_agent_syncs_from_the_real_controller_follows_changes_and_restarts_w
     assert_eq!(kernel.apply_count(), applies, "a restart rewrites nothing");
     assert_eq!(kernel.versions().len(), 299);
 }
+
+/// `/healthz` of the agent's HTTP listener: the status line.
+async fn healthz(agent: &Agent<MemoryDataplane>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(agent.http_addr())
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response.lines().next().unwrap_or_default().to_string()
+}
+
+#[tokio::test]
+async fn a_node_being_deleted_fails_healthz_without_touching_the_kernel() {
+    let controller = TestController::start().await.unwrap();
+    let objects = fixtures::cluster(1, 10, 1);
+    controller.replace("test", objects.clone()).await;
+    let kernel = MemoryKernel::default();
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(&controller, &kernel, dir.path()).await;
+    eventually("all 10 Services are in the kernel", || {
+        kernel.versions().len() == 10
+    })
+    .await;
+    assert!(healthz(&agent).await.contains(" 200 "));
+    let applies = kernel.apply_count();
+
+    // The cluster autoscaler taints the node (or it gets a deletion timestamp).
+    let with_node = |deleting: bool| -> Vec<Object> {
+        objects
+            .iter()
+            .map(|o| match o {
+                Object::Node(n) if n.name == "node-0000" => {
+                    Object::Node(switchyard_controller::model::Node {
+                        deleting,
+                        ..n.clone()
+                    })
+                }
+                other => other.clone(),
+            })
+            .collect()
+    };
+    controller.replace("test", with_node(true)).await;
+    eventually("the agent learns its node is being deleted", || {
+        !agent.node_eligible()
+    })
+    .await;
+    assert!(healthz(&agent).await.contains(" 503 "));
+    assert_eq!(kernel.apply_count(), applies, "no rule changes for it");
+
+    controller.replace("test", with_node(false)).await;
+    eventually("the node is live again", || agent.node_eligible()).await;
+    assert!(healthz(&agent).await.contains(" 200 "));
+    assert_eq!(kernel.apply_count(), applies);
+}

@@ -487,6 +487,9 @@ fn convert_endpoint(
     })
 }
 
+/// The taint the cluster autoscaler puts on a node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
 /// Converts a Node: its zone label, whether it is being deleted, and every
 /// `status.addresses[].address` that is an IP (hostnames are left out), first
 /// occurrence kept.
@@ -517,7 +520,12 @@ pub fn node(object: &core::Node) -> Result<Node, ConvertError> {
     Ok(Node {
         name,
         zone,
-        deleting: object.metadata.deletion_timestamp.is_some(),
+        deleting: object.metadata.deletion_timestamp.is_some()
+            || object
+                .spec
+                .as_ref()
+                .and_then(|s| s.taints.as_ref())
+                .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT)),
         addresses,
     })
 }
@@ -1567,6 +1575,26 @@ mod tests {
     fn a_node_with_a_deletion_timestamp_is_deleting() {
         let mut object = k8s_node();
         object.metadata.deletion_timestamp = Some(Time("2024-05-01T10:00:00Z".parse().unwrap()));
+        assert!(node(&object).unwrap().deleting);
+    }
+
+    #[test]
+    fn a_node_the_cluster_autoscaler_tainted_for_deletion_is_deleting() {
+        let taint = |key: &str| k8s_openapi::api::core::v1::Taint {
+            key: key.into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        };
+        let mut object = k8s_node();
+        object.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            taints: Some(vec![taint("node.kubernetes.io/unschedulable")]),
+            ..Default::default()
+        });
+        assert!(!node(&object).unwrap().deleting, "other taints don't count");
+        object.spec.as_mut().unwrap().taints = Some(vec![
+            taint("node.kubernetes.io/unschedulable"),
+            taint(TO_BE_DELETED_TAINT),
+        ]);
         assert!(node(&object).unwrap().deleting);
     }
 

@@ -149,7 +149,8 @@ pub struct Node {
     pub name: String,
     /// `topology.kubernetes.io/zone`.
     pub zone: Option<String>,
-    /// Whether the Node has a deletion timestamp.
+    /// Whether the Node is being deleted: a deletion timestamp, or the cluster
+    /// autoscaler's `ToBeDeletedByClusterAutoscaler` taint (as kube-proxy reads it).
     pub deleting: bool,
     pub addresses: Vec<IpAddr>,
 }

@@ -97,6 +97,7 @@ impl NodeStateDiscovery for DeltaService {
             backlog: Backlog::default(),
             seen: 0,
             nonces: 0,
+            node_being_deleted: false,
         };
         tokio::spawn(stream.run(inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -122,6 +123,8 @@ struct NodeStream {
     /// The generation whose changes were last folded into the backlog.
     seen: u64,
     nonces: u64,
+    /// `node_being_deleted` as last sent; an agent starts out taking its node as live.
+    node_being_deleted: bool,
 }
 
 /// Services that may differ on the node, and the removals held back until every upsert
@@ -263,16 +266,25 @@ impl NodeStream {
         if backlog.upserts_done() {
             removals.extend(std::mem::take(&mut backlog.removals));
         }
+        let being_deleted = generation
+            .snapshot
+            .nodes
+            .get(&self.session.node)
+            .is_some_and(|n| n.deleting);
         if added.is_empty() && modified.is_empty() && removals.is_empty() {
             if protocol.nacked.is_empty() {
                 protocol.out_of_sync_since = None;
             }
-            return None;
+            if being_deleted == self.node_being_deleted {
+                return None;
+            }
+        } else {
+            protocol
+                .out_of_sync_since
+                .get_or_insert_with(SystemTime::now);
         }
-        protocol
-            .out_of_sync_since
-            .get_or_insert_with(SystemTime::now);
         drop(protocol);
+        self.node_being_deleted = being_deleted;
 
         let trigger_time = if backlog.upserts_done() && backlog.removals.is_empty() {
             backlog.trigger_time.take()
@@ -296,6 +308,7 @@ impl NodeStream {
             removed_resources: removals.iter().map(|n| n.to_string()).collect(),
             nonce: nonce.clone(),
             trigger_time: trigger_time.map(Into::into),
+            node_being_deleted: being_deleted,
         };
         self.in_flight = Some(InFlight {
             nonce,
