@@ -210,28 +210,40 @@ impl IptablesDataplane {
         chunks
     }
 
-    /// Writes `next` for the Services in `touched`, deleting `stale` chains.
+    /// Writes `next` for the Services in `touched`, deleting `stale` chains. `fresh`: the
+    /// kernel holds no Service's rules yet (the first sync on this node).
     ///
-    /// With nft, up to [`CHUNK_CHAINS`] chains go in one transaction per family. Beyond that
-    /// (initial sync of thousands of Services) iptables-nft's `--noflush` restore grows
-    /// quadratically with the chains one transaction names (40k chains: over two
-    /// minutes), so the sync is split, make-before-break: the Services' own chains a chunk
-    /// at a time (each Service whole, so each stays consistent), then the shared chains in
-    /// one transaction, then stale chains flushed and deleted in chunks.
+    /// With nft, up to [`CHUNK_CHAINS`] chains go in one plain transaction per family.
+    /// Beyond that (a sync of thousands of Services) iptables-nft's `--noflush` restore
+    /// grows quadratically with the chains one transaction names (40k chains: over two
+    /// minutes). A fresh sync then goes in one transaction with
+    /// [`render::with_whole_table_cache`], as fast as a flushing restore; otherwise (or if
+    /// that fails) it is split, make-before-break: the Services' own chains a chunk at a
+    /// time (each Service whole, so each stays consistent), then the shared chains in one
+    /// transaction, then stale chains flushed and deleted in chunks.
     fn write(
         &self,
         next: &BTreeMap<String, ServiceRules>,
         touched: &[&ServiceRules],
         stale: &BTreeSet<(Family, Table, String)>,
+        fresh: bool,
     ) -> Result<(), DataplaneError> {
         if self.fits_one_transaction(touched, stale) {
-            return self.write_one(next, touched, stale);
+            return self.write_one(next, touched, stale, false);
+        }
+        if fresh && self.backend == Backend::Nft {
+            match self.write_one(next, touched, stale, true) {
+                Ok(()) => return Ok(()),
+                Err(err) => {
+                    tracing::warn!(%err, "one-transaction sync failed; writing in chunks")
+                }
+            }
         }
         let limit = self.chunk_limit();
         for chunk in Self::chunks(touched, limit) {
             self.write_own_chains(&chunk)?;
         }
-        self.write_one(next, &[], &BTreeSet::new())?;
+        self.write_one(next, &[], &BTreeSet::new(), false)?;
         for delete in [false, true] {
             for family in self.families() {
                 for table in Table::ALL {
@@ -307,12 +319,14 @@ impl IptablesDataplane {
     }
 
     /// One transaction per family: touched chains, shared chains, stale chains; IPv6
-    /// first so that the IPv4 version record lands last.
+    /// first so that the IPv4 version record lands last. `whole_table_cache`: see
+    /// [`render::with_whole_table_cache`].
     fn write_one(
         &self,
         next: &BTreeMap<String, ServiceRules>,
         touched: &[&ServiceRules],
         stale: &BTreeSet<(Family, Table, String)>,
+        whole_table_cache: bool,
     ) -> Result<(), DataplaneError> {
         let mut families = self.families();
         families.reverse();
@@ -329,6 +343,9 @@ impl IptablesDataplane {
                         .collect(),
                 };
                 input.push_str(&restore_input(family, table, &plan, &self.config.render));
+            }
+            if whole_table_cache {
+                input = render::with_whole_table_cache(&input);
             }
             self.restore(family, &input)?;
         }
@@ -441,7 +458,7 @@ impl Dataplane for IptablesDataplane {
                 .cloned()
                 .collect();
             let touched: Vec<&ServiceRules> = next.values().collect();
-            self.write(&next, &touched, &stale)?;
+            self.write(&next, &touched, &stale, kernel.services.is_empty())?;
             // The jumps are in built-in chains, which the write does not touch.
             self.ensure_jumps_from(&kernel)?;
             self.repair_jumps = false;
@@ -581,9 +598,9 @@ impl IptablesDataplane {
             Some(Ok(())) => Ok(()),
             Some(Err(err)) => {
                 tracing::warn!(%err, "incremental sync failed; rewriting the shared chains");
-                self.write(&next, &touched, &stale)
+                self.write(&next, &touched, &stale, false)
             }
-            None => self.write(&next, &touched, &stale),
+            None => self.write(&next, &touched, &stale, false),
         };
         drop(moves);
         if let Err(err) = written {
