@@ -108,9 +108,42 @@ impl Runner {
         args: &[&str],
         stdin: Option<&str>,
     ) -> Result<String, DataplaneError> {
+        match stdin {
+            Some(input) => {
+                self.run_streaming(program, args, |pipe| pipe.write_all(input.as_bytes()))
+            }
+            None => self.run_inner(program, args, None),
+        }
+    }
+
+    /// Runs `program args…` with what `produce` writes to its stdin. `produce` runs on its
+    /// own thread while the program reads, so producing and consuming overlap, and a
+    /// program that writes much to stdout before it has read all its input cannot
+    /// deadlock on full pipes.
+    pub fn run_streaming(
+        &self,
+        program: &str,
+        args: &[&str],
+        produce: impl FnOnce(&mut dyn Write) -> std::io::Result<()> + Send,
+    ) -> Result<String, DataplaneError> {
+        let mut produce = Some(produce);
+        let mut feed = |pipe: std::process::ChildStdin| {
+            let produce = produce.take().expect("called once");
+            let mut pipe = std::io::BufWriter::with_capacity(1 << 16, pipe);
+            produce(&mut pipe).and_then(|()| pipe.flush())
+        };
+        self.run_inner(program, args, Some(&mut feed))
+    }
+
+    fn run_inner(
+        &self,
+        program: &str,
+        args: &[&str],
+        feed: Option<&mut (dyn FnMut(std::process::ChildStdin) -> std::io::Result<()> + Send)>,
+    ) -> Result<String, DataplaneError> {
         let (mut command, shown) = self.command(program, args);
         command
-            .stdin(if stdin.is_some() {
+            .stdin(if feed.is_some() {
                 Stdio::piped()
             } else {
                 Stdio::null()
@@ -122,11 +155,21 @@ impl Runner {
             source,
         };
         let mut child = command.spawn().map_err(io)?;
-        if let Some(input) = stdin {
-            let mut pipe = child.stdin.take().expect("stdin is piped");
-            pipe.write_all(input.as_bytes()).map_err(io)?;
+        let pipe = child.stdin.take();
+        let (fed, output) = std::thread::scope(|scope| {
+            let writer = feed
+                .zip(pipe)
+                .map(|(feed, pipe)| scope.spawn(move || feed(pipe)));
+            let output = child.wait_with_output();
+            let fed = writer.map_or(Ok(()), |w| w.join().expect("stdin writer panicked"));
+            (fed, output)
+        });
+        let output = output.map_err(io)?;
+        // A program that fails early closes its stdin: its own error says more than the
+        // broken pipe does.
+        if output.status.success() {
+            fed.map_err(io)?;
         }
-        let output = child.wait_with_output().map_err(io)?;
         if output.status.success() {
             Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         } else {

@@ -102,6 +102,35 @@ impl IptablesDataplane {
         rules
     }
 
+    /// Renders every Service of `desired`; on up to four threads when there are
+    /// thousands (10,000 Services take about 100 ms on one core).
+    fn render_all(&self, desired: &Desired) -> BTreeMap<String, ServiceRules> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        if desired.len() < 2000 || threads == 1 {
+            return desired
+                .iter()
+                .map(|(name, service)| (name.clone(), self.render(name, service)))
+                .collect();
+        }
+        let entries: Vec<_> = desired.iter().collect();
+        std::thread::scope(|scope| {
+            let parts: Vec<_> = entries
+                .chunks(entries.len().div_ceil(threads))
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|(name, service)| ((*name).clone(), self.render(name, service)))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|part| part.join().expect("rendering panicked"))
+                .collect()
+        })
+    }
+
     /// The whole ruleset a full sync of `desired` would restore, per family, without
     /// touching the kernel (stale chains, which need the kernel to know, are not listed).
     pub fn dry_run(&self, desired: &Desired) -> String {
@@ -139,6 +168,20 @@ impl IptablesDataplane {
             parse_save(family, &text, &mut saved).map_err(DataplaneError::ReadBack)?;
         }
         Ok(saved)
+    }
+
+    fn restore_streaming(
+        &self,
+        family: Family,
+        produce: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send,
+    ) -> Result<(), DataplaneError> {
+        tracing::debug!(%family, "iptables-restore (streamed)");
+        self.runner.run_streaming(
+            &self.backend.restore(family),
+            &["--noflush", "-w", "5"],
+            produce,
+        )?;
+        Ok(())
     }
 
     fn restore(&self, family: Family, input: &str) -> Result<(), DataplaneError> {
@@ -331,23 +374,30 @@ impl IptablesDataplane {
         let mut families = self.families();
         families.reverse();
         for family in families {
-            let mut input = String::new();
-            for table in [Table::Nat, Table::Filter] {
-                let plan = TablePlan {
-                    all: next.values().collect(),
-                    touched: touched.to_vec(),
-                    stale: stale
-                        .iter()
-                        .filter(|(f, t, _)| *f == family && *t == table)
-                        .map(|(_, _, c)| c.clone())
-                        .collect(),
-                };
-                input.push_str(&restore_input(family, table, &plan, &self.config.render));
-            }
-            if whole_table_cache {
-                input = render::with_whole_table_cache(&input);
-            }
-            self.restore(family, &input)?;
+            // Streamed: iptables-restore parses the first lines while the rest is written
+            // (an initial sync of 10,000 Services is 12 MB of input).
+            self.restore_streaming(family, |out| {
+                for table in [Table::Nat, Table::Filter] {
+                    let plan = TablePlan {
+                        all: next.values().collect(),
+                        touched: touched.to_vec(),
+                        stale: stale
+                            .iter()
+                            .filter(|(f, t, _)| *f == family && *t == table)
+                            .map(|(_, _, c)| c.clone())
+                            .collect(),
+                    };
+                    render::write_restore_input(
+                        out,
+                        family,
+                        table,
+                        &plan,
+                        &self.config.render,
+                        whole_table_cache,
+                    )?;
+                }
+                Ok(())
+            })?;
         }
         Ok(())
     }
@@ -444,10 +494,7 @@ impl Dataplane for IptablesDataplane {
     ) -> Result<ApplyOutcome, DataplaneError> {
         if change.full {
             let kernel = self.read_kernel()?;
-            let next: BTreeMap<String, ServiceRules> = desired
-                .iter()
-                .map(|(name, service)| (name.clone(), self.render(name, service)))
-                .collect();
+            let next = self.render_all(desired);
             let keep: BTreeSet<(Family, Table, String)> =
                 next.values().flat_map(ServiceRules::owned_chains).collect();
             let stale: BTreeSet<(Family, Table, String)> = kernel

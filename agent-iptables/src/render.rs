@@ -28,6 +28,7 @@
 use std::{
     collections::BTreeSet,
     fmt,
+    io::{self, Write},
     net::{IpAddr, SocketAddr},
 };
 
@@ -915,24 +916,6 @@ pub struct TablePlan<'a> {
     pub stale: BTreeSet<String>,
 }
 
-/// `input` with `-L -n` first in every table's transaction: a command naming no chain,
-/// which makes iptables-nft (1.8) load the table's chains in one dump instead of listing
-/// each chain the transaction names in a sorted linked list and asking the kernel for each
-/// one (quadratic: 40,000 chains in one `--noflush` transaction take minutes, and with
-/// this line as long as a flushing restore). The listing goes to stdout, which is
-/// discarded; it is as large as the table already is, so it suits a sync into a table
-/// holding little.
-pub fn with_whole_table_cache(input: &str) -> String {
-    let mut out = String::with_capacity(input.len() + 64);
-    for line in input.split_inclusive('\n') {
-        out.push_str(line);
-        if line.starts_with('*') {
-            out.push_str("-L -n\n");
-        }
-    }
-    out
-}
-
 /// `iptables-restore --noflush` input for one table of one family: declares (creating or
 /// flushing) the shared chains and the touched Services' chains, fills them, rewrites
 /// the shared chains whole, then flushes and deletes stale chains. One restore is one
@@ -943,33 +926,59 @@ pub fn restore_input(
     plan: &TablePlan<'_>,
     cfg: &RenderConfig,
 ) -> String {
-    let mut text = format!("*{table}\n");
+    let mut text = Vec::new();
+    write_restore_input(&mut text, family, table, plan, cfg, false).expect("writing to a Vec");
+    String::from_utf8(text).expect("rules are UTF-8")
+}
+
+/// [`restore_input`] written to `out` as it is produced, so `iptables-restore` parses
+/// while the rest is written.
+///
+/// `whole_table_cache` puts `-L -n` first: a command naming no chain, which makes
+/// iptables-nft (1.8) load the table's chains in one dump instead of keeping each chain
+/// the transaction names in a sorted linked list and asking the kernel for each one
+/// (quadratic: 40,000 chains in one `--noflush` transaction take minutes; with the line,
+/// as long as a flushing restore). The listing goes to stdout and is discarded; it is as
+/// large as the table already is, so it suits a sync into a table holding little.
+pub fn write_restore_input(
+    out: &mut dyn Write,
+    family: Family,
+    table: Table,
+    plan: &TablePlan<'_>,
+    cfg: &RenderConfig,
+    whole_table_cache: bool,
+) -> io::Result<()> {
+    writeln!(out, "*{table}")?;
+    if whole_table_cache {
+        writeln!(out, "-L -n")?;
+    }
     let mut declared = BTreeSet::new();
-    let mut declare = |text: &mut String, chain: &str| {
+    let mut declare = |out: &mut dyn Write, chain: &str| {
         if declared.insert(chain.to_string()) {
-            text.push_str(&format!(":{chain} - [0:0]\n"));
+            writeln!(out, ":{chain} - [0:0]")
+        } else {
+            Ok(())
         }
     };
     for chain in global_chains(table) {
-        declare(&mut text, chain);
+        declare(out, chain)?;
     }
     for service in &plan.touched {
         for rule in service.rules_in(family, table) {
             if !is_global_chain(table, &rule.chain) {
-                declare(&mut text, &rule.chain);
+                declare(out, &rule.chain)?;
             }
         }
     }
     for chain in &plan.stale {
-        declare(&mut text, chain);
+        declare(out, chain)?;
     }
     let globals = global_rules(family, cfg);
     for chain in global_chains(table) {
         for service in &plan.all {
             for rule in service.rules_in(family, table) {
                 if rule.chain == *chain {
-                    text.push_str(&rule.line());
-                    text.push('\n');
+                    writeln!(out, "{}", rule.line())?;
                 }
             }
         }
@@ -977,23 +986,20 @@ pub fn restore_input(
             .iter()
             .filter(|r| r.table == table && r.chain == *chain)
         {
-            text.push_str(&rule.line());
-            text.push('\n');
+            writeln!(out, "{}", rule.line())?;
         }
     }
     for service in &plan.touched {
         for rule in service.rules_in(family, table) {
             if !is_global_chain(table, &rule.chain) {
-                text.push_str(&rule.line());
-                text.push('\n');
+                writeln!(out, "{}", rule.line())?;
             }
         }
     }
     for chain in &plan.stale {
-        text.push_str(&format!("-X {chain}\n"));
+        writeln!(out, "-X {chain}")?;
     }
-    text.push_str("COMMIT\n");
-    text
+    writeln!(out, "COMMIT")
 }
 
 /// One Service moving from what the kernel holds (`old`) to what it must hold (`new`);
@@ -1232,14 +1238,22 @@ mod tests {
     }
 
     #[test]
-    fn the_whole_table_cache_hint_opens_every_table_section() {
+    fn the_whole_table_cache_hint_opens_the_transaction_and_changes_nothing_else() {
+        let service = service(vec![rule(Table::Nat, "SWY-SVC-A", "-j RETURN")]);
+        let plan = TablePlan {
+            all: vec![&service],
+            touched: vec![&service],
+            stale: BTreeSet::new(),
+        };
+        let cfg = RenderConfig::default();
+        let plain = restore_input(Family::V4, Table::Nat, &plan, &cfg);
+        let mut hinted = Vec::new();
+        write_restore_input(&mut hinted, Family::V4, Table::Nat, &plan, &cfg, true).unwrap();
         assert_eq!(
-            with_whole_table_cache(
-                "*nat\n:SWY-A - [0:0]\n-A SWY-A -j RETURN\nCOMMIT\n*filter\nCOMMIT\n"
-            ),
-            "*nat\n-L -n\n:SWY-A - [0:0]\n-A SWY-A -j RETURN\nCOMMIT\n*filter\n-L -n\nCOMMIT\n"
+            String::from_utf8(hinted).unwrap(),
+            plain.replacen("*nat\n", "*nat\n-L -n\n", 1)
         );
-        assert_eq!(with_whole_table_cache(""), "");
+        assert!(plain.contains("-A SWY-SVC-A "), "{plain}");
     }
 
     #[test]
