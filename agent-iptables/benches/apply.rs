@@ -1,8 +1,9 @@
 //! iptables agent apply times: an initial sync of N Services with two endpoints each,
 //! one change with N in place (median of 20, as issue 3 asks), and a read-back, per
 //! backend, each in a fresh network namespace; against the time `iptables-restore` alone
-//! takes to load the same ruleset into an empty namespace (flushing, so without the
-//! `--noflush` an agent sharing the tables with other components needs).
+//! takes to load the same ruleset (the agent's `--dry-run` output, jumps from built-in
+//! chains included) into an empty namespace (flushing, so without the `--noflush` an
+//! agent sharing the tables with other components needs).
 //! `cargo bench -p switchyard-agent-iptables --bench apply` (as root).
 //!
 //! The agent runs inside the namespace, as on a node: no `ip netns exec` in front of
@@ -27,31 +28,54 @@ use switchyard_integration::netns::Netns;
 fn restore_alone(backend: Backend, dry_run: &str) -> Duration {
     let ns = Netns::create("bench-restore").unwrap();
     let mut sections = dry_run.split("# ").filter(|s| !s.is_empty());
-    ns.run(|| {
-        let start = Instant::now();
-        for (family, tool) in [("ipv4\n", "iptables"), ("ipv6\n", "ip6tables")] {
-            let input = sections.next().unwrap().strip_prefix(family).unwrap();
-            let tool = format!("{tool}-{}-restore", backend.name());
-            let mut child = Command::new(&tool).stdin(Stdio::piped()).spawn().unwrap();
-            child
-                .stdin
-                .take()
-                .unwrap()
-                .write_all(input.as_bytes())
-                .unwrap();
-            assert!(child.wait().unwrap().success(), "{tool}");
-        }
-        start.elapsed()
-    })
-    .unwrap()
+    let took = ns
+        .run(|| {
+            let start = Instant::now();
+            for (family, tool) in [("ipv4\n", "iptables"), ("ipv6\n", "ip6tables")] {
+                let input = sections.next().unwrap().strip_prefix(family).unwrap();
+                let tool = format!("{tool}-{}-restore", backend.name());
+                let mut child = Command::new(&tool).stdin(Stdio::piped()).spawn().unwrap();
+                child
+                    .stdin
+                    .take()
+                    .unwrap()
+                    .write_all(input.as_bytes())
+                    .unwrap();
+                assert!(child.wait().unwrap().success(), "{tool}");
+            }
+            start.elapsed()
+        })
+        .unwrap();
+    teardown(ns, backend);
+    took
+}
+
+/// Empties the namespace's tables, then deletes it and lets the kernel settle: deleting
+/// a namespace that still holds 40,000 chains frees them on a kernel worker, which would
+/// run during the next measurement.
+fn teardown(ns: Netns, backend: Backend) {
+    for tool in ["iptables", "ip6tables"] {
+        let tool = format!("{tool}-{}-restore", backend.name());
+        let mut child = ns.command(&tool).stdin(Stdio::piped()).spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"*nat\nCOMMIT\n*filter\nCOMMIT\n")
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "{tool}");
+    }
+    drop(ns);
+    std::thread::sleep(Duration::from_millis(500));
 }
 
 /// Rounds of the initial sync and of `iptables-restore` alone, interleaved; the figures
-/// are medians (the machine's noise is larger than the difference under study).
-const ROUNDS: usize = 3;
+/// are medians, and the ratio is the median of each round's ratio (the machine's drift
+/// between runs is larger than the difference under study).
+const ROUNDS: usize = 5;
 
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
+fn median<T: PartialOrd + Copy>(mut samples: Vec<T>) -> T {
+    samples.sort_by(|a, b| a.partial_cmp(b).expect("no NaN"));
     samples[samples.len() / 2]
 }
 
@@ -84,8 +108,17 @@ fn main() {
                     })
                     .unwrap();
                 initial.push(took);
-                last = Some((ns, dp));
+                if let Some((ns, _)) = last.replace((ns, dp)) {
+                    teardown(ns, backend);
+                }
             }
+            let ratio = median(
+                alone
+                    .iter()
+                    .zip(&initial)
+                    .map(|(a, i)| i.as_secs_f64() / a.as_secs_f64())
+                    .collect(),
+            );
             let (alone, initial) = (median(alone), median(initial));
             let (ns, mut dp) = last.unwrap();
             let (one, read) = ns
@@ -116,9 +149,10 @@ fn main() {
                     (median(changes), read)
                 })
                 .unwrap();
+            teardown(ns, backend);
             println!(
-                "{backend:?} n={n}: initial sync {initial:.2?} (iptables-restore alone {alone:.2?}, {:+.0}%; medians of {ROUNDS}), one-Service change median of 20 {one:.2?}, read back {read:.2?}",
-                100.0 * (initial.as_secs_f64() / alone.as_secs_f64() - 1.0)
+                "{backend:?} n={n}: initial sync {initial:.2?} (iptables-restore alone {alone:.2?}; paired {:+.0}%; medians of {ROUNDS}), one-Service change median of 20 {one:.2?}, read back {read:.2?}",
+                100.0 * (ratio - 1.0)
             );
         }
     }

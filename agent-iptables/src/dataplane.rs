@@ -131,8 +131,9 @@ impl IptablesDataplane {
         })
     }
 
-    /// The whole ruleset a full sync of `desired` would restore, per family, without
-    /// touching the kernel (stale chains, which need the kernel to know, are not listed).
+    /// The whole ruleset a full sync of `desired` would restore, per family, with the
+    /// jumps from built-in chains, without touching the kernel (stale chains, which need
+    /// the kernel to know, are not listed).
     pub fn dry_run(&self, desired: &Desired) -> String {
         let rendered: Vec<ServiceRules> = desired
             .iter()
@@ -147,7 +148,11 @@ impl IptablesDataplane {
         for family in self.families() {
             text.push_str(&format!("# {family}\n"));
             for table in [Table::Nat, Table::Filter] {
-                text.push_str(&restore_input(family, table, &plan, &self.config.render));
+                let input = restore_input(family, table, &plan, &self.config.render);
+                let body = input.strip_suffix("COMMIT\n").expect("a whole transaction");
+                text.push_str(body);
+                text.push_str(&render::jump_lines(table, &builtin_jumps()));
+                text.push_str("COMMIT\n");
             }
         }
         text

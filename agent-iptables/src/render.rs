@@ -1081,22 +1081,25 @@ pub fn insert_jumps_input(jumps: &[BuiltinJump]) -> Option<String> {
     }
     let mut text = String::new();
     for table in [Table::Nat, Table::Filter] {
-        let lines: Vec<String> = jumps
-            .iter()
-            .filter(|j| j.table == table)
-            .map(|j| {
-                let line = j.line();
-                let rest = &line[format!("-A {}", j.builtin).len()..];
-                format!("-I {} 1{rest}\n", j.builtin)
-            })
-            .collect();
+        let lines = jump_lines(table, jumps);
         if !lines.is_empty() {
-            text.push_str(&format!("*{table}\n"));
-            text.extend(lines);
-            text.push_str("COMMIT\n");
+            text.push_str(&format!("*{table}\n{lines}COMMIT\n"));
         }
     }
     Some(text)
+}
+
+/// The `-I BUILTIN 1 …` lines inserting `jumps` of `table`, in order.
+pub fn jump_lines(table: Table, jumps: &[BuiltinJump]) -> String {
+    jumps
+        .iter()
+        .filter(|j| j.table == table)
+        .map(|j| {
+            let line = j.line();
+            let rest = &line[format!("-A {}", j.builtin).len()..];
+            format!("-I {} 1{rest}\n", j.builtin)
+        })
+        .collect()
 }
 
 /// `iptables-restore --noflush` input that rewrites only the touched Services' own chains
