@@ -927,12 +927,12 @@ pub fn restore_input(
     cfg: &RenderConfig,
 ) -> String {
     let mut text = Vec::new();
-    write_restore_input(&mut text, family, table, plan, cfg, false).expect("writing to a Vec");
+    write_restore_input(&mut text, family, table, plan, cfg, false, "").expect("writing to a Vec");
     String::from_utf8(text).expect("rules are UTF-8")
 }
 
 /// [`restore_input`] written to `out` as it is produced, so `iptables-restore` parses
-/// while the rest is written.
+/// while the rest is written, with `tail` (lines) before the `COMMIT`.
 ///
 /// `whole_table_cache` puts `-L -n` first: a command naming no chain, which makes
 /// iptables-nft (1.8) load the table's chains in one dump instead of keeping each chain
@@ -947,6 +947,7 @@ pub fn write_restore_input(
     plan: &TablePlan<'_>,
     cfg: &RenderConfig,
     whole_table_cache: bool,
+    tail: &str,
 ) -> io::Result<()> {
     writeln!(out, "*{table}")?;
     if whole_table_cache {
@@ -999,6 +1000,7 @@ pub fn write_restore_input(
     for chain in &plan.stale {
         writeln!(out, "-X {chain}")?;
     }
+    out.write_all(tail.as_bytes())?;
     writeln!(out, "COMMIT")
 }
 
@@ -1251,7 +1253,7 @@ mod tests {
         let cfg = RenderConfig::default();
         let plain = restore_input(Family::V4, Table::Nat, &plan, &cfg);
         let mut hinted = Vec::new();
-        write_restore_input(&mut hinted, Family::V4, Table::Nat, &plan, &cfg, true).unwrap();
+        write_restore_input(&mut hinted, Family::V4, Table::Nat, &plan, &cfg, true, "").unwrap();
         assert_eq!(
             String::from_utf8(hinted).unwrap(),
             plain.replacen("*nat\n", "*nat\n-L -n\n", 1)
