@@ -412,16 +412,26 @@ pub struct BuiltinJump {
 impl BuiltinJump {
     /// The jump as iptables-save prints it.
     pub fn line(&self) -> String {
-        let mut out = format!("-A {}", self.builtin);
-        for arg in &self.args {
-            if arg.contains(' ') {
-                out.push_str(&format!(" \"{arg}\""));
-            } else {
-                out.push(' ');
-                out.push_str(arg);
-            }
-        }
-        out
+        format!("-A {}{}", self.builtin, self.quoted_args())
+    }
+
+    /// The restore line inserting the jump at the top of its built-in chain.
+    pub fn insert_line(&self) -> String {
+        format!("-I {} 1{}", self.builtin, self.quoted_args())
+    }
+
+    /// The arguments as iptables-save quotes them, each after a space.
+    fn quoted_args(&self) -> String {
+        self.args
+            .iter()
+            .map(|arg| {
+                if arg.contains(' ') {
+                    format!(" \"{arg}\"")
+                } else {
+                    format!(" {arg}")
+                }
+            })
+            .collect()
     }
 
     pub fn target(&self) -> &str {
@@ -1096,11 +1106,7 @@ pub fn jump_lines(table: Table, jumps: &[BuiltinJump]) -> String {
     jumps
         .iter()
         .filter(|j| j.table == table)
-        .map(|j| {
-            let line = j.line();
-            let rest = &line[format!("-A {}", j.builtin).len()..];
-            format!("-I {} 1{rest}\n", j.builtin)
-        })
+        .map(|j| j.insert_line() + "\n")
         .collect()
 }
 
