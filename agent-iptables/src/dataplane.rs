@@ -58,9 +58,9 @@ pub struct IptablesDataplane {
     programmed: Option<BTreeMap<String, ServiceRules>>,
     /// The states last applied, to find UDP endpoints that went away.
     states: BTreeMap<String, ServiceState>,
-    /// A read-back found a jump from a built-in chain missing: the next apply restores
-    /// the jumps (every apply rewrites the shared chains anyway).
-    repair_jumps: bool,
+    /// A read-back found a jump from a built-in chain missing: the jumps it saw, so the
+    /// next apply inserts the missing ones (and rewrites the shared chains whole).
+    repair_jumps: Option<Saved>,
 }
 
 impl IptablesDataplane {
@@ -78,7 +78,7 @@ impl IptablesDataplane {
             runner,
             programmed: None,
             states: BTreeMap::new(),
-            repair_jumps: false,
+            repair_jumps: None,
         }
     }
 
@@ -196,22 +196,6 @@ impl IptablesDataplane {
             &["--noflush", "-w", "5"],
             Some(input),
         )?;
-        Ok(())
-    }
-
-    fn ensure_jumps(&self) -> Result<(), DataplaneError> {
-        for family in self.families() {
-            let tool = self.backend.iptables(family);
-            for jump in builtin_jumps() {
-                let mut check = vec!["-w", "5", "-t", jump.table.name(), "-C", jump.builtin];
-                check.extend(jump.args.iter().map(String::as_str));
-                if !self.runner.succeeds(&tool, &check)? {
-                    let mut insert = check.clone();
-                    insert[4] = "-I";
-                    self.runner.run(&tool, &insert, None)?;
-                }
-            }
-        }
         Ok(())
     }
 
@@ -422,15 +406,13 @@ impl IptablesDataplane {
 
     /// The jumps from built-in chains that `saved` lacks, as `family table line`.
     pub fn missing_jumps(&self, saved: &Saved) -> Vec<String> {
-        let present: BTreeSet<String> = saved.jumps.iter().map(|r| r.object()).collect();
         self.families()
             .into_iter()
             .flat_map(|family| {
-                builtin_jumps()
+                Self::jumps_missing(saved, family)
                     .into_iter()
                     .map(move |j| format!("{family} {} {}", j.table, j.line()))
             })
-            .filter(|line| !present.contains(line))
             .collect()
     }
 
@@ -532,7 +514,7 @@ impl Dataplane for IptablesDataplane {
                 // The jumps are in built-in chains, which the write does not touch.
                 self.ensure_jumps_from(&kernel)?;
             }
-            self.repair_jumps = false;
+            self.repair_jumps = None;
             let gone: Vec<String> = self
                 .states
                 .keys()
@@ -568,7 +550,10 @@ impl Dataplane for IptablesDataplane {
                 ?missing,
                 "jumps into switchyard chains are missing; the next apply restores them"
             );
-            self.repair_jumps = true;
+            self.repair_jumps = Some(Saved {
+                jumps: saved.jumps.clone(),
+                ..Saved::default()
+            });
         }
         Ok(saved
             .services
@@ -661,8 +646,10 @@ impl IptablesDataplane {
         let repair = names
             .iter()
             .any(|n| next.contains_key(n) && old(n) == next.get(n));
-        let incremental =
-            !first && !repair && !self.repair_jumps && self.fits_one_transaction(&touched, &stale);
+        let incremental = !first
+            && !repair
+            && self.repair_jumps.is_none()
+            && self.fits_one_transaction(&touched, &stale);
         let moves: Vec<render::ServiceMove<'_>> =
             names.iter().map(|n| (old(n), next.get(n))).collect();
         let written = match incremental.then(|| self.write_incremental(&moves, &stale)) {
@@ -685,12 +672,9 @@ impl IptablesDataplane {
             self.programmed = (!first).then_some(next);
             return Err(err);
         }
-        if let Some(saved) = &read_at_start {
+        if let Some(saved) = read_at_start.as_ref().or(self.repair_jumps.as_ref()) {
             self.ensure_jumps_from(saved)?;
-            self.repair_jumps = false;
-        } else if self.repair_jumps {
-            self.ensure_jumps()?;
-            self.repair_jumps = false;
+            self.repair_jumps = None;
         }
         for name in &names {
             let new = desired.get(name).map(|s| &s.state);

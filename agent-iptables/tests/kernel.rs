@@ -159,6 +159,13 @@ fn lifecycle(chunk_chains: usize) {
     want.insert("ns/a".into(), desired(a2));
     dp.apply(&want, &upsert(&["ns/a"])).unwrap();
     let lines = swy_lines(&ns, "iptables-save");
+    let output_jump =
+        "-A OUTPUT -m comment --comment \"swy service portals\" -j SWY-SERVICES".to_string();
+    assert_eq!(
+        lines.iter().filter(|l| **l == output_jump).count(),
+        1,
+        "the deleted jump is back, once: {lines:#?}"
+    );
     assert_eq!(chains_of(&lines, "ns/b"), b_before);
     assert_eq!(
         nft_handles(&ns, &b_before),
