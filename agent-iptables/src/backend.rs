@@ -3,7 +3,7 @@
 
 use std::{
     io::Write,
-    process::{Command, Stdio},
+    process::{ChildStdin, Command, Stdio},
 };
 
 use switchyard_agent_core::dataplane::DataplaneError;
@@ -85,6 +85,9 @@ pub fn choose_backend(legacy_save: &str, nft_save: &str) -> Backend {
     }
 }
 
+/// The type of an absent stdin writer, for `run_inner(…, None)`.
+type NoFeed = fn(ChildStdin) -> std::io::Result<()>;
+
 /// Runs external commands, each behind the configured prefix.
 #[derive(Clone, Debug, Default)]
 pub struct Runner {
@@ -112,7 +115,7 @@ impl Runner {
             Some(input) => {
                 self.run_streaming(program, args, |pipe| pipe.write_all(input.as_bytes()))
             }
-            None => self.run_inner(program, args, None),
+            None => self.run_inner(program, args, None::<NoFeed>),
         }
     }
 
@@ -126,20 +129,18 @@ impl Runner {
         args: &[&str],
         produce: impl FnOnce(&mut dyn Write) -> std::io::Result<()> + Send,
     ) -> Result<String, DataplaneError> {
-        let mut produce = Some(produce);
-        let mut feed = |pipe: std::process::ChildStdin| {
-            let produce = produce.take().expect("called once");
+        let feed = |pipe: ChildStdin| {
             let mut pipe = std::io::BufWriter::with_capacity(1 << 16, pipe);
             produce(&mut pipe).and_then(|()| pipe.flush())
         };
-        self.run_inner(program, args, Some(&mut feed))
+        self.run_inner(program, args, Some(feed))
     }
 
     fn run_inner(
         &self,
         program: &str,
         args: &[&str],
-        feed: Option<&mut (dyn FnMut(std::process::ChildStdin) -> std::io::Result<()> + Send)>,
+        feed: Option<impl FnOnce(ChildStdin) -> std::io::Result<()> + Send>,
     ) -> Result<String, DataplaneError> {
         let (mut command, shown) = self.command(program, args);
         command
