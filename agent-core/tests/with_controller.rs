@@ -32,19 +32,45 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
     }
 }
 
-#[tokio::test]
-async fn the_agent_syncs_from_the_real_controller_follows_changes_and_restarts_without_rewriting() {
-    let controller = TestController::start().await.unwrap();
-    let objects = fixtures::cluster(1, 300, 1);
-    controller.replace("test", objects.clone()).await;
+/// A controller serving one node `services` Services, and an agent for that node that
+/// holds them all.
+struct Synced {
+    controller: TestController,
+    objects: Vec<Object>,
+    kernel: MemoryKernel,
+    dir: tempfile::TempDir,
+    agent: Agent<MemoryDataplane>,
+}
 
+async fn synced(services: usize) -> Synced {
+    let controller = TestController::start().await.unwrap();
+    let objects = fixtures::cluster(1, services, 1);
+    controller.replace("test", objects.clone()).await;
     let kernel = MemoryKernel::default();
     let dir = tempfile::tempdir().unwrap();
     let agent = start_agent(&controller, &kernel, dir.path()).await;
-    eventually("all 300 Services are in the kernel", || {
-        kernel.versions().len() == 300
+    eventually("every Service is in the kernel", || {
+        kernel.versions().len() == services
     })
     .await;
+    Synced {
+        controller,
+        objects,
+        kernel,
+        dir,
+        agent,
+    }
+}
+
+#[tokio::test]
+async fn the_agent_syncs_from_the_real_controller_follows_changes_and_restarts_without_rewriting() {
+    let Synced {
+        controller,
+        objects,
+        kernel,
+        dir,
+        agent,
+    } = synced(300).await;
     // More than one response: the controller sends at most 256 resources at a time.
     eventually("every response is applied", || kernel.apply_count() >= 2).await;
     assert!(agent.repair_drift().await.unwrap().is_empty());
@@ -88,16 +114,13 @@ async fn healthz(agent: &Agent<MemoryDataplane>) -> String {
 
 #[tokio::test]
 async fn a_node_being_deleted_fails_healthz_without_touching_the_kernel() {
-    let controller = TestController::start().await.unwrap();
-    let objects = fixtures::cluster(1, 10, 1);
-    controller.replace("test", objects.clone()).await;
-    let kernel = MemoryKernel::default();
-    let dir = tempfile::tempdir().unwrap();
-    let agent = start_agent(&controller, &kernel, dir.path()).await;
-    eventually("all 10 Services are in the kernel", || {
-        kernel.versions().len() == 10
-    })
-    .await;
+    let Synced {
+        controller,
+        objects,
+        kernel,
+        dir: _state_dir,
+        agent,
+    } = synced(10).await;
     assert!(healthz(&agent).await.contains(" 200 "));
     let applies = kernel.apply_count();
 
