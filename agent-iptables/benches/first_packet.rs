@@ -10,6 +10,8 @@
 //! the dispatch chain: the worst case of the linear walk that kube-proxy's iptables mode
 //! also has. A direct connection's first packet walks the whole chain too (it matches no
 //! VIP), so it is measured under each ruleset as well as with none.
+//!
+//! `SWY_BACKEND=legacy` measures iptables-legacy; the default is nft.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
