@@ -154,6 +154,8 @@ mod tests {
             external_traffic_policy: TrafficPolicy::Cluster,
             internal_traffic_policy: TrafficPolicy::Cluster,
             health_check_node_port: None,
+            ipvs_scheduler: None,
+            ebpf_lb: None,
         }
     }
 

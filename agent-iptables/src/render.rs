@@ -297,8 +297,25 @@ fn host(ip: IpAddr) -> String {
     format!("{ip}/{}", Family::of(ip).host_prefix())
 }
 
+/// A `comment` match. Names are validated before they get here (the agent refuses a
+/// resource whose names the API server would refuse), but rule text is parsed by
+/// `iptables-restore`, so anything else is replaced here too: a quote, backslash or
+/// newline in a comment would end it and let the rest be read as rules. The result is
+/// also cut to the kernel's 255 bytes.
 fn comment(text: &str) -> String {
-    format!("-m comment --comment \"{text}\"")
+    const SAFE_PUNCTUATION: &str = " ./:_-=>;,[]()";
+    let safe: String = text
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || SAFE_PUNCTUATION.contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(255)
+        .collect();
+    format!("-m comment --comment \"{safe}\"")
 }
 
 fn reject_with(family: Family) -> &'static str {

@@ -380,3 +380,31 @@ fn endpoints_masquerade_their_own_hairpin_traffic() {
     );
     assert!(!has(&lines, "! -s"), "masquerade-all needs no cluster CIDR");
 }
+
+#[test]
+fn names_that_could_end_a_comment_never_reach_rule_text_unescaped() {
+    // The agent refuses such names when it converts what the controller sent; this is
+    // the second line of defence, for a state that got past that.
+    let mut state = service(
+        "shop/x",
+        &["10.96.0.30"],
+        vec![port("http", Protocol::Tcp, 80, three_endpoints())],
+    );
+    state.key.namespace = "shop\" -j ACCEPT\n-A INPUT".into();
+    state.key.name = "x\\\"\n*filter".into();
+    state.ports[0].name = "h\"\nCOMMIT".into();
+    let name = state.key.to_string();
+    let lines = render_service(&name, &desired(state), &cfg()).objects();
+    assert!(!lines.is_empty());
+    for line in &lines {
+        assert!(!line.contains('\n'), "{line}");
+        assert!(!line.contains('\\'), "{line}");
+        // Quotes only around comment texts: an even number, each pair one comment.
+        assert_eq!(
+            line.matches('"').count(),
+            2 * line.matches("--comment").count(),
+            "{line}"
+        );
+    }
+    assert!(has(&lines, "shop_ -j ACCEPT_-A INPUT/x___"), "{lines:#?}");
+}

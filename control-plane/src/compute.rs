@@ -155,6 +155,8 @@ pub fn compute_service<'a>(
         health_check_node_port: service
             .health_check_node_port
             .filter(|_| needs_health_check),
+        ipvs_scheduler: service.ipvs_scheduler,
+        ebpf_lb: service.ebpf_lb,
     })
 }
 

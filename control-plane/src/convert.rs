@@ -19,8 +19,11 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
+use switchyard_proto::names::{self, quote_bounded};
+
 use crate::model::{
-    AddressFamily, Endpoint, EndpointPort, EndpointSlice, Node, Protocol, SERVICE_NAME_LABEL,
+    AddressFamily, EBPF_LB_ANNOTATION, Endpoint, EndpointPort, EndpointSlice,
+    IPVS_SCHEDULER_ANNOTATION, IpvsScheduler, LbAlgorithm, Node, Protocol, SERVICE_NAME_LABEL,
     SERVICE_PROXY_NAME_LABEL, Service, ServiceKey, ServicePort, ServiceType,
     TRIGGER_TIME_ANNOTATION, TrafficPolicy, ZONE_LABEL,
 };
@@ -60,8 +63,16 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConvertError
 /// - Load-balancer IPs: `status.loadBalancer.ingress[].ip`, skipping hostname-only
 ///   entries and those with `ipMode: Proxy` (kube-proxy does not capture those).
 /// - `sessionAffinity: ClientIP` without a timeout gets the API default of 10800 s.
+/// - Names follow the API server: the namespace an RFC 1123 label, the name an RFC 1035
+///   label, port names RFC 1123 labels. Every IP must be one the API server accepts for
+///   a Service (no unspecified, loopback, link-local, multicast, broadcast or
+///   IPv4-mapped address).
+/// - The `switchyard.io/ipvs-scheduler` and `switchyard.io/ebpf-lb` annotations choose the
+///   IPVS scheduler and the eBPF backend choice; an unknown value does not refuse the
+///   Service: it keeps the agents' defaults and the value is listed in
+///   `annotation_problems`.
 pub fn service(object: &core::Service) -> Result<Service, ConvertError> {
-    let key = namespaced_key(&object.metadata)?;
+    let key = namespaced_key(&object.metadata, names::dns1035_label)?;
     let default_spec = core::ServiceSpec::default();
     let spec = object.spec.as_ref().unwrap_or(&default_spec);
 
@@ -150,6 +161,24 @@ pub fn service(object: &core::Service) -> Result<Service, ConvertError> {
         .and_then(|labels| labels.get(SERVICE_PROXY_NAME_LABEL))
         .cloned();
 
+    let mut annotation_problems = Vec::new();
+    let ipvs_scheduler = annotation(
+        &object.metadata,
+        IPVS_SCHEDULER_ANNOTATION,
+        "an IPVS scheduler",
+        &IpvsScheduler::ALL.map(IpvsScheduler::name),
+        "--ipvs-scheduler",
+        &mut annotation_problems,
+    );
+    let ebpf_lb = annotation(
+        &object.metadata,
+        EBPF_LB_ANNOTATION,
+        "an eBPF load-balancing algorithm",
+        &LbAlgorithm::ALL.map(LbAlgorithm::name),
+        "--lb-algorithm",
+        &mut annotation_problems,
+    );
+
     Ok(Service {
         key,
         service_type,
@@ -164,7 +193,34 @@ pub fn service(object: &core::Service) -> Result<Service, ConvertError> {
         internal_traffic_policy,
         health_check_node_port,
         proxy_name,
+        ipvs_scheduler,
+        ebpf_lb,
+        annotation_problems,
     })
+}
+
+/// Reads an annotation whose value must be one of `allowed` (which `T` parses). Absent:
+/// `None`. Not allowed: `None`, and a problem saying that `flag`'s default applies.
+fn annotation<T: std::str::FromStr>(
+    metadata: &ObjectMeta,
+    key: &str,
+    what: &str,
+    allowed: &[&str],
+    flag: &str,
+    problems: &mut Vec<String>,
+) -> Option<T> {
+    let value = metadata.annotations.as_ref()?.get(key)?;
+    match value.parse() {
+        Ok(parsed) => Some(parsed),
+        Err(_) => {
+            problems.push(format!(
+                "metadata.annotations[{key:?}]: {} is not {what} (one of {}); the agent's {flag} applies",
+                quote_bounded(value),
+                allowed.join(", "),
+            ));
+            None
+        }
+    }
 }
 
 /// `(headless, cluster_ips)` from `spec.clusterIPs`, falling back to `spec.clusterIP`.
@@ -269,6 +325,9 @@ fn service_ports(
                 "must be set when a Service has several ports",
             ));
         }
+        if !name.is_empty() {
+            check_name(&format!("{field}.name"), &name, names::dns1123_label)?;
+        }
         if !name.is_empty() && !names.insert(name.clone()) {
             return Err(invalid(
                 format!("{field}.name"),
@@ -366,7 +425,7 @@ fn traffic_policy(field: &str, value: Option<&str>) -> Result<TrafficPolicy, Con
 pub fn endpoint_slice(
     object: &discovery::EndpointSlice,
 ) -> Result<Option<EndpointSlice>, ConvertError> {
-    let key = namespaced_key(&object.metadata)?;
+    let key = namespaced_key(&object.metadata, names::dns1123_subdomain)?;
     let address_family = match object.address_type.as_str() {
         "IPv4" => AddressFamily::V4,
         "IPv6" => AddressFamily::V6,
@@ -391,6 +450,11 @@ pub fn endpoint_slice(
                 "must name the slice's Service",
             )
         })?;
+    check_name(
+        &format!("metadata.labels[{SERVICE_NAME_LABEL:?}]"),
+        service_name,
+        names::dns1035_label,
+    )?;
     let service = ServiceKey::new(key.namespace.clone(), service_name.clone());
 
     let mut names = HashSet::new();
@@ -398,6 +462,9 @@ pub fn endpoint_slice(
     for (i, port) in object.ports.iter().flatten().enumerate() {
         let field = format!("ports[{i}]");
         let name = port.name.clone().unwrap_or_default();
+        if !name.is_empty() {
+            check_name(&format!("{field}.name"), &name, names::dns1123_label)?;
+        }
         if !names.insert(name.clone()) {
             return Err(invalid(
                 format!("{field}.name"),
@@ -464,13 +531,21 @@ fn convert_endpoint(
     let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
     let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
     let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+    let node_name = endpoint.node_name.clone().filter(|n| !n.is_empty());
+    if let Some(node_name) = &node_name {
+        check_name(
+            &format!("endpoints[{index}].nodeName"),
+            node_name,
+            names::dns1123_subdomain,
+        )?;
+    }
     let hints = endpoint.hints.as_ref();
     Ok(Endpoint {
         address,
         ready,
         serving,
         terminating,
-        node_name: endpoint.node_name.clone().filter(|n| !n.is_empty()),
+        node_name,
         zone: endpoint.zone.clone().filter(|z| !z.is_empty()),
         zone_hints: hints
             .and_then(|h| h.for_zones.as_ref())
@@ -500,6 +575,7 @@ pub fn node(object: &core::Node) -> Result<Node, ConvertError> {
         .clone()
         .filter(|n| !n.is_empty())
         .ok_or_else(|| invalid("metadata.name", "must be set"))?;
+    check_name("metadata.name", &name, names::dns1123_subdomain)?;
     let zone = object
         .metadata
         .labels
@@ -530,7 +606,12 @@ pub fn node(object: &core::Node) -> Result<Node, ConvertError> {
     })
 }
 
-fn namespaced_key(metadata: &ObjectMeta) -> Result<ServiceKey, ConvertError> {
+/// The object's `namespace/name`, the name checked with `name_check` (the rule the API
+/// server applies to that kind) and the namespace as an RFC 1123 label.
+fn namespaced_key(
+    metadata: &ObjectMeta,
+    name_check: fn(&str) -> Result<(), &'static str>,
+) -> Result<ServiceKey, ConvertError> {
     let name = metadata
         .name
         .as_deref()
@@ -541,13 +622,52 @@ fn namespaced_key(metadata: &ObjectMeta) -> Result<ServiceKey, ConvertError> {
         .as_deref()
         .filter(|n| !n.is_empty())
         .ok_or_else(|| invalid("metadata.namespace", "must be set"))?;
+    check_name("metadata.namespace", namespace, names::dns1123_label)?;
+    check_name("metadata.name", name, name_check)?;
     Ok(ServiceKey::new(namespace, name))
 }
 
+fn check_name(
+    field: &str,
+    value: &str,
+    check: fn(&str) -> Result<(), &'static str>,
+) -> Result<(), ConvertError> {
+    check(value).map_err(|reason| invalid(field, format!("{} {reason}", quote_bounded(value))))
+}
+
+/// An IP the API server accepts for a Service or an endpoint.
 fn parse_ip(field: &str, value: &str) -> Result<IpAddr, ConvertError> {
-    value
-        .parse()
-        .map_err(|_| invalid(field, format!("{value:?} is not an IP address")))
+    let ip: IpAddr = value.parse().map_err(|_| {
+        invalid(
+            field,
+            format!("{} is not an IP address", quote_bounded(value)),
+        )
+    })?;
+    match special_ip(ip) {
+        Some(reason) => Err(invalid(field, format!("{ip} {reason}"))),
+        None => Ok(ip),
+    }
+}
+
+/// Why no Service or endpoint may use `ip`, as the API server's `ValidateNonSpecialIP`
+/// and its endpoint checks put it; `None` for a usable address.
+pub fn special_ip(ip: IpAddr) -> Option<&'static str> {
+    match ip {
+        _ if ip.is_unspecified() => Some("may not be unspecified (0.0.0.0 or ::)"),
+        _ if ip.is_loopback() => Some("may not be in the loopback range (127.0.0.0/8, ::1)"),
+        _ if ip.is_multicast() => Some("may not be a multicast address"),
+        IpAddr::V4(v4) if v4.is_link_local() => {
+            Some("may not be in the link-local range (169.254.0.0/16)")
+        }
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("may not be the broadcast address"),
+        IpAddr::V6(v6) if v6.is_unicast_link_local() => {
+            Some("may not be in the link-local range (fe80::/10)")
+        }
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+            Some("may not be an IPv4-mapped IPv6 address (::ffff:0:0/96)")
+        }
+        _ => None,
+    }
 }
 
 fn parse_port(field: &str, value: i32) -> Result<u16, ConvertError> {
@@ -1189,6 +1309,177 @@ mod tests {
         for (name, object, expected) in cases {
             assert_eq!(service(&object), Err(expected), "{name}");
         }
+    }
+
+    #[test]
+    fn names_that_break_the_api_servers_rules_are_refused_with_the_field_named() {
+        let injected = "web\" -j ACCEPT\n-A SWY-SERVICES";
+        let with_meta = |namespace: &str, name: &str| core::Service {
+            metadata: meta(Some(namespace), name),
+            ..svc()
+        };
+        let cases: Vec<(&str, core::Service, &str)> = vec![
+            (
+                "quote and newline in the name",
+                with_meta("default", injected),
+                "metadata.name",
+            ),
+            (
+                "upper case name",
+                with_meta("default", "Web"),
+                "metadata.name",
+            ),
+            (
+                "name starting with a digit (RFC 1035)",
+                with_meta("default", "1web"),
+                "metadata.name",
+            ),
+            (
+                "64-character name",
+                with_meta("default", &"a".repeat(64)),
+                "metadata.name",
+            ),
+            (
+                "dot in the namespace",
+                with_meta("kube.system", "web"),
+                "metadata.namespace",
+            ),
+            (
+                "port name with a quote",
+                with_spec(|s| s.ports = Some(vec![port("http\"", 80)])),
+                "spec.ports[0].name",
+            ),
+        ];
+        for (what, object, field) in cases {
+            let error = service(&object).expect_err(what);
+            let ConvertError::Invalid {
+                field: got,
+                message,
+            } = &error;
+            assert_eq!(got, field, "{what}: {error}");
+            assert!(
+                !message.contains('\n'),
+                "{what}: the message holds no raw newline"
+            );
+        }
+
+        let mut bad_slice = slice();
+        bad_slice.metadata.name = Some("web_abc".into());
+        let error = endpoint_slice(&bad_slice).unwrap_err();
+        assert!(error.to_string().starts_with("metadata.name: "), "{error}");
+        let mut bad_slice = slice();
+        bad_slice.endpoints[0].node_name = Some("node a".into());
+        let error = endpoint_slice(&bad_slice).unwrap_err();
+        assert!(
+            error.to_string().starts_with("endpoints[0].nodeName: "),
+            "{error}"
+        );
+        let mut bad_slice = slice();
+        bad_slice
+            .metadata
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(SERVICE_NAME_LABEL.into(), "web\"x".into());
+        let error = endpoint_slice(&bad_slice).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .starts_with("metadata.labels[\"kubernetes.io/service-name\"]"),
+            "{error}"
+        );
+        let mut bad_node = k8s_node();
+        bad_node.metadata.name = Some("node\nforged log line".into());
+        let error = node(&bad_node).unwrap_err().to_string();
+        assert!(error.starts_with("metadata.name: "), "{error}");
+        assert!(!error.contains('\n'), "{error}");
+    }
+
+    #[test]
+    fn addresses_the_api_server_refuses_are_refused_with_the_field_named() {
+        for ip in [
+            "0.0.0.0",
+            "::",
+            "127.0.0.1",
+            "::1",
+            "224.0.0.1",
+            "ff02::1",
+            "169.254.169.254",
+            "fe80::1",
+            "255.255.255.255",
+            "::ffff:10.0.0.1",
+        ] {
+            let cluster = with_spec(|s| {
+                s.cluster_ip = Some(ip.into());
+                s.cluster_ips = Some(vec![ip.into()]);
+            });
+            let error = service(&cluster).expect_err(ip);
+            assert!(
+                error.to_string().starts_with("spec.clusterIPs[0]: "),
+                "{ip}: {error}"
+            );
+            let external = with_spec(|s| s.external_ips = Some(vec![ip.into()]));
+            let error = service(&external).expect_err(ip);
+            assert!(
+                error.to_string().starts_with("spec.externalIPs[0]: "),
+                "{ip}: {error}"
+            );
+        }
+        let mut bad_slice = slice();
+        bad_slice.endpoints[0].addresses = vec!["127.0.0.1".into()];
+        let error = endpoint_slice(&bad_slice).unwrap_err().to_string();
+        assert!(
+            error.starts_with("endpoints[0].addresses[0]: 127.0.0.1 may not be in the loopback"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn dataplane_annotations_choose_per_service_and_unknown_values_keep_the_default() {
+        let annotated = |pairs: &[(&str, &str)]| {
+            let mut s = svc();
+            s.metadata.annotations = Some(
+                pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            );
+            service(&s).unwrap()
+        };
+        let plain = service(&svc()).unwrap();
+        assert_eq!((plain.ipvs_scheduler, plain.ebpf_lb), (None, None));
+        assert!(plain.annotation_problems.is_empty());
+
+        let chosen = annotated(&[
+            (IPVS_SCHEDULER_ANNOTATION, "sh"),
+            (EBPF_LB_ANNOTATION, "maglev"),
+        ]);
+        assert_eq!(chosen.ipvs_scheduler, Some(IpvsScheduler::Sh));
+        assert_eq!(chosen.ebpf_lb, Some(LbAlgorithm::Maglev));
+        assert!(chosen.annotation_problems.is_empty());
+
+        let unknown = annotated(&[
+            (IPVS_SCHEDULER_ANNOTATION, "fastest"),
+            (EBPF_LB_ANNOTATION, "Maglev"),
+        ]);
+        assert_eq!((unknown.ipvs_scheduler, unknown.ebpf_lb), (None, None));
+        assert_eq!(
+            unknown.annotation_problems.len(),
+            2,
+            "{:?}",
+            unknown.annotation_problems
+        );
+        assert!(
+            unknown.annotation_problems[0].starts_with(
+                "metadata.annotations[\"switchyard.io/ipvs-scheduler\"]: \"fastest\" is not an IPVS scheduler (one of rr, wrr,"
+            ),
+            "{}",
+            unknown.annotation_problems[0]
+        );
+        assert!(unknown.annotation_problems[0].ends_with("the agent's --ipvs-scheduler applies"));
+        assert!(unknown.annotation_problems[1].contains(
+            "\"Maglev\" is not an eBPF load-balancing algorithm (one of random, maglev)"
+        ));
     }
 
     #[test]

@@ -7,7 +7,9 @@
 use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::SystemTime};
 
 use ipnet::IpNet;
-pub use switchyard_proto::state::{Protocol, ServiceKey, TrafficPolicy};
+pub use switchyard_proto::state::{
+    IpvsScheduler, LbAlgorithm, Protocol, ServiceKey, TrafficPolicy,
+};
 
 /// Label naming the proxy that should handle a Service (`service.kubernetes.io/service-proxy-name`).
 pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
@@ -15,6 +17,12 @@ pub const SERVICE_PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Node label holding the node's zone.
 pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// Service annotation: the IPVS scheduler for this Service (overrides the IPVS agent's
+/// `--ipvs-scheduler`).
+pub const IPVS_SCHEDULER_ANNOTATION: &str = "switchyard.io/ipvs-scheduler";
+/// Service annotation: `random` or `maglev` backend choice in the eBPF dataplane
+/// (overrides the eBPF agent's `--lb-algorithm`).
+pub const EBPF_LB_ANNOTATION: &str = "switchyard.io/ebpf-lb";
 /// EndpointSlice annotation: when the change that produced this slice happened.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
@@ -50,6 +58,13 @@ pub struct Service {
     pub health_check_node_port: Option<u16>,
     /// The `service.kubernetes.io/service-proxy-name` label, if any.
     pub proxy_name: Option<String>,
+    /// From the `switchyard.io/ipvs-scheduler` annotation; `None` when absent or invalid.
+    pub ipvs_scheduler: Option<IpvsScheduler>,
+    /// From the `switchyard.io/ebpf-lb` annotation; `None` when absent or invalid.
+    pub ebpf_lb: Option<LbAlgorithm>,
+    /// Annotations that were ignored, each with why: the Service is used with the
+    /// agents' defaults there, and the query API lists these as problems.
+    pub annotation_problems: Vec<String>,
 }
 
 impl Service {
@@ -71,6 +86,9 @@ impl Service {
             internal_traffic_policy: TrafficPolicy::Cluster,
             health_check_node_port: None,
             proxy_name: None,
+            ipvs_scheduler: None,
+            ebpf_lb: None,
+            annotation_problems: Vec::new(),
         }
     }
 }

@@ -28,16 +28,60 @@ type ProblemKey = (Origin, Option<ObjectRef>);
 
 /// Cheap read handle on the current problems.
 #[derive(Clone, Debug, Default)]
-pub struct ProblemsView(Arc<RwLock<BTreeMap<ProblemKey, Problem>>>);
+pub struct ProblemsView {
+    /// What the sources reported (objects that do not convert, files that do not parse)
+    /// and duplicates.
+    sources: Arc<RwLock<BTreeMap<ProblemKey, Problem>>>,
+    /// Ignored annotations of the Services in the snapshot, by Service.
+    annotations: Arc<RwLock<BTreeMap<ObjectRef, Problem>>>,
+}
 
 impl ProblemsView {
     pub fn list(&self) -> Vec<Problem> {
-        self.0
+        let mut list: Vec<Problem> = self
+            .sources
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .values()
             .cloned()
-            .collect()
+            .collect();
+        list.extend(
+            self.annotations
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned(),
+        );
+        list
+    }
+
+    fn sources(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<ProblemKey, Problem>> {
+        self.sources.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records (or clears, for `None` or a Service without any) the ignored annotations
+    /// of the Service `r` in force, keeping `since` while the message stays the same.
+    fn set_annotations(&self, r: &ObjectRef, service: Option<(&Origin, &crate::model::Service)>) {
+        let mut annotations = self.annotations.write().unwrap_or_else(|e| e.into_inner());
+        let Some((origin, service)) = service.filter(|(_, s)| !s.annotation_problems.is_empty())
+        else {
+            annotations.remove(r);
+            return;
+        };
+        let message = service.annotation_problems.join("; ");
+        let since = match annotations.get(r) {
+            Some(p) if p.message == message && &p.origin == origin => p.since,
+            _ => SystemTime::now(),
+        };
+        annotations.insert(
+            r.clone(),
+            Problem {
+                origin: origin.clone(),
+                object: Some(r.clone()),
+                message,
+                since,
+            },
+        );
     }
 }
 
@@ -146,7 +190,7 @@ impl Store {
                     object,
                     message,
                 } => {
-                    let mut problems = self.problems.0.write().unwrap_or_else(|e| e.into_inner());
+                    let mut problems = self.problems.sources();
                     let key = (origin.clone(), object.clone());
                     let since = match problems.get(&key) {
                         Some(p) if p.message == message => p.since,
@@ -166,7 +210,7 @@ impl Store {
                     origin,
                     object: None,
                 } => {
-                    let mut problems = self.problems.0.write().unwrap_or_else(|e| e.into_inner());
+                    let mut problems = self.problems.sources();
                     problems.retain(|(o, r), p| {
                         o != &origin || (r.is_some() && p.message.starts_with(DUPLICATE))
                     });
@@ -175,7 +219,7 @@ impl Store {
                     origin,
                     object: Some(r),
                 } => {
-                    let mut problems = self.problems.0.write().unwrap_or_else(|e| e.into_inner());
+                    let mut problems = self.problems.sources();
                     problems.remove(&(origin, Some(r)));
                 }
             }
@@ -193,7 +237,7 @@ impl Store {
                 self.holders.remove(r);
             }
         }
-        let mut problems = self.problems.0.write().unwrap_or_else(|e| e.into_inner());
+        let mut problems = self.problems.sources();
         if let Some(p) = problems.get(&(origin.clone(), Some(r.clone())))
             && p.message.starts_with(DUPLICATE)
         {
@@ -209,7 +253,7 @@ impl Store {
             .map(|h| h.iter().cloned().collect())
             .unwrap_or_default();
         if let Some((winner, losers)) = holders.split_first() {
-            let mut problems = self.problems.0.write().unwrap_or_else(|e| e.into_inner());
+            let mut problems = self.problems.sources();
             problems.remove(&(winner.clone(), Some(r.clone())));
             for loser in losers {
                 problems
@@ -226,6 +270,13 @@ impl Store {
             .first()
             .and_then(|o| self.origins.get(o))
             .and_then(|o| o.get(r));
+        if r.kind == ObjectKind::Service {
+            let service = holders.first().zip(winner).and_then(|(o, w)| match &**w {
+                Object::Service(s) => Some((o, s)),
+                _ => None,
+            });
+            self.problems.set_annotations(r, service);
+        }
         let snapshot = &mut self.snapshot;
         match r.kind {
             ObjectKind::Service => {
@@ -519,5 +570,45 @@ mod tests {
             object: None,
         }]);
         assert!(store.problems().list().is_empty());
+    }
+
+    #[test]
+    fn ignored_annotations_of_the_service_in_force_are_listed_until_it_changes_or_goes() {
+        let mut store = Store::new();
+        let annotated = |problems: &[&str]| {
+            let Object::Service(mut s) = service("web", 80) else {
+                unreachable!()
+            };
+            s.annotation_problems = problems.iter().map(|p| p.to_string()).collect();
+            Object::Service(s)
+        };
+        let upsert = |object: Object| StoreUpdate::Upsert {
+            origin: "a.yaml".into(),
+            object,
+            at: at(1),
+        };
+        store.apply([upsert(annotated(&["ipvs: bad", "ebpf: bad"]))]);
+        let problems = store.problems().list();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].origin, "a.yaml");
+        assert_eq!(problems[0].message, "ipvs: bad; ebpf: bad");
+        assert_eq!(
+            problems[0].object.as_ref().map(ToString::to_string),
+            Some(service("web", 80).object_ref().to_string())
+        );
+        let since = problems[0].since;
+        store.apply([upsert(annotated(&["ipvs: bad", "ebpf: bad"]))]);
+        assert_eq!(store.problems().list()[0].since, since);
+
+        store.apply([upsert(annotated(&[]))]);
+        assert!(store.problems().list().is_empty(), "fixed");
+        store.apply([upsert(annotated(&["ipvs: bad"]))]);
+        assert_eq!(store.problems().list().len(), 1);
+        store.apply([StoreUpdate::Delete {
+            origin: "a.yaml".into(),
+            object: service("web", 80).object_ref(),
+            at: at(2),
+        }]);
+        assert!(store.problems().list().is_empty(), "deleted");
     }
 }

@@ -5,6 +5,7 @@
 //! from [`state`] with `From` / `TryFrom` and never pass them further in.
 #![forbid(unsafe_code)]
 
+pub mod names;
 pub mod reflection;
 pub mod state;
 

@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use prost::Message;
 use sha2::{Digest, Sha256};
 
-use crate::v1;
+use crate::{names, v1};
 
 /// The resource name of a Service: `namespace/name`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -72,6 +72,134 @@ pub enum TrafficPolicy {
     Local,
 }
 
+/// An IPVS scheduler, by the name of its kernel module (`ip_vs_<name>`) and of
+/// `ipvsadm -s`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpvsScheduler {
+    /// Round robin.
+    Rr,
+    /// Weighted round robin.
+    Wrr,
+    /// Least connections.
+    Lc,
+    /// Weighted least connections.
+    Wlc,
+    /// Locality-based least connections.
+    Lblc,
+    /// Locality-based least connections with replication.
+    Lblcr,
+    /// Destination hashing.
+    Dh,
+    /// Source hashing.
+    Sh,
+    /// Shortest expected delay.
+    Sed,
+    /// Never queue.
+    Nq,
+    /// Weighted failover.
+    Fo,
+    /// Weighted overflow.
+    Ovf,
+    /// Maglev hashing.
+    Mh,
+    /// Weighted random twos choice (kernel 6.2 and later).
+    Twos,
+}
+
+impl IpvsScheduler {
+    pub const ALL: [IpvsScheduler; 14] = [
+        Self::Rr,
+        Self::Wrr,
+        Self::Lc,
+        Self::Wlc,
+        Self::Lblc,
+        Self::Lblcr,
+        Self::Dh,
+        Self::Sh,
+        Self::Sed,
+        Self::Nq,
+        Self::Fo,
+        Self::Ovf,
+        Self::Mh,
+        Self::Twos,
+    ];
+
+    /// The name IPVS knows it by (`rr`, `wlc`, …).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Rr => "rr",
+            Self::Wrr => "wrr",
+            Self::Lc => "lc",
+            Self::Wlc => "wlc",
+            Self::Lblc => "lblc",
+            Self::Lblcr => "lblcr",
+            Self::Dh => "dh",
+            Self::Sh => "sh",
+            Self::Sed => "sed",
+            Self::Nq => "nq",
+            Self::Fo => "fo",
+            Self::Ovf => "ovf",
+            Self::Mh => "mh",
+            Self::Twos => "twos",
+        }
+    }
+}
+
+impl fmt::Display for IpvsScheduler {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for IpvsScheduler {
+    type Err = StateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|scheduler| scheduler.name() == s)
+            .ok_or_else(|| StateError::invalid("ipvs_scheduler", s, "not an IPVS scheduler"))
+    }
+}
+
+/// How the eBPF dataplane picks a backend for a new flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LbAlgorithm {
+    /// Uniformly at random.
+    Random,
+    /// Maglev consistent hashing: a backend change moves about 1/N of flows.
+    Maglev,
+}
+
+impl LbAlgorithm {
+    pub const ALL: [LbAlgorithm; 2] = [Self::Random, Self::Maglev];
+
+    /// `random` or `maglev`, as the annotation and the flag spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Random => "random",
+            Self::Maglev => "maglev",
+        }
+    }
+}
+
+impl fmt::Display for LbAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for LbAlgorithm {
+    type Err = StateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|algorithm| algorithm.name() == s)
+            .ok_or_else(|| StateError::invalid("ebpf_lb_algorithm", s, "not random or maglev"))
+    }
+}
+
 /// Every Service a node must program, by resource name.
 pub type NodeState = BTreeMap<ServiceKey, ServiceState>;
 
@@ -90,6 +218,11 @@ pub struct ServiceState {
     pub external_traffic_policy: TrafficPolicy,
     pub internal_traffic_policy: TrafficPolicy,
     pub health_check_node_port: Option<u16>,
+    /// The IPVS scheduler the Service asks for; `None`: the IPVS agent's default.
+    pub ipvs_scheduler: Option<IpvsScheduler>,
+    /// How the eBPF dataplane picks backends for this Service; `None`: the eBPF agent's
+    /// default.
+    pub ebpf_lb: Option<LbAlgorithm>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,8 +275,8 @@ pub struct EndpointState {
 /// fail the same way, so an agent NACKs the resource.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum StateError {
-    /// A field held a value outside its domain.
-    #[error("{field}: invalid value {value:?}: {reason}")]
+    /// A field held a value outside its domain (`value` is bounded and escaped).
+    #[error("{field}: invalid value {value}: {reason}")]
     Invalid {
         field: &'static str,
         value: String,
@@ -158,7 +291,7 @@ impl StateError {
     fn invalid(field: &'static str, value: impl fmt::Display, reason: &'static str) -> Self {
         Self::Invalid {
             field,
-            value: value.to_string(),
+            value: names::quote_bounded(&value.to_string()),
             reason,
         }
     }
@@ -263,6 +396,16 @@ impl From<&ServiceState> for v1::ServiceState {
             external_traffic_policy: v1::TrafficPolicy::from(s.external_traffic_policy).into(),
             internal_traffic_policy: v1::TrafficPolicy::from(s.internal_traffic_policy).into(),
             health_check_node_port: s.health_check_node_port.map_or(0, u32::from),
+            ipvs_scheduler: s
+                .ipvs_scheduler
+                .map(|scheduler| scheduler.name().to_string())
+                .unwrap_or_default(),
+            ebpf_lb_algorithm: match s.ebpf_lb {
+                None => v1::LbAlgorithm::Unspecified,
+                Some(LbAlgorithm::Random) => v1::LbAlgorithm::Random,
+                Some(LbAlgorithm::Maglev) => v1::LbAlgorithm::Maglev,
+            }
+            .into(),
         }
     }
 }
@@ -275,6 +418,18 @@ fn parse<T: FromStr>(
     value
         .parse()
         .map_err(|_| StateError::invalid(field, value, reason))
+}
+
+fn checked(
+    field: &'static str,
+    value: &str,
+    check: fn(&str) -> Result<(), &'static str>,
+) -> Result<(), StateError> {
+    check(value).map_err(|reason| StateError::Invalid {
+        field,
+        value: names::quote_bounded(value),
+        reason,
+    })
 }
 
 fn port(field: &'static str, value: u32) -> Result<u16, StateError> {
@@ -324,6 +479,9 @@ impl TryFrom<&v1::Endpoint> for EndpointState {
     type Error = StateError;
 
     fn try_from(e: &v1::Endpoint) -> Result<Self, Self::Error> {
+        if !e.node_name.is_empty() {
+            checked("endpoint.node_name", &e.node_name, names::dns1123_subdomain)?;
+        }
         Ok(Self {
             ip: parse("endpoint.ip", &e.ip, "not an IP address")?,
             port: port("endpoint.port", e.port)?,
@@ -345,6 +503,9 @@ impl TryFrom<&v1::ServicePort> for PortState {
         let endpoints = |list: &[v1::Endpoint]| -> Result<Vec<_>, StateError> {
             list.iter().map(EndpointState::try_from).collect()
         };
+        if !p.name.is_empty() {
+            checked("port.name", &p.name, names::dns1123_label)?;
+        }
         Ok(Self {
             name: p.name.clone(),
             protocol: protocol.try_into()?,
@@ -368,6 +529,10 @@ impl TryFrom<&v1::ServiceState> for ServiceState {
         if s.name.is_empty() {
             return Err(StateError::Missing("name"));
         }
+        // Names end up in kernel text (rule comments, map keys): only what the API
+        // server accepts gets through, whatever the peer sent.
+        checked("namespace", &s.namespace, names::dns1123_label)?;
+        checked("name", &s.name, names::dns1035_label)?;
         Ok(Self {
             key: ServiceKey::new(&s.namespace, &s.name),
             cluster_ips: ips("cluster_ips", &s.cluster_ips)?,
@@ -396,6 +561,23 @@ impl TryFrom<&v1::ServiceState> for ServiceState {
                 "health_check_node_port",
                 s.health_check_node_port,
             )?,
+            ipvs_scheduler: if s.ipvs_scheduler.is_empty() {
+                None
+            } else {
+                Some(s.ipvs_scheduler.parse()?)
+            },
+            ebpf_lb: match v1::LbAlgorithm::try_from(s.ebpf_lb_algorithm) {
+                Ok(v1::LbAlgorithm::Unspecified) => None,
+                Ok(v1::LbAlgorithm::Random) => Some(LbAlgorithm::Random),
+                Ok(v1::LbAlgorithm::Maglev) => Some(LbAlgorithm::Maglev),
+                Err(_) => {
+                    return Err(StateError::invalid(
+                        "ebpf_lb_algorithm",
+                        s.ebpf_lb_algorithm,
+                        "unknown load-balancing algorithm",
+                    ));
+                }
+            },
         })
     }
 }
@@ -433,6 +615,8 @@ mod tests {
             external_traffic_policy: TrafficPolicy::Local,
             internal_traffic_policy: TrafficPolicy::Cluster,
             health_check_node_port: Some(32000),
+            ipvs_scheduler: Some(IpvsScheduler::Sh),
+            ebpf_lb: Some(LbAlgorithm::Maglev),
         }
     }
 
@@ -476,6 +660,57 @@ mod tests {
             ServiceState::try_from(&wire).unwrap_err(),
             StateError::Missing("protocol")
         );
+    }
+
+    #[test]
+    fn per_service_dataplane_choices_survive_the_wire_and_unset_ones_add_no_bytes() {
+        let mut plain = sample();
+        plain.ipvs_scheduler = None;
+        plain.ebpf_lb = None;
+        let wire = v1::ServiceState::from(&plain);
+        assert_eq!(wire.ipvs_scheduler, "");
+        assert_eq!(wire.ebpf_lb_algorithm, 0);
+        assert_eq!(ServiceState::try_from(&wire).unwrap(), plain);
+        // Unset, the new fields leave the encoding (and so every existing version) as it was.
+        let mut without = wire.clone();
+        without.ipvs_scheduler.clear();
+        assert_eq!(wire.encode_to_vec(), without.encode_to_vec());
+
+        for scheduler in IpvsScheduler::ALL {
+            assert_eq!(scheduler.name().parse::<IpvsScheduler>(), Ok(scheduler));
+        }
+        let mut wire = v1::ServiceState::from(&sample());
+        wire.ipvs_scheduler = "fastest".into();
+        assert!(ServiceState::try_from(&wire).is_err());
+        let mut wire = v1::ServiceState::from(&sample());
+        wire.ebpf_lb_algorithm = 7;
+        assert!(ServiceState::try_from(&wire).is_err());
+    }
+
+    #[test]
+    fn names_that_could_reach_kernel_text_are_refused_with_the_field_named() {
+        type Breaker = fn(&mut v1::ServiceState);
+        let cases: [(&str, Breaker); 4] = [
+            ("namespace", |w| w.namespace = "shop\" -j ACCEPT\n-A".into()),
+            ("name", |w| w.name = "web\"\n*filter".into()),
+            ("port.name", |w| w.ports[0].name = "http\"".into()),
+            ("endpoint.node_name", |w| {
+                w.ports[0].cluster_endpoints[0].node_name = "node a".into()
+            }),
+        ];
+        for (field, break_it) in cases {
+            let mut wire = v1::ServiceState::from(&sample());
+            break_it(&mut wire);
+            let err = ServiceState::try_from(&wire).unwrap_err().to_string();
+            assert!(
+                err.starts_with(&format!("{field}: invalid value ")),
+                "{err}"
+            );
+            assert!(
+                !err.contains('\n'),
+                "the message holds no raw newline: {err}"
+            );
+        }
     }
 
     #[test]

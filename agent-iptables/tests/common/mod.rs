@@ -109,6 +109,8 @@ pub fn service(ns_name: &str, cluster_ips: &[&str], ports: Vec<PortState>) -> Se
         external_traffic_policy: TrafficPolicy::Cluster,
         internal_traffic_policy: TrafficPolicy::Cluster,
         health_check_node_port: None,
+        ipvs_scheduler: None,
+        ebpf_lb: None,
     }
 }
 

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use switchyard_proto::state::{Protocol, ServiceKey};
 
 use super::*;
-use crate::model::{AddressFamily, EndpointPort, Node, ServicePort};
+use crate::model::{AddressFamily, EndpointPort, IpvsScheduler, LbAlgorithm, Node, ServicePort};
 
 // ---------------------------------------------------------------------------------------
 // Fixtures: a ClusterIP Service `default/web` with one unnamed TCP port 80, a node
@@ -27,6 +27,9 @@ fn svc() -> Service {
         internal_traffic_policy: TrafficPolicy::Cluster,
         health_check_node_port: None,
         proxy_name: None,
+        ipvs_scheduler: None,
+        ebpf_lb: None,
+        annotation_problems: Vec::new(),
     }
 }
 
@@ -531,6 +534,22 @@ fn health_check_node_port_is_dropped_for_node_port_services() {
     .state(|s| {
         assert_eq!(s.health_check_node_port, None);
         assert_eq!(s.external_traffic_policy, TrafficPolicy::Local);
+    })
+    .run();
+}
+
+#[test]
+fn per_service_dataplane_choices_are_carried_to_every_node() {
+    Case::new(
+        svc_with(|s| {
+            s.ipvs_scheduler = Some(IpvsScheduler::Mh);
+            s.ebpf_lb = Some(LbAlgorithm::Maglev);
+        }),
+        vec![],
+    )
+    .state(|s| {
+        assert_eq!(s.ipvs_scheduler, Some(IpvsScheduler::Mh));
+        assert_eq!(s.ebpf_lb, Some(LbAlgorithm::Maglev));
     })
     .run();
 }
