@@ -1,0 +1,522 @@
+//! The end-to-end scenarios every agent must pass, whatever its dataplane: the real
+//! controller (in-process) reading a real manifests folder, an agent binary in the node
+//! namespace programming its kernel, and real TCP and UDP traffic from client and node
+//! namespaces to backend namespaces.
+//!
+//! An agent crate's `tests/e2e.rs` names its binary in an [`AgentSpec`] and calls each
+//! scenario (`cluster_ips_balance_…`, `external_traffic_…`, …); the checks are the same
+//! for iptables, IPVS and eBPF, so the three dataplanes are held to one behaviour.
+//!
+//! The example cluster ([`manifests`]), on node [`NODE`] with backends 1–3 (backend 1
+//! local to the node):
+//! - `default/web` 10.96.0.10:80/TCP → 8080 on backends 1–3;
+//! - `default/dns` 10.96.0.11:53/UDP → 5353 on backends 1–3;
+//! - `default/empty` 10.96.0.12:80 with no endpoints (reject);
+//! - `default/edge` LoadBalancer 10.96.0.13, external IP 10.202.0.10, node port 30080,
+//!   `externalTrafficPolicy: Local`, health-check node port 32100;
+//! - `default/sticky` 10.96.0.14:80 with ClientIP affinity.
+
+use std::{
+    collections::BTreeSet,
+    ffi::OsString,
+    io::{Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use switchyard_controller::{compute::ComputeOptions, sources::manifests::ManifestSource};
+
+use crate::{
+    controller::TestController,
+    netns::{
+        Backend, ConnectionLoop, Netns, NsChild, ProbeOptions, Topology, tcp_request,
+        tcp_request_with, udp_request,
+    },
+};
+
+/// The node's name in the example cluster.
+pub const NODE: &str = "node-a";
+/// How long a scenario waits for something that should happen.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// How to start the agent under test in the node namespace.
+#[derive(Clone, Debug)]
+pub struct AgentSpec {
+    /// The agent binary (`env!("CARGO_BIN_EXE_…")`).
+    pub binary: PathBuf,
+    /// Flags after the common ones (controller, node name, state dir, listeners).
+    pub extra_args: Vec<String>,
+    /// Enter the node namespace with `nsenter --net=` instead of `ip netns exec`, which
+    /// remounts `/sys` and so hides the cgroup2 mount from the agent (DESIGN §9).
+    pub nsenter: bool,
+}
+
+impl AgentSpec {
+    /// `binary` with no extra flags, started through `ip netns exec`.
+    pub fn new(binary: impl Into<PathBuf>) -> Self {
+        Self {
+            binary: binary.into(),
+            extra_args: Vec::new(),
+            nsenter: false,
+        }
+    }
+
+    /// Adds flags after the common ones.
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.extra_args.extend(args.into_iter().map(Into::into));
+        self
+    }
+}
+
+/// Three ready endpoints serving `port`, backend 1 on [`NODE`], the others elsewhere.
+pub fn slice(
+    name: &str,
+    service: &str,
+    protocol: &str,
+    port_name: &str,
+    port: u16,
+    ips: &[u8],
+) -> String {
+    let endpoints: String = ips
+        .iter()
+        .map(|i| {
+            let node = if *i == 1 { NODE } else { "swy-remote-node" };
+            format!("  - addresses: [\"10.244.{i}.2\"]\n    nodeName: {node}\n")
+        })
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}, labels: {{kubernetes.io/service-name: {service}}}}}\n\
+         addressType: IPv4\nports: [{{name: {port_name}, port: {port}, protocol: {protocol}}}]\n\
+         endpoints:\n{endpoints}"
+    )
+}
+
+/// The example cluster, with `web` served by the backends `web_endpoints`.
+pub fn manifests(web_endpoints: &[u8]) -> String {
+    [
+        format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\n"),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n"
+            .into(),
+        slice("web-1", "web", "TCP", "http", 8080, web_endpoints),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: dns}\n\
+         spec: {clusterIP: 10.96.0.11, ports: [{name: dns, port: 53, protocol: UDP}]}\n"
+            .into(),
+        slice("dns-1", "dns", "UDP", "dns", 5353, &[1, 2, 3]),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: empty}\n\
+         spec: {clusterIP: 10.96.0.12, ports: [{name: http, port: 80}]}\n"
+            .into(),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: edge}\n\
+         spec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.13\n  externalIPs: [10.202.0.10]\n  \
+         externalTrafficPolicy: Local\n  healthCheckNodePort: 32100\n  \
+         ports: [{name: http, port: 80, nodePort: 30080}]\n"
+            .into(),
+        slice("edge-1", "edge", "TCP", "http", 8080, &[1, 2, 3]),
+        "apiVersion: v1\nkind: Service\nmetadata: {name: sticky}\n\
+         spec: {clusterIP: 10.96.0.14, sessionAffinity: ClientIP, ports: [{name: http, port: 80}]}\n"
+            .into(),
+        slice("sticky-1", "sticky", "TCP", "http", 8080, &[1, 2, 3]),
+    ]
+    .join("---\n")
+}
+
+/// Replaces a file the way an editor saves it.
+pub fn write(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp~");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(tmp, path).unwrap();
+}
+
+/// A set of backend names, for comparing with what answered.
+pub fn set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|n| n.to_string()).collect()
+}
+
+/// The controller's view of one node's current stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeStream {
+    pub id: u64,
+    pub connected: bool,
+    /// Resources the agent acknowledged.
+    pub acked: usize,
+    /// Upserts and removals sent on this stream.
+    pub resources_sent: u64,
+    pub removals_sent: u64,
+}
+
+/// Everything one scenario runs: namespaces, backends, controller, agent.
+pub struct Cluster {
+    pub topology: Topology,
+    _backends: Vec<Backend>,
+    pub controller: Option<TestController>,
+    agent: NsChild,
+    spec: AgentSpec,
+    pub manifests: tempfile::TempDir,
+    state: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Lays out the topology, starts the backends, the controller on the example cluster
+    /// and the agent, and waits until `web` answers from the client.
+    pub async fn start(spec: AgentSpec) -> Self {
+        let topology = Topology::builder()
+            .backends(3)
+            .local_backend(1)
+            .node_name(NODE)
+            .build()
+            .unwrap();
+        let backends = topology.start_backends(&[8080], &[5353]).unwrap();
+
+        let manifests_dir = tempfile::tempdir().unwrap();
+        write(
+            &manifests_dir.path().join("cluster.yaml"),
+            &manifests(&[1, 2, 3]),
+        );
+        let state = tempfile::tempdir().unwrap();
+        let controller = start_controller(&topology, manifests_dir.path(), 0).await;
+        let agent = spawn_agent(&topology, &spec, &controller, state.path());
+        let cluster = Self {
+            topology,
+            _backends: backends,
+            controller: Some(controller),
+            agent,
+            spec,
+            manifests: manifests_dir,
+            state,
+        };
+        cluster
+            .eventually("web reachable from the client", |c| {
+                c.tcp(c.client(), "10.96.0.10", 80).is_ok()
+            })
+            .await;
+        cluster
+    }
+
+    /// The controller's view of this node's current stream.
+    pub fn node_stream(&self) -> Option<NodeStream> {
+        let controller = self.controller.as_ref()?;
+        let session = controller.sessions.get(NODE)?;
+        let protocol = session.protocol();
+        Some(NodeStream {
+            id: session.id,
+            connected: session.is_connected(),
+            acked: protocol.acked.len(),
+            resources_sent: protocol.resources_sent,
+            removals_sent: protocol.removals_sent,
+        })
+    }
+
+    /// Stops the agent (SIGTERM) and starts a new one over the same state directory.
+    pub fn restart_agent(&mut self) {
+        self.agent.terminate(Duration::from_secs(5)).unwrap();
+        let controller = self.controller.as_ref().expect("controller running");
+        self.agent = spawn_agent(&self.topology, &self.spec, controller, self.state.path());
+    }
+
+    pub fn client(&self) -> &Netns {
+        self.topology.client()
+    }
+
+    pub fn node(&self) -> &Netns {
+        self.topology.node()
+    }
+
+    /// One TCP request from `ns`: the backend's answer (`backend-1 from 10.201.0.2:…`).
+    pub fn tcp(&self, ns: &Netns, ip: &str, port: u16) -> Result<String, String> {
+        tcp_request(ns, ip.parse::<IpAddr>().unwrap(), port).map_err(|e| e.to_string())
+    }
+
+    /// Which backends answered `n` requests, and from which client addresses.
+    pub fn spread(
+        &self,
+        ns: &Netns,
+        ip: &str,
+        port: u16,
+        n: usize,
+        udp: bool,
+    ) -> (BTreeSet<String>, BTreeSet<String>) {
+        let mut backends = BTreeSet::new();
+        let mut peers = BTreeSet::new();
+        for _ in 0..n {
+            let addr: IpAddr = ip.parse().unwrap();
+            let answer = if udp {
+                udp_request(ns, addr, port)
+            } else {
+                tcp_request(ns, addr, port)
+            }
+            .unwrap_or_else(|e| panic!("{ip}:{port}: {e}"));
+            // "backend-1 from 10.201.0.2:53422"
+            let mut words = answer.split_whitespace();
+            backends.insert(words.next().unwrap().to_string());
+            let peer = words.nth(1).unwrap();
+            peers.insert(peer.rsplit_once(':').unwrap().0.to_string());
+        }
+        (backends, peers)
+    }
+
+    /// Polls `check` every 100 ms until it holds; panics after [`PATIENCE`].
+    pub async fn eventually(&self, what: &str, check: impl Fn(&Self) -> bool) {
+        let deadline = Instant::now() + PATIENCE;
+        while !check(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Rewrites the cluster manifest with `web` served by `web_endpoints`.
+    pub fn set_web_endpoints(&self, web_endpoints: &[u8]) {
+        write(
+            &self.manifests.path().join("cluster.yaml"),
+            &manifests(web_endpoints),
+        );
+    }
+}
+
+/// The controller (in-process), listening on the node's own loopback where the agent
+/// looks for it (`port` 0: any), fed by a manifests source on `dir`.
+pub async fn start_controller(topology: &Topology, dir: &Path, port: u16) -> TestController {
+    let listener = topology
+        .node()
+        .tcp_listener(SocketAddr::from(([127, 0, 0, 1], port)))
+        .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+    let controller = TestController::start_on(listener, ComputeOptions::default())
+        .await
+        .unwrap();
+    tokio::spawn(ManifestSource::new(dir).run(controller.updates.clone()));
+    controller
+}
+
+/// The agent binary inside the node namespace.
+fn spawn_agent(
+    topology: &Topology,
+    spec: &AgentSpec,
+    controller: &TestController,
+    state: &Path,
+) -> NsChild {
+    let mut argv: Vec<OsString> = vec![
+        spec.binary.clone().into(),
+        "--controller".into(),
+        controller.endpoint().into(),
+        "--node-name".into(),
+        NODE.into(),
+        "--state-dir".into(),
+        state.into(),
+        "--query-listen".into(),
+        "127.0.0.1:0".into(),
+        "--healthz-listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    argv.extend(spec.extra_args.iter().map(OsString::from));
+    if spec.nsenter {
+        let mut command = std::process::Command::new("nsenter");
+        command
+            .arg(format!("--net={}", topology.node().path().display()))
+            .arg("--")
+            .args(&argv)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit());
+        NsChild::spawn(command).unwrap()
+    } else {
+        topology.node().spawn(argv).unwrap()
+    }
+}
+
+/// A plain HTTP GET from inside `ns`: status line and body.
+pub fn http_get(ns: &Netns, addr: SocketAddr) -> (String, String) {
+    ns.run(move || {
+        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+        (
+            head.lines().next().unwrap_or_default().to_string(),
+            body.to_string(),
+        )
+    })
+    .unwrap()
+}
+
+/// ClusterIPs balance TCP (from the client and from the node) and UDP over every
+/// backend, a Service without endpoints refuses at once, and an endpoint removed on disk
+/// stops receiving traffic.
+pub async fn cluster_ips_balance_tcp_and_udp_and_follow_endpoint_changes(spec: AgentSpec) {
+    let cluster = Cluster::start(spec).await;
+    let all = set(&["backend-1", "backend-2", "backend-3"]);
+
+    let (from_client, peers) = cluster.spread(cluster.client(), "10.96.0.10", 80, 40, false);
+    assert_eq!(from_client, all, "TCP from the client namespace");
+    assert_eq!(
+        peers,
+        set(&["10.201.0.2"]),
+        "pod-bound cluster traffic keeps the client address"
+    );
+    let (from_node, _) = cluster.spread(cluster.node(), "10.96.0.10", 80, 40, false);
+    assert_eq!(from_node, all, "TCP from the node itself (OUTPUT path)");
+    let (udp, _) = cluster.spread(cluster.client(), "10.96.0.11", 53, 40, true);
+    assert_eq!(udp, all, "UDP from the client namespace");
+
+    // A Service without endpoints refuses at once instead of timing out.
+    let started = Instant::now();
+    let refused = tcp_request(
+        cluster.client(),
+        "10.96.0.12".parse::<IpAddr>().unwrap(),
+        80,
+    )
+    .unwrap_err();
+    assert!(refused.is_refused(), "{refused}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+
+    // Removing an endpoint on disk stops traffic to it.
+    cluster.set_web_endpoints(&[1, 2]);
+    cluster
+        .eventually("backend-3 out of web", |c| {
+            c.spread(c.client(), "10.96.0.10", 80, 20, false).0 == set(&["backend-1", "backend-2"])
+        })
+        .await;
+}
+
+/// Node port and external IP of an `externalTrafficPolicy: Local` Service reach only the
+/// local endpoint and keep the client's address; cluster traffic to it still uses every
+/// endpoint; the health-check node port answers 200 with the local endpoint count.
+pub async fn external_traffic_with_local_policy_reaches_only_the_local_endpoint(spec: AgentSpec) {
+    let cluster = Cluster::start(spec).await;
+
+    for (ip, port, what) in [
+        ("10.201.0.1", 30080, "node port"),
+        ("10.202.0.10", 80, "external IP"),
+    ] {
+        let (backends, peers) = cluster.spread(cluster.client(), ip, port, 20, false);
+        assert_eq!(
+            backends,
+            set(&["backend-1"]),
+            "{what} goes to the local endpoint only"
+        );
+        assert_eq!(
+            peers,
+            set(&["10.201.0.2"]),
+            "{what} preserves the client address"
+        );
+    }
+    let (internal, _) = cluster.spread(cluster.client(), "10.96.0.13", 80, 40, false);
+    assert_eq!(internal, set(&["backend-1", "backend-2", "backend-3"]));
+
+    let (status, body) = http_get(cluster.client(), "10.201.0.1:32100".parse().unwrap());
+    assert!(status.contains(" 200 "), "{status}");
+    assert!(body.contains("\"localEndpoints\": 1"), "{body}");
+}
+
+/// ClientIP affinity keeps one client on one backend.
+pub async fn client_ip_affinity_sticks_to_one_backend(spec: AgentSpec) {
+    let cluster = Cluster::start(spec).await;
+    let (backends, _) = cluster.spread(cluster.client(), "10.96.0.14", 80, 20, false);
+    assert_eq!(backends.len(), 1, "{backends:?}");
+}
+
+/// Under a connection loop: an agent restart (which resends nothing), a controller
+/// restart and a 10 s controller outage fail no connection; afterwards a change on disk
+/// still reaches the kernel.
+pub async fn restarting_or_losing_the_agent_and_the_controller_fails_no_connection(
+    spec: AgentSpec,
+) {
+    let mut cluster = Cluster::start(spec).await;
+    let target: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let traffic =
+        ConnectionLoop::start(cluster.client(), target, Duration::from_millis(20)).unwrap();
+    assert!(traffic.wait_for_successes(10, PATIENCE));
+
+    // The agent restarts: the kernel state stays in place throughout, and the new stream
+    // resumes from the versions the agent read back from the kernel, so nothing is resent.
+    let before = cluster.node_stream().expect("agent connected");
+    cluster.restart_agent();
+    cluster
+        .eventually("the restarted agent's stream", |c| {
+            c.node_stream()
+                .is_some_and(|s| s.id != before.id && s.connected)
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = cluster.node_stream().unwrap();
+    assert_eq!(
+        after.acked, before.acked,
+        "the new stream holds every Service"
+    );
+    assert_eq!(
+        (after.resources_sent, after.removals_sent),
+        (0, 0),
+        "nothing unchanged is resent after an agent restart"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The controller restarts on the same address, then is gone for 10 s.
+    let port = cluster.controller.take().unwrap().address.port();
+    let controller = start_controller(&cluster.topology, cluster.manifests.path(), port).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(controller);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    cluster.controller =
+        Some(start_controller(&cluster.topology, cluster.manifests.path(), port).await);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let stats = traffic.stop();
+    assert!(stats.succeeded > 200, "{stats:?}");
+    assert_eq!(stats.failed, 0, "{:?}", stats.failures);
+    assert_eq!(stats.by_backend.len(), 3, "{stats:?}");
+
+    // The agent found the controller again: a change on disk reaches the kernel.
+    cluster.set_web_endpoints(&[2, 3]);
+    cluster
+        .eventually("backend-1 out of web after the reconnect", |c| {
+            c.spread(c.client(), "10.96.0.10", 80, 20, false).0 == set(&["backend-2", "backend-3"])
+        })
+        .await;
+}
+
+/// A Service written to the manifests folder answers through its ClusterIP within a
+/// second of the write; returns the time it took.
+pub async fn a_service_added_on_disk_forwards_within_a_second(spec: AgentSpec) -> Duration {
+    let cluster = Cluster::start(spec).await;
+    let fresh = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: fresh}}\n\
+         spec: {{clusterIP: 10.96.0.20, ports: [{{name: http, port: 80}}]}}\n---\n{}",
+        slice("fresh-1", "fresh", "TCP", "http", 8080, &[2])
+    );
+    let target: SocketAddr = "10.96.0.20:80".parse().unwrap();
+    let quick = ProbeOptions {
+        connect_timeout: Duration::from_millis(100),
+        io_timeout: Duration::from_secs(1),
+    };
+    assert!(
+        tcp_request_with(cluster.client(), target, &quick).is_err(),
+        "nothing answers before the Service exists"
+    );
+    let written = Instant::now();
+    write(&cluster.manifests.path().join("fresh.yaml"), &fresh);
+    // Poll every 10 ms: the figure is the time from the write to the first answer.
+    let answer = loop {
+        match tcp_request_with(cluster.client(), target, &quick) {
+            Ok(answer) => break answer,
+            Err(_) if written.elapsed() < PATIENCE => std::thread::sleep(Duration::from_millis(10)),
+            Err(err) => panic!("fresh never answered: {err}"),
+        }
+    };
+    let took = written.elapsed();
+    eprintln!("manifest written to first answer through the new ClusterIP: {took:?}");
+    assert!(answer.starts_with("backend-2 "), "{answer}");
+    assert!(took < Duration::from_secs(1), "took {took:?}");
+    took
+}
