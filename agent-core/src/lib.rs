@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod cache;
 pub mod client;
+pub mod conntrack;
 pub mod dataplane;
 pub mod drift;
 mod engine;
@@ -18,6 +19,7 @@ pub mod health;
 pub mod healthcheck;
 mod http;
 pub mod metrics;
+pub mod netfilter;
 pub mod query;
 pub mod testing;
 

@@ -6,15 +6,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use switchyard_agent_core::dataplane::{
-    ApplyOutcome, Change, Dataplane, DataplaneError, Desired, DesiredService, Programmed,
-    ProgrammedService,
+use switchyard_agent_core::{
+    conntrack,
+    dataplane::{
+        ApplyOutcome, Change, Dataplane, DataplaneError, Desired, DesiredService, Programmed,
+        ProgrammedService,
+    },
+    netfilter::{Backend, Runner},
 };
 use switchyard_proto::{state::ServiceState, v1};
 
 use crate::{
-    backend::{Backend, Runner},
-    conntrack,
     readback::{Saved, parse_save},
     render::{
         self, Family, RenderConfig, ServiceRules, Table, TablePlan, builtin_jumps, global_chains,
@@ -420,19 +422,7 @@ impl IptablesDataplane {
         if self.config.disable_conntrack {
             return;
         }
-        for args in conntrack::flush_commands(self.states.get(name), new) {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            match self.runner.run("conntrack", &args, None) {
-                Ok(_) => tracing::debug!(service = name, ?args, "conntrack entries deleted"),
-                // conntrack exits 1 when no entry matched: not worth a warning.
-                Err(DataplaneError::Command { message, .. })
-                    if message.contains("0 flow entries") =>
-                {
-                    tracing::trace!(service = name, ?args, "no conntrack entries");
-                }
-                Err(err) => tracing::warn!(service = name, %err, "conntrack cleanup failed"),
-            }
-        }
+        conntrack::flush(&self.runner, name, self.states.get(name), new);
     }
 
     /// A change that failed as a whole, retried one Service at a time (upserts first,

@@ -3,15 +3,14 @@
 //! back.
 //!
 //! Entry point: [`IptablesDataplane`]. The pure parts are [`render`] (state → rules) and
-//! [`readback`] (`iptables-save` → rules per Service); [`backend`] picks nft or legacy.
+//! [`readback`] (`iptables-save` → rules per Service); agent-core's `netfilter` picks nft
+//! or legacy.
 #![forbid(unsafe_code)]
 
-pub mod backend;
-pub mod conntrack;
 pub mod dataplane;
 pub mod readback;
 pub mod render;
 
-pub use backend::Backend;
 pub use dataplane::{IptablesConfig, IptablesDataplane};
 pub use render::RenderConfig;
+pub use switchyard_agent_core::netfilter::Backend;

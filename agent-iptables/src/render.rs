@@ -35,40 +35,10 @@ use std::{
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use switchyard_agent_core::dataplane::DesiredService;
+pub use switchyard_agent_core::netfilter::Family;
 use switchyard_proto::state::{
     EndpointState, PortState, Protocol, ServiceState, TrafficPolicy, format_version,
 };
-
-/// Address family; each has its own ruleset (`iptables` / `ip6tables`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    pub fn of(ip: IpAddr) -> Self {
-        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
-    }
-
-    fn host_prefix(self) -> u8 {
-        match self {
-            Family::V4 => 32,
-            Family::V6 => 128,
-        }
-    }
-}
-
-impl fmt::Display for Family {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Family::V4 => "ipv4",
-            Family::V6 => "ipv6",
-        })
-    }
-}
 
 /// The iptables tables switchyard writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -1,5 +1,7 @@
-//! Plans the `conntrack -D` commands that clear stale UDP flows after a change, as
-//! kube-proxy's conntrack cleanup does. Pure: the dataplane runs them, best effort.
+//! Clears stale UDP conntrack entries after a Service changes, as kube-proxy's
+//! conntrack cleanup does: [`flush_commands`] plans the `conntrack -D` commands (pure),
+//! [`flush`] runs them, best effort. Every dataplane whose UDP flows live in netfilter's
+//! conntrack (iptables, IPVS with `net/ipv4/vs/conntrack`) calls it.
 //!
 //! UDP has no connection teardown, so a flow NATed to a removed endpoint would keep
 //! blackholing the client; and a flow created while the Service had no endpoints
@@ -11,6 +13,29 @@ use std::{
 };
 
 use switchyard_proto::state::{PortState, Protocol, ServiceState};
+
+use crate::{dataplane::DataplaneError, netfilter::Runner};
+
+/// Runs the [`flush_commands`] for `service` going from `old` to `new`; failures are
+/// logged, never returned (a stale flow is not worth failing an apply for).
+pub fn flush(
+    runner: &Runner,
+    service: &str,
+    old: Option<&ServiceState>,
+    new: Option<&ServiceState>,
+) {
+    for args in flush_commands(old, new) {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        match runner.run("conntrack", &args, None) {
+            Ok(_) => tracing::debug!(service, ?args, "conntrack entries deleted"),
+            // conntrack exits 1 when no entry matched: not worth a warning.
+            Err(DataplaneError::Command { message, .. }) if message.contains("0 flow entries") => {
+                tracing::trace!(service, ?args, "no conntrack entries");
+            }
+            Err(err) => tracing::warn!(service, %err, "conntrack cleanup failed"),
+        }
+    }
+}
 
 fn endpoints(port: &PortState) -> BTreeSet<SocketAddr> {
     port.cluster_endpoints

@@ -1,14 +1,47 @@
-//! Chooses between the nft and legacy iptables backends and runs their commands, through
-//! an optional command prefix (e.g. `ip netns exec NS`).
+//! What the dataplanes that program netfilter (iptables, and IPVS for what IPVS cannot
+//! do) share: the address family of a ruleset, the choice between the nft and legacy
+//! iptables backends, and a runner for their commands through an optional prefix (e.g.
+//! `ip netns exec NS`).
 
 use std::{
+    fmt,
     io::Write,
+    net::IpAddr,
     process::{ChildStdin, Command, Stdio},
 };
 
-use switchyard_agent_core::dataplane::DataplaneError;
+use crate::dataplane::DataplaneError;
 
-use crate::render::Family;
+/// Address family; each has its own ruleset (`iptables` / `ip6tables`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
+
+    pub fn of(ip: IpAddr) -> Self {
+        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
+    }
+
+    pub fn host_prefix(self) -> u8 {
+        match self {
+            Family::V4 => 32,
+            Family::V6 => 128,
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Family::V4 => "ipv4",
+            Family::V6 => "ipv6",
+        })
+    }
+}
 
 /// Which iptables implementation programs the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -201,7 +234,8 @@ impl Runner {
     }
 
     /// Detects the backend by running both families' `-save` tools of both backends;
-    /// a tool that is missing or fails counts as empty.
+    /// a tool that is missing or fails counts as empty. A kernel without nf_tables for
+    /// IPv4 (user-mode Linux's, for one) makes `iptables-nft-save` fail: legacy then.
     pub fn detect_backend(&self) -> Backend {
         let dump = |backend: Backend| {
             Family::ALL
@@ -210,6 +244,10 @@ impl Runner {
                 .collect::<Vec<_>>()
                 .join("\n")
         };
+        if let Err(error) = self.run(&Backend::Nft.save(Family::V4), &[], None) {
+            tracing::info!(%error, "iptables-nft cannot read the kernel: using iptables-legacy");
+            return Backend::Legacy;
+        }
         choose_backend(&dump(Backend::Legacy), &dump(Backend::Nft))
     }
 }
@@ -241,6 +279,41 @@ mod tests {
         assert_eq!(choose_backend(&rules(3), &rules(2)), Backend::Legacy);
         assert_eq!(choose_backend(&rules(2), &rules(2)), Backend::Nft);
         assert_eq!(choose_backend("", ""), Backend::Nft);
+    }
+
+    /// A runner whose PATH holds only `tools` (name → shell script body).
+    fn fake_tools(dir: &std::path::Path, tools: &[(&str, &str)]) -> Runner {
+        use std::os::unix::fs::PermissionsExt;
+        for (name, body) in tools {
+            let path = dir.join(name);
+            std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        Runner {
+            prefix: vec!["env".into(), format!("PATH={}", dir.display())],
+        }
+    }
+
+    #[test]
+    fn a_kernel_without_nf_tables_gets_legacy_even_with_empty_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let runner = fake_tools(
+            dir.path(),
+            &[
+                (
+                    "iptables-nft-save",
+                    "echo 'iptables-nft-save: Protocol not supported' >&2; exit 1",
+                ),
+                ("iptables-legacy-save", "exit 0"),
+            ],
+        );
+        assert_eq!(runner.detect_backend(), Backend::Legacy);
+        let runner = fake_tools(dir.path(), &[("iptables-nft-save", "exit 0")]);
+        assert_eq!(
+            runner.detect_backend(),
+            Backend::Nft,
+            "both usable and empty"
+        );
     }
 
     #[test]
