@@ -1,0 +1,150 @@
+//! Round trips between rendered entries and map entries.
+
+use switchyard_agent_core::dataplane::DesiredService;
+use switchyard_proto::state::{
+    EndpointState, LbAlgorithm, PortState, Protocol, ServiceKey, ServiceState, TrafficPolicy,
+};
+
+use super::*;
+use crate::render::{RenderConfig, render_service};
+
+fn ep(ip: &str, port: u16) -> EndpointState {
+    EndpointState {
+        ip: ip.parse().unwrap(),
+        port,
+        node_name: None,
+        local: true,
+        ready: true,
+        serving: true,
+        terminating: false,
+    }
+}
+
+/// Every kind of entry: two families, node ports, LB IP with ranges, eTP Local with a
+/// pod set, affinity, Maglev, a rejecting UDP port.
+fn kitchen_sink() -> ServiceState {
+    let eps = vec![ep("10.244.1.2", 8080), ep("10.244.2.2", 8080), ep("fd00:244::2", 8080)];
+    ServiceState {
+        key: ServiceKey::new("shop", "front"),
+        cluster_ips: vec!["10.96.0.20".parse().unwrap(), "fd00:96::20".parse().unwrap()],
+        external_ips: vec!["192.0.2.10".parse().unwrap()],
+        load_balancer_ips: vec!["198.51.100.10".parse().unwrap()],
+        load_balancer_source_ranges: vec!["203.0.113.0/24".parse().unwrap()],
+        ports: vec![
+            PortState {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 80,
+                node_port: Some(30080),
+                cluster_endpoints: eps.clone(),
+                local_endpoints: vec![ep("10.244.1.2", 8080)],
+                usable_ipv4: true,
+                usable_ipv6: true,
+            },
+            PortState {
+                name: "dns".into(),
+                protocol: Protocol::Udp,
+                port: 53,
+                node_port: None,
+                cluster_endpoints: vec![],
+                local_endpoints: vec![],
+                usable_ipv4: false,
+                usable_ipv6: false,
+            },
+        ],
+        session_affinity_timeout: Some(600),
+        external_traffic_policy: TrafficPolicy::Local,
+        internal_traffic_policy: TrafficPolicy::Cluster,
+        health_check_node_port: Some(32000),
+        ipvs_scheduler: None,
+        ebpf_lb: Some(LbAlgorithm::Maglev),
+    }
+}
+
+fn dump_of(name: &str, version: u64, res_id: u32, encoded: &Encoded, dirty: bool) -> Dump {
+    Dump {
+        services: encoded.services.clone(),
+        slots: encoded.slots.clone(),
+        maglev: encoded.maglev.clone(),
+        ranges: encoded.ranges.clone(),
+        versions: vec![(
+            VersionKey::of(name).unwrap(),
+            VersionValue {
+                version,
+                res_id,
+                flags: if dirty { abi::VERSION_F_DIRTY } else { 0 },
+            },
+        )],
+    }
+}
+
+#[test]
+fn every_entry_kind_reads_back_as_it_was_rendered() {
+    let cfg = RenderConfig {
+        cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+        maglev_size: 1031,
+        ..RenderConfig::default()
+    };
+    let desired = DesiredService {
+        version: 7,
+        state: kitchen_sink(),
+    };
+    let rendered = render_service("shop/front", &desired, &cfg).unwrap();
+    let revs: Vec<u32> = (0..rendered.sets.len() as u32).map(|i| 100 + i).collect();
+    let encoded = encode(&rendered, 42, &revs, &vec![true; revs.len()]).unwrap();
+    assert_eq!(encoded.maglev.len(), rendered.sets.len() * 2, "1031 entries: two chunks each");
+
+    let back = assemble(dump_of("shop/front", 7, 42, &encoded, false));
+    let installed = &back.services["shop/front"];
+    assert_eq!(installed.version, Some(7));
+    assert_eq!(installed.res_id, 42);
+    assert_eq!(installed.objects(), rendered.objects().unwrap());
+    assert!(back.orphan_keys.is_empty() && back.orphan_revs.is_empty());
+    assert!(back.orphan_ranges.is_empty());
+    assert_eq!(back.max_rev, 100 + rendered.sets.len() as u32 - 1);
+}
+
+#[test]
+fn a_dirty_service_has_no_version_and_a_missing_slot_shows() {
+    let desired = DesiredService {
+        version: 7,
+        state: kitchen_sink(),
+    };
+    let rendered = render_service("shop/front", &desired, &RenderConfig::default()).unwrap();
+    let revs: Vec<u32> = (1..=rendered.sets.len() as u32).collect();
+    let mut encoded = encode(&rendered, 9, &revs, &vec![true; revs.len()]).unwrap();
+    encoded.slots.pop();
+    let back = assemble(dump_of("shop/front", 7, 9, &encoded, true));
+    let installed = &back.services["shop/front"];
+    assert_eq!(installed.version, None);
+    assert_ne!(installed.objects(), rendered.objects().unwrap());
+    assert!(installed.objects().iter().any(|o| o.contains("(slots missing)")));
+}
+
+#[test]
+fn entries_and_ranges_of_no_recorded_service_are_orphans() {
+    let desired = DesiredService {
+        version: 7,
+        state: kitchen_sink(),
+    };
+    let rendered = render_service("shop/front", &desired, &RenderConfig::default()).unwrap();
+    let revs: Vec<u32> = (1..=rendered.sets.len() as u32).collect();
+    let encoded = encode(&rendered, 9, &revs, &vec![true; revs.len()]).unwrap();
+    let mut dump = dump_of("shop/front", 7, 9, &encoded, false);
+    dump.versions.clear();
+    dump.slots.push((SlotKey { rev: 999, slot: 0 }, Backend::default()));
+    let back = assemble(dump);
+    assert!(back.services.is_empty());
+    assert_eq!(back.orphan_keys.len(), encoded.services.len());
+    assert_eq!(back.orphan_ranges.len(), 1);
+    assert!(back.orphan_revs.contains(&999));
+}
+
+#[test]
+fn source_ranges_keep_their_prefix_through_the_lpm_key() {
+    for text in ["203.0.113.0/24", "198.51.100.10/32", "2001:db8::/48", "0.0.0.0/0"] {
+        let net: IpNet = text.parse().unwrap();
+        let (prefixlen, data) = range_key(5, &net);
+        assert_eq!(range_net(prefixlen, &data), Some(net), "{text}");
+    }
+}
