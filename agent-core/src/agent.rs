@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use crate::{
     cache::CacheFile,
     client::{self, ClientConfig, dataplane_name},
-    dataplane::{Dataplane, DataplaneError},
+    dataplane::{Dataplane, DataplaneError, Desired},
     drift::Drift,
     engine::Engine,
     health::{self, ProxyHealth},
@@ -291,6 +291,33 @@ pub async fn run<D: Dataplane>(args: AgentArgs, dataplane: D) -> anyhow::Result<
     tracing::info!("stopping; the kernel keeps its rules");
     drop(agent);
     Ok(())
+}
+
+/// The state the controller wants this node (`--node-name`) to hold, fetched from its
+/// query API (`GetNodeState`): what a dataplane's `--dry-run` renders. Touches no kernel.
+pub async fn desired_from_controller(args: &AgentArgs) -> anyhow::Result<Desired> {
+    use anyhow::Context;
+    use switchyard_proto::v1::{self, controller_query_client::ControllerQueryClient};
+    let node = args
+        .node_name
+        .clone()
+        .context("--dry-run needs --node-name (or NODE_NAME)")?;
+    let mut query = ControllerQueryClient::connect(args.controller.clone())
+        .await
+        .with_context(|| format!("connecting to the controller at {}", args.controller))?;
+    let state = query
+        .get_node_state(v1::GetNodeStateRequest {
+            node_name: node.clone(),
+        })
+        .await
+        .with_context(|| format!("asking the controller for node {node}'s state"))?
+        .into_inner();
+    let mut desired = Desired::new();
+    for resource in &state.resources {
+        let service = crate::cache::convert(resource).map_err(anyhow::Error::msg)?;
+        desired.insert(resource.name.clone(), service);
+    }
+    Ok(desired)
 }
 
 async fn cleanup<D: Dataplane>(

@@ -13,8 +13,8 @@ use ipnet::IpNet;
 
 use crate::{
     abi::{
-        self, Backend, MaglevChunk, MaglevKey, RangeData, SlotKey, SvcKey, SvcValue,
-        VersionKey, VersionValue,
+        self, Backend, MaglevChunk, MaglevKey, RangeData, SlotKey, SvcKey, SvcValue, VersionKey,
+        VersionValue,
     },
     render::{Action, BackendSet, Entry, Scope, ServiceEntries},
 };
@@ -78,6 +78,9 @@ pub struct ReadBack {
     pub orphan_ranges: Vec<(u32, RangeData)>,
     /// Version entries whose key is not a name.
     pub orphan_versions: Vec<VersionKey>,
+    /// Slots and Maglev chunks of the orphan ranges.
+    pub orphan_slots: Vec<SlotKey>,
+    pub orphan_chunks: Vec<MaglevKey>,
     /// The highest range in the maps.
     pub max_rev: u32,
 }
@@ -145,7 +148,10 @@ pub fn assemble(dump: Dump) -> ReadBack {
     let mut by_service: BTreeMap<u32, Vec<(SvcKey, SvcValue)>> = BTreeMap::new();
     for (key, value) in &dump.services {
         if names.contains_key(&value.res_id) {
-            by_service.entry(value.res_id).or_default().push((*key, *value));
+            by_service
+                .entry(value.res_id)
+                .or_default()
+                .push((*key, *value));
         } else {
             out.orphan_keys.push(*key);
         }
@@ -210,6 +216,16 @@ pub fn assemble(dump: Dump) -> ReadBack {
         .max()
         .unwrap_or(0);
     out.orphan_revs = all_revs.difference(&referenced).copied().collect();
+    out.orphan_slots = slots
+        .keys()
+        .filter(|k| out.orphan_revs.contains(&k.rev))
+        .copied()
+        .collect();
+    out.orphan_chunks = chunks
+        .keys()
+        .filter(|k| out.orphan_revs.contains(&k.rev))
+        .copied()
+        .collect();
     out
 }
 
@@ -324,7 +340,11 @@ pub fn encode(
         }
         out.services.push((e.key(), value));
     }
-    out.ranges = entries.ranges.iter().map(|r| range_key(res_id, r)).collect();
+    out.ranges = entries
+        .ranges
+        .iter()
+        .map(|r| range_key(res_id, r))
+        .collect();
     Ok(out)
 }
 

@@ -106,7 +106,9 @@ pub fn nodeport_addrs(addrs: &[InterfaceAddr], nodeport_addresses: &[IpNet]) -> 
             IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
             IpAddr::V4(_) => true,
         })
-        .filter(|ip| nodeport_addresses.is_empty() || nodeport_addresses.iter().any(|c| c.contains(ip)))
+        .filter(|ip| {
+            nodeport_addresses.is_empty() || nodeport_addresses.iter().any(|c| c.contains(ip))
+        })
         .collect()
 }
 
@@ -175,7 +177,10 @@ mod tests {
             cgroup2_mount_in(unified),
             Some(PathBuf::from("/sys/fs/my cgroups"))
         );
-        assert_eq!(cgroup2_mount_in("1 2 0:3 / /proc rw - proc proc rw\n"), None);
+        assert_eq!(
+            cgroup2_mount_in("1 2 0:3 / /proc rw - proc proc rw\n"),
+            None
+        );
     }
 
     fn addr(device: &str, ip: &str, loopback: bool) -> InterfaceAddr {

@@ -9,8 +9,13 @@
 
 pub mod abi;
 pub mod codec;
+pub mod dataplane;
 pub mod host;
 pub mod loader;
 pub mod maglev;
 pub mod maps;
 pub mod render;
+
+pub use dataplane::{EbpfConfig, EbpfDataplane};
+pub use loader::Attach;
+pub use render::RenderConfig;

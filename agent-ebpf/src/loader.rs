@@ -16,8 +16,7 @@
 //! `bpf_set_retval` for `ECONNREFUSED` at connect() (5.18); BTF-defined maps.
 
 use std::{
-    fs,
-    io,
+    fs, io,
     os::unix::fs::{DirBuilderExt, PermissionsExt},
     path::{Path, PathBuf},
 };
@@ -40,7 +39,8 @@ use crate::{
 };
 
 /// The programs, compiled from `bpf/` by the build script.
-pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switchyard.bpf.o"));
+pub static OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/switchyard.bpf.o"));
 
 /// `BPF_FS_MAGIC` from `linux/magic.h`.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
@@ -150,7 +150,13 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
         fs::DirBuilder::new()
             .mode(0o700)
             .create(dir)
-            .or_else(|e| if e.kind() == io::ErrorKind::AlreadyExists { Ok(()) } else { Err(e) })
+            .or_else(|e| {
+                if e.kind() == io::ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
             .map_err(io_error("mkdir", dir))?;
         return Ok(());
     }
@@ -159,11 +165,17 @@ pub fn ensure_bpffs(dir: &Path) -> Result<(), LoadError> {
         .mode(0o700)
         .create(dir)
         .map_err(io_error("mkdir -p", dir))?;
-    rustix::mount::mount("bpf", dir, "bpf", rustix::mount::MountFlags::empty(), c"mode=0700")
-        .map_err(|e| LoadError::Mount {
-            path: dir.to_path_buf(),
-            source: e.into(),
-        })?;
+    rustix::mount::mount(
+        "bpf",
+        dir,
+        "bpf",
+        rustix::mount::MountFlags::empty(),
+        c"mode=0700",
+    )
+    .map_err(|e| LoadError::Mount {
+        path: dir.to_path_buf(),
+        source: e.into(),
+    })?;
     Ok(())
 }
 
@@ -197,7 +209,10 @@ fn pin_over(link: FdLink, program: &'static str, path: &Path) -> Result<(), Load
     Ok(())
 }
 
-fn program_error(op: &'static str, program: &'static str) -> impl FnOnce(ProgramError) -> LoadError {
+fn program_error(
+    op: &'static str,
+    program: &'static str,
+) -> impl FnOnce(ProgramError) -> LoadError {
     move |source| LoadError::Program {
         op,
         program,
@@ -288,7 +303,9 @@ fn attach_sock(ebpf: &mut Ebpf, attach: &Attach) -> Result<(), LoadError> {
         let id = program
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(program_error("attach", name))?;
-        let link = program.take_link(id).map_err(program_error("take link", name))?;
+        let link = program
+            .take_link(id)
+            .map_err(program_error("take link", name))?;
         let link = FdLink::try_from(link).map_err(|e| LoadError::Pin {
             program: name,
             path: attach.cgroup.clone(),
@@ -301,9 +318,15 @@ fn attach_sock(ebpf: &mut Ebpf, attach: &Attach) -> Result<(), LoadError> {
         .ok_or_else(|| program_error("find", EGRESS_PROGRAM)(ProgramError::NotLoaded))?
         .try_into()
         .map_err(program_error("type", EGRESS_PROGRAM))?;
-    program.load().map_err(program_error("load", EGRESS_PROGRAM))?;
+    program
+        .load()
+        .map_err(program_error("load", EGRESS_PROGRAM))?;
     let id = program
-        .attach(&cgroup, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)
+        .attach(
+            &cgroup,
+            CgroupSkbAttachType::Egress,
+            CgroupAttachMode::Single,
+        )
         .map_err(program_error("attach", EGRESS_PROGRAM))?;
     let link = program
         .take_link(id)
@@ -313,7 +336,11 @@ fn attach_sock(ebpf: &mut Ebpf, attach: &Attach) -> Result<(), LoadError> {
         path: attach.cgroup.clone(),
         detail: e.to_string(),
     })?;
-    pin_over(link, EGRESS_PROGRAM, &pin_path(attach, &sock_pin(EGRESS_PROGRAM)))
+    pin_over(
+        link,
+        EGRESS_PROGRAM,
+        &pin_path(attach, &sock_pin(EGRESS_PROGRAM)),
+    )
 }
 
 fn attach_tc(
@@ -332,13 +359,19 @@ fn attach_tc(
         program.load().map_err(program_error("load", name))?;
     }
     let id = program
-        .attach_with_options(device, attach_type, TcAttachOptions::TcxOrder(LinkOrder::default()))
+        .attach_with_options(
+            device,
+            attach_type,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
         .map_err(|source| LoadError::Program {
             op: "attach (TCX, kernel 6.6 or later)",
             program: name,
             source: Box::new(source),
         })?;
-    let link = program.take_link(id).map_err(program_error("take link", name))?;
+    let link = program
+        .take_link(id)
+        .map_err(program_error("take link", name))?;
     let link = FdLink::try_from(link).map_err(|e| LoadError::Pin {
         program: name,
         path: pin.to_path_buf(),

@@ -117,7 +117,11 @@ mod tests {
 
     fn backends(n: usize) -> Vec<SocketAddr> {
         (0..n)
-            .map(|i| format!("10.244.{}.{}:8080", i / 250, i % 250 + 1).parse().unwrap())
+            .map(|i| {
+                format!("10.244.{}.{}:8080", i / 250, i % 250 + 1)
+                    .parse()
+                    .unwrap()
+            })
             .collect()
     }
 
@@ -163,7 +167,14 @@ mod tests {
     /// ratios are printed (16381 entries, 100 backends: 2.3 % for a 1 % share).
     #[test]
     fn removing_one_of_n_backends_moves_about_one_nth_of_the_table() {
-        for (n, size) in [(5, DEFAULT_TABLE_SIZE), (10, DEFAULT_TABLE_SIZE), (20, DEFAULT_TABLE_SIZE), (100, DEFAULT_TABLE_SIZE), (100, 65537), (1000, 65537)] {
+        for (n, size) in [
+            (5, DEFAULT_TABLE_SIZE),
+            (10, DEFAULT_TABLE_SIZE),
+            (20, DEFAULT_TABLE_SIZE),
+            (100, DEFAULT_TABLE_SIZE),
+            (100, 65537),
+            (1000, 65537),
+        ] {
             let before = backends(n);
             let table = build(&before, size).unwrap();
             let mut after = before.clone();
@@ -171,10 +182,17 @@ mod tests {
             let next = build(&after, size).unwrap();
             let fraction = moved(&table, &before, &next, &after);
             let own = 1.0 / n as f64;
-            eprintln!("n={n} M={size}: removing one backend moved {:.2}% (its own share {:.2}%)", 100.0 * fraction, 100.0 * own);
+            eprintln!(
+                "n={n} M={size}: removing one backend moved {:.2}% (its own share {:.2}%)",
+                100.0 * fraction,
+                100.0 * own
+            );
             assert!(fraction >= own * 0.99, "n={n}: {fraction}");
             if size as usize >= 800 * n {
-                assert!(fraction <= own * 1.2, "n={n}: moved {fraction}, own share {own}");
+                assert!(
+                    fraction <= own * 1.2,
+                    "n={n}: moved {fraction}, own share {own}"
+                );
             }
         }
     }

@@ -12,9 +12,8 @@ use aya::{
 };
 
 use crate::abi::{
-    AffinityKey, AffinityValue, Backend, CidrData, Config, CtKey, CtValue, MaglevChunk,
-    MaglevKey, Meta, NodeAddrKey, RangeData, SlotKey, SvcKey, SvcValue, VersionKey,
-    VersionValue,
+    AffinityKey, AffinityValue, Backend, CidrData, Config, CtKey, CtValue, MaglevChunk, MaglevKey,
+    Meta, NodeAddrKey, RangeData, SlotKey, SvcKey, SvcValue, VersionKey, VersionValue,
 };
 
 /// A map operation that failed, with the map and the operation named. Retryable as a
@@ -74,7 +73,9 @@ fn take(ebpf: &mut Ebpf, name: &'static str, key: usize, value: usize) -> Result
     if (k, v) != (key, value) {
         return Err(MapsError::Shape {
             map: name,
-            detail: format!("keys of {k} and values of {v} bytes, this build uses {key} and {value}"),
+            detail: format!(
+                "keys of {k} and values of {v} bytes, this build uses {key} and {value}"
+            ),
         });
     }
     Ok(map)
@@ -92,17 +93,73 @@ impl Maps {
     pub fn from_ebpf(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
         use std::mem::size_of;
         Ok(Self {
-            services: typed!(ebpf, "swy_services", HashMap, SvcKey, SvcValue, size_of::<SvcKey>()),
-            slots: typed!(ebpf, "swy_slots", HashMap, SlotKey, Backend, size_of::<SlotKey>()),
-            maglev: typed!(ebpf, "swy_maglev", HashMap, MaglevKey, MaglevChunk, size_of::<MaglevKey>()),
-            node_addrs: typed!(ebpf, "swy_node_addrs", HashMap, NodeAddrKey, u32, size_of::<NodeAddrKey>()),
-            ranges: typed!(ebpf, "swy_ranges", LpmTrie, RangeData, u8, size_of::<Key<RangeData>>()),
-            cidrs: typed!(ebpf, "swy_cidrs", LpmTrie, CidrData, u8, size_of::<Key<CidrData>>()),
-            versions: typed!(ebpf, "swy_versions", HashMap, VersionKey, VersionValue, size_of::<VersionKey>()),
+            services: typed!(
+                ebpf,
+                "swy_services",
+                HashMap,
+                SvcKey,
+                SvcValue,
+                size_of::<SvcKey>()
+            ),
+            slots: typed!(
+                ebpf,
+                "swy_slots",
+                HashMap,
+                SlotKey,
+                Backend,
+                size_of::<SlotKey>()
+            ),
+            maglev: typed!(
+                ebpf,
+                "swy_maglev",
+                HashMap,
+                MaglevKey,
+                MaglevChunk,
+                size_of::<MaglevKey>()
+            ),
+            node_addrs: typed!(
+                ebpf,
+                "swy_node_addrs",
+                HashMap,
+                NodeAddrKey,
+                u32,
+                size_of::<NodeAddrKey>()
+            ),
+            ranges: typed!(
+                ebpf,
+                "swy_ranges",
+                LpmTrie,
+                RangeData,
+                u8,
+                size_of::<Key<RangeData>>()
+            ),
+            cidrs: typed!(
+                ebpf,
+                "swy_cidrs",
+                LpmTrie,
+                CidrData,
+                u8,
+                size_of::<Key<CidrData>>()
+            ),
+            versions: typed!(
+                ebpf,
+                "swy_versions",
+                HashMap,
+                VersionKey,
+                VersionValue,
+                size_of::<VersionKey>()
+            ),
             config: typed!(ebpf, "swy_config", Array, u32, Config, size_of::<u32>()),
             meta: typed!(ebpf, "swy_meta", Array, u32, Meta, size_of::<u32>()),
             ct: typed!(ebpf, "swy_ct", HashMap, CtKey, CtValue, size_of::<CtKey>()),
-            affinity: typed!(ebpf, "swy_affinity", HashMap, AffinityKey, AffinityValue, size_of::<AffinityKey>()),
+            affinity: typed!(
+                ebpf,
+                "swy_affinity",
+                HashMap,
+                AffinityKey,
+                AffinityValue,
+                size_of::<AffinityKey>()
+            ),
         })
     }
 }
@@ -162,7 +219,8 @@ pub fn lpm_insert<K: aya::Pod, T: BorrowMut<MapData>>(
     name: &'static str,
     key: &Key<K>,
 ) -> Result<(), MapOpError> {
-    map.insert(key, 1, 0).map_err(op(name, "BPF_MAP_UPDATE_ELEM"))
+    map.insert(key, 1, 0)
+        .map_err(op(name, "BPF_MAP_UPDATE_ELEM"))
 }
 
 pub fn lpm_remove<K: aya::Pod, T: BorrowMut<MapData>>(

@@ -453,8 +453,7 @@ fn render_family(
             || !local_eps.is_empty();
         let externally_accessible =
             port.node_port.is_some() || !external_ips.is_empty() || !lb_ips.is_empty();
-        let uses_cluster_chain =
-            !cluster_eps.is_empty() && (!itp_local || externally_accessible);
+        let uses_cluster_chain = !cluster_eps.is_empty() && (!itp_local || externally_accessible);
         let internal_eps = if itp_local { &local_eps } else { &cluster_eps };
         let external_eps = if etp_local { &local_eps } else { &cluster_eps };
         let has_internal = has_endpoints && !internal_eps.is_empty();
@@ -583,7 +582,9 @@ fn render_family(
         if uses_fw && has_endpoints {
             b.out.ranges.extend(source_ranges.iter().copied());
             if ranges_admit_node {
-                b.out.ranges.extend(lb_ips.iter().map(|ip| IpNet::from(*ip)));
+                b.out
+                    .ranges
+                    .extend(lb_ips.iter().map(|ip| IpNet::from(*ip)));
             }
         }
     }

@@ -26,8 +26,9 @@ pub mod topology;
 
 pub use backend::{Backend, READY_TIMEOUT, backend_binary};
 pub use probe::{
-    ConnectionLoop, LoopStats, ProbeError, ProbeOptions, tcp_request, tcp_request_with,
-    udp_request, udp_request_with,
+    ConnectionLoop, LoopStats, ProbeError, ProbeOptions, connect_rate_here, decode_result,
+    encode_result, request_loop, tcp_peer_here, tcp_request, tcp_request_here, tcp_request_with,
+    udp_request, udp_request_here, udp_request_with, udp_unconnected_here,
 };
 pub use topology::{BackendNs, Topology, TopologyBuilder};
 
@@ -85,7 +86,7 @@ pub enum NetnsError {
 }
 
 impl NetnsError {
-    fn io(op: impl Into<String>, source: io::Error) -> Self {
+    pub(crate) fn io(op: impl Into<String>, source: io::Error) -> Self {
         NetnsError::Io {
             op: op.into(),
             source,

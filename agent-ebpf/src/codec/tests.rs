@@ -23,10 +23,17 @@ fn ep(ip: &str, port: u16) -> EndpointState {
 /// Every kind of entry: two families, node ports, LB IP with ranges, eTP Local with a
 /// pod set, affinity, Maglev, a rejecting UDP port.
 fn kitchen_sink() -> ServiceState {
-    let eps = vec![ep("10.244.1.2", 8080), ep("10.244.2.2", 8080), ep("fd00:244::2", 8080)];
+    let eps = vec![
+        ep("10.244.1.2", 8080),
+        ep("10.244.2.2", 8080),
+        ep("fd00:244::2", 8080),
+    ];
     ServiceState {
         key: ServiceKey::new("shop", "front"),
-        cluster_ips: vec!["10.96.0.20".parse().unwrap(), "fd00:96::20".parse().unwrap()],
+        cluster_ips: vec![
+            "10.96.0.20".parse().unwrap(),
+            "fd00:96::20".parse().unwrap(),
+        ],
         external_ips: vec!["192.0.2.10".parse().unwrap()],
         load_balancer_ips: vec!["198.51.100.10".parse().unwrap()],
         load_balancer_source_ranges: vec!["203.0.113.0/24".parse().unwrap()],
@@ -92,7 +99,11 @@ fn every_entry_kind_reads_back_as_it_was_rendered() {
     let rendered = render_service("shop/front", &desired, &cfg).unwrap();
     let revs: Vec<u32> = (0..rendered.sets.len() as u32).map(|i| 100 + i).collect();
     let encoded = encode(&rendered, 42, &revs, &vec![true; revs.len()]).unwrap();
-    assert_eq!(encoded.maglev.len(), rendered.sets.len() * 2, "1031 entries: two chunks each");
+    assert_eq!(
+        encoded.maglev.len(),
+        rendered.sets.len() * 2,
+        "1031 entries: two chunks each"
+    );
 
     let back = assemble(dump_of("shop/front", 7, 42, &encoded, false));
     let installed = &back.services["shop/front"];
@@ -118,7 +129,12 @@ fn a_dirty_service_has_no_version_and_a_missing_slot_shows() {
     let installed = &back.services["shop/front"];
     assert_eq!(installed.version, None);
     assert_ne!(installed.objects(), rendered.objects().unwrap());
-    assert!(installed.objects().iter().any(|o| o.contains("(slots missing)")));
+    assert!(
+        installed
+            .objects()
+            .iter()
+            .any(|o| o.contains("(slots missing)"))
+    );
 }
 
 #[test]
@@ -132,7 +148,8 @@ fn entries_and_ranges_of_no_recorded_service_are_orphans() {
     let encoded = encode(&rendered, 9, &revs, &vec![true; revs.len()]).unwrap();
     let mut dump = dump_of("shop/front", 7, 9, &encoded, false);
     dump.versions.clear();
-    dump.slots.push((SlotKey { rev: 999, slot: 0 }, Backend::default()));
+    dump.slots
+        .push((SlotKey { rev: 999, slot: 0 }, Backend::default()));
     let back = assemble(dump);
     assert!(back.services.is_empty());
     assert_eq!(back.orphan_keys.len(), encoded.services.len());
@@ -142,7 +159,12 @@ fn entries_and_ranges_of_no_recorded_service_are_orphans() {
 
 #[test]
 fn source_ranges_keep_their_prefix_through_the_lpm_key() {
-    for text in ["203.0.113.0/24", "198.51.100.10/32", "2001:db8::/48", "0.0.0.0/0"] {
+    for text in [
+        "203.0.113.0/24",
+        "198.51.100.10/32",
+        "2001:db8::/48",
+        "0.0.0.0/0",
+    ] {
         let net: IpNet = text.parse().unwrap();
         let (prefixlen, data) = range_key(5, &net);
         assert_eq!(range_net(prefixlen, &data), Some(net), "{text}");

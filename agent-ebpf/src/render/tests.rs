@@ -125,7 +125,10 @@ fn kube_proxy_behaviours_render_to_these_entries() {
         Case {
             about: "no usable endpoint rejects on every address, node port included",
             state: {
-                let mut s = service(&["10.96.0.12"], vec![port("http", Protocol::Tcp, 80, vec![])]);
+                let mut s = service(
+                    &["10.96.0.12"],
+                    vec![port("http", Protocol::Tcp, 80, vec![])],
+                );
                 s.ports[0].node_port = Some(30081);
                 s.external_ips = vec!["192.0.2.1".parse().unwrap()];
                 s
@@ -278,7 +281,9 @@ fn kube_proxy_behaviours_render_to_these_entries() {
             about: "a family without a cluster IP gets nothing, even with endpoints",
             state: {
                 let mut s = web();
-                s.ports[0].cluster_endpoints.push(ep("fd00:244::2", 8080, false));
+                s.ports[0]
+                    .cluster_endpoints
+                    .push(ep("fd00:244::2", 8080, false));
                 s.ports[0].usable_ipv6 = true;
                 s
             },
@@ -326,7 +331,10 @@ fn kube_proxy_behaviours_render_to_these_entries() {
                 s
             },
             cfg: RenderConfig::default(),
-            want: lines(&["sock tcp [fd00:96::10]:80 drop", "ext tcp [fd00:96::10]:80 drop"]),
+            want: lines(&[
+                "sock tcp [fd00:96::10]:80 drop",
+                "ext tcp [fd00:96::10]:80 drop",
+            ]),
         },
     ];
     for case in cases {
@@ -337,7 +345,10 @@ fn kube_proxy_behaviours_render_to_these_entries() {
 #[test]
 fn maglev_comes_from_the_annotation_or_the_default_with_the_configured_size() {
     let digest = |size: u32| {
-        let backends = ["10.244.1.2:8080".parse().unwrap(), "10.244.2.2:8080".parse().unwrap()];
+        let backends = [
+            "10.244.1.2:8080".parse().unwrap(),
+            "10.244.2.2:8080".parse().unwrap(),
+        ];
         maglev::digest(&maglev::build(&backends, size).unwrap(), &backends)
     };
     let mut annotated = web();
@@ -347,7 +358,10 @@ fn maglev_comes_from_the_annotation_or_the_default_with_the_configured_size() {
         "maglev/16381/{} [10.244.1.2:8080 10.244.2.2:8080]",
         digest(16381)
     );
-    assert!(got.contains(&format!("sock tcp 10.96.0.10:80 forward {set}")), "{got:#?}");
+    assert!(
+        got.contains(&format!("sock tcp 10.96.0.10:80 forward {set}")),
+        "{got:#?}"
+    );
 
     let small = RenderConfig {
         default_lb: LbAlgorithm::Maglev,
@@ -355,7 +369,10 @@ fn maglev_comes_from_the_annotation_or_the_default_with_the_configured_size() {
         ..RenderConfig::default()
     };
     let got = objects(web(), &small);
-    assert!(got[0].contains(&format!("maglev/251/{}", digest(251))), "{got:#?}");
+    assert!(
+        got[0].contains(&format!("maglev/251/{}", digest(251))),
+        "{got:#?}"
+    );
 
     let mut random = web();
     random.ebpf_lb = Some(LbAlgorithm::Random);
@@ -367,7 +384,10 @@ fn entries_sharing_a_backend_list_share_one_set_and_keys_are_the_map_form() {
     let mut s = web();
     s.ports[0].node_port = Some(30080);
     s.external_ips = vec!["192.0.2.1".parse().unwrap()];
-    let desired = DesiredService { version: 1, state: s };
+    let desired = DesiredService {
+        version: 1,
+        state: s,
+    };
     let out = render_service("ns/web", &desired, &RenderConfig::default()).unwrap();
     assert_eq!(out.sets.len(), 1, "{:#?}", out.sets);
     let cluster_ip = out
@@ -387,8 +407,16 @@ fn entries_sharing_a_backend_list_share_one_set_and_keys_are_the_map_form() {
 #[test]
 fn only_udp_backends_are_listed_for_conntrack_flushing() {
     let mut s = web();
-    s.ports.push(port("dns", Protocol::Udp, 53, vec![ep("10.244.3.2", 5353, false)]));
-    let desired = DesiredService { version: 1, state: s };
+    s.ports.push(port(
+        "dns",
+        Protocol::Udp,
+        53,
+        vec![ep("10.244.3.2", 5353, false)],
+    ));
+    let desired = DesiredService {
+        version: 1,
+        state: s,
+    };
     let out = render_service("ns/web", &desired, &RenderConfig::default()).unwrap();
     assert_eq!(
         out.udp_backends(),
