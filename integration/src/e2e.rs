@@ -415,10 +415,22 @@ impl Cluster {
 /// The controller (in-process), listening on the node's own loopback where the agent
 /// looks for it (`port` 0: any), fed by a manifests source on `dir`.
 pub async fn start_controller(topology: &Topology, dir: &Path, port: u16) -> TestController {
-    let listener = topology
-        .node()
-        .tcp_listener(SocketAddr::from(([127, 0, 0, 1], port)))
-        .unwrap();
+    // A controller just dropped on `port` may hold its listener until its aborted task
+    // is next polled: retry for a moment rather than race it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let listener = loop {
+        match topology
+            .node()
+            .tcp_listener(SocketAddr::from(([127, 0, 0, 1], port)))
+        {
+            Ok(listener) => break listener,
+            Err(e) if port != 0 && Instant::now() < deadline => {
+                tracing::debug!(%e, "controller port still held; retrying");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     listener.set_nonblocking(true).unwrap();
     let listener = tokio::net::TcpListener::from_std(listener).unwrap();
     let controller = TestController::start_on(listener, ComputeOptions::default())

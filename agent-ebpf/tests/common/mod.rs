@@ -273,3 +273,24 @@ pub fn answer(text: &str) -> (String, IpAddr) {
         .unwrap_or_else(|| panic!("not a swy-backend answer: {text:?}"));
     (name, peer.ip())
 }
+
+/// No iptables, nftables or IPVS object in the node namespace names a Service address.
+pub fn assert_no_netfilter_objects(node: &Netns, needles: &[&str]) {
+    let mut dumps = Vec::new();
+    for tool in ["iptables-save", "ip6tables-save"] {
+        dumps.push(
+            node.exec([tool])
+                .unwrap_or_else(|e| panic!("{e} (install the Debian package iptables)")),
+        );
+    }
+    dumps.push(
+        node.exec(["nft", "list", "ruleset"])
+            .unwrap_or_else(|e| panic!("{e} (install the Debian package nftables)")),
+    );
+    dumps.push(node.exec(["cat", "/proc/net/ip_vs"]).unwrap_or_default());
+    for dump in dumps {
+        for needle in needles {
+            assert!(!dump.contains(needle), "{needle} appears in:\n{dump}");
+        }
+    }
+}
