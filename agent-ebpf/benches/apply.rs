@@ -1,1 +1,197 @@
-fn main() {}
+//! eBPF agent apply times: an initial sync of N Services with two endpoints each (N =
+//! 1,000 and 10,000), one Service changed with N in place (median of 20), and a
+//! read-back, each initial sync into fresh maps of a fresh pin directory; against the
+//! iptables agent on the same state in the same run (the backend it detects here).
+//! `cargo bench -p switchyard-agent-ebpf --bench apply` (as root).
+//!
+//! The dataplanes run inside their namespace, as on a node. Loading and attaching the
+//! programs (before the initial sync) is not part of the figures; it is printed apart.
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::{
+    io::Write,
+    process::Stdio,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use switchyard_agent_core::dataplane::{Dataplane, Desired};
+use switchyard_agent_ebpf::{Attach, EbpfConfig, EbpfDataplane};
+use switchyard_agent_iptables::{IptablesConfig, IptablesDataplane, RenderConfig};
+use switchyard_integration::{cgroup::Cgroup, netns::Netns};
+
+const ROUNDS: usize = 5;
+const CHANGES: usize = 20;
+
+fn median(mut samples: Vec<Duration>) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+/// One Service (`bench/s7`) loses, then regains, an endpoint: `CHANGES` times.
+fn changes(want: &mut Desired, mut apply: impl FnMut(&Desired) -> Duration) -> Duration {
+    let mut took = Vec::with_capacity(CHANGES);
+    for round in 0..CHANGES {
+        let entry = want.get_mut("bench/s7").expect("bench/s7");
+        if round % 2 == 0 {
+            entry.state.ports[0].cluster_endpoints.pop();
+        } else {
+            entry.state.ports[0]
+                .cluster_endpoints
+                .push(ep("10.246.0.7", 8080, false));
+        }
+        entry.version = version_of(&entry.state);
+        took.push(apply(want));
+    }
+    median(took)
+}
+
+struct Figures {
+    load: Duration,
+    initial: Duration,
+    change: Duration,
+    read_back: Duration,
+}
+
+fn ebpf(n: usize) -> Figures {
+    let mut want = bench_services(n);
+    let mut loads = Vec::new();
+    let mut initial = Vec::new();
+    let mut last = None;
+    for _ in 0..ROUNDS {
+        let ns = Netns::create("bench-ebpf").unwrap();
+        ns.ip(["link", "add", "a0", "type", "veth", "peer", "name", "b0"])
+            .unwrap();
+        ns.ip(["link", "set", "a0", "up"]).unwrap();
+        let cgroup = Cgroup::create("bench").unwrap();
+        let pins = PinDir::new();
+        let config = EbpfConfig::new(Attach {
+            bpffs: pins.path().to_path_buf(),
+            cgroup: cgroup.path().to_path_buf(),
+            devices: vec!["a0".into()],
+        });
+        let (load, took, dp) = ns
+            .run(|| {
+                let started = Instant::now();
+                let mut dp = EbpfDataplane::new(config).expect("eBPF dataplane");
+                let load = started.elapsed();
+                let started = Instant::now();
+                let outcome = dp.apply(&want, &full()).unwrap();
+                assert!(outcome.failed.is_empty());
+                (load, started.elapsed(), dp)
+            })
+            .unwrap();
+        loads.push(load);
+        initial.push(took);
+        // Older rounds go here, outside the measurements.
+        last = Some((dp, pins, cgroup, ns));
+    }
+    let (mut dp, _pins, _cgroup, _ns) = last.unwrap();
+    let change = changes(&mut want, |want| {
+        let started = Instant::now();
+        dp.apply(want, &upsert(&["bench/s7"])).unwrap();
+        started.elapsed()
+    });
+    let started = Instant::now();
+    let back = dp.read_back().unwrap();
+    let read_back = started.elapsed();
+    assert_eq!(back.len(), n);
+    Figures {
+        load: median(loads),
+        initial: median(initial),
+        change,
+        read_back,
+    }
+}
+
+/// Empties the namespace's tables, then deletes it and lets the kernel free the
+/// chains outside the next measurement.
+fn iptables_teardown(ns: Netns, backend: switchyard_agent_iptables::Backend) {
+    for tool in ["iptables", "ip6tables"] {
+        let tool = format!("{tool}-{}-restore", backend.name());
+        let mut child = ns.command(&tool).stdin(Stdio::piped()).spawn().unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(b"*nat\nCOMMIT\n*filter\nCOMMIT\n")
+            .unwrap();
+        assert!(child.wait().unwrap().success(), "{tool}");
+    }
+    drop(ns);
+    std::thread::sleep(Duration::from_millis(500));
+}
+
+fn iptables(n: usize) -> (switchyard_agent_iptables::Backend, Figures) {
+    let mut want = bench_services(n);
+    let config = || IptablesConfig {
+        render: RenderConfig {
+            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
+            ..RenderConfig::default()
+        },
+        disable_ipv6: true,
+        ..IptablesConfig::default()
+    };
+    let mut initial = Vec::new();
+    let mut last: Option<(Netns, IptablesDataplane)> = None;
+    for _ in 0..3 {
+        let ns = Netns::create("bench-ipt").unwrap();
+        let (took, dp) = ns
+            .run(|| {
+                let mut dp = IptablesDataplane::new(config());
+                let started = Instant::now();
+                dp.apply(&want, &full()).unwrap();
+                (started.elapsed(), dp)
+            })
+            .unwrap();
+        initial.push(took);
+        if let Some((ns, dp)) = last.replace((ns, dp)) {
+            iptables_teardown(ns, dp.backend());
+        }
+    }
+    let (ns, mut dp) = last.unwrap();
+    let backend = dp.backend();
+    let (change, read_back) = ns
+        .run(|| {
+            let change = changes(&mut want, |want| {
+                let started = Instant::now();
+                dp.apply(want, &upsert(&["bench/s7"])).unwrap();
+                started.elapsed()
+            });
+            let started = Instant::now();
+            assert_eq!(dp.read_back().unwrap().len(), n);
+            (change, started.elapsed())
+        })
+        .unwrap();
+    iptables_teardown(ns, backend);
+    (
+        backend,
+        Figures {
+            load: Duration::ZERO,
+            initial: median(initial),
+            change,
+            read_back,
+        },
+    )
+}
+
+fn main() {
+    for n in [1000usize, 10000] {
+        let e = ebpf(n);
+        let (backend, i) = iptables(n);
+        println!(
+            "eBPF n={n}: initial sync {:.1?} (median of {ROUNDS}; loading and attaching the programs before it {:.0?}), one-Service change {:.1?} (median of {CHANGES}), read back {:.1?}",
+            e.initial, e.load, e.change, e.read_back
+        );
+        println!(
+            "  iptables ({backend:?}) on the same state: initial sync {:.0?} (median of 3), one-Service change {:.1?}, read back {:.0?}; eBPF initial sync {:.1}x faster, one change {:.0}x",
+            i.initial,
+            i.change,
+            i.read_back,
+            i.initial.as_secs_f64() / e.initial.as_secs_f64(),
+            i.change.as_secs_f64() / e.change.as_secs_f64()
+        );
+    }
+}

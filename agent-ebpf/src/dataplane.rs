@@ -86,6 +86,8 @@ struct State {
     next_rev: u32,
     /// Ranges in use, built only once `next_rev` has wrapped around.
     used_revs: Option<BTreeSet<u32>>,
+    /// Socket-scope entries that reject or drop, over every Service.
+    blackholes: u32,
 }
 
 /// Programs Services into pinned BPF maps; see the crate docs for the layout.
@@ -262,6 +264,7 @@ impl EbpfDataplane {
             .map(|(name, s)| (s.res_id, name.clone()))
             .collect();
         self.state = Some(State {
+            blackholes: back.services.values().map(Installed::blackholes).sum(),
             services: back.services.clone(),
             res_ids,
             next_rev: back.max_rev,
@@ -417,20 +420,19 @@ impl EbpfDataplane {
             flags: 0,
         };
         maps::insert(&mut m.versions, "swy_versions", &key, &done)?;
-        let range_keys = encoded.ranges;
+        let installed = Installed {
+            res_id,
+            version: Some(service.version),
+            entries: rendered,
+            revs,
+            set_descriptions: descriptions,
+            range_keys: encoded.ranges,
+        };
         let state = self.state.as_mut().expect("state read above");
+        state.blackholes += installed.blackholes();
+        state.blackholes -= old.as_ref().map_or(0, Installed::blackholes);
         state.res_ids.insert(res_id, name.to_string());
-        state.services.insert(
-            name.to_string(),
-            Installed {
-                res_id,
-                version: Some(service.version),
-                entries: rendered,
-                revs,
-                set_descriptions: descriptions,
-                range_keys,
-            },
-        );
+        state.services.insert(name.to_string(), installed);
         Ok(())
     }
 
@@ -461,6 +463,7 @@ impl EbpfDataplane {
         let state = self.state.as_mut().expect("state read above");
         state.services.remove(name);
         state.res_ids.remove(&old.res_id);
+        state.blackholes -= old.blackholes();
         Ok(())
     }
 
@@ -489,10 +492,7 @@ impl EbpfDataplane {
     }
 
     fn write_blackholes(&mut self) -> Result<(), MapOpError> {
-        let total = self
-            .state
-            .as_ref()
-            .map(|s| s.services.values().map(Installed::blackholes).sum());
+        let total = self.state.as_ref().map(|s| s.blackholes);
         if let Some(total) = total
             && self.blackholes_written != Some(total)
         {
