@@ -44,4 +44,11 @@ SWY_MAP(BPF_MAP_TYPE_LRU_HASH, swy_affinity, struct swy_affinity_key,
 	struct swy_affinity_value, 65536, 0);
 SWY_MAP(BPF_MAP_TYPE_LRU_HASH, swy_sock_rev, struct swy_sock_rev_key,
 	struct swy_sock_rev_value, 262144, 0);
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct swy_sock_peer);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} swy_sock_peer SEC(".maps");
 SWY_MAP(BPF_MAP_TYPE_LRU_HASH, swy_ct, struct swy_ct_key, struct swy_ct_value, 262144, 0);

@@ -250,26 +250,21 @@ static __always_inline int flow_send(struct __sk_buff *skb, const struct swy_flo
 }
 
 static __always_inline void ct_key_of(struct swy_ct_key *key, const __be32 src[4], const __be32 dst[4],
-				      __be16 sport, __be16 dport, __u8 proto, __u8 dir)
+				      __be16 sport, __be16 dport, __u8 proto)
 {
 	addr_copy(key->src, src);
 	addr_copy(key->dst, dst);
 	key->sport = sport;
 	key->dport = dport;
 	key->proto = proto;
-	key->dir = dir;
-	key->pad = 0;
+	key->pad[0] = 0;
+	key->pad[1] = 0;
+	key->pad[2] = 0;
 }
 
-static __always_inline void ct_key(struct swy_ct_key *key, const struct swy_flow *f, __u8 dir)
+static __always_inline void ct_key(struct swy_ct_key *key, const struct swy_flow *f)
 {
-	addr_copy(key->src, f->src);
-	addr_copy(key->dst, f->dst);
-	key->sport = f->sport;
-	key->dport = f->dport;
-	key->proto = f->proto;
-	key->dir = dir;
-	key->pad = 0;
+	ct_key_of(key, f->src, f->dst, f->sport, f->dport, f->proto);
 }
 
 static __always_inline __u16 csum_fold(__u64 csum)
@@ -460,6 +455,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct swy_flow *f)
 	if (!scratch || !config)
 		return TC_ACT_UNSPEC;
 	struct swy_new_flow *n = &scratch->flow;
+	/* The flow's hash: what Maglev picks by and where source ports are tried from. */
 	__u32 hash = hash_addr(hash_addr(hash_add(hash_add(0, f->proto), ((__u32)f->sport << 16) | f->dport),
 					 f->src), f->dst);
 
@@ -491,11 +487,13 @@ static __noinline int new_flow(struct __sk_buff *skb, struct swy_flow *f)
 		   addr_eq(n->c.backend.addr, f->src);
 	addr_copy(n->fwd.addr, n->c.backend.addr);
 	n->fwd.port = n->c.backend.port;
+	n->fwd.dir = SWY_CT_FORWARD;
+	n->rev.dir = SWY_CT_REPLY;
 	addr_copy(n->rev.addr, f->dst);
 	n->rev.port = f->dport;
 	addr_copy(n->rev.addr2, f->src);
 	n->rev.port2 = f->sport;
-	ct_key(&n->fkey, f, SWY_CT_FORWARD);
+	ct_key(&n->fkey, f);
 	if (flow_set(skb, f, 1, n->c.backend.addr, n->c.backend.port))
 		return TC_ACT_SHOT;
 	if (snat) {
@@ -512,7 +510,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct swy_flow *f)
 		for (int i = 0; i < SWY_SNAT_TRIES; i++) {
 			__be16 candidate = bpf_htons(config->snat_port_min + (mix32(hash + i) % span));
 			ct_key_of(&n->rkey, n->c.backend.addr, node, n->c.backend.port, candidate,
-				  f->proto, SWY_CT_REPLY);
+				  f->proto);
 			if (bpf_map_update_elem(&swy_ct, &n->rkey, &n->rev, BPF_NOEXIST) == 0) {
 				snat_port = candidate;
 				break;
@@ -526,8 +524,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct swy_flow *f)
 		if (flow_set(skb, f, 0, node, snat_port))
 			return TC_ACT_SHOT;
 	} else {
-		ct_key_of(&n->rkey, n->c.backend.addr, f->src, n->c.backend.port, f->sport, f->proto,
-			  SWY_CT_REPLY);
+		ct_key_of(&n->rkey, n->c.backend.addr, f->src, n->c.backend.port, f->sport, f->proto);
 		bpf_map_update_elem(&swy_ct, &n->rkey, &n->rev, BPF_ANY);
 	}
 	bpf_map_update_elem(&swy_ct, &n->fkey, &n->fwd, BPF_ANY);
@@ -542,17 +539,14 @@ int swy_tc_ingress(struct __sk_buff *skb)
 
 	if (flow_parse(skb, &f))
 		return TC_ACT_OK;
-	ct_key(&key, &f, SWY_CT_REPLY);
+	ct_key(&key, &f);
 	struct swy_ct_value *ct = bpf_map_lookup_elem(&swy_ct, &key);
-	if (ct)
+	if (ct && ct->dir == SWY_CT_REPLY)
 		return reply_xlate(skb, &f, ct, 1);
+	/* A new connection on a tracked tuple (a client reusing its port) is a new flow. */
 	int syn = f.proto == IPPROTO_TCP && (f.tcp_flags & (SWY_TCP_SYN | SWY_TCP_ACK)) == SWY_TCP_SYN;
-	if (!syn) {
-		key.dir = SWY_CT_FORWARD;
-		ct = bpf_map_lookup_elem(&swy_ct, &key);
-		if (ct)
-			return forward_xlate(skb, &f, ct);
-	}
+	if (ct && !syn)
+		return forward_xlate(skb, &f, ct);
 	int verdict = new_flow(skb, &f);
 	return verdict == TC_ACT_UNSPEC ? TC_ACT_OK : verdict;
 }
@@ -565,9 +559,9 @@ int swy_tc_egress(struct __sk_buff *skb)
 
 	if (flow_parse(skb, &f))
 		return TC_ACT_OK;
-	ct_key(&key, &f, SWY_CT_REPLY);
+	ct_key(&key, &f);
 	struct swy_ct_value *ct = bpf_map_lookup_elem(&swy_ct, &key);
-	if (ct)
+	if (ct && ct->dir == SWY_CT_REPLY)
 		return reply_xlate(skb, &f, ct, 0);
 	return TC_ACT_OK;
 }

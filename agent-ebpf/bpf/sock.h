@@ -58,39 +58,68 @@ static __always_inline int sock_flow(__u64 cookie, const __be32 vip[4], __be16 v
 	return 0;
 }
 
+/* The peer record of a connected socket; created when `create`. */
+static __always_inline struct swy_sock_peer *sock_peer(struct bpf_sock_addr *ctx, int create)
+{
+	return bpf_sk_storage_get(&swy_sock_peer, ctx->sk, 0,
+				  create ? BPF_SK_STORAGE_GET_F_CREATE : 0);
+}
+
 /* Translates a destination in place. Returns 1 to let the call proceed, 0 to fail it
  * (with the errno set through bpf_set_retval). */
-static __always_inline int sock_xlate(void *ctx, __be32 addr[4], __be16 *port, __u32 protocol,
-				      int connect)
+static __always_inline int sock_xlate(struct bpf_sock_addr *ctx, __be32 addr[4], __be16 *port,
+				      __u32 protocol, int connect)
 {
 	struct swy_svc_key key = { .port = *port, .proto = protocol, .scope = SWY_SCOPE_SOCK };
 	struct swy_choice c = {};
 	__be32 client[4];
-	__u64 cookie = bpf_get_socket_cookie(ctx);
 
 	addr_copy(key.addr, addr);
 	sock_client(ctx, client);
-	__u32 hash = hash_addr(hash_add(mix32((__u32)cookie ^ (__u32)(cookie >> 32)), *port), addr);
-	int outcome = lb_lookup_vip(&key, client, hash, &c);
+	/* A connect has no packet to hash yet: a Maglev set is drawn from at random here (its
+	 * consistency is for flows from outside, and a connected socket never moves). */
+	int outcome = lb_lookup_vip(&key, client, bpf_get_prandom_u32(), &c);
 	if (outcome == SWY_VERDICT && connect && c.svc.action == SWY_ACT_REJECT) {
 		bpf_set_retval(-ECONNREFUSED);
 		return 0;
 	}
-	if (outcome != SWY_CHOSEN)
+	if (outcome != SWY_CHOSEN) {
+		/* A socket connected again, elsewhere, forgets the Service it had. */
+		struct swy_sock_peer *old = connect ? sock_peer(ctx, 0) : 0;
+		if (old)
+			old->valid = 0;
 		return 1;
-	if (!connect)
+	}
+	if (connect) {
+		struct swy_sock_peer *peer = sock_peer(ctx, 1);
+		if (peer) {
+			addr_copy(peer->vip, addr);
+			addr_copy(peer->backend, c.backend.addr);
+			peer->vip_port = *port;
+			peer->backend_port = c.backend.port;
+			peer->valid = 1;
+		}
+	} else {
+		__u64 cookie = bpf_get_socket_cookie(ctx);
 		sock_flow(cookie, addr, *port, &c);
-	sock_remember(cookie, c.backend.addr, c.backend.port, addr, *port, 0);
-	if (!connect)
+		sock_remember(cookie, c.backend.addr, c.backend.port, addr, *port, 0);
 		sock_remember(cookie, addr, *port, c.backend.addr, c.backend.port, c.svc.rev);
+	}
 	addr_copy(addr, c.backend.addr);
 	*port = c.backend.port;
 	return 1;
 }
 
 /* Gives the application the Service address back for a backend it talks to. */
-static __always_inline void sock_reverse(void *ctx, __be32 addr[4], __be16 *port)
+static __always_inline void sock_reverse(struct bpf_sock_addr *ctx, __be32 addr[4], __be16 *port)
 {
+	struct swy_sock_peer *peer = sock_peer(ctx, 0);
+
+	if (peer && peer->valid && peer->backend_port == *port && addr_eq(peer->backend, addr)) {
+		addr_copy(addr, peer->vip);
+		*port = peer->vip_port;
+		return;
+	}
 	struct swy_sock_rev_key key = { .cookie = bpf_get_socket_cookie(ctx), .port = *port };
 
 	addr_copy(key.addr, addr);

@@ -92,10 +92,11 @@ struct swy_sock_rev_key {
 };
 
 /*
- * Per socket, both ways: (cookie, backend) -> the VIP the application asked for, for
- * recvmsg and getpeername; (cookie, VIP) -> the backend an unconnected UDP socket sends
- * that VIP's datagrams to, with the range it was chosen from (a flow, as conntrack
- * keeps one for iptables). A backend address is never a VIP, so the two never meet.
+ * Per unconnected UDP socket, both ways: (cookie, backend) -> the VIP the application
+ * sent to, for recvmsg; (cookie, VIP) -> the backend the socket sends that VIP's
+ * datagrams to, with the range it was chosen from (a flow, as conntrack keeps one for
+ * iptables). A backend address is never a VIP, so the two never meet. Connected sockets
+ * keep theirs in socket-local storage (struct swy_sock_peer).
  */
 struct swy_sock_rev_value {
 	__be32 addr[4];
@@ -104,6 +105,22 @@ struct swy_sock_rev_value {
 	__u32 rev;
 };
 
+/* Per connected socket (socket-local storage, freed with the socket): the Service
+ * address the application asked for and the backend it was sent to, for getpeername and
+ * recvmsg. */
+struct swy_sock_peer {
+	__be32 vip[4];
+	__be32 backend[4];
+	__be16 vip_port;
+	__be16 backend_port;
+	__u32 valid;
+};
+
+/*
+ * Connection tracking of traffic from outside: one entry per direction, each keyed by
+ * the tuple its packets carry, so one lookup finds either (a forward tuple ends at a
+ * Service address, a reply tuple starts at a backend: they never meet).
+ */
 #define SWY_CT_FORWARD 0
 #define SWY_CT_REPLY 1
 struct swy_ct_key {
@@ -112,8 +129,7 @@ struct swy_ct_key {
 	__be16 sport;
 	__be16 dport;
 	__u8 proto;
-	__u8 dir;
-	__u16 pad;
+	__u8 pad[3];
 };
 
 #define SWY_CT_F_SNAT (1 << 0)
@@ -126,7 +142,8 @@ struct swy_ct_value {
 	__be16 port;
 	__be16 port2;
 	__u8 flags;
-	__u8 pad[3];
+	__u8 dir;
+	__u8 pad[2];
 	__u64 last_ns;
 };
 
@@ -178,6 +195,7 @@ _Static_assert(sizeof(struct swy_affinity_key) == 24, "affinity key");
 _Static_assert(sizeof(struct swy_affinity_value) == 40, "affinity value");
 _Static_assert(sizeof(struct swy_sock_rev_key) == 32, "sock rev key");
 _Static_assert(sizeof(struct swy_sock_rev_value) == 24, "sock rev value");
+_Static_assert(sizeof(struct swy_sock_peer) == 40, "sock peer");
 _Static_assert(sizeof(struct swy_ct_key) == 40, "ct key");
 _Static_assert(sizeof(struct swy_ct_value) == 48, "ct value");
 _Static_assert(sizeof(struct swy_range_key) == 24, "range key");

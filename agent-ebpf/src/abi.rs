@@ -191,8 +191,7 @@ pub struct CtKey {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
-    pub dir: u8,
-    pub pad: u16,
+    pub pad: [u8; 3],
 }
 
 #[repr(C)]
@@ -203,7 +202,9 @@ pub struct CtValue {
     pub port: u16,
     pub port2: u16,
     pub flags: u8,
-    pub pad: [u8; 3],
+    /// `CT_FORWARD` or `CT_REPLY`.
+    pub dir: u8,
+    pub pad: [u8; 2],
     pub last_ns: u64,
 }
 

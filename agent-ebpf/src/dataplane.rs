@@ -476,7 +476,7 @@ impl EbpfDataplane {
             if key.proto != udp {
                 continue;
             }
-            let backend = if key.dir == abi::CT_FORWARD {
+            let backend = if value.dir == abi::CT_FORWARD {
                 SocketAddr::new(abi::ip(&value.addr), abi::host_port(value.port))
             } else {
                 SocketAddr::new(abi::ip(&key.src), abi::host_port(key.sport))

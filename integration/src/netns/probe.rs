@@ -259,14 +259,15 @@ pub fn tcp_peer_here(addr: SocketAddr, options: &ProbeOptions) -> Result<SocketA
 }
 
 /// New TCP connections per second to `addr` over `window` on the calling thread's
-/// namespace, each closed with an RST (no TIME_WAIT piles up). A failed connect ends
+/// namespace, each closed with an RST (no TIME_WAIT piles up); a connect waits up to 5 s
+/// (a dropped SYN is retransmitted after 1 s and counts as slow). A failed connect ends
 /// the measurement with its error.
 pub fn connect_rate_here(addr: SocketAddr, window: Duration) -> Result<f64, ProbeError> {
     let start = Instant::now();
     let mut connections = 0u64;
     while start.elapsed() < window {
         let began = Instant::now();
-        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(1))
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .map_err(|e| classify(e, "connect", addr, began))?;
         socket2::SockRef::from(&stream)
             .set_linger(Some(Duration::ZERO))
