@@ -28,6 +28,18 @@ pub struct Change {
     pub full: bool,
 }
 
+impl Change {
+    /// The resources an apply writes: every one of `desired` for a full sync, else the
+    /// upserted ones.
+    pub fn to_write<'a>(&'a self, desired: &'a Desired) -> Vec<&'a String> {
+        if self.full {
+            desired.keys().collect()
+        } else {
+            self.upserted.iter().collect()
+        }
+    }
+}
+
 /// One Service as read back from the kernel.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ProgrammedService {

@@ -20,6 +20,7 @@ pub mod healthcheck;
 mod http;
 pub mod metrics;
 pub mod netfilter;
+pub mod policy;
 pub mod query;
 pub mod testing;
 

@@ -4,44 +4,13 @@
 //! `ip netns exec NS`).
 
 use std::{
-    fmt,
     io::Write,
-    net::IpAddr,
     process::{ChildStdin, Command, Stdio},
 };
 
 use crate::dataplane::DataplaneError;
-
-/// Address family; each has its own ruleset (`iptables` / `ip6tables`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    pub fn of(ip: IpAddr) -> Self {
-        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
-    }
-
-    pub fn host_prefix(self) -> u8 {
-        match self {
-            Family::V4 => 32,
-            Family::V6 => 128,
-        }
-    }
-}
-
-impl fmt::Display for Family {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Family::V4 => "ipv4",
-            Family::V6 => "ipv6",
-        })
-    }
-}
+/// The address family of a ruleset (`iptables` / `ip6tables`).
+pub use crate::policy::Family;
 
 /// Which iptables implementation programs the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -5,6 +5,8 @@
 //! clone of, to inspect what was applied, make resources fail, or simulate drift; a new
 //! dataplane over the same handle simulates an agent restart with the kernel untouched.
 
+pub mod states;
+
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, MutexGuard, PoisonError},
@@ -106,11 +108,7 @@ impl Dataplane for MemoryDataplane {
             });
         }
         let mut outcome = ApplyOutcome::default();
-        let upserted: Vec<&String> = if change.full {
-            desired.keys().collect()
-        } else {
-            change.upserted.iter().collect()
-        };
+        let upserted = change.to_write(desired);
         for name in upserted {
             if let Some(message) = kernel.fail_resources.get(name) {
                 outcome.failed.insert(name.clone(), message.clone());

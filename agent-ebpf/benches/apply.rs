@@ -10,11 +10,7 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::{
-    io::Write,
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use common::*;
 use switchyard_agent_core::dataplane::{Dataplane, Desired};
@@ -48,6 +44,25 @@ fn changes(want: &mut Desired, mut apply: impl FnMut(&Desired) -> Duration) -> D
     median(took)
 }
 
+/// Inside `ns`: makes a dataplane (how long that took), then syncs `want` into it (how
+/// long that took).
+fn fresh_sync<D: Dataplane + Send>(
+    ns: &Netns,
+    make: impl FnOnce() -> D + Send,
+    want: &Desired,
+) -> (Duration, Duration, D) {
+    ns.run(|| {
+        let started = Instant::now();
+        let mut dp = make();
+        let made = started.elapsed();
+        let started = Instant::now();
+        let outcome = dp.apply(want, &full()).expect("the initial sync");
+        assert!(outcome.failed.is_empty(), "{:?}", outcome.failed);
+        (made, started.elapsed(), dp)
+    })
+    .expect("entering the namespace")
+}
+
 struct Figures {
     load: Duration,
     initial: Duration,
@@ -72,17 +87,11 @@ fn ebpf(n: usize) -> Figures {
             cgroup: cgroup.path().to_path_buf(),
             devices: vec!["a0".into()],
         });
-        let (load, took, dp) = ns
-            .run(|| {
-                let started = Instant::now();
-                let mut dp = EbpfDataplane::new(config).expect("eBPF dataplane");
-                let load = started.elapsed();
-                let started = Instant::now();
-                let outcome = dp.apply(&want, &full()).unwrap();
-                assert!(outcome.failed.is_empty());
-                (load, started.elapsed(), dp)
-            })
-            .unwrap();
+        let (load, took, dp) = fresh_sync(
+            &ns,
+            || EbpfDataplane::new(config).expect("eBPF dataplane"),
+            &want,
+        );
         loads.push(load);
         initial.push(took);
         // Older rounds go here, outside the measurements.
@@ -106,20 +115,10 @@ fn ebpf(n: usize) -> Figures {
     }
 }
 
-/// Empties the namespace's tables, then deletes it and lets the kernel free the
-/// chains outside the next measurement.
-fn iptables_teardown(ns: Netns, backend: switchyard_agent_iptables::Backend) {
-    for tool in ["iptables", "ip6tables"] {
-        let tool = format!("{tool}-{}-restore", backend.name());
-        let mut child = ns.command(&tool).stdin(Stdio::piped()).spawn().unwrap();
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(b"*nat\nCOMMIT\n*filter\nCOMMIT\n")
-            .unwrap();
-        assert!(child.wait().unwrap().success(), "{tool}");
-    }
+/// Removes what the iptables dataplane installed, then the namespace, and lets the
+/// kernel free it before the next measurement.
+fn iptables_teardown(ns: Netns, mut dp: IptablesDataplane) {
+    ns.run(|| dp.cleanup().unwrap()).unwrap();
     drop(ns);
     std::thread::sleep(Duration::from_millis(500));
 }
@@ -138,17 +137,10 @@ fn iptables(n: usize) -> (switchyard_agent_iptables::Backend, Figures) {
     let mut last: Option<(Netns, IptablesDataplane)> = None;
     for _ in 0..3 {
         let ns = Netns::create("bench-ipt").unwrap();
-        let (took, dp) = ns
-            .run(|| {
-                let mut dp = IptablesDataplane::new(config());
-                let started = Instant::now();
-                dp.apply(&want, &full()).unwrap();
-                (started.elapsed(), dp)
-            })
-            .unwrap();
+        let (_, took, dp) = fresh_sync(&ns, || IptablesDataplane::new(config()), &want);
         initial.push(took);
         if let Some((ns, dp)) = last.replace((ns, dp)) {
-            iptables_teardown(ns, dp.backend());
+            iptables_teardown(ns, dp);
         }
     }
     let (ns, mut dp) = last.unwrap();
@@ -165,7 +157,7 @@ fn iptables(n: usize) -> (switchyard_agent_iptables::Backend, Figures) {
             (change, started.elapsed())
         })
         .unwrap();
-    iptables_teardown(ns, backend);
+    iptables_teardown(ns, dp);
     (
         backend,
         Figures {

@@ -15,43 +15,20 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::{
-    net::{SocketAddr, TcpListener},
-    time::Duration,
-};
+use std::{net::SocketAddr, time::Duration};
 
 use common::*;
-use switchyard_agent_core::dataplane::{Dataplane, Desired};
+use switchyard_agent_core::dataplane::Dataplane;
 use switchyard_agent_ebpf::{Attach, EbpfConfig, EbpfDataplane};
-use switchyard_agent_iptables::{IptablesConfig, IptablesDataplane, RenderConfig};
+use switchyard_agent_iptables::{IptablesConfig, IptablesDataplane};
 use switchyard_integration::{
     cgroup::{Cgroup, CgroupProbe},
     netns::{Netns, Topology},
 };
-use switchyard_proto::state::Protocol;
 
-const TARGET_VIP: &str = "10.96.255.254";
-const BACKEND: &str = "10.244.1.2";
-const BACKEND_PORT: u16 = 8080;
 /// How long one rate measurement runs; the figure is the median of [`ROUNDS`].
 const WINDOW: Duration = Duration::from_secs(2);
 const ROUNDS: usize = 3;
-
-fn services(n: usize) -> Desired {
-    let mut want = bench_services(n);
-    let target = service(
-        "zzz/target",
-        &[TARGET_VIP],
-        vec![port(
-            "http",
-            Protocol::Tcp,
-            80,
-            vec![ep(BACKEND, BACKEND_PORT, false)],
-        )],
-    );
-    want.insert("zzz/target".into(), desired(target));
-    want
-}
 
 /// Connections per second from `probe` to each target, windows interleaved (the
 /// machine's drift hits every target alike), the median of [`ROUNDS`] per target;
@@ -61,15 +38,17 @@ fn rates<const N: usize>(
     probes: [(CgroupProbe<'_>, SocketAddr); N],
     namespaces: &[&Netns],
 ) -> [f64; N] {
-    let mut runs = [[0.0; ROUNDS]; N];
-    for round in 0..ROUNDS {
-        for (i, (probe, target)) in probes.iter().enumerate() {
+    let mut runs: [Vec<f64>; N] = std::array::from_fn(|_| Vec::with_capacity(ROUNDS));
+    for _ in 0..ROUNDS {
+        for ((probe, target), samples) in probes.iter().zip(runs.iter_mut()) {
             for ns in namespaces {
                 let _ = ns.exec(["conntrack", "-F"]);
             }
-            runs[i][round] = probe
-                .connect_rate(*target, WINDOW)
-                .unwrap_or_else(|e| panic!("connect {target}: {e}"));
+            samples.push(
+                probe
+                    .connect_rate(*target, WINDOW)
+                    .unwrap_or_else(|e| panic!("connect {target}: {e}")),
+            );
         }
     }
     runs.map(|mut r| {
@@ -79,37 +58,19 @@ fn rates<const N: usize>(
 }
 
 fn main() {
-    let topology = Topology::builder()
-        .backends(1)
-        .ipv6(false)
-        .build()
-        .expect("topology (run as root)");
-    // A deep accept queue: a full one drops SYNs, and a retransmitted SYN (1 s) would
-    // measure the accept thread instead of the dataplane.
-    let listener = topology
-        .backend(1)
-        .ns()
-        .run(|| {
-            let address = SocketAddr::new(BACKEND.parse().unwrap(), BACKEND_PORT);
-            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-            socket.bind(&address.into())?;
-            socket.listen(4096)?;
-            std::io::Result::Ok(TcpListener::from(socket))
-        })
-        .unwrap()
-        .unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
+    let topology = Topology::builder().backends(1).ipv6(false).build();
+    let topology = topology.expect("a test topology (run as root, with iproute2)");
+    let vip = SocketAddr::new(FIRST_PACKET_VIP.parse().unwrap(), 80);
+    let direct = SocketAddr::new(
+        FIRST_PACKET_BACKEND.parse().unwrap(),
+        FIRST_PACKET_BACKEND_PORT,
+    );
+    topology.backend(1).ns().connection_sink(direct).unwrap();
     let client = topology.client();
     let node = topology.node();
     client
         .sysctl("net.ipv4.ip_local_port_range", "1024 65535")
         .unwrap();
-    let vip: SocketAddr = format!("{TARGET_VIP}:80").parse().unwrap();
-    let direct: SocketAddr = format!("{BACKEND}:{BACKEND_PORT}").parse().unwrap();
     let namespaces = [client, node];
 
     let plain = Cgroup::create("plain").unwrap();
@@ -129,7 +90,7 @@ fn main() {
     // Every eBPF figure before any iptables rule: a nat table leaves conntrack hooks
     // in the namespace, which would slow every later packet.
     for n in [0usize, 1000, 10000] {
-        let want = services(n);
+        let want = first_packet_services(n);
         node.run(|| ebpf.apply(&want, &full()).unwrap()).unwrap();
         let [through_vip, direct_attached, direct_plain] = rates(
             [
@@ -147,22 +108,18 @@ fn main() {
         );
     }
     ebpf.cleanup().unwrap();
-    let mut iptables = IptablesDataplane::new(IptablesConfig {
-        render: RenderConfig {
-            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap()],
-            ..RenderConfig::default()
-        },
-        command_prefix: vec![
-            "ip".into(),
-            "netns".into(),
-            "exec".into(),
-            node.name().into(),
-        ],
+    // The iptables agent as its own bench sets it up, commands run in the node.
+    let mut config = IptablesConfig {
+        command_prefix: ["ip", "netns", "exec", node.name()]
+            .map(String::from)
+            .to_vec(),
         disable_ipv6: true,
         ..IptablesConfig::default()
-    });
+    };
+    config.render.cluster_cidrs = vec!["10.244.0.0/16".parse().unwrap()];
+    let mut iptables = IptablesDataplane::new(config);
     for n in [0usize, 1000, 10000] {
-        iptables.apply(&services(n), &full()).unwrap();
+        iptables.apply(&first_packet_services(n), &full()).unwrap();
         let [through_vip, direct_rules] = rates(
             [(plain.probe(client), vip), (plain.probe(client), direct)],
             &namespaces,

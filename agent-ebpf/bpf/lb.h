@@ -85,6 +85,29 @@ static __always_inline __u32 hash_addr(__u32 h, const __be32 a[4])
 	return hash_add(h, a[3]);
 }
 
+/* The IPv4 and IPv6 headers, as far as the programs read them. */
+struct swy_ip4 {
+	__u8 vihl;
+	__u8 tos;
+	__be16 len;
+	__be16 id;
+	__be16 frag;
+	__u8 ttl;
+	__u8 proto;
+	__u16 check;
+	__be32 saddr;
+	__be32 daddr;
+};
+
+struct swy_ip6 {
+	__be32 flow;
+	__be16 len;
+	__u8 next;
+	__u8 hop;
+	__be32 saddr[4];
+	__be32 daddr[4];
+};
+
 struct swy_choice {
 	struct swy_svc_value svc;
 	struct swy_backend backend;

@@ -37,6 +37,8 @@
 
 #define SWY_TCP_SYN 0x02
 #define SWY_TCP_ACK 0x10
+/* Not a verdict: the packet goes on to the next step. */
+#define SWY_CONTINUE (-2)
 /* Ports tried for one source-NATed flow before it is dropped. */
 #define SWY_SNAT_TRIES 8
 
@@ -83,28 +85,6 @@ struct swy_flow {
 	__u8 pad;
 	__u32 l3off;
 	__u32 l4off;
-};
-
-struct swy_ip4 {
-	__u8 vihl;
-	__u8 tos;
-	__be16 len;
-	__be16 id;
-	__be16 frag;
-	__u8 ttl;
-	__u8 proto;
-	__u16 check;
-	__be32 saddr;
-	__be32 daddr;
-};
-
-struct swy_ip6 {
-	__be32 flow;
-	__be16 len;
-	__u8 next;
-	__u8 hop;
-	__be32 saddr[4];
-	__be32 daddr[4];
 };
 
 static __always_inline int flow_parse(struct __sk_buff *skb, struct swy_flow *f)
@@ -531,23 +511,38 @@ static __noinline int new_flow(struct __sk_buff *skb, struct swy_flow *f)
 	return flow_send(skb, f);
 }
 
+/* What both directions do first: parse, and translate a reply of a tracked flow back
+ * (routing it on at ingress). Returns the verdict, or SWY_CONTINUE to go on with `*ct`
+ * (the flow's forward entry, if any); TC_ACT_OK for what cannot be a flow of ours. */
+static __always_inline int tc_reply(struct __sk_buff *skb, struct swy_flow *f,
+				    struct swy_ct_value **ct, int ingress)
+{
+	struct swy_ct_key key;
+
+	*ct = 0;
+	if (flow_parse(skb, f))
+		return TC_ACT_OK;
+	ct_key(&key, f);
+	*ct = bpf_map_lookup_elem(&swy_ct, &key);
+	if (*ct && (*ct)->dir == SWY_CT_REPLY)
+		return reply_xlate(skb, f, *ct, ingress);
+	return SWY_CONTINUE;
+}
+
 SEC("classifier")
 int swy_tc_ingress(struct __sk_buff *skb)
 {
 	struct swy_flow f = {};
-	struct swy_ct_key key;
+	struct swy_ct_value *ct;
+	int verdict = tc_reply(skb, &f, &ct, 1);
 
-	if (flow_parse(skb, &f))
-		return TC_ACT_OK;
-	ct_key(&key, &f);
-	struct swy_ct_value *ct = bpf_map_lookup_elem(&swy_ct, &key);
-	if (ct && ct->dir == SWY_CT_REPLY)
-		return reply_xlate(skb, &f, ct, 1);
+	if (verdict != SWY_CONTINUE)
+		return verdict;
 	/* A new connection on a tracked tuple (a client reusing its port) is a new flow. */
 	int syn = f.proto == IPPROTO_TCP && (f.tcp_flags & (SWY_TCP_SYN | SWY_TCP_ACK)) == SWY_TCP_SYN;
 	if (ct && !syn)
 		return forward_xlate(skb, &f, ct);
-	int verdict = new_flow(skb, &f);
+	verdict = new_flow(skb, &f);
 	return verdict == TC_ACT_UNSPEC ? TC_ACT_OK : verdict;
 }
 
@@ -555,13 +550,8 @@ SEC("classifier")
 int swy_tc_egress(struct __sk_buff *skb)
 {
 	struct swy_flow f = {};
-	struct swy_ct_key key;
+	struct swy_ct_value *ct;
+	int verdict = tc_reply(skb, &f, &ct, 0);
 
-	if (flow_parse(skb, &f))
-		return TC_ACT_OK;
-	ct_key(&key, &f);
-	struct swy_ct_value *ct = bpf_map_lookup_elem(&swy_ct, &key);
-	if (ct && ct->dir == SWY_CT_REPLY)
-		return reply_xlate(skb, &f, ct, 0);
-	return TC_ACT_OK;
+	return verdict == SWY_CONTINUE ? TC_ACT_OK : verdict;
 }

@@ -252,18 +252,7 @@ int swy_sock_egress(struct __sk_buff *skb)
 	if (!config || config->sock_blackholes == 0)
 		return 1;
 	if (skb->protocol == bpf_htons(0x0800)) {
-		struct {
-			__u8 vihl;
-			__u8 tos;
-			__be16 len;
-			__be16 id;
-			__be16 frag;
-			__u8 ttl;
-			__u8 proto;
-			__u16 check;
-			__be32 saddr;
-			__be32 daddr;
-		} ip;
+		struct swy_ip4 ip;
 		if (bpf_skb_load_bytes(skb, 0, &ip, sizeof(ip)))
 			return 1;
 		if (ip.frag & bpf_htons(0x1fff))
@@ -272,14 +261,7 @@ int swy_sock_egress(struct __sk_buff *skb)
 		key.proto = ip.proto;
 		l4 = (ip.vihl & 0xf) * 4;
 	} else if (skb->protocol == bpf_htons(0x86DD)) {
-		struct {
-			__be32 flow;
-			__be16 len;
-			__u8 next;
-			__u8 hop;
-			__be32 saddr[4];
-			__be32 daddr[4];
-		} ip6;
+		struct swy_ip6 ip6;
 		if (bpf_skb_load_bytes(skb, 0, &ip6, sizeof(ip6)))
 			return 1;
 		addr_copy(key.addr, ip6.daddr);

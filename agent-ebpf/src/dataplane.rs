@@ -22,9 +22,12 @@ use std::{
 
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
-use switchyard_agent_core::dataplane::{
-    ApplyOutcome, Change, Dataplane, DataplaneError, Desired, DesiredService, Programmed,
-    ProgrammedService,
+use switchyard_agent_core::{
+    dataplane::{
+        ApplyOutcome, Change, Dataplane, DataplaneError, Desired, DesiredService, Programmed,
+        ProgrammedService,
+    },
+    policy::{Family, nets_of_family},
 };
 use switchyard_proto::{format_version, v1};
 
@@ -187,22 +190,23 @@ impl EbpfDataplane {
             )?;
         }
 
-        let cidrs: Vec<aya::maps::lpm_trie::Key<CidrData>> = [
-            render_family_cidr(&self.config.render, true),
-            render_family_cidr(&self.config.render, false),
-        ]
-        .into_iter()
-        .flatten()
-        .map(|net| {
-            let extra = if net.addr().is_ipv4() { 96 } else { 0 };
-            aya::maps::lpm_trie::Key::new(
-                extra + u32::from(net.prefix_len()),
-                CidrData {
-                    addr: abi::addr(net.network()),
-                },
-            )
-        })
-        .collect();
+        let cidrs: Vec<aya::maps::lpm_trie::Key<CidrData>> = Family::ALL
+            .into_iter()
+            .filter_map(|f| {
+                nets_of_family(&self.config.render.cluster_cidrs, f)
+                    .first()
+                    .copied()
+            })
+            .map(|net| {
+                let extra = if net.addr().is_ipv4() { 96 } else { 0 };
+                aya::maps::lpm_trie::Key::new(
+                    extra + u32::from(net.prefix_len()),
+                    CidrData {
+                        addr: abi::addr(net.network()),
+                    },
+                )
+            })
+            .collect();
         for key in maps::lpm_keys(&self.maps.cidrs, "swy_cidrs")? {
             if !cidrs
                 .iter()
@@ -500,14 +504,66 @@ impl EbpfDataplane {
         }
         Ok(())
     }
-}
 
-fn render_family_cidr(render: &RenderConfig, v4: bool) -> Option<IpNet> {
-    render
-        .cluster_cidrs
-        .iter()
-        .find(|c| c.addr().is_ipv4() == v4)
-        .map(IpNet::trunc)
+    /// [`Dataplane::apply`]: the node-wide maps and leftovers first on a full sync, then
+    /// each Service written or removed on its own (a failed one is reported and the maps
+    /// read again before the next).
+    fn sync(&mut self, desired: &Desired, change: &Change) -> Result<ApplyOutcome, DataplaneError> {
+        if change.full {
+            self.sync_globals().map_err(|e| DataplaneError::Io {
+                operation: "writing the node-wide maps".into(),
+                source: std::io::Error::other(e),
+            })?;
+            let back = self.read().map_err(map_error)?;
+            self.collect_orphans(&back).map_err(map_error)?;
+        }
+        self.state().map_err(map_error)?;
+        let mut failed = BTreeMap::new();
+        let mut udp_gone = BTreeSet::new();
+        for name in change.to_write(desired) {
+            let Some(service) = desired.get(name) else {
+                continue;
+            };
+            if let Err(error) = self.upsert(name, service, &mut udp_gone) {
+                tracing::warn!(%name, %error, "cannot write a Service into the maps");
+                failed.insert(name.clone(), error.to_string());
+                // Re-read the maps before the next write: this one may have stopped midway.
+                self.state = None;
+                self.state().map_err(map_error)?;
+            }
+        }
+        let removals: Vec<String> = if change.full {
+            self.state()
+                .map_err(map_error)?
+                .services
+                .keys()
+                .filter(|n| !desired.contains_key(*n))
+                .cloned()
+                .collect()
+        } else {
+            change.removed.clone()
+        };
+        for name in removals {
+            if let Err(error) = self.remove(&name, &mut udp_gone) {
+                tracing::warn!(%name, %error, "cannot remove a Service from the maps");
+                failed.insert(name, error.to_string());
+                self.state = None;
+                self.state().map_err(map_error)?;
+            }
+        }
+        if !udp_gone.is_empty() {
+            match self.flush_udp(&udp_gone) {
+                Ok(n) if n > 0 => tracing::debug!(
+                    flows = n,
+                    "flushed conntrack entries of removed UDP backends"
+                ),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "cannot flush UDP conntrack entries"),
+            }
+        }
+        self.write_blackholes().map_err(map_error)?;
+        Ok(ApplyOutcome { failed })
+    }
 }
 
 /// Deletes the slots and Maglev chunks of range `rev`, set `set` of `entries`.
@@ -562,74 +618,12 @@ fn allocate_rev(state: &mut State) -> u32 {
 }
 
 impl Dataplane for EbpfDataplane {
-    fn kind(&self) -> v1::Dataplane {
-        v1::Dataplane::Ebpf
-    }
-
     fn apply(
         &mut self,
         desired: &Desired,
         change: &Change,
     ) -> Result<ApplyOutcome, DataplaneError> {
-        if change.full {
-            self.sync_globals().map_err(|e| DataplaneError::Io {
-                operation: "writing the node-wide maps".into(),
-                source: std::io::Error::other(e),
-            })?;
-            let back = self.read().map_err(map_error)?;
-            self.collect_orphans(&back).map_err(map_error)?;
-        }
-        self.state().map_err(map_error)?;
-        let mut failed = BTreeMap::new();
-        let mut udp_gone = BTreeSet::new();
-        let upserts: Vec<&String> = if change.full {
-            desired.keys().collect()
-        } else {
-            change.upserted.iter().collect()
-        };
-        for name in upserts {
-            let Some(service) = desired.get(name) else {
-                continue;
-            };
-            if let Err(error) = self.upsert(name, service, &mut udp_gone) {
-                tracing::warn!(%name, %error, "cannot write a Service into the maps");
-                failed.insert(name.clone(), error.to_string());
-                // Re-read the maps before the next write: this one may have stopped midway.
-                self.state = None;
-                self.state().map_err(map_error)?;
-            }
-        }
-        let removals: Vec<String> = if change.full {
-            self.state()
-                .map_err(map_error)?
-                .services
-                .keys()
-                .filter(|n| !desired.contains_key(*n))
-                .cloned()
-                .collect()
-        } else {
-            change.removed.clone()
-        };
-        for name in removals {
-            if let Err(error) = self.remove(&name, &mut udp_gone) {
-                tracing::warn!(%name, %error, "cannot remove a Service from the maps");
-                failed.insert(name, error.to_string());
-                self.state = None;
-                self.state().map_err(map_error)?;
-            }
-        }
-        if !udp_gone.is_empty() {
-            match self.flush_udp(&udp_gone) {
-                Ok(n) if n > 0 => tracing::debug!(
-                    flows = n,
-                    "flushed conntrack entries of removed UDP backends"
-                ),
-                Ok(_) => {}
-                Err(error) => tracing::warn!(%error, "cannot flush UDP conntrack entries"),
-            }
-        }
-        self.write_blackholes().map_err(map_error)?;
-        Ok(ApplyOutcome { failed })
+        self.sync(desired, change)
     }
 
     fn read_back(&mut self) -> Result<Programmed, DataplaneError> {
@@ -666,5 +660,9 @@ impl Dataplane for EbpfDataplane {
         })?;
         self.state = None;
         Ok(())
+    }
+
+    fn kind(&self) -> v1::Dataplane {
+        v1::Dataplane::Ebpf
     }
 }

@@ -24,9 +24,9 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     programs::{
-        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder, ProgramError,
-        SchedClassifier, TcAttachType,
-        links::{FdLink, PinnedLink},
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, LinkOrder, Program,
+        ProgramError, SchedClassifier, TcAttachType,
+        links::{FdLink, LinkError, PinnedLink},
         tc::TcAttachOptions,
     },
 };
@@ -134,6 +134,8 @@ pub fn object_hash() -> u64 {
 }
 
 fn is_bpffs(path: &Path) -> bool {
+    // `f_type` is an i64 on x86_64 and narrower on some other targets.
+    #[allow(clippy::unnecessary_cast)]
     rustix::fs::statfs(path).is_ok_and(|s| s.f_type as i64 == BPF_FS_MAGIC)
 }
 
@@ -289,54 +291,60 @@ pub fn open(attach: &Attach) -> Result<Kernel, LoadError> {
     })
 }
 
+/// Program `name` of the object, as the type its section says.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, LoadError>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| program_error("find", name)(ProgramError::NotLoaded))?
+        .try_into()
+        .map_err(program_error("type", name))
+}
+
+/// Pins a link taken from program `name` over `pin`.
+fn pin_link<L>(link: L, name: &'static str, pin: &Path) -> Result<(), LoadError>
+where
+    FdLink: TryFrom<L, Error = LinkError>,
+{
+    let link = FdLink::try_from(link).map_err(|e| LoadError::Pin {
+        program: name,
+        path: pin.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    pin_over(link, name, pin)
+}
+
 /// Attaches the socket programs with cgroup links (which always allow other programs
 /// beside them: `BPF_LINK_CREATE` takes no `BPF_F_ALLOW_MULTI`).
 fn attach_sock(ebpf: &mut Ebpf, attach: &Attach) -> Result<(), LoadError> {
     let cgroup = fs::File::open(&attach.cgroup).map_err(io_error("open cgroup", &attach.cgroup))?;
     for &name in SOCK_PROGRAMS {
-        let program: &mut CgroupSockAddr = ebpf
-            .program_mut(name)
-            .ok_or_else(|| program_error("find", name)(ProgramError::NotLoaded))?
-            .try_into()
-            .map_err(program_error("type", name))?;
-        program.load().map_err(program_error("load", name))?;
-        let id = program
+        let sock: &mut CgroupSockAddr = program(ebpf, name)?;
+        sock.load().map_err(program_error("load", name))?;
+        let id = sock
             .attach(&cgroup, CgroupAttachMode::Single)
             .map_err(program_error("attach", name))?;
-        let link = program
+        let link = sock
             .take_link(id)
             .map_err(program_error("take link", name))?;
-        let link = FdLink::try_from(link).map_err(|e| LoadError::Pin {
-            program: name,
-            path: attach.cgroup.clone(),
-            detail: e.to_string(),
-        })?;
-        pin_over(link, name, &pin_path(attach, &sock_pin(name)))?;
+        pin_link(link, name, &pin_path(attach, &sock_pin(name)))?;
     }
-    let program: &mut CgroupSkb = ebpf
-        .program_mut(EGRESS_PROGRAM)
-        .ok_or_else(|| program_error("find", EGRESS_PROGRAM)(ProgramError::NotLoaded))?
-        .try_into()
-        .map_err(program_error("type", EGRESS_PROGRAM))?;
-    program
+    let egress: &mut CgroupSkb = program(ebpf, EGRESS_PROGRAM)?;
+    egress
         .load()
         .map_err(program_error("load", EGRESS_PROGRAM))?;
-    let id = program
+    let id = egress
         .attach(
             &cgroup,
             CgroupSkbAttachType::Egress,
             CgroupAttachMode::Single,
         )
         .map_err(program_error("attach", EGRESS_PROGRAM))?;
-    let link = program
+    let link = egress
         .take_link(id)
         .map_err(program_error("take link", EGRESS_PROGRAM))?;
-    let link = FdLink::try_from(link).map_err(|e| LoadError::Pin {
-        program: EGRESS_PROGRAM,
-        path: attach.cgroup.clone(),
-        detail: e.to_string(),
-    })?;
-    pin_over(
+    pin_link(
         link,
         EGRESS_PROGRAM,
         &pin_path(attach, &sock_pin(EGRESS_PROGRAM)),
@@ -350,15 +358,11 @@ fn attach_tc(
     attach_type: TcAttachType,
     pin: &Path,
 ) -> Result<(), LoadError> {
-    let program: &mut SchedClassifier = ebpf
-        .program_mut(name)
-        .ok_or_else(|| program_error("find", name)(ProgramError::NotLoaded))?
-        .try_into()
-        .map_err(program_error("type", name))?;
-    if program.fd().is_err() {
-        program.load().map_err(program_error("load", name))?;
+    let tc: &mut SchedClassifier = program(ebpf, name)?;
+    if tc.fd().is_err() {
+        tc.load().map_err(program_error("load", name))?;
     }
-    let id = program
+    let id = tc
         .attach_with_options(
             device,
             attach_type,
@@ -369,15 +373,8 @@ fn attach_tc(
             program: name,
             source: Box::new(source),
         })?;
-    let link = program
-        .take_link(id)
-        .map_err(program_error("take link", name))?;
-    let link = FdLink::try_from(link).map_err(|e| LoadError::Pin {
-        program: name,
-        path: pin.to_path_buf(),
-        detail: format!("device {device:?}: {e}"),
-    })?;
-    pin_over(link, name, pin)
+    let link = tc.take_link(id).map_err(program_error("take link", name))?;
+    pin_link(link, name, pin)
 }
 
 /// Removes the pins of tc links on devices no longer configured (which detaches them).

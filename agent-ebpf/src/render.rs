@@ -36,10 +36,12 @@ use std::{
 
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
-use switchyard_agent_core::dataplane::DesiredService;
-use switchyard_proto::state::{
-    EndpointState, LbAlgorithm, PortState, Protocol, ServiceState, TrafficPolicy,
+pub use switchyard_agent_core::policy::Family;
+use switchyard_agent_core::{
+    dataplane::DesiredService,
+    policy::{PortPolicy, nets_of_family, of_family},
 };
+use switchyard_proto::state::{LbAlgorithm, PortState, Protocol, ServiceState};
 
 use crate::{abi, maglev};
 
@@ -67,37 +69,6 @@ impl Default for RenderConfig {
             cluster_cidrs: Vec::new(),
             masquerade_all: false,
             node_ips: Vec::new(),
-        }
-    }
-}
-
-impl RenderConfig {
-    fn cluster_cidr(&self, family: Family) -> Option<IpNet> {
-        self.cluster_cidrs
-            .iter()
-            .find(|c| Family::of(c.addr()) == family)
-            .map(IpNet::trunc)
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    pub fn of(ip: IpAddr) -> Self {
-        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
-    }
-
-    /// The family's unspecified address: the address of a node-port entry.
-    pub fn any(self) -> IpAddr {
-        match self {
-            Family::V4 => IpAddr::from([0u8; 4]),
-            Family::V6 => IpAddr::from([0u8; 16]),
         }
     }
 }
@@ -349,20 +320,6 @@ pub fn affinity_id(service: &str, port: &PortState, family: Family) -> u32 {
     u32::from_be_bytes(digest[..4].try_into().expect("4 bytes"))
 }
 
-fn of_family(ips: &[IpAddr], family: Family) -> Vec<IpAddr> {
-    ips.iter()
-        .copied()
-        .filter(|ip| Family::of(*ip) == family)
-        .collect()
-}
-
-fn endpoints_of(eps: &[EndpointState], family: Family) -> Vec<SocketAddr> {
-    eps.iter()
-        .filter(|e| Family::of(e.ip) == family)
-        .map(|e| SocketAddr::new(e.ip, e.port))
-        .collect()
-}
-
 struct Builder<'a> {
     out: ServiceEntries,
     cfg: &'a RenderConfig,
@@ -428,15 +385,8 @@ fn render_family(
     let cfg = b.cfg;
     let external_ips = of_family(&svc.external_ips, family);
     let lb_ips = of_family(&svc.load_balancer_ips, family);
-    let source_ranges: Vec<IpNet> = svc
-        .load_balancer_source_ranges
-        .iter()
-        .filter(|r| Family::of(r.addr()) == family)
-        .map(IpNet::trunc)
-        .collect();
-    let itp_local = svc.internal_traffic_policy == TrafficPolicy::Local;
-    let etp_local = svc.external_traffic_policy == TrafficPolicy::Local;
-    let cluster_cidr = cfg.cluster_cidr(family);
+    let source_ranges = nets_of_family(&svc.load_balancer_source_ranges, family);
+    let cluster_cidr = nets_of_family(&cfg.cluster_cidrs, family).first().copied();
     let uses_fw = !lb_ips.is_empty() && !source_ranges.is_empty();
     let ranges_admit_node = source_ranges
         .iter()
@@ -444,20 +394,13 @@ fn render_family(
 
     for port in &svc.ports {
         let proto = proto_number(port.protocol);
-        let cluster_eps = endpoints_of(&port.cluster_endpoints, family);
-        let local_eps = endpoints_of(&port.local_endpoints, family);
-        let has_endpoints = match family {
-            Family::V4 => port.usable_ipv4,
-            Family::V6 => port.usable_ipv6,
-        } || !cluster_eps.is_empty()
-            || !local_eps.is_empty();
-        let externally_accessible =
-            port.node_port.is_some() || !external_ips.is_empty() || !lb_ips.is_empty();
-        let uses_cluster_chain = !cluster_eps.is_empty() && (!itp_local || externally_accessible);
-        let internal_eps = if itp_local { &local_eps } else { &cluster_eps };
-        let external_eps = if etp_local { &local_eps } else { &cluster_eps };
-        let has_internal = has_endpoints && !internal_eps.is_empty();
-        let has_external = has_endpoints && !external_eps.is_empty();
+        let policy = PortPolicy::new(svc, port, family);
+        let has_endpoints = policy.has_endpoints;
+        let cluster_eps = &policy.cluster_endpoints;
+        let internal_eps = policy.internal_endpoints();
+        let external_eps = policy.external_endpoints();
+        let has_external = policy.has_external();
+        let etp_local = policy.external_local;
         let affinity = svc.session_affinity_timeout;
         let affinity_id = affinity_id(name, port, family);
         let entry = |scope, addr, port_number, action, flags| Entry {
@@ -477,7 +420,7 @@ fn render_family(
         // Cluster IPs: the internal set, from the node and routed through it.
         let internal = if !has_endpoints {
             Action::Reject
-        } else if !has_internal {
+        } else if !policy.has_internal() {
             Action::Drop
         } else {
             Action::Forward {
@@ -512,7 +455,7 @@ fn render_family(
             .chain(lb_ips.iter().map(|ip| (*ip, port.port, true)))
             .collect();
         if let Some(node_port) = port.node_port {
-            external.push((family.any(), node_port, false));
+            external.push((family.unspecified(), node_port, false));
         }
         if external.is_empty() {
             continue;
@@ -520,9 +463,9 @@ fn render_family(
         // From processes on the node (socket scope).
         let from_node = if !has_endpoints {
             Action::Reject
-        } else if etp_local && uses_cluster_chain {
+        } else if etp_local && policy.uses_cluster_endpoints {
             Action::Forward {
-                set: b.set(port.port, &cluster_eps)?,
+                set: b.set(port.port, cluster_eps)?,
             }
         } else if has_external {
             Action::Forward {
@@ -543,10 +486,13 @@ fn render_family(
         } else {
             (Action::Drop, 0)
         };
-        let pod_set = if has_endpoints && etp_local && uses_cluster_chain && cluster_cidr.is_some()
+        let pod_set = if has_endpoints
+            && etp_local
+            && policy.uses_cluster_endpoints
+            && cluster_cidr.is_some()
         {
             Some(Action::Forward {
-                set: b.set(port.port, &cluster_eps)?,
+                set: b.set(port.port, cluster_eps)?,
             })
         } else {
             None

@@ -18,7 +18,7 @@ use switchyard_agent_ebpf::{
 };
 use switchyard_integration::{controller::TestController, fixtures};
 use switchyard_proto::{
-    state::{LbAlgorithm, Protocol, TrafficPolicy},
+    state::{LbAlgorithm, Protocol},
     v1::{self, agent_query_client::AgentQueryClient},
 };
 
@@ -56,71 +56,21 @@ fn contents(lab: &mut Lab) -> Contents {
     }
 }
 
-/// A Service exercising every entry kind: dual-stack, affinity, Maglev, node ports,
-/// external and load-balancer IPs with source ranges, `externalTrafficPolicy: Local`,
-/// a UDP port, a port without endpoints.
+/// The shared kitchen sink (every entry kind but Maglev) with Maglev and a port without
+/// endpoints.
 fn kitchen_sink() -> switchyard_proto::state::ServiceState {
-    let mut s = service(
-        "shop/front",
-        &["10.96.0.20", "fd00:96::20"],
-        vec![
-            port(
-                "http",
-                Protocol::Tcp,
-                80,
-                vec![
-                    ep("10.244.1.2", 8080, true),
-                    ep("10.244.2.2", 8080, false),
-                    ep("fd00:244:1::2", 8080, true),
-                ],
-            ),
-            port("dns", Protocol::Udp, 53, vec![ep("10.244.1.2", 5353, true)]),
-            port("gone", Protocol::Tcp, 81, vec![]),
-        ],
-    );
-    s.ports[0].node_port = Some(30080);
-    s.ports[0].local_endpoints = vec![ep("10.244.1.2", 8080, true)];
-    s.ports[1].node_port = Some(30053);
-    s.external_ips = vec!["192.0.2.10".parse().unwrap()];
-    s.load_balancer_ips = vec![
-        "198.51.100.10".parse().unwrap(),
-        "2001:db8::10".parse().unwrap(),
-    ];
-    s.load_balancer_source_ranges = vec![
-        "203.0.113.0/24".parse().unwrap(),
-        "2001:db8:1::/48".parse().unwrap(),
-    ];
-    s.session_affinity_timeout = Some(10800);
-    s.external_traffic_policy = TrafficPolicy::Local;
-    s.health_check_node_port = Some(32000);
+    let mut s = common::kitchen_sink();
     s.ebpf_lb = Some(LbAlgorithm::Maglev);
+    s.ports.push(port("gone", Protocol::Tcp, 81, vec![]));
     s
 }
 
-fn web(endpoints: &[&str]) -> switchyard_proto::state::ServiceState {
-    service(
-        "ns/web",
-        &["10.96.0.10"],
-        vec![port(
-            "http",
-            Protocol::Tcp,
-            80,
-            endpoints.iter().map(|ip| ep(ip, 8080, false)).collect(),
-        )],
-    )
+fn web(backends: &[u8]) -> switchyard_proto::state::ServiceState {
+    lab_service("web", "10.96.0.10", Protocol::Tcp, (80, 8080), backends)
 }
 
 fn dns() -> switchyard_proto::state::ServiceState {
-    service(
-        "ns/dns",
-        &["10.96.0.11"],
-        vec![port(
-            "dns",
-            Protocol::Udp,
-            53,
-            vec![ep("10.244.3.2", 5353, false)],
-        )],
-    )
+    lab_service("dns", "10.96.0.11", Protocol::Udp, (53, 5353), &[3])
 }
 
 #[test]
@@ -130,11 +80,14 @@ fn every_entry_kind_reads_back_exactly_as_rendered_and_a_second_full_sync_rewrit
     });
     let mut want = Desired::new();
     put(&mut want, kitchen_sink());
-    put(&mut want, web(&["10.244.1.2", "10.244.2.2"]));
+    put(&mut want, web(&[1, 2]));
     lab.apply(&want, &full());
 
     let back = lab.dp().read_back().unwrap();
-    assert_eq!(back.keys().collect::<Vec<_>>(), ["ns/web", "shop/front"]);
+    assert_eq!(
+        back.keys().collect::<Vec<_>>(),
+        ["default/web", "shop/front"]
+    );
     for (name, service) in &want {
         assert_eq!(back[name].version, Some(service.version), "{name}");
         assert_eq!(
@@ -158,7 +111,7 @@ fn every_entry_kind_reads_back_exactly_as_rendered_and_a_second_full_sync_rewrit
 fn a_restarted_dataplane_reuses_the_pinned_maps_and_links_and_rewrites_nothing() {
     let mut lab = Lab::start(1);
     let mut want = Desired::new();
-    put(&mut want, web(&["10.244.1.2"]));
+    put(&mut want, web(&[1]));
     put(&mut want, dns());
     lab.apply(&want, &full());
     let links = link_ids(&lab);
@@ -189,7 +142,7 @@ fn a_restarted_dataplane_reuses_the_pinned_maps_and_links_and_rewrites_nothing()
 fn another_build_takes_over_the_links_and_the_old_ones_are_released() {
     let mut lab = Lab::start(1);
     let mut want = Desired::new();
-    put(&mut want, web(&["10.244.1.2"]));
+    put(&mut want, web(&[1]));
     lab.apply(&want, &full());
     let old = link_ids(&lab);
     // Pretend the pinned links run another build.
@@ -221,7 +174,10 @@ fn another_build_takes_over_the_links_and_the_old_ones_are_released() {
     );
     assert!(new.is_subset(&live));
     let back = lab.dp().read_back().unwrap();
-    assert_eq!(back["ns/web"].version, Some(want["ns/web"].version));
+    assert_eq!(
+        back["default/web"].version,
+        Some(want["default/web"].version)
+    );
 }
 
 fn link_ids(lab: &Lab) -> BTreeSet<u32> {
@@ -240,7 +196,7 @@ fn link_ids(lab: &Lab) -> BTreeSet<u32> {
 fn partial_syncs_touch_only_the_named_services_and_removals_leave_nothing_behind() {
     let mut lab = Lab::start(1);
     let mut want = Desired::new();
-    put(&mut want, web(&["10.244.1.2", "10.244.2.2"]));
+    put(&mut want, web(&[1, 2]));
     put(&mut want, dns());
     lab.apply(&want, &full());
     let dns_before: Vec<_> = contents(&mut lab)
@@ -249,8 +205,8 @@ fn partial_syncs_touch_only_the_named_services_and_removals_leave_nothing_behind
         .filter(|(k, _)| abi::host_port(k.port) == 53)
         .collect();
 
-    put(&mut want, web(&["10.244.2.2", "10.244.3.2"]));
-    lab.apply(&want, &upsert(&["ns/web"]));
+    put(&mut want, web(&[2, 3]));
+    lab.apply(&want, &upsert(&["default/web"]));
     let after = contents(&mut lab);
     let dns_after: Vec<_> = after
         .services
@@ -262,12 +218,12 @@ fn partial_syncs_touch_only_the_named_services_and_removals_leave_nothing_behind
     assert_eq!(after.slots.len(), 2 + 1, "the old range of web is gone");
     let back = lab.dp().read_back().unwrap();
     assert_eq!(
-        back["ns/web"].kernel_objects,
-        lab.dp().expected("ns/web", &want["ns/web"])
+        back["default/web"].kernel_objects,
+        lab.dp().expected("default/web", &want["default/web"])
     );
 
-    want.remove("ns/web");
-    lab.apply(&want, &remove(&["ns/web"]));
+    want.remove("default/web");
+    lab.apply(&want, &remove(&["default/web"]));
     let left = contents(&mut lab);
     assert!(
         left.services
@@ -276,7 +232,7 @@ fn partial_syncs_touch_only_the_named_services_and_removals_leave_nothing_behind
     );
     assert_eq!(left.slots.len(), 1);
     assert_eq!(left.versions.len(), 1);
-    assert_eq!(left.versions[0].0, "ns/dns");
+    assert_eq!(left.versions[0].0, "default/dns");
 }
 
 #[test]
@@ -284,10 +240,10 @@ fn a_service_caught_mid_write_reads_back_without_a_version_and_leftovers_go_at_t
 {
     let mut lab = Lab::start(1);
     let mut want = Desired::new();
-    put(&mut want, web(&["10.244.1.2"]));
+    put(&mut want, web(&[1]));
     lab.apply(&want, &full());
     // An apply of web stopped midway: the dirty flag is still set.
-    let key = VersionKey::of("ns/web").unwrap();
+    let key = VersionKey::of("default/web").unwrap();
     let m = lab.dp().maps();
     let mut value = m.versions.get(&key, 0).unwrap();
     value.flags |= abi::VERSION_F_DIRTY;
@@ -300,13 +256,16 @@ fn a_service_caught_mid_write_reads_back_without_a_version_and_leftovers_go_at_t
 
     let back = lab.dp().read_back().unwrap();
     assert_eq!(
-        back["ns/web"].version, None,
+        back["default/web"].version, None,
         "a dirty Service has no version"
     );
     assert_eq!(back.len(), 1, "the stray entry belongs to no Service");
     lab.apply(&want, &full());
     let back = lab.dp().read_back().unwrap();
-    assert_eq!(back["ns/web"].version, Some(want["ns/web"].version));
+    assert_eq!(
+        back["default/web"].version,
+        Some(want["default/web"].version)
+    );
     let m = lab.dp().maps();
     assert!(
         m.services.get(&stray.0, 0).is_err(),
@@ -318,7 +277,7 @@ fn a_service_caught_mid_write_reads_back_without_a_version_and_leftovers_go_at_t
 fn cleanup_detaches_every_program_and_removes_the_pins() {
     let mut lab = Lab::start(1);
     let mut want = Desired::new();
-    put(&mut want, web(&["10.244.1.2"]));
+    put(&mut want, web(&[1]));
     lab.apply(&want, &full());
     let links = link_ids(&lab);
     lab.dp().cleanup().unwrap();

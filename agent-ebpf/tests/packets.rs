@@ -74,19 +74,8 @@ fn ips(list: &[&str]) -> BTreeSet<IpAddr> {
     list.iter().map(|s| s.parse().unwrap()).collect()
 }
 
-/// Backends 1–3 on `port_number` (backend 1 local).
-fn all_three(port_number: u16) -> Vec<switchyard_proto::state::EndpointState> {
-    (1..=3)
-        .map(|i| ep(&format!("10.244.{i}.2"), port_number, i == 1))
-        .collect()
-}
-
 fn web() -> ServiceState {
-    service(
-        "default/web",
-        &["10.96.0.10"],
-        vec![port("http", Protocol::Tcp, 80, all_three(8080))],
-    )
+    lab_service("web", "10.96.0.10", Protocol::Tcp, (80, 8080), &[1, 2, 3])
 }
 
 #[test]
@@ -125,11 +114,7 @@ fn udp_balances_connected_and_unconnected_and_replies_come_from_the_service_addr
     let mut want = Desired::new();
     put(
         &mut want,
-        service(
-            "default/dns",
-            &["10.96.0.11"],
-            vec![port("dns", Protocol::Udp, 53, all_three(5353))],
-        ),
+        lab_service("dns", "10.96.0.11", Protocol::Udp, (53, 5353), &[1, 2, 3]),
     );
     lab.apply(&want, &full());
     let vip = sa("10.96.0.11:53");
@@ -373,16 +358,7 @@ fn make_before_break_no_connect_sees_a_half_written_service() {
 fn removing_a_udp_backend_flushes_its_conntrack_entries() {
     let mut lab = Lab::start(3);
     let mut want = Desired::new();
-    let mut dns = service(
-        "default/dns",
-        &["10.96.0.11"],
-        vec![port(
-            "dns",
-            Protocol::Udp,
-            53,
-            vec![ep("10.244.2.2", 5353, false)],
-        )],
-    );
+    let mut dns = lab_service("dns", "10.96.0.11", Protocol::Udp, (53, 5353), &[2]);
     dns.ports[0].node_port = Some(30053);
     put(&mut want, dns.clone());
     lab.apply(&want, &full());
@@ -417,18 +393,13 @@ fn removing_a_udp_backend_flushes_its_conntrack_entries() {
 fn ipv6_cluster_ips_and_node_ports_balance_too() {
     let mut lab = Lab::start(2);
     let mut want = Desired::new();
+    let endpoints = (1..=2)
+        .map(|i| ep(&format!("fd00:244:{i}::2"), 8080, i == 1))
+        .collect();
     let mut s = service(
         "default/web6",
         &["fd00:96::10"],
-        vec![port(
-            "http",
-            Protocol::Tcp,
-            80,
-            vec![
-                ep("fd00:244:1::2", 8080, true),
-                ep("fd00:244:2::2", 8080, false),
-            ],
-        )],
+        vec![port("http", Protocol::Tcp, 80, endpoints)],
     );
     s.ports[0].node_port = Some(30086);
     put(&mut want, s);

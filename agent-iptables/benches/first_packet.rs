@@ -17,35 +17,23 @@
 mod common;
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     time::{Duration, Instant},
 };
 
-use common::{bench_services, desired, ep, full, port, service};
-use switchyard_agent_core::dataplane::{Dataplane, Desired};
+use common::{
+    FIRST_PACKET_BACKEND, FIRST_PACKET_BACKEND_PORT, FIRST_PACKET_VIP, first_packet_services, full,
+};
+use switchyard_agent_core::dataplane::Dataplane;
 use switchyard_agent_iptables::{Backend, IptablesConfig, IptablesDataplane, RenderConfig};
 use switchyard_integration::netns::{Netns, Topology};
-use switchyard_proto::state::Protocol;
 
-const TARGET_VIP: &str = "10.96.255.254";
-const BACKEND: &str = "10.244.1.2";
-const BACKEND_PORT: u16 = 8080;
+const TARGET_VIP: &str = FIRST_PACKET_VIP;
+const BACKEND: &str = FIRST_PACKET_BACKEND;
+const BACKEND_PORT: u16 = FIRST_PACKET_BACKEND_PORT;
 /// How long one rate measurement runs; the figure is the median of [`ROUNDS`].
 const WINDOW: Duration = Duration::from_secs(2);
 const ROUNDS: usize = 3;
-
-fn services(n: usize) -> Desired {
-    let mut want = bench_services(n);
-    // "zzz" sorts after every other Service: its VIP rule is the dispatch chain's last.
-    let endpoints = vec![ep(BACKEND, BACKEND_PORT, false)];
-    let target = service(
-        "zzz/target",
-        &[TARGET_VIP],
-        vec![port("http", Protocol::Tcp, 80, endpoints)],
-    );
-    want.insert("zzz/target".into(), desired(target));
-    want
-}
 
 /// New connections per second from `client` to `target` over [`WINDOW`]; a connect that
 /// fails aborts the bench (the rules or the topology are wrong, not slow).
@@ -80,15 +68,6 @@ fn median(mut f: impl FnMut() -> f64) -> f64 {
     runs[ROUNDS / 2]
 }
 
-/// Accepts and drops connections until the process ends.
-fn serve(listener: TcpListener) {
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
-}
-
 fn main() {
     let topology = Topology::builder()
         .backends(1)
@@ -96,20 +75,10 @@ fn main() {
         .build()
         .expect("topology (run as root)");
     let backend_ns = topology.backend(1);
-    // A deep accept queue: a full one drops SYNs, and a retransmitted SYN (1 s) would
-    // measure the accept thread instead of the rules.
-    let listener = backend_ns
+    backend_ns
         .ns()
-        .run(|| {
-            let address = SocketAddr::new(BACKEND.parse().unwrap(), BACKEND_PORT);
-            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-            socket.bind(&address.into())?;
-            socket.listen(4096)?;
-            std::io::Result::Ok(TcpListener::from(socket))
-        })
-        .unwrap()
+        .connection_sink(SocketAddr::new(BACKEND.parse().unwrap(), BACKEND_PORT))
         .unwrap();
-    serve(listener);
     let vip: SocketAddr = format!("{TARGET_VIP}:80").parse().unwrap();
     let direct: SocketAddr = format!("{BACKEND}:{BACKEND_PORT}").parse().unwrap();
     let client = topology.client();
@@ -142,7 +111,7 @@ fn main() {
         ..IptablesConfig::default()
     });
     for n in [0usize, 1000, 10000] {
-        dp.apply(&services(n), &full()).unwrap();
+        dp.apply(&first_packet_services(n), &full()).unwrap();
         let through_vip = median(|| connect_rate(client, node, vip));
         let direct_now = median(|| connect_rate(client, node, direct));
         println!(

@@ -131,24 +131,7 @@ impl Drop for Cgroup {
 /// Where the `swy-probe` binary is: `$SWY_PROBE_BIN`, else next to the running
 /// executable or one directory up (as for `swy-backend`).
 pub fn probe_binary() -> Result<PathBuf, NetnsError> {
-    if let Some(path) = std::env::var_os("SWY_PROBE_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    let exe =
-        std::env::current_exe().map_err(|e| NetnsError::io("find the running executable", e))?;
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join("swy-probe"))
-        .find(|candidate| candidate.is_file())
-        .ok_or_else(|| NetnsError::MissingTool {
-            tool: "swy-probe".into(),
-            package: "switchyard-integration (cargo build -p switchyard-integration --bin swy-probe, or set SWY_PROBE_BIN)".into(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("not next to {}", exe.display()),
-            ),
-        })
+    crate::netns::crate_binary("swy-probe", "SWY_PROBE_BIN")
 }
 
 /// Requests from a process inside a cgroup and a network namespace.
@@ -198,6 +181,23 @@ impl CgroupProbe<'_> {
         ]
     }
 
+    fn requests(
+        &self,
+        kind: &str,
+        addr: SocketAddr,
+        count: usize,
+        options: &ProbeOptions,
+    ) -> Result<Vec<Result<String, ProbeError>>, NetnsError> {
+        let mut args = Self::limits(options);
+        args.extend([
+            kind.into(),
+            addr.to_string(),
+            "--count".into(),
+            count.to_string(),
+        ]);
+        self.run(&args)
+    }
+
     /// `count` HTTP/1.0 requests, one connection each (as [`crate::netns::tcp_request`]).
     pub fn tcp(
         &self,
@@ -205,14 +205,7 @@ impl CgroupProbe<'_> {
         count: usize,
         options: &ProbeOptions,
     ) -> Result<Vec<Result<String, ProbeError>>, NetnsError> {
-        let mut args = Self::limits(options);
-        args.extend([
-            "tcp".into(),
-            addr.to_string(),
-            "--count".into(),
-            count.to_string(),
-        ]);
-        self.run(&args)
+        self.requests("tcp", addr, count, options)
     }
 
     /// `count` datagrams, each from a fresh connected socket (as
@@ -223,14 +216,7 @@ impl CgroupProbe<'_> {
         count: usize,
         options: &ProbeOptions,
     ) -> Result<Vec<Result<String, ProbeError>>, NetnsError> {
-        let mut args = Self::limits(options);
-        args.extend([
-            "udp".into(),
-            addr.to_string(),
-            "--count".into(),
-            count.to_string(),
-        ]);
-        self.run(&args)
+        self.requests("udp", addr, count, options)
     }
 
     /// One datagram from an unconnected socket: the reply and the address `recvfrom`

@@ -24,6 +24,7 @@ mod backend;
 mod probe;
 pub mod topology;
 
+pub(crate) use backend::crate_binary;
 pub use backend::{Backend, READY_TIMEOUT, backend_binary};
 pub use probe::{
     ConnectionLoop, LoopStats, ProbeError, ProbeOptions, connect_rate_here, decode_result,
@@ -296,6 +297,31 @@ impl Netns {
     pub fn tcp_listener(&self, addr: SocketAddr) -> Result<TcpListener, NetnsError> {
         self.run(|| TcpListener::bind(addr))?
             .map_err(|e| NetnsError::io(format!("bind tcp {addr} in {}", self.name), e))
+    }
+
+    /// A TCP listener on `addr` inside this namespace whose connections a background
+    /// thread accepts and closes for the rest of the process: the far end of connect-rate
+    /// benchmarks. Its accept queue is deep (4096): a full one drops SYNs, and a
+    /// retransmitted SYN (1 s later) would measure the accepting thread, not the network.
+    pub fn connection_sink(&self, addr: SocketAddr) -> Result<(), NetnsError> {
+        let listener = self
+            .run(|| {
+                let socket = socket2::Socket::new(
+                    socket2::Domain::for_address(addr),
+                    socket2::Type::STREAM,
+                    None,
+                )?;
+                socket.bind(&addr.into())?;
+                socket.listen(4096)?;
+                io::Result::Ok(TcpListener::from(socket))
+            })?
+            .map_err(|e| NetnsError::io(format!("listen on tcp {addr} in {}", self.name), e))?;
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                drop(stream);
+            }
+        });
+        Ok(())
     }
 
     /// A UDP socket bound inside this namespace, usable from any thread of this process.

@@ -1,71 +1,19 @@
 //! Round trips between rendered entries and map entries.
 
-use switchyard_agent_core::dataplane::DesiredService;
-use switchyard_proto::state::{
-    EndpointState, LbAlgorithm, PortState, Protocol, ServiceKey, ServiceState, TrafficPolicy,
-};
+use switchyard_agent_core::{dataplane::DesiredService, testing::states};
+use switchyard_proto::state::{LbAlgorithm, Protocol, ServiceState};
 
 use super::*;
 use crate::render::{RenderConfig, render_service};
 
-fn ep(ip: &str, port: u16) -> EndpointState {
-    EndpointState {
-        ip: ip.parse().unwrap(),
-        port,
-        node_name: None,
-        local: true,
-        ready: true,
-        serving: true,
-        terminating: false,
-    }
-}
-
-/// Every kind of entry: two families, node ports, LB IP with ranges, eTP Local with a
-/// pod set, affinity, Maglev, a rejecting UDP port.
+/// Every kind of entry: the shared kitchen sink (two families, node ports, LB IPs with
+/// source ranges, eTP Local, affinity, an SCTP port), with Maglev and a rejecting port.
 fn kitchen_sink() -> ServiceState {
-    let eps = vec![
-        ep("10.244.1.2", 8080),
-        ep("10.244.2.2", 8080),
-        ep("fd00:244::2", 8080),
-    ];
-    ServiceState {
-        key: ServiceKey::new("shop", "front"),
-        cluster_ips: vec![
-            "10.96.0.20".parse().unwrap(),
-            "fd00:96::20".parse().unwrap(),
-        ],
-        external_ips: vec!["192.0.2.10".parse().unwrap()],
-        load_balancer_ips: vec!["198.51.100.10".parse().unwrap()],
-        load_balancer_source_ranges: vec!["203.0.113.0/24".parse().unwrap()],
-        ports: vec![
-            PortState {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: 80,
-                node_port: Some(30080),
-                cluster_endpoints: eps.clone(),
-                local_endpoints: vec![ep("10.244.1.2", 8080)],
-                usable_ipv4: true,
-                usable_ipv6: true,
-            },
-            PortState {
-                name: "dns".into(),
-                protocol: Protocol::Udp,
-                port: 53,
-                node_port: None,
-                cluster_endpoints: vec![],
-                local_endpoints: vec![],
-                usable_ipv4: false,
-                usable_ipv6: false,
-            },
-        ],
-        session_affinity_timeout: Some(600),
-        external_traffic_policy: TrafficPolicy::Local,
-        internal_traffic_policy: TrafficPolicy::Cluster,
-        health_check_node_port: Some(32000),
-        ipvs_scheduler: None,
-        ebpf_lb: Some(LbAlgorithm::Maglev),
-    }
+    let mut s = states::kitchen_sink();
+    s.ebpf_lb = Some(LbAlgorithm::Maglev);
+    s.ports
+        .push(states::port("gone", Protocol::Udp, 54, vec![]));
+    s
 }
 
 fn dump_of(name: &str, version: u64, res_id: u32, encoded: &Encoded, dirty: bool) -> Dump {
@@ -153,7 +101,7 @@ fn entries_and_ranges_of_no_recorded_service_are_orphans() {
     let back = assemble(dump);
     assert!(back.services.is_empty());
     assert_eq!(back.orphan_keys.len(), encoded.services.len());
-    assert_eq!(back.orphan_ranges.len(), 1);
+    assert_eq!(back.orphan_ranges.len(), encoded.ranges.len());
     assert!(back.orphan_revs.contains(&999));
 }
 

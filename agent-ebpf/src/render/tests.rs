@@ -2,64 +2,32 @@
 
 use std::net::IpAddr;
 
-use switchyard_agent_core::dataplane::DesiredService;
-use switchyard_proto::state::{
-    EndpointState, LbAlgorithm, PortState, Protocol, ServiceKey, ServiceState, TrafficPolicy,
+use switchyard_agent_core::{
+    dataplane::DesiredService,
+    testing::states::{ep, port, service},
 };
+use switchyard_proto::state::{LbAlgorithm, PortState, Protocol, ServiceState, TrafficPolicy};
 
 use super::*;
 
-fn ep(ip: &str, port: u16, local: bool) -> EndpointState {
-    EndpointState {
-        ip: ip.parse().unwrap(),
-        port,
-        node_name: Some(if local { "node-a" } else { "node-b" }.into()),
-        local,
-        ready: true,
-        serving: true,
-        terminating: false,
-    }
+/// `ns/web` on `vip` with `ports`.
+fn on(vip: &[&str], ports: Vec<PortState>) -> ServiceState {
+    service("ns/web", vip, ports)
 }
 
-fn port(name: &str, protocol: Protocol, number: u16, endpoints: Vec<EndpointState>) -> PortState {
-    PortState {
-        name: name.into(),
-        protocol,
-        port: number,
-        node_port: None,
-        usable_ipv4: endpoints.iter().any(|e| e.ip.is_ipv4()),
-        usable_ipv6: endpoints.iter().any(|e| e.ip.is_ipv6()),
-        cluster_endpoints: endpoints,
-        local_endpoints: vec![],
-    }
-}
-
-fn service(cluster_ips: &[&str], ports: Vec<PortState>) -> ServiceState {
-    ServiceState {
-        key: ServiceKey::new("ns", "web"),
-        cluster_ips: cluster_ips.iter().map(|ip| ip.parse().unwrap()).collect(),
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        ports,
-        session_affinity_timeout: None,
-        external_traffic_policy: TrafficPolicy::Cluster,
-        internal_traffic_policy: TrafficPolicy::Cluster,
-        health_check_node_port: None,
-        ipvs_scheduler: None,
-        ebpf_lb: None,
-    }
+/// TCP port 80 "http" served on 8080 by `backends`.
+fn http(backends: &[(&str, bool)]) -> PortState {
+    let endpoints = backends
+        .iter()
+        .map(|(ip, local)| ep(ip, 8080, *local))
+        .collect();
+    port("http", Protocol::Tcp, 80, endpoints)
 }
 
 fn web() -> ServiceState {
-    service(
+    on(
         &["10.96.0.10"],
-        vec![port(
-            "http",
-            Protocol::Tcp,
-            80,
-            vec![ep("10.244.1.2", 8080, true), ep("10.244.2.2", 8080, false)],
-        )],
+        vec![http(&[("10.244.1.2", true), ("10.244.2.2", false)])],
     )
 }
 
@@ -125,10 +93,7 @@ fn kube_proxy_behaviours_render_to_these_entries() {
         Case {
             about: "no usable endpoint rejects on every address, node port included",
             state: {
-                let mut s = service(
-                    &["10.96.0.12"],
-                    vec![port("http", Protocol::Tcp, 80, vec![])],
-                );
+                let mut s = on(&["10.96.0.12"], vec![http(&[])]);
                 s.ports[0].node_port = Some(30081);
                 s.external_ips = vec!["192.0.2.1".parse().unwrap()];
                 s
@@ -296,7 +261,7 @@ fn kube_proxy_behaviours_render_to_these_entries() {
         Case {
             about: "dual stack renders each family with its own endpoints and node port",
             state: {
-                let mut s = service(
+                let mut s = on(
                     &["10.96.0.10", "fd00:96::10"],
                     vec![port(
                         "dns",
@@ -323,10 +288,7 @@ fn kube_proxy_behaviours_render_to_these_entries() {
         Case {
             about: "an IPv6 family with usable endpoints elsewhere but none here drops",
             state: {
-                let mut s = service(
-                    &["fd00:96::10"],
-                    vec![port("http", Protocol::Tcp, 80, vec![])],
-                );
+                let mut s = on(&["fd00:96::10"], vec![http(&[])]);
                 s.ports[0].usable_ipv6 = true;
                 s
             },

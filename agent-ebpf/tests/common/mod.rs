@@ -8,122 +8,44 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use switchyard_agent_core::dataplane::{Change, Dataplane, Desired, DesiredService};
+use switchyard_agent_core::dataplane::{Change, Dataplane, Desired};
+pub use switchyard_agent_core::testing::states::*;
 use switchyard_agent_ebpf::{Attach, EbpfConfig, EbpfDataplane, RenderConfig};
 use switchyard_integration::{
     cgroup::{Cgroup, CgroupProbe},
     netns::{Backend, Netns, Topology},
 };
-use switchyard_proto::state::{
-    EndpointState, PortState, Protocol, ServiceKey, ServiceState, TrafficPolicy,
-};
+use switchyard_proto::state::{Protocol, ServiceState};
 
-pub fn ep(ip: &str, port: u16, local: bool) -> EndpointState {
-    EndpointState {
-        ip: ip.parse().unwrap(),
-        port,
-        node_name: Some(if local { "node-a" } else { "node-b" }.into()),
-        local,
-        ready: true,
-        serving: true,
-        terminating: false,
-    }
-}
-
-pub fn port(name: &str, protocol: Protocol, port: u16, endpoints: Vec<EndpointState>) -> PortState {
-    let usable_ipv4 = endpoints.iter().any(|e| e.ip.is_ipv4());
-    let usable_ipv6 = endpoints.iter().any(|e| e.ip.is_ipv6());
-    PortState {
-        name: name.into(),
-        protocol,
-        port,
-        node_port: None,
-        cluster_endpoints: endpoints,
-        local_endpoints: vec![],
-        usable_ipv4,
-        usable_ipv6,
-    }
-}
-
-pub fn service(ns_name: &str, cluster_ips: &[&str], ports: Vec<PortState>) -> ServiceState {
-    let (ns, name) = ns_name.split_once('/').unwrap();
-    ServiceState {
-        key: ServiceKey::new(ns, name),
-        cluster_ips: cluster_ips
-            .iter()
-            .map(|ip| ip.parse::<IpAddr>().unwrap())
-            .collect(),
-        external_ips: vec![],
-        load_balancer_ips: vec![],
-        load_balancer_source_ranges: vec![],
-        ports,
-        session_affinity_timeout: None,
-        external_traffic_policy: TrafficPolicy::Cluster,
-        internal_traffic_policy: TrafficPolicy::Cluster,
-        health_check_node_port: None,
-        ipvs_scheduler: None,
-        ebpf_lb: None,
-    }
-}
-
-pub fn desired(state: ServiceState) -> DesiredService {
-    DesiredService {
-        version: version_of(&state),
-        state,
-    }
-}
-
-pub fn version_of(state: &ServiceState) -> u64 {
-    switchyard_proto::state::version_hash(&state.into())
-}
-
-pub fn full() -> Change {
-    Change {
-        full: true,
-        ..Change::default()
-    }
-}
-
-pub fn upsert(names: &[&str]) -> Change {
-    Change {
-        upserted: names.iter().map(|n| n.to_string()).collect(),
-        ..Change::default()
-    }
-}
-
-pub fn remove(names: &[&str]) -> Change {
-    Change {
-        removed: names.iter().map(|n| n.to_string()).collect(),
-        ..Change::default()
-    }
+/// `default/<name>` with one port (named after its protocol) on `vip`:`port_number`,
+/// served on `target` by the lab's backends `backends` (`10.244.<i>.2`; backend 1 is
+/// local).
+pub fn lab_service(
+    name: &str,
+    vip: &str,
+    protocol: Protocol,
+    (port_number, target): (u16, u16),
+    backends: &[u8],
+) -> ServiceState {
+    let endpoints = backends
+        .iter()
+        .map(|i| ep(&format!("10.244.{i}.2"), target, *i == 1))
+        .collect();
+    let port_name = match protocol {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    };
+    service(
+        &format!("default/{name}"),
+        &[vip],
+        vec![port(port_name, protocol, port_number, endpoints)],
+    )
 }
 
 /// Puts `state` into `want` under its name with its version.
 pub fn put(want: &mut Desired, state: ServiceState) {
     want.insert(state.key.to_string(), desired(state));
-}
-
-/// `n` ClusterIP Services `bench/s<i>` with two endpoints each (one local), as the
-/// benches program them (the same as the iptables benches).
-pub fn bench_services(n: usize) -> Desired {
-    let mut want = Desired::new();
-    for i in 0..n {
-        let ip = format!("10.{}.{}.{}", 96 + i / 65536, (i / 256) % 256, i % 256);
-        let a = format!("10.244.{}.{}", (i / 128) % 256, (i % 128) * 2);
-        let b = format!("10.245.{}.{}", (i / 128) % 256, (i % 128) * 2);
-        let s = service(
-            &format!("bench/s{i}"),
-            &[&ip],
-            vec![port(
-                "http",
-                Protocol::Tcp,
-                80,
-                vec![ep(&a, 8080, true), ep(&b, 8080, false)],
-            )],
-        );
-        want.insert(format!("bench/s{i}"), desired(s));
-    }
-    want
 }
 
 /// A private pin directory: a tempdir the dataplane mounts a bpffs on; on drop

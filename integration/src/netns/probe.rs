@@ -206,22 +206,32 @@ pub fn tcp_request_here(addr: SocketAddr, options: &ProbeOptions) -> Result<Stri
 /// [`udp_request_with`] on the calling thread's namespace.
 pub fn udp_request_here(addr: SocketAddr, options: &ProbeOptions) -> Result<String, ProbeError> {
     let started = Instant::now();
+    let io = |e, op| classify(e, op, addr, started);
+    let socket = udp_socket_for(addr, options).map_err(|(e, op)| io(e, op))?;
+    // Connected, so an ICMP port-unreachable surfaces as ECONNREFUSED.
+    socket.connect(addr).map_err(|e| io(e, "connect"))?;
+    socket.send(b"ping\n").map_err(|e| io(e, "send"))?;
+    let mut buf = [0u8; 2048];
+    let n = socket.recv(&mut buf).map_err(|e| io(e, "recv"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// A UDP socket on an ephemeral port of `addr`'s family, reads bounded by the I/O
+/// timeout; the failing operation with its error.
+fn udp_socket_for(
+    addr: SocketAddr,
+    options: &ProbeOptions,
+) -> Result<UdpSocket, (io::Error, &'static str)> {
     let local: IpAddr = if addr.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
     } else {
         Ipv6Addr::UNSPECIFIED.into()
     };
-    let io = |e, op| classify(e, op, addr, started);
-    let socket = UdpSocket::bind((local, 0)).map_err(|e| io(e, "bind"))?;
-    // Connected, so an ICMP port-unreachable surfaces as ECONNREFUSED.
-    socket.connect(addr).map_err(|e| io(e, "connect"))?;
+    let socket = UdpSocket::bind((local, 0)).map_err(|e| (e, "bind"))?;
     socket
         .set_read_timeout(Some(options.io_timeout))
-        .map_err(|e| io(e, "set timeout"))?;
-    socket.send(b"ping\n").map_err(|e| io(e, "send"))?;
-    let mut buf = [0u8; 2048];
-    let n = socket.recv(&mut buf).map_err(|e| io(e, "recv"))?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        .map_err(|e| (e, "set timeout"))?;
+    Ok(socket)
 }
 
 /// One datagram from an unconnected socket (`sendto`/`recvfrom`) on the calling
@@ -231,16 +241,8 @@ pub fn udp_unconnected_here(
     options: &ProbeOptions,
 ) -> Result<(String, SocketAddr), ProbeError> {
     let started = Instant::now();
-    let local: IpAddr = if addr.is_ipv4() {
-        Ipv4Addr::UNSPECIFIED.into()
-    } else {
-        Ipv6Addr::UNSPECIFIED.into()
-    };
     let io = |e, op| classify(e, op, addr, started);
-    let socket = UdpSocket::bind((local, 0)).map_err(|e| io(e, "bind"))?;
-    socket
-        .set_read_timeout(Some(options.io_timeout))
-        .map_err(|e| io(e, "set timeout"))?;
+    let socket = udp_socket_for(addr, options).map_err(|(e, op)| io(e, op))?;
     socket.send_to(b"ping\n", addr).map_err(|e| io(e, "send"))?;
     let mut buf = [0u8; 2048];
     let (n, from) = socket.recv_from(&mut buf).map_err(|e| io(e, "recv"))?;
