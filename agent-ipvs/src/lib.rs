@@ -1,4 +1,11 @@
-//! Kernel-facing part of the ipvs agent: render desired state, apply it, read it back.
+//! Kernel-facing part of the IPVS agent: render each Service into IPVS virtual services,
+//! VIPs on a dummy device and ipset elements (for a fixed set of iptables rules), apply
+//! them incrementally, read them back.
 //!
-//! Not implemented yet: the agent runtime and dataplanes are the next issues.
+//! Entry point: [`IpvsDataplane`]. The pure parts are [`render`] (state → kernel objects),
+//! [`rules`] (the fixed iptables rules) and [`readback`] (kernel dumps → objects per
+//! Service).
 #![forbid(unsafe_code)]
+
+pub mod ipset;
+pub mod render;
