@@ -8,4 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod ipset;
+pub mod readback;
 pub mod render;
+pub mod rules;
+pub mod transition;

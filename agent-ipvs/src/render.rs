@@ -86,13 +86,32 @@ impl fmt::Display for VsKey {
     }
 }
 
-/// One virtual service as switchyard programs it (masquerade forwarding, weight 1).
+/// One virtual service: switchyard programs the scheduler its Service asks for and its
+/// real servers with masquerade forwarding at weight 1; read-back reports what the kernel
+/// holds, so anything else shows as drift.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VirtualService {
-    pub scheduler: IpvsScheduler,
+    /// The scheduler's name (a kernel may hold one switchyard never asks for).
+    pub scheduler: String,
     /// Persistence timeout in seconds (ClientIP affinity); `None`: not persistent.
     pub persistence: Option<u32>,
-    pub reals: BTreeSet<SocketAddr>,
+    pub reals: BTreeMap<SocketAddr, RealServer>,
+}
+
+/// How a real server is programmed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RealServer {
+    pub weight: u32,
+    /// Masquerade (NAT) forwarding, the only method switchyard uses.
+    pub masquerade: bool,
+}
+
+impl RealServer {
+    /// What switchyard programs: masquerade at weight 1.
+    pub const IN_SERVICE: RealServer = RealServer {
+        weight: 1,
+        masquerade: true,
+    };
 }
 
 /// The ipsets switchyard owns, each once per family.
@@ -243,8 +262,9 @@ impl ServicePlan {
                 .map(|t| format!(" persistent {t}"))
                 .unwrap_or_default();
             objects.push(format!("ipvs {key} {}{persistent}", vs.scheduler));
-            for real in &vs.reals {
-                objects.push(format!("ipvs {key} -> {real} masq 1"));
+            for (real, how) in &vs.reals {
+                let method = if how.masquerade { "masq" } else { "other" };
+                objects.push(format!("ipvs {key} -> {real} {method} {}", how.weight));
             }
         }
         for element in &self.elements {
@@ -415,9 +435,13 @@ fn render_family(plan: &mut ServicePlan, family: Family, svc: &ServiceState, cfg
                         port: destination.port,
                     },
                     VirtualService {
-                        scheduler,
+                        scheduler: scheduler.name().to_string(),
                         persistence: svc.session_affinity_timeout,
-                        reals: destination.reals.clone(),
+                        reals: destination
+                            .reals
+                            .iter()
+                            .map(|real| (*real, RealServer::IN_SERVICE))
+                            .collect(),
                     },
                 );
                 for real in destination.reals {
