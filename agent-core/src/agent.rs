@@ -293,6 +293,35 @@ pub async fn run<D: Dataplane>(args: AgentArgs, dataplane: D) -> anyhow::Result<
     Ok(())
 }
 
+/// What the controller says this node must hold, for a binary's `--dry-run`: asks the
+/// controller's query API (`GetNodeState`) for `--node-name`'s state. Touches nothing.
+pub async fn desired_from_controller(
+    args: &AgentArgs,
+) -> anyhow::Result<crate::dataplane::Desired> {
+    use anyhow::Context;
+    use switchyard_proto::v1::{self, controller_query_client::ControllerQueryClient};
+    let node = args
+        .node_name
+        .clone()
+        .context("--dry-run needs --node-name (or NODE_NAME)")?;
+    let mut query = ControllerQueryClient::connect(args.controller.clone())
+        .await
+        .with_context(|| format!("connecting to the controller at {}", args.controller))?;
+    let state = query
+        .get_node_state(v1::GetNodeStateRequest {
+            node_name: node.clone(),
+        })
+        .await
+        .with_context(|| format!("asking the controller for node {node}'s state"))?
+        .into_inner();
+    let mut desired = crate::dataplane::Desired::new();
+    for resource in &state.resources {
+        let service = crate::cache::convert(resource).map_err(anyhow::Error::msg)?;
+        desired.insert(resource.name.clone(), service);
+    }
+    Ok(desired)
+}
+
 async fn cleanup<D: Dataplane>(
     mut dataplane: D,
     state_dir: &std::path::Path,

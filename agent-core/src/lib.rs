@@ -24,6 +24,6 @@ pub mod netfilter;
 pub mod query;
 pub mod testing;
 
-pub use agent::{Agent, AgentArgs, AgentOptions, LogFormat, run};
+pub use agent::{Agent, AgentArgs, AgentOptions, LogFormat, desired_from_controller, run};
 pub use engine::ApplyTiming;
 pub use switchyard_proto::state;

@@ -1,10 +1,8 @@
 //! The `switchyard-agent-iptables` binary: agent-core's runtime over the iptables dataplane.
 
-use anyhow::Context;
 use clap::{Parser, ValueEnum};
-use switchyard_agent_core::{AgentArgs, cache, dataplane::Desired};
+use switchyard_agent_core::AgentArgs;
 use switchyard_agent_iptables::{Backend, IptablesConfig, IptablesDataplane, RenderConfig};
-use switchyard_proto::v1::{self, controller_query_client::ControllerQueryClient};
 
 /// Programs Service load balancing into iptables the way kube-proxy's iptables mode
 /// does, from the state the switchyard controller streams for this node.
@@ -75,26 +73,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn dry_run(args: Args, config: IptablesConfig) -> anyhow::Result<()> {
-    let node = args
-        .agent
-        .node_name
-        .clone()
-        .context("--dry-run needs --node-name (or NODE_NAME)")?;
-    let mut query = ControllerQueryClient::connect(args.agent.controller.clone())
-        .await
-        .with_context(|| format!("connecting to the controller at {}", args.agent.controller))?;
-    let state = query
-        .get_node_state(v1::GetNodeStateRequest {
-            node_name: node.clone(),
-        })
-        .await
-        .with_context(|| format!("asking the controller for node {node}'s state"))?
-        .into_inner();
-    let mut desired = Desired::new();
-    for resource in &state.resources {
-        let service = cache::convert(resource).map_err(anyhow::Error::msg)?;
-        desired.insert(resource.name.clone(), service);
-    }
+    let desired = switchyard_agent_core::desired_from_controller(&args.agent).await?;
     // Detecting the backend only reads the kernel; nothing is written.
     print!("{}", IptablesDataplane::new(config).dry_run(&desired));
     Ok(())
