@@ -21,10 +21,12 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 mod backend;
+mod echo;
 mod probe;
 pub mod topology;
 
 pub use backend::{Backend, READY_TIMEOUT, backend_binary};
+pub use echo::{EchoServer, HeldConnection};
 pub use probe::{
     ConnectionLoop, LoopStats, ProbeError, ProbeOptions, tcp_request, tcp_request_with,
     udp_request, udp_request_with,
