@@ -73,13 +73,24 @@ fn udp_and_sctp_ports_get_virtual_services_of_their_protocol() {
         &["10.96.0.11"],
         vec![
             port("dns", Protocol::Udp, 53, vec![ep("10.244.0.5", 5353, true)]),
-            port("sig", Protocol::Sctp, 3868, vec![ep("10.244.0.5", 3868, true)]),
+            port(
+                "sig",
+                Protocol::Sctp,
+                3868,
+                vec![ep("10.244.0.5", 3868, true)],
+            ),
         ],
     ));
     assert!(has(&o, "ipvs UDP 10.96.0.11:53 rr"));
-    assert!(has(&o, "ipvs SCTP 10.96.0.11:3868 -> 10.244.0.5:3868 masq 1"));
+    assert!(has(
+        &o,
+        "ipvs SCTP 10.96.0.11:3868 -> 10.244.0.5:3868 masq 1"
+    ));
     assert!(has(&o, "ipset SWY-CLUSTER-IP 10.96.0.11,udp:53"));
-    assert!(has(&o, "ipset SWY-LOOP-BACK 10.244.0.5,sctp:3868,10.244.0.5"));
+    assert!(has(
+        &o,
+        "ipset SWY-LOOP-BACK 10.244.0.5,sctp:3868,10.244.0.5"
+    ));
 }
 
 #[test]
@@ -104,7 +115,12 @@ fn internal_local_policy_without_local_endpoints_drops_when_usable_elsewhere() {
     let mut s = service(
         "default/local",
         &["10.96.0.13"],
-        vec![port("http", Protocol::Tcp, 80, vec![ep("10.244.1.5", 8080, false)])],
+        vec![port(
+            "http",
+            Protocol::Tcp,
+            80,
+            vec![ep("10.244.1.5", 8080, false)],
+        )],
     );
     s.internal_traffic_policy = TrafficPolicy::Local;
     let o = objects(s.clone());
@@ -113,13 +129,16 @@ fn internal_local_policy_without_local_endpoints_drops_when_usable_elsewhere() {
 
     s.ports[0].local_endpoints = vec![ep("10.244.0.5", 8080, true)];
     let o = objects(s);
-    assert!(has(&o, "ipvs TCP 10.96.0.13:80 -> 10.244.0.5:8080 masq 1"), "{o:#?}");
+    assert!(
+        has(&o, "ipvs TCP 10.96.0.13:80 -> 10.244.0.5:8080 masq 1"),
+        "{o:#?}"
+    );
     assert!(!has(&o, "ipvs TCP 10.96.0.13:80 -> 10.244.1.5:8080 masq 1"));
 }
 
 #[test]
 fn node_ports_get_a_virtual_service_per_node_address_and_are_masqueraded_under_the_cluster_policy()
- {
+{
     let mut s = service(
         "default/np",
         &["10.96.0.14"],
@@ -130,7 +149,10 @@ fn node_ports_get_a_virtual_service_per_node_address_and_are_masqueraded_under_t
     for node in ["10.201.0.1", "203.0.113.7"] {
         assert!(has(&o, &format!("ipvs TCP {node}:30080 rr")), "{o:#?}");
         assert!(has(&o, &format!("ipset SWY-EXTERNAL {node},tcp:30080")));
-        assert!(!has(&o, &format!("address {node}")), "node addresses are not VIPs");
+        assert!(
+            !has(&o, &format!("address {node}")),
+            "node addresses are not VIPs"
+        );
     }
     assert!(
         !o.iter().any(|l| l.contains("fd00:201::1")),
@@ -150,8 +172,16 @@ fn external_local_policy_sends_external_traffic_to_local_endpoints_only_and_keep
     s.ports[0].local_endpoints = vec![ep("10.244.0.5", 8080, true)];
     s.external_traffic_policy = TrafficPolicy::Local;
     let o = objects(s.clone());
-    let reals = |vs: &str| o.iter().filter(|l| l.starts_with(&format!("ipvs {vs} ->"))).count();
-    assert_eq!(reals("TCP 10.96.0.15:80"), 3, "cluster traffic uses every endpoint");
+    let reals = |vs: &str| {
+        o.iter()
+            .filter(|l| l.starts_with(&format!("ipvs {vs} ->")))
+            .count()
+    };
+    assert_eq!(
+        reals("TCP 10.96.0.15:80"),
+        3,
+        "cluster traffic uses every endpoint"
+    );
     assert_eq!(reals("TCP 192.0.2.10:80"), 1, "{o:#?}");
     assert_eq!(reals("TCP 10.201.0.1:30081"), 1);
     assert!(has(&o, "ipset SWY-EXTERNAL-LOCAL 192.0.2.10,tcp:80"));
@@ -199,7 +229,10 @@ fn load_balancer_source_ranges_fill_the_firewall_sets_and_a_node_inside_admits_t
     s.load_balancer_source_ranges = vec!["203.0.113.0/24".parse().unwrap()];
     let o = objects(s.clone());
     assert!(has(&o, "ipset SWY-LB-FW 198.51.100.10,tcp:80"));
-    assert!(has(&o, "ipset SWY-LB-SOURCE 198.51.100.10,tcp:80,203.0.113.0/24"));
+    assert!(has(
+        &o,
+        "ipset SWY-LB-SOURCE 198.51.100.10,tcp:80,203.0.113.0/24"
+    ));
     assert!(
         has(&o, "ipset SWY-LB-SOURCE 198.51.100.10,tcp:80,198.51.100.10"),
         "203.0.113.7 is a node address inside the range: {o:#?}"
@@ -223,11 +256,20 @@ fn dual_stack_services_get_each_family_in_its_own_sets() {
         )],
     );
     let o = objects(s);
-    assert!(has(&o, "ipvs TCP [fd00:96::19]:80 -> [fd00:244::5]:8080 masq 1"), "{o:#?}");
+    assert!(
+        has(&o, "ipvs TCP [fd00:96::19]:80 -> [fd00:244::5]:8080 masq 1"),
+        "{o:#?}"
+    );
     assert!(has(&o, "ipset SWY-CLUSTER-IP6 fd00:96::19,tcp:80"));
-    assert!(has(&o, "ipset SWY-LOOP-BACK6 fd00:244::5,tcp:8080,fd00:244::5"));
+    assert!(has(
+        &o,
+        "ipset SWY-LOOP-BACK6 fd00:244::5,tcp:8080,fd00:244::5"
+    ));
     assert!(has(&o, "ipvs TCP 10.96.0.19:80 -> 10.244.0.5:8080 masq 1"));
-    assert!(!has(&o, "ipvs TCP 10.96.0.19:80 -> [fd00:244::5]:8080 masq 1"));
+    assert!(!has(
+        &o,
+        "ipvs TCP 10.96.0.19:80 -> [fd00:244::5]:8080 masq 1"
+    ));
 }
 
 #[test]
