@@ -7,7 +7,8 @@
 //! - [`in_ipvs_kernel`] wraps a `#[test]` body: the body runs natively when the running
 //!   kernel has IPVS, otherwise the harness boots a guest that reruns this very test
 //!   (`current_exe() --exact NAME`) and the host test passes only if the guest's run
-//!   passed. [`rerun_in_guest`] is the piece underneath.
+//!   passed. [`always_in_guest`] always uses a guest; [`rerun_in_guest`] is the piece
+//!   underneath.
 //!
 //! # The guest
 //!
@@ -939,12 +940,29 @@ pub fn in_ipvs_kernel_with<F>(guest: Guest, body: F)
 where
     F: FnOnce() + Send,
 {
+    run_test_body(guest, body, true)
+}
+
+/// Runs this test's body in a guest even when the running kernel has IPVS: for tests
+/// that change kernel-wide state (unload modules, sysctls of the initial namespace) or
+/// that compare dataplanes on one kernel. Same rules as [`in_ipvs_kernel`] otherwise.
+pub fn always_in_guest<F>(guest: Guest, body: F)
+where
+    F: FnOnce() + Send,
+{
+    run_test_body(guest, body, false)
+}
+
+fn run_test_body<F>(guest: Guest, body: F, native_ok: bool)
+where
+    F: FnOnce() + Send,
+{
     if in_guest() {
         return body();
     }
     let test = current_test_name();
     let forced = std::env::var_os(FORCE_ENV).is_some_and(|v| v == "1");
-    if !forced && running_kernel_has_ipvs() {
+    if native_ok && !forced && running_kernel_has_ipvs() {
         let ns = crate::netns::Netns::create("ipvs")
             .unwrap_or_else(|e| panic!("{test}: a network namespace for the IPVS test: {e}"));
         ns.run(body)
