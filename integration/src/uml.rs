@@ -692,8 +692,8 @@ struct Host {
 
 /// Checks the host's prerequisites once per process.
 fn host() -> Result<&'static Host, UmlError> {
-    static HOST: OnceLock<Result<Host, (String, &'static str, String)>> = OnceLock::new();
-    match HOST.get_or_init(probe_host) {
+    static HOST: OnceLock<Result<Host, Missing>> = OnceLock::new();
+    match HOST.get_or_init(|| probe_host(&Search::system())) {
         Ok(host) => Ok(host),
         Err((what, package, detail)) => Err(UmlError::MissingPrerequisite {
             what: what.clone(),
@@ -709,13 +709,48 @@ pub fn require_prerequisites() -> Result<(), UmlError> {
     host().map(|_| ())
 }
 
-fn probe_host() -> Result<Host, (String, &'static str, String)> {
+/// Where [`probe_host`] looks: a `PATH`, directories tried after it, and the root of
+/// the guest kernel's module trees.
+struct Search {
+    path: OsString,
+    fallback_dirs: Vec<PathBuf>,
+    modules_root: PathBuf,
+}
+
+impl Search {
+    /// This process's `PATH`, then the usual Debian locations.
+    fn system() -> Self {
+        Search {
+            path: std::env::var_os("PATH").unwrap_or_default(),
+            fallback_dirs: ["/usr/bin", "/usr/sbin", "/sbin", "/bin"]
+                .map(PathBuf::from)
+                .to_vec(),
+            modules_root: PathBuf::from(MODULES_ROOT),
+        }
+    }
+
+    /// The first executable file `name` on the path or in a fallback directory.
+    fn program(&self, name: &str) -> Option<PathBuf> {
+        std::env::split_paths(&self.path)
+            .chain(self.fallback_dirs.iter().cloned())
+            .map(|dir| dir.join(name))
+            .find(|p| {
+                p.metadata()
+                    .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                    .unwrap_or(false)
+            })
+    }
+}
+
+type Missing = (String, &'static str, String);
+
+fn probe_host(search: &Search) -> Result<Host, Missing> {
     let missing = |what: &str, package, detail: String| (what.to_owned(), package, detail);
-    let linux_uml = find_program("linux.uml", &["/usr/bin"]).ok_or_else(|| {
+    let linux_uml = search.program("linux.uml").ok_or_else(|| {
         missing(
             "linux.uml",
             "user-mode-linux",
-            "not found in PATH or /usr/bin".into(),
+            "not found in PATH, /usr/bin, /usr/sbin, /sbin or /bin".into(),
         )
     })?;
     let output = Command::new(&linux_uml)
@@ -740,7 +775,7 @@ fn probe_host() -> Result<Host, (String, &'static str, String)> {
             ),
         ));
     }
-    let modules_dir = Path::new(MODULES_ROOT).join(&version);
+    let modules_dir = search.modules_root.join(&version);
     let dep = fs::read_to_string(modules_dir.join("modules.dep")).map_err(|e| {
         missing(
             &format!("{}/modules.dep", modules_dir.display()),
@@ -758,15 +793,20 @@ fn probe_host() -> Result<Host, (String, &'static str, String)> {
         .lines()
         .map(module_name)
         .collect();
-    let modprobe = find_program("modprobe", &["/usr/sbin", "/sbin"]).ok_or_else(|| {
+    let modprobe = search.program("modprobe").ok_or_else(|| {
         missing(
             "modprobe",
             "kmod",
-            "not found in PATH, /usr/sbin or /sbin".into(),
+            "not found in PATH, /usr/bin, /usr/sbin, /sbin or /bin".into(),
         )
     })?;
-    find_program("ip", &["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-        .ok_or_else(|| missing("ip", "iproute2", "not found in PATH".into()))?;
+    search.program("ip").ok_or_else(|| {
+        missing(
+            "ip",
+            "iproute2",
+            "not found in PATH, /usr/bin, /usr/sbin, /sbin or /bin".into(),
+        )
+    })?;
     Ok(Host {
         linux_uml,
         modprobe,
@@ -818,18 +858,6 @@ fn module_name(path: &str) -> String {
     let file = path.trim().rsplit('/').next().unwrap_or_default();
     let stem = file.split(".ko").next().unwrap_or(file);
     stem.replace('-', "_")
-}
-
-fn find_program(name: &str, fallback_dirs: &[&str]) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(fallback_dirs.iter().map(PathBuf::from))
-        .map(|dir| dir.join(name))
-        .find(|p| {
-            p.metadata()
-                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-                .unwrap_or(false)
-        })
 }
 
 fn write_executable(path: &Path, contents: &[u8]) -> Result<(), UmlError> {
@@ -1046,6 +1074,45 @@ mod tests {
         assert!(!is_shell_name(OsStr::new("1X")));
         assert!(!is_shell_name(OsStr::new("BASH_FUNC_f%%")));
         assert!(!is_shell_name(OsStr::new("")));
+    }
+
+    #[test]
+    fn a_host_without_user_mode_linux_is_told_which_package_to_install() {
+        let search = Search {
+            path: OsString::new(),
+            fallback_dirs: Vec::new(),
+            modules_root: PathBuf::from("/nonexistent"),
+        };
+        let (what, package, _) = probe_host(&search).expect_err("nothing to find");
+        assert_eq!((what.as_str(), package), ("linux.uml", "user-mode-linux"));
+    }
+
+    #[test]
+    fn a_host_without_modprobe_is_told_to_install_kmod() {
+        let dir = tempfile::tempdir().unwrap();
+        // A stand-in `linux.uml` that prints a version, written by a child process:
+        // exec'ing a file this process just wrote races with other tests' forks, which
+        // may still hold the write descriptor (ETXTBSY).
+        let fake = dir.path().join("linux.uml");
+        let status = Command::new("sh")
+            .args([
+                "-c",
+                "printf '#!/bin/sh\\necho 6.1.0\\n' >\"$1\" && chmod +x \"$1\"",
+            ])
+            .arg("sh")
+            .arg(&fake)
+            .status()
+            .unwrap();
+        assert!(status.success());
+        fs::create_dir(dir.path().join("6.1.0")).unwrap();
+        fs::write(dir.path().join("6.1.0/modules.dep"), "kernel/ip_vs.ko:\n").unwrap();
+        let search = Search {
+            path: dir.path().as_os_str().to_owned(),
+            fallback_dirs: Vec::new(),
+            modules_root: dir.path().to_owned(),
+        };
+        let (what, package, _) = probe_host(&search).expect_err("no modprobe");
+        assert_eq!((what.as_str(), package), ("modprobe", "kmod"));
     }
 
     #[test]
