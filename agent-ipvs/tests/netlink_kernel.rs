@@ -233,6 +233,24 @@ fn a_batch_of_a_thousand_operations_reads_back_as_sent() {
 }
 
 #[test]
+fn a_small_receive_buffer_splits_a_batch_without_losing_acknowledgements() {
+    uml::in_ipvs_kernel(|| {
+        // Every acknowledgement takes ~730 bytes of receive buffer here (measured: 45
+        // fit in 32 KiB); a batch sized only by the send buffer would overrun.
+        let table = generated(700, 2);
+        let ops = ops_for(&table);
+        let mut ipvs = IpvsSocket::open_with_buffers(1 << 20, 16 << 10).expect("open");
+        let (bytes, count) = ipvs.batch_limits();
+        assert!(
+            count <= 64,
+            "{count} operations ({bytes} bytes) per sendmsg"
+        );
+        assert_all_ok(&ops, &ipvs.execute(&ops));
+        assert_eq!(normalized(ipvs.dump().expect("dump")), normalized(table));
+    });
+}
+
+#[test]
 fn a_refused_operation_fails_only_itself() {
     uml::in_ipvs_kernel(|| {
         let web = Service::new(id(Protocol::Tcp, "10.96.0.10", 80), "rr");

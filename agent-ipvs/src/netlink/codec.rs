@@ -1072,6 +1072,11 @@ pub enum Reply {
     },
     /// `NLMSG_DONE`: end of a dump, with the dump's error code (0, or a negative errno).
     Done(i32),
+    /// An IPVS message whose payload does not decode (the framing was fine, so the
+    /// messages after it still count).
+    Invalid(String),
+    /// A generic-netlink controller reply, with the family id it names.
+    Family(Option<u16>),
     /// Another control message (`NLMSG_NOOP`, `NLMSG_OVERRUN`, another family).
     Other(u16),
 }
@@ -1088,6 +1093,18 @@ pub struct ReplyMessage {
 }
 
 const NLMSGERR_ATTR_MSG: u16 = 1;
+/// The generic-netlink controller's fixed family id.
+pub const GENL_ID_CTRL: u16 = 16;
+const CTRL_ATTR_FAMILY_ID: u16 = 1;
+
+/// `CTRL_ATTR_FAMILY_ID` of a controller message (after its 4-byte genl header); other
+/// attributes are not looked at, so newer kernels' additions cannot break this.
+fn family_id_in(payload: &[u8]) -> Option<u16> {
+    NlasIterator::new(payload.get(4..)?)
+        .flatten()
+        .find(|nla| nla.kind() == CTRL_ATTR_FAMILY_ID)
+        .and_then(|nla| parse_u16(nla.value()).ok())
+}
 const NETLINK_HEADER_LEN: usize = 16;
 
 /// Splits a received datagram into its messages; IPVS messages are recognized by
@@ -1105,9 +1122,11 @@ pub fn parse_datagram(datagram: &[u8], family_id: u16) -> Result<Vec<ReplyMessag
                 [a, b, c, d, ..] => i32::from_ne_bytes([*a, *b, *c, *d]),
                 _ => 0,
             }),
-            t if t == family_id => {
-                Reply::Ipvs(GenlMessage::<IpvsMessage>::parse_with_param(payload, t)?.payload)
-            }
+            t if t == family_id => match GenlMessage::<IpvsMessage>::parse_with_param(payload, t) {
+                Ok(m) => Reply::Ipvs(m.payload),
+                Err(e) => Reply::Invalid(e.to_string()),
+            },
+            GENL_ID_CTRL => Reply::Family(family_id_in(payload)),
             t => Reply::Other(t),
         };
         out.push(ReplyMessage {

@@ -15,8 +15,8 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader,
-    NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_DUMP, NLM_F_DUMP_INTR, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
 };
 use netlink_packet_generic::GenlMessage;
 use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
@@ -34,8 +34,9 @@ pub use types::{
 /// [`IpvsError::Kernel`] is the kernel refusing one request (EEXIST, ENOENT, ESRCH,
 /// EINVAL …): retrying the same request gets the same answer, the caller decides (an
 /// existing service may be fine). [`IpvsError::NoAck`] leaves the outcome unknown: read
-/// the table back before retrying. [`IpvsError::Socket`] errors may be transient
-/// (ENOBUFS, EINTR beyond the retries), the others are not.
+/// the table back before retrying. [`IpvsError::Interrupted`] and [`IpvsError::Socket`]
+/// errors may be transient (a busy table, ENOBUFS); [`IpvsError::NotAvailable`] and
+/// [`IpvsError::Decode`] are not.
 #[derive(Debug, thiserror::Error)]
 pub enum IpvsError {
     /// The kernel has no "IPVS" generic-netlink family: the module is not loaded.
@@ -70,6 +71,13 @@ pub enum IpvsError {
         op: String,
         /// True when the socket reported an overrun (ENOBUFS).
         overrun: bool,
+    },
+    /// The kernel marked a dump as interrupted by concurrent changes every time it
+    /// was tried.
+    #[error("{op}: dump interrupted by concurrent changes, {DUMP_RETRIES} times")]
+    Interrupted {
+        /// The dump request.
+        op: String,
     },
     /// A reply could not be decoded.
     #[error("{op}: undecodable reply: {reason}")]
@@ -114,8 +122,9 @@ const SEND_BUFFER: usize = 4 << 20;
 const RECV_BUFFER: usize = 8 << 20;
 /// The largest datagram `execute` sends.
 const MAX_DATAGRAM: usize = 1 << 20;
-/// Receive-buffer bytes one acknowledgement may occupy (an skb's truesize), so that
-/// the acknowledgements of one datagram never overrun the receive buffer.
+/// Receive-buffer bytes one acknowledgement may occupy (an skb's truesize, ~730 bytes
+/// measured on 6.1), so that the acknowledgements of one datagram never overrun the
+/// receive buffer.
 const ACK_TRUESIZE: usize = 1024;
 /// Receive buffer for one datagram: dumps come in skbs of at most 32 KiB.
 const RECV_CHUNK: usize = 64 << 10;
@@ -127,8 +136,8 @@ const DUMP_RETRIES: usize = 3;
 /// A blocking generic-netlink socket bound to the IPVS family of the calling thread's
 /// network namespace (the namespace is fixed when the socket is opened).
 ///
-/// Not `Sync`: one caller at a time; requests and replies are matched by sequence
-/// number, so stray replies of an earlier call are ignored.
+/// Every call takes `&mut self`: one request or batch at a time. Replies are matched to
+/// requests by sequence number, so stray replies of an earlier call are ignored.
 pub struct IpvsSocket {
     socket: Socket,
     family_id: u16,
@@ -155,6 +164,14 @@ impl IpvsSocket {
     /// Fails with [`IpvsError::NotAvailable`] when the kernel has no IPVS (module not
     /// loaded).
     pub fn open() -> Result<Self, IpvsError> {
+        Self::open_with_buffers(SEND_BUFFER, RECV_BUFFER)
+    }
+
+    /// [`IpvsSocket::open`] asking for other socket buffer sizes (`SO_SNDBUF`,
+    /// `SO_RCVBUF`, in bytes, before the kernel doubles them). [`IpvsSocket::execute`]
+    /// sizes its datagrams to what the kernel grants: smaller buffers mean more
+    /// `sendmsg` calls, never lost acknowledgements.
+    pub fn open_with_buffers(send: usize, recv: usize) -> Result<Self, IpvsError> {
         let mut socket = Socket::new(NETLINK_GENERIC)
             .map_err(|e| IpvsError::socket("socket(AF_NETLINK, NETLINK_GENERIC)", e))?;
         socket
@@ -169,12 +186,12 @@ impl IpvsSocket {
             .set_ext_ack(true)
             .map_err(|e| IpvsError::socket("setsockopt NETLINK_EXT_ACK", e))?;
         let fd = socket.as_fd();
-        if rustix::net::sockopt::set_socket_send_buffer_size_force(fd, SEND_BUFFER).is_err() {
-            rustix::net::sockopt::set_socket_send_buffer_size(fd, SEND_BUFFER)
+        if rustix::net::sockopt::set_socket_send_buffer_size_force(fd, send).is_err() {
+            rustix::net::sockopt::set_socket_send_buffer_size(fd, send)
                 .map_err(|e| IpvsError::socket("setsockopt SO_SNDBUF", e.into()))?;
         }
-        if rustix::net::sockopt::set_socket_recv_buffer_size_force(fd, RECV_BUFFER).is_err() {
-            rustix::net::sockopt::set_socket_recv_buffer_size(fd, RECV_BUFFER)
+        if rustix::net::sockopt::set_socket_recv_buffer_size_force(fd, recv).is_err() {
+            rustix::net::sockopt::set_socket_recv_buffer_size(fd, recv)
                 .map_err(|e| IpvsError::socket("setsockopt SO_RCVBUF", e.into()))?;
         }
         rustix::net::sockopt::set_socket_timeout(
@@ -200,6 +217,12 @@ impl IpvsSocket {
         };
         ipvs.family_id = ipvs.resolve_family()?;
         Ok(ipvs)
+    }
+
+    /// The most bytes and operations one `sendmsg` of [`IpvsSocket::execute`] carries,
+    /// as derived from the socket buffers the kernel granted.
+    pub fn batch_limits(&self) -> (usize, usize) {
+        (self.max_datagram, self.max_batch)
     }
 
     /// The family id the kernel assigned to "IPVS" (for decoding captured replies).
@@ -477,32 +500,74 @@ impl IpvsSocket {
         }
     }
 
-    /// Sends `msg` with `flags` and returns the replies to it until `done` says stop.
+    /// Sends `msg` with `flags` and hands each IPVS message answering it to
+    /// `on_message`, until the exchange ends: `NLMSG_DONE` or an error for a dump, an
+    /// acknowledgement or error with `NLM_F_ACK`, else the first reply message.
+    ///
+    /// A dump is always read to its end, even after `on_message` failed or a message
+    /// did not decode, so the kernel never keeps a half-read dump running on this
+    /// socket (it would refuse the next one with EBUSY). The first failure is returned.
     fn exchange(
         &mut self,
         msg: IpvsMessage,
         flags: u16,
         op: &str,
-        mut on_reply: impl FnMut(codec::ReplyMessage) -> Result<bool, IpvsError>,
+        mut on_message: impl FnMut(IpvsMessage) -> Result<(), IpvsError>,
     ) -> Result<(), IpvsError> {
+        let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+        let acked = flags & NLM_F_ACK != 0;
         let seq = self.next_seq();
         let bytes = codec::encode(msg, self.family_id, flags, seq);
         self.send(&bytes)
             .map_err(|e| IpvsError::socket(format!("sendmsg {op}"), e))?;
+        let mut failure = None;
         loop {
-            let n = self.recv(false).map_err(|e| {
-                let what = if e.kind() == io::ErrorKind::WouldBlock {
-                    format!("recvmsg {op} (no reply within {RECV_TIMEOUT:?})")
-                } else {
-                    format!("recvmsg {op}")
-                };
-                IpvsError::socket(what, e)
-            })?;
+            let n = match self.recv(false) {
+                Ok(n) => n,
+                // An overrun left by an earlier batch: reported once, nothing of ours.
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
+                Err(e) => {
+                    let what = if e.kind() == io::ErrorKind::WouldBlock {
+                        format!("recvmsg {op} (no reply within {RECV_TIMEOUT:?})")
+                    } else {
+                        format!("recvmsg {op}")
+                    };
+                    return Err(IpvsError::socket(what, e));
+                }
+            };
             let replies =
                 codec::parse_datagram(&self.buf[..n], self.family_id).map_err(|e| decode(op, e))?;
             for reply in replies.into_iter().filter(|r| r.seq == seq) {
-                if on_reply(reply)? {
-                    return Ok(());
+                if dump && reply.flags & NLM_F_DUMP_INTR != 0 {
+                    failure.get_or_insert(IpvsError::Interrupted { op: op.to_owned() });
+                }
+                let end = match reply.reply {
+                    Reply::Ipvs(m) => {
+                        if failure.is_none()
+                            && let Err(e) = on_message(m)
+                        {
+                            failure = Some(e);
+                        }
+                        !dump && !acked
+                    }
+                    Reply::Invalid(reason) => {
+                        failure.get_or_insert(decode(op, reason));
+                        !dump && !acked
+                    }
+                    Reply::Ack => true,
+                    Reply::Done(0) => true,
+                    Reply::Done(code) => {
+                        failure.get_or_insert(IpvsError::kernel(op, code.saturating_neg(), None));
+                        true
+                    }
+                    Reply::Error { errno, message } => {
+                        failure.get_or_insert(IpvsError::kernel(op, errno, message));
+                        true
+                    }
+                    Reply::Family(_) | Reply::Other(_) => false,
+                };
+                if end {
+                    return failure.map_or(Ok(()), Err);
                 }
             }
         }
@@ -511,57 +576,33 @@ impl IpvsSocket {
     /// A request answered by one IPVS message.
     fn request(&mut self, msg: IpvsMessage, op: &str) -> Result<IpvsMessage, IpvsError> {
         let mut answer = None;
-        self.exchange(msg, NLM_F_REQUEST, op, |reply| match reply.reply {
-            Reply::Ipvs(m) => {
-                answer = Some(m);
-                Ok(true)
-            }
-            Reply::Error { errno, message } => Err(IpvsError::kernel(op, errno, message)),
-            _ => Ok(false),
+        self.exchange(msg, NLM_F_REQUEST, op, |m| {
+            answer = Some(m);
+            Ok(())
         })?;
         answer.ok_or_else(|| decode(op, "no reply message"))
     }
 
     /// A request answered by an acknowledgement.
     fn request_ack(&mut self, msg: IpvsMessage, op: &str) -> Result<(), IpvsError> {
-        self.exchange(msg, NLM_F_REQUEST | NLM_F_ACK, op, |reply| {
-            match reply.reply {
-                Reply::Ack => Ok(true),
-                Reply::Error { errno, message } => Err(IpvsError::kernel(op, errno, message)),
-                _ => Ok(false),
-            }
-        })
+        self.exchange(msg, NLM_F_REQUEST | NLM_F_ACK, op, |_| Ok(()))
     }
 
     /// A dump: every message until `NLMSG_DONE`, restarted when the kernel marks it
-    /// interrupted.
+    /// interrupted by a concurrent change (`NLM_F_DUMP_INTR`).
     fn dump_messages(&mut self, msg: IpvsMessage, op: &str) -> Result<Vec<IpvsMessage>, IpvsError> {
-        for _ in 0..DUMP_RETRIES {
+        let mut attempt = 0;
+        loop {
             let mut messages = Vec::new();
-            let mut interrupted = false;
-            self.exchange(msg.clone(), NLM_F_REQUEST | NLM_F_DUMP, op, |reply| {
-                interrupted |= reply.flags & NLM_F_DUMP_INTR != 0;
-                match reply.reply {
-                    Reply::Ipvs(m) => {
-                        messages.push(m);
-                        Ok(false)
-                    }
-                    Reply::Done(0) => Ok(true),
-                    Reply::Done(code) => Err(IpvsError::kernel(op, code.saturating_neg(), None)),
-                    Reply::Error { errno, message } => Err(IpvsError::kernel(op, errno, message)),
-                    _ => Ok(false),
-                }
-            })?;
-            if !interrupted {
-                return Ok(messages);
+            match self.exchange(msg.clone(), NLM_F_REQUEST | NLM_F_DUMP, op, |m| {
+                messages.push(m);
+                Ok(())
+            }) {
+                Err(IpvsError::Interrupted { .. }) if attempt + 1 < DUMP_RETRIES => attempt += 1,
+                Err(e) => return Err(e),
+                Ok(()) => return Ok(messages),
             }
         }
-        Err(IpvsError::socket(
-            op,
-            io::Error::other(format!(
-                "dump interrupted by concurrent changes {DUMP_RETRIES} times"
-            )),
-        ))
     }
 
     /// Asks the generic-netlink controller for the id of "IPVS".
@@ -588,39 +629,23 @@ impl IpvsSocket {
             let n = self
                 .recv(false)
                 .map_err(|e| IpvsError::socket(format!("recvmsg {OP}"), e))?;
-            let mut rest = &self.buf[..n];
-            while !rest.is_empty() {
-                let buf = NetlinkBuffer::new_checked(rest).map_err(|e| decode(OP, e))?;
-                let len = (buf.length() as usize + 3) & !3;
-                if buf.sequence_number() == seq {
-                    let parsed = NetlinkMessage::<GenlMessage<GenlCtrl>>::deserialize(
-                        &rest[..buf.length() as usize],
-                    )
-                    .map_err(|e| decode(OP, e))?;
-                    match parsed.payload {
-                        NetlinkPayload::InnerMessage(genl) => {
-                            return genl
-                                .payload
-                                .nlas
-                                .iter()
-                                .find_map(|a| match a {
-                                    GenlCtrlAttrs::FamilyId(id) => Some(*id),
-                                    _ => None,
-                                })
-                                .ok_or_else(|| decode(OP, "reply without CTRL_ATTR_FAMILY_ID"));
-                        }
-                        NetlinkPayload::Error(e) => {
-                            let errno = e.raw_code().saturating_neg();
-                            return Err(if errno == libc::ENOENT {
-                                IpvsError::NotAvailable
-                            } else {
-                                IpvsError::kernel(OP, errno, None)
-                            });
-                        }
-                        _ => {}
+            let replies = codec::parse_datagram(&self.buf[..n], 0).map_err(|e| decode(OP, e))?;
+            for reply in replies.into_iter().filter(|r| r.seq == seq) {
+                match reply.reply {
+                    Reply::Family(Some(id)) => return Ok(id),
+                    Reply::Family(None) => {
+                        return Err(decode(OP, "reply without CTRL_ATTR_FAMILY_ID"));
                     }
+                    // The controller knows no such family, and loading ip_vs on demand
+                    // (it answers to "net-pf-16-proto-16-family-IPVS") did not help.
+                    Reply::Error { errno, .. } if errno == libc::ENOENT => {
+                        return Err(IpvsError::NotAvailable);
+                    }
+                    Reply::Error { errno, message } => {
+                        return Err(IpvsError::kernel(OP, errno, message));
+                    }
+                    _ => {}
                 }
-                rest = rest.get(len..).unwrap_or_default();
             }
         }
     }
