@@ -388,10 +388,6 @@ fn parse_be16(v: &[u8]) -> Result<u16, DecodeError> {
     }
 }
 
-fn parse_nul_string(v: &[u8]) -> Result<String, DecodeError> {
-    parse_string(v)
-}
-
 impl Nla for ServiceAttr {
     fn value_len(&self) -> usize {
         match self {
@@ -461,9 +457,9 @@ impl<'a, T: AsRef<[u8]> + ?Sized> Parseable<NlaBuffer<&'a T>> for ServiceAttr {
             attr::SVC_FWMARK => {
                 ServiceAttr::Fwmark(parse_u32(v).map_err(what("IPVS_SVC_ATTR_FWMARK"))?)
             }
-            attr::SVC_SCHED_NAME => ServiceAttr::SchedName(
-                parse_nul_string(v).map_err(what("IPVS_SVC_ATTR_SCHED_NAME"))?,
-            ),
+            attr::SVC_SCHED_NAME => {
+                ServiceAttr::SchedName(parse_string(v).map_err(what("IPVS_SVC_ATTR_SCHED_NAME"))?)
+            }
             attr::SVC_FLAGS => {
                 if v.len() != 8 {
                     return Err(format!("IPVS_SVC_ATTR_FLAGS: {} bytes, want 8", v.len()).into());
@@ -481,7 +477,7 @@ impl<'a, T: AsRef<[u8]> + ?Sized> Parseable<NlaBuffer<&'a T>> for ServiceAttr {
             })?),
             attr::SVC_STATS => ServiceAttr::Stats(parse_nested(v, "IPVS_SVC_ATTR_STATS")?),
             attr::SVC_PE_NAME => {
-                ServiceAttr::PeName(parse_nul_string(v).map_err(what("IPVS_SVC_ATTR_PE_NAME"))?)
+                ServiceAttr::PeName(parse_string(v).map_err(what("IPVS_SVC_ATTR_PE_NAME"))?)
             }
             attr::SVC_STATS64 => ServiceAttr::Stats64(parse_nested(v, "IPVS_SVC_ATTR_STATS64")?),
             _ => ServiceAttr::Other(DefaultNla::parse(buf)?),
@@ -1046,8 +1042,7 @@ pub fn encode(msg: IpvsMessage, family_id: u16, flags: u16, seq: u32) -> Vec<u8>
     let mut header = NetlinkHeader::default();
     header.flags = flags;
     header.sequence_number = seq;
-    let genl = GenlMessage::from_payload(msg);
-    let mut genl = genl;
+    let mut genl = GenlMessage::from_payload(msg);
     genl.set_resolved_family_id(family_id);
     let mut nl = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(genl));
     nl.finalize();
@@ -1179,12 +1174,12 @@ mod tests {
     use super::*;
     use netlink_packet_core::{NLM_F_ACK, NLM_F_REQUEST};
 
-    fn v4(a: &str) -> IpAddr {
+    fn ip(a: &str) -> IpAddr {
         a.parse().unwrap()
     }
 
     fn svc(proto: Protocol, addr: &str, port: u16) -> ServiceId {
-        ServiceId::new(proto, v4(addr), port)
+        ServiceId::new(proto, ip(addr), port)
     }
 
     /// Encodes, parses back as the kernel would see the datagram, returns the payload.
@@ -1210,7 +1205,7 @@ mod tests {
         let mut sip = Service::new(udp6, "rr");
         sip.persistence_engine = Some("sip".into());
         sip.netmask = 64;
-        let mut tunnel = Destination::new(v4("fd00:1::2"), 5353, 3);
+        let mut tunnel = Destination::new(ip("fd00:1::2"), 5353, 3);
         tunnel.fwd = ForwardMethod::Tunnel;
         tunnel.upper_threshold = 100;
         tunnel.lower_threshold = 10;
@@ -1219,14 +1214,14 @@ mod tests {
             Op::SetService(sip),
             Op::NewService(Service::new(sctp4, "mh")),
             Op::DelService(sctp4),
-            Op::NewDest(tcp4, Destination::new(v4("10.244.1.2"), 8080, 1)),
-            Op::SetDest(tcp4, Destination::new(v4("10.244.1.2"), 8080, 0)),
+            Op::NewDest(tcp4, Destination::new(ip("10.244.1.2"), 8080, 1)),
+            Op::SetDest(tcp4, Destination::new(ip("10.244.1.2"), 8080, 0)),
             Op::NewDest(tcp4, tunnel.clone()),
             Op::DelDest(tcp4, tunnel.id()),
             Op::DelDest(
                 udp6,
                 DestId {
-                    addr: v4("fd00:2::1"),
+                    addr: ip("fd00:2::1"),
                     port: 53,
                 },
             ),
@@ -1322,7 +1317,7 @@ mod tests {
         let attrs = dest_id_attrs(
             &id,
             &DestId {
-                addr: v4("fd00::1"),
+                addr: ip("fd00::1"),
                 port: 80,
             },
         );
@@ -1330,7 +1325,7 @@ mod tests {
         let same = dest_id_attrs(
             &id,
             &DestId {
-                addr: v4("10.0.0.1"),
+                addr: ip("10.0.0.1"),
                 port: 80,
             },
         );
