@@ -242,7 +242,9 @@ impl UmlError {
 }
 
 /// What a command did inside a guest.
-#[derive(Clone, Debug)]
+///
+/// Its `Debug` shows the end of the console only, so failed assertions stay readable.
+#[derive(Clone)]
 pub struct GuestOutput {
     /// The command's exit status as the guest's shell saw it (128 + N when signal N
     /// killed it).
@@ -257,6 +259,19 @@ pub struct GuestOutput {
     pub ready_after: Option<Duration>,
     /// From starting `linux.uml` on the host until it exited.
     pub elapsed: Duration,
+}
+
+impl std::fmt::Debug for GuestOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestOutput")
+            .field("status", &self.status)
+            .field("stdout", &self.stdout)
+            .field("stderr", &self.stderr)
+            .field("ready_after", &self.ready_after)
+            .field("elapsed", &self.elapsed)
+            .field("console (tail)", &tail(&self.console, 15))
+            .finish()
+    }
 }
 
 impl GuestOutput {

@@ -123,6 +123,39 @@ fn namespaces_and_veth_work_in_the_guest() {
 }
 
 #[test]
+fn kube_proxy_style_iptables_legacy_and_ipset_rules_load_in_the_guest() {
+    // The matches and targets kube-proxy's iptables and IPVS modes use, through the
+    // legacy backend (the guest kernel has no nf_tables for IPv4/IPv6).
+    let out = sh("ipset create KUBE-CLUSTER-IP hash:ip,port \
+         && ipset add KUBE-CLUSTER-IP 10.96.0.10,tcp:80 \
+         && ipset create KUBE-NODE-PORT-TCP bitmap:port range 0-65535 \
+         && printf '%s\n' \
+           '*nat' ':KUBE-SERVICES - [0:0]' ':KUBE-POSTROUTING - [0:0]' ':KUBE-SEP-A - [0:0]' \
+           '-A OUTPUT -m comment --comment kube-services -j KUBE-SERVICES' \
+           '-A KUBE-SERVICES -m set --match-set KUBE-CLUSTER-IP dst,dst -j ACCEPT' \
+           '-A KUBE-SERVICES -d 10.96.0.11/32 -p tcp --dport 80 -m statistic --mode random --probability 0.5 -j KUBE-SEP-A' \
+           '-A KUBE-SERVICES -m addrtype --dst-type LOCAL -p tcp -m multiport --dports 30000:32767 -j ACCEPT' \
+           '-A KUBE-SEP-A -p tcp -j DNAT --to-destination 10.244.1.2:8080' \
+           '-A POSTROUTING -j KUBE-POSTROUTING' \
+           '-A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN' \
+           '-A KUBE-POSTROUTING -j MARK --xor-mark 0x4000' \
+           '-A KUBE-POSTROUTING -j MASQUERADE --random-fully' \
+           'COMMIT' \
+           '*filter' ':KUBE-FORWARD - [0:0]' \
+           '-A FORWARD -j KUBE-FORWARD' \
+           '-A KUBE-FORWARD -m conntrack --ctstate INVALID -j DROP' \
+           '-A KUBE-FORWARD -d 10.96.0.12/32 -p tcp --dport 80 -j REJECT --reject-with icmp-port-unreachable' \
+           'COMMIT' | iptables-legacy-restore \
+         && ip6tables-legacy -t nat -A POSTROUTING -m mark --mark 0x4000/0x4000 -j MASQUERADE \
+         && ip6tables-legacy -A FORWARD -p tcp -j REJECT --reject-with tcp-reset \
+         && iptables-legacy-save -t nat | grep -c '^-A' \
+         && conntrack -L 2>/dev/null | wc -l");
+    assert_eq!(out.status, 0, "{out:#?}");
+    let counts: Vec<&str> = out.stdout.lines().collect();
+    assert_eq!(counts, ["9", "0"], "{out:#?}");
+}
+
+#[test]
 fn a_command_past_its_timeout_is_killed() {
     let err = Guest::new()
         .timeout(Duration::from_secs(8))
