@@ -1279,6 +1279,76 @@ mod tests {
     }
 
     #[test]
+    fn dump_entries_with_every_attribute_survive_emit_and_parse() {
+        let stats = vec![
+            StatsAttr::U32(attr::STATS_CONNS, 3),
+            StatsAttr::U64(attr::STATS_INBYTES, 1 << 40),
+            StatsAttr::U32(attr::STATS_OUTBPS, 7),
+        ];
+        let stats64 = vec![
+            StatsAttr::Other(DefaultNla::new(attr::STATS_PAD, vec![])),
+            StatsAttr::U64(attr::STATS_CONNS, 3),
+            StatsAttr::U64(attr::STATS_INBYTES, 1 << 40),
+        ];
+        let mut service = service_attrs(&Service::new(svc(Protocol::Sctp, "fd00::1", 9), "mh"));
+        service.extend([
+            ServiceAttr::PeName("sip".into()),
+            ServiceAttr::Stats(stats.clone()),
+            ServiceAttr::Stats64(stats64.clone()),
+            ServiceAttr::Other(DefaultNla::new(99, vec![1, 2, 3])),
+        ]);
+        let mut dest = dest_attrs(
+            &svc(Protocol::Sctp, "fd00::1", 9),
+            &Destination::new(ip("10.0.0.1"), 9, 1),
+        );
+        dest.extend([
+            DestAttr::ActiveConns(1),
+            DestAttr::InactConns(2),
+            DestAttr::PersistConns(3),
+            DestAttr::TunType(1),
+            DestAttr::TunPort(6081),
+            DestAttr::TunFlags(2),
+            DestAttr::Stats(stats),
+            DestAttr::Stats64(stats64),
+        ]);
+        for msg in [
+            IpvsMessage {
+                cmd: IpvsCmd::NewService,
+                attrs: vec![CmdAttr::Service(service.clone())],
+            },
+            IpvsMessage {
+                cmd: IpvsCmd::NewDest,
+                attrs: vec![CmdAttr::Dest(dest.clone())],
+            },
+        ] {
+            assert_eq!(round_trip(&msg), msg, "{:?}", msg.cmd);
+        }
+        let decoded = decode_dest(&ip("fd00::1"), &dest).unwrap();
+        assert_eq!(
+            (
+                decoded.active_conns,
+                decoded.inactive_conns,
+                decoded.persist_conns
+            ),
+            (1, 2, 3)
+        );
+        let counters = decoded.stats.expect("counters");
+        assert_eq!(
+            (counters.conns, counters.inbytes),
+            (3, 1 << 40),
+            "STATS64 wins"
+        );
+        assert_eq!(
+            decode_service(&service)
+                .unwrap()
+                .unwrap()
+                .persistence_engine
+                .as_deref(),
+            Some("sip")
+        );
+    }
+
+    #[test]
     fn timeouts_and_info_decode_from_their_replies() {
         let t = Timeouts {
             tcp: 900,
