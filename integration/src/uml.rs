@@ -967,6 +967,7 @@ pub fn running_kernel_has_ipvs() -> bool {
 ///   `1 passed`, and it prints what the guest's run printed.
 ///
 /// The test's name is libtest's name of the current thread, so it cannot be misspelt.
+/// Not for `#[should_panic]` tests: the guest's run would pass, and so the host's fail.
 ///
 /// # Panics
 /// When the body panics, when the guest's run fails, and when called off a test thread.
@@ -1032,14 +1033,24 @@ fn current_test_name() -> String {
 }
 
 /// Reruns the test `test` of this test binary inside `guest`
-/// (`current_exe() --exact TEST --nocapture --test-threads=1`).
+/// (`current_exe() --exact TEST --include-ignored --nocapture --test-threads=1`: an
+/// `#[ignore]`d test the host was asked to run runs in the guest too).
 ///
 /// `Ok` only when the run exits 0 and libtest reports exactly one test passed; a name
 /// that matches no test is [`UmlError::TestNotRun`], a failing one
 /// [`UmlError::TestFailed`] with the run's output.
 pub fn rerun_in_guest(test: &str, guest: Guest) -> Result<GuestOutput, UmlError> {
     let exe = std::env::current_exe().map_err(|e| UmlError::io("find this test binary", e))?;
-    let output = guest.run(&exe, ["--exact", test, "--nocapture", "--test-threads=1"])?;
+    let output = guest.run(
+        &exe,
+        [
+            "--exact",
+            test,
+            "--include-ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ],
+    )?;
     if output.status != 0 {
         return Err(UmlError::TestFailed {
             test: test.to_owned(),

@@ -23,7 +23,8 @@ use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
 use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
 use netlink_sys::{Socket, protocols::NETLINK_GENERIC};
 
-use codec::{IpvsCmd, IpvsMessage, Reply, Skipped};
+pub use codec::Skipped;
+use codec::{IpvsCmd, IpvsMessage, Reply};
 pub use types::{
     DestId, Destination, ForwardMethod, Info, Op, Protocol, Service, ServiceId, Stats, Timeouts,
     flags,
@@ -134,7 +135,8 @@ const RECV_TIMEOUT: Duration = Duration::from_secs(30);
 const DUMP_RETRIES: usize = 3;
 
 /// A blocking generic-netlink socket bound to the IPVS family of the calling thread's
-/// network namespace (the namespace is fixed when the socket is opened).
+/// network namespace (the namespace is fixed when the socket is opened; IPVS tables are
+/// per namespace). `Send`, so it can live on a blocking worker thread.
 ///
 /// Every call takes `&mut self`: one request or batch at a time. Replies are matched to
 /// requests by sequence number, so stray replies of an earlier call are ignored.
@@ -655,5 +657,17 @@ fn decode(op: &str, reason: impl ToString) -> IpvsError {
     IpvsError::Decode {
         op: op.to_owned(),
         reason: reason.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_can_move_to_a_worker_thread() {
+        fn send<T: Send>() {}
+        send::<IpvsSocket>();
+        send::<IpvsError>();
     }
 }
