@@ -9,7 +9,7 @@ cd "$SWITCHYARD_ROOT"
 ensure_debian_packages ca-certificates gcc libc6-dev pkg-config
 # Real-kernel tests: namespaces, iptables (nft and legacy), nft to inspect rule handles,
 # conntrack, a socat backend.
-ensure_debian_packages iproute2 iptables nftables conntrack socat
+ensure_debian_packages iproute2 iptables nftables conntrack socat user-mode-linux kmod ipset ipvsadm
 ensure_rust
 ensure_python_clients
 

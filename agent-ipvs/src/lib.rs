@@ -4,10 +4,11 @@
 //!
 //! Entry point: [`IpvsDataplane`]. The pure parts are [`render`] (state → kernel objects),
 //! [`rules`] (the fixed iptables rules) and [`readback`] (kernel dumps → objects per
-//! Service).
+//! Service). [`netlink`] is the in-process IPVS client that programs and reads the kernel.
 #![forbid(unsafe_code)]
 
 pub mod ipset;
+pub mod netlink;
 pub mod readback;
 pub mod render;
 pub mod rules;

@@ -1,6 +1,7 @@
 //! Shared parts of switchyard's end-to-end tests and benchmarks: an in-process
 //! controller on loopback, a simulated agent speaking the real protocol, builders for
-//! cluster objects, and the end-to-end scenarios every agent must pass ([`e2e`]).
+//! cluster objects, the end-to-end scenarios every agent must pass ([`e2e`]), network
+//! namespaces, and user-mode Linux guests for kernels the host lacks ([`uml`]).
 #![forbid(unsafe_code)]
 
 pub mod controller;
@@ -8,3 +9,4 @@ pub mod e2e;
 pub mod fixtures;
 pub mod netns;
 pub mod sim_agent;
+pub mod uml;
