@@ -45,8 +45,10 @@ pub struct KernelVs {
 pub struct Draining {
     pub key: VsKey,
     pub real: SocketAddr,
-    /// Active and inactive connections still using it.
-    pub connections: u32,
+    /// Established connections still using it. Inactive ones (closing, TIME_WAIT) are
+    /// not counted: they no longer carry data and linger for minutes after the last
+    /// byte.
+    pub active_connections: u32,
 }
 
 /// What the kernel holds, by Service, and what switchyard owns that no Service claims.
@@ -125,7 +127,11 @@ pub fn attribute(
             }
             owner.entry(key).or_insert_with(|| name.clone());
         }
-        view.services.entry(name).or_default().elements.insert(element);
+        view.services
+            .entry(name)
+            .or_default()
+            .elements
+            .insert(element);
     }
 
     let mut used_loop_backs = BTreeSet::new();
@@ -146,9 +152,7 @@ pub fn attribute(
                 view.draining.push(Draining {
                     key: vs.key,
                     real: real.addr,
-                    connections: real
-                        .active_connections
-                        .saturating_add(real.inactive_connections),
+                    active_connections: real.active_connections,
                 });
             } else {
                 held.reals.insert(real.addr, real.server);
@@ -208,7 +212,9 @@ mod tests {
     };
 
     /// What the kernel would hold after programming `plans` exactly.
-    fn kernel_of(plans: &BTreeMap<String, ServicePlan>) -> (Vec<KernelVs>, Saved, BTreeSet<IpAddr>) {
+    fn kernel_of(
+        plans: &BTreeMap<String, ServicePlan>,
+    ) -> (Vec<KernelVs>, Saved, BTreeSet<IpAddr>) {
         let mut sets = Saved::default();
         let mut vss = Vec::new();
         let mut addresses = BTreeSet::new();
@@ -247,7 +253,10 @@ mod tests {
 
     fn plans() -> BTreeMap<String, ServicePlan> {
         let cfg = RenderConfig {
-            node_addresses: vec!["10.201.0.1".parse().unwrap(), "fd00:201::1".parse().unwrap()],
+            node_addresses: vec![
+                "10.201.0.1".parse().unwrap(),
+                "fd00:201::1".parse().unwrap(),
+            ],
             ..RenderConfig::default()
         };
         let mut sink = kitchen_sink();
@@ -256,7 +265,12 @@ mod tests {
             "default/web",
             &["10.96.0.10"],
             // The same endpoint as the kitchen sink's: a shared hairpin element.
-            vec![port("http", Protocol::Tcp, 80, vec![ep("10.244.0.5", 8080, true)])],
+            vec![port(
+                "http",
+                Protocol::Tcp,
+                80,
+                vec![ep("10.244.0.5", 8080, true)],
+            )],
         );
         let empty = service(
             "default/empty",
@@ -277,7 +291,11 @@ mod tests {
         assert_eq!(view.services, plans);
         assert!(view.orphan_virtual_services.is_empty());
         assert!(view.orphan_addresses.is_empty());
-        assert!(view.orphan_elements.is_empty(), "{:?}", view.orphan_elements);
+        assert!(
+            view.orphan_elements.is_empty(),
+            "{:?}",
+            view.orphan_elements
+        );
         assert!(view.draining.is_empty());
     }
 
@@ -331,11 +349,14 @@ mod tests {
                     port: 80
                 },
                 real: "10.244.9.9:8080".parse().unwrap(),
-                connections: 3,
+                active_connections: 1,
             }]
         );
         assert_eq!(view.orphan_virtual_services.len(), 1);
-        assert_eq!(view.orphan_addresses, ["10.96.7.7".parse::<IpAddr>().unwrap()]);
+        assert_eq!(
+            view.orphan_addresses,
+            ["10.96.7.7".parse::<IpAddr>().unwrap()]
+        );
         assert_eq!(view.orphan_elements.len(), 1);
         assert!(
             !view

@@ -73,7 +73,10 @@ pub fn rules(family: Family, cfg: &RulesConfig) -> Vec<RuleLine> {
         rules.push((
             "nat",
             "SWY-SERVICES",
-            format!("{} {cluster_ip} -j {masq}", comment("swy cluster IP traffic to masquerade")),
+            format!(
+                "{} {cluster_ip} -j {masq}",
+                comment("swy cluster IP traffic to masquerade")
+            ),
         ));
     } else if let Some(cidr) = cluster_cidr {
         rules.push((
@@ -291,7 +294,9 @@ pub fn in_force(family: Family, cfg: &RulesConfig, save: &str) -> bool {
             table = if name == "nat" { "nat" } else { "filter" };
         }
         let ours = match table {
-            "nat" => NAT_CHAINS.iter().any(|c| line.starts_with(&format!("-A {c} "))),
+            "nat" => NAT_CHAINS
+                .iter()
+                .any(|c| line.starts_with(&format!("-A {c} "))),
             _ => FILTER_CHAINS
                 .iter()
                 .any(|c| line.starts_with(&format!("-A {c} "))),
@@ -357,7 +362,10 @@ mod tests {
         let plain = rules(Family::V4, &RulesConfig::default());
         assert!(plain.iter().all(|(_, _, s)| !s.contains("SWY-CLUSTER-IP")));
         let cidr = RulesConfig {
-            cluster_cidrs: vec!["10.244.0.0/16".parse().unwrap(), "fd00:244::/48".parse().unwrap()],
+            cluster_cidrs: vec![
+                "10.244.0.0/16".parse().unwrap(),
+                "fd00:244::/48".parse().unwrap(),
+            ],
             ..RulesConfig::default()
         };
         let v4 = rules(Family::V4, &cidr);
@@ -365,7 +373,9 @@ mod tests {
         assert!(v4[0].2.starts_with("! -s 10.244.0.0/16 -m comment"));
         let v6 = rules(Family::V6, &cidr);
         assert!(v6[0].2.contains("! -s fd00:244::/48"));
-        assert!(v6.iter().any(|(_, _, s)| s.contains("--match-set SWY-REJECT6 dst,dst -j REJECT --reject-with icmp6-port-unreachable")));
+        assert!(v6.iter().any(|(_, _, s)| s.contains(
+            "--match-set SWY-REJECT6 dst,dst -j REJECT --reject-with icmp6-port-unreachable"
+        )));
         let all = RulesConfig {
             masquerade_all: true,
             ..cidr
@@ -399,11 +409,19 @@ mod tests {
 
     #[test]
     fn cleanup_removes_present_jumps_then_chains() {
-        let save = save_of(Family::V4, &RulesConfig::default()).replace("*nat\n", "*nat\n:SWY-SERVICES - [0:0]\n:SWY-POSTROUTING - [0:0]\n:SWY-MARK-MASQ - [0:0]\n");
+        let save = save_of(Family::V4, &RulesConfig::default()).replace(
+            "*nat\n",
+            "*nat\n:SWY-SERVICES - [0:0]\n:SWY-POSTROUTING - [0:0]\n:SWY-MARK-MASQ - [0:0]\n",
+        );
         let text = cleanup_input(&save);
-        assert!(text.contains("-D PREROUTING -m comment --comment \"swy service portals\" -j SWY-SERVICES\n"));
+        assert!(text.contains(
+            "-D PREROUTING -m comment --comment \"swy service portals\" -j SWY-SERVICES\n"
+        ));
         assert!(text.contains("-X SWY-MARK-MASQ\n"));
-        assert!(!text.contains("-X SWY-FORWARD"), "not declared in this save: {text}");
+        assert!(
+            !text.contains("-X SWY-FORWARD"),
+            "not declared in this save: {text}"
+        );
         assert_eq!(cleanup_input(""), "");
     }
 }

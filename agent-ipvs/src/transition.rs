@@ -161,13 +161,16 @@ pub fn plan_transition(moves: &[Move<'_>], mirror: &Mirror, refs: &mut Refs) -> 
                 continue;
             }
             let held = mirror.virtual_services.get(key);
-            let settings_differ =
-                |h: &VirtualService| h.scheduler != want.scheduler || h.persistence != want.persistence;
+            let settings_differ = |h: &VirtualService| {
+                h.scheduler != want.scheduler || h.persistence != want.persistence
+            };
             match held {
-                None => t.ipvs_first.push((name.clone(), IpvsOp::AddService(*key, settings(want)))),
-                Some(h) if settings_differ(h) => {
-                    t.ipvs_first.push((name.clone(), IpvsOp::UpdateService(*key, settings(want))))
-                }
+                None => t
+                    .ipvs_first
+                    .push((name.clone(), IpvsOp::AddService(*key, settings(want)))),
+                Some(h) if settings_differ(h) => t
+                    .ipvs_first
+                    .push((name.clone(), IpvsOp::UpdateService(*key, settings(want)))),
                 Some(_) => {}
             }
             let held_reals = held.map(|h| &h.reals);
@@ -180,7 +183,9 @@ pub fn plan_transition(moves: &[Move<'_>], mirror: &Mirror, refs: &mut Refs) -> 
                     None if mirror.draining.contains(&(*key, *real)) => t
                         .ipvs_first
                         .push((name.clone(), IpvsOp::SetReal(*key, *real, server.weight))),
-                    None => t.ipvs_first.push((name.clone(), IpvsOp::AddReal(*key, *real))),
+                    None => t
+                        .ipvs_first
+                        .push((name.clone(), IpvsOp::AddReal(*key, *real))),
                 }
             }
             for real in held_reals.into_iter().flat_map(|r| r.keys()) {
@@ -349,11 +354,9 @@ mod tests {
         let mut mirror = Mirror::default();
         for plan in plans {
             mirror.addresses.extend(plan.addresses.iter().copied());
-            mirror.virtual_services.extend(
-                plan.virtual_services
-                    .iter()
-                    .map(|(k, v)| (*k, v.clone())),
-            );
+            mirror
+                .virtual_services
+                .extend(plan.virtual_services.iter().map(|(k, v)| (*k, v.clone())));
             mirror.loop_backs.extend(
                 plan.elements
                     .iter()
@@ -389,7 +392,11 @@ mod tests {
         let vs = key("10.96.0.10", 80, Protocol::Tcp);
         assert!(matches!(t.ipvs_first[0].1, IpvsOp::AddService(k, _) if k == vs));
         assert_eq!(t.ipvs_first.len(), 3);
-        assert_eq!(t.element_adds.len(), 3, "cluster IP and two hairpin elements");
+        assert_eq!(
+            t.element_adds.len(),
+            3,
+            "cluster IP and two hairpin elements"
+        );
         assert!(t.element_dels.is_empty() && t.ipvs_last.is_empty() && t.del_addresses.is_empty());
         assert_eq!(t.versions, [("default/web".to_string(), new.version)]);
         assert_eq!(refs, Refs::of([&new]));
@@ -413,7 +420,10 @@ mod tests {
         let vs = key("10.96.0.10", 80, Protocol::Tcp);
         let gone: SocketAddr = "10.244.2.2:8080".parse().unwrap();
         assert!(t.ipvs_first.is_empty());
-        assert_eq!(t.ipvs_last, [("default/web".into(), IpvsOp::SetReal(vs, gone, 0))]);
+        assert_eq!(
+            t.ipvs_last,
+            [("default/web".into(), IpvsOp::SetReal(vs, gone, 0))]
+        );
         assert_eq!(t.element_dels.len(), 1, "its hairpin element goes");
         assert!(t.add_addresses.is_empty() && t.del_addresses.is_empty());
 
@@ -428,7 +438,10 @@ mod tests {
             &drained,
             &mut refs,
         );
-        assert_eq!(t.ipvs_first, [("default/web".into(), IpvsOp::SetReal(vs, gone, 1))]);
+        assert_eq!(
+            t.ipvs_first,
+            [("default/web".into(), IpvsOp::SetReal(vs, gone, 1))]
+        );
     }
 
     #[test]
@@ -486,7 +499,12 @@ mod tests {
         let mut a = service(
             "default/a",
             &["10.96.0.1"],
-            vec![port("http", Protocol::Tcp, 80, vec![ep("10.244.1.2", 80, false)])],
+            vec![port(
+                "http",
+                Protocol::Tcp,
+                80,
+                vec![ep("10.244.1.2", 80, false)],
+            )],
         );
         a.external_ips = vec!["192.0.2.1".parse().unwrap()];
         let mut b = a.clone();
@@ -508,7 +526,9 @@ mod tests {
         assert_eq!(t.del_addresses, ["10.96.0.1".parse::<IpAddr>().unwrap()]);
         assert_eq!(t.versions, [("default/a".to_string(), None)]);
         assert!(
-            t.element_dels.iter().all(|(e, _)| e.kind != SetKind::LoopBack),
+            t.element_dels
+                .iter()
+                .all(|(e, _)| e.kind != SetKind::LoopBack),
             "b still uses the hairpin element"
         );
     }
@@ -529,7 +549,10 @@ mod tests {
             &mirror,
             &mut Refs::of([&plan]),
         );
-        assert_eq!(t.ipvs_first, [("default/web".into(), IpvsOp::AddReal(vs, lost))]);
+        assert_eq!(
+            t.ipvs_first,
+            [("default/web".into(), IpvsOp::AddReal(vs, lost))]
+        );
         assert!(t.versions.is_empty());
     }
 
