@@ -17,7 +17,12 @@ fn agent() -> AgentSpec {
 
 /// Runs one async scenario in an IPVS kernel.
 fn scenario<F: Future<Output = ()>>(run: impl FnOnce(AgentSpec) -> F + Send) {
-    let guest = Guest::new().mem_mib(2048).timeout(Duration::from_secs(300));
+    // The manifests folder and state directories on the guest's own tmpfs: inotify does
+    // not report changes to hostfs files (the host's /tmp) inside the guest.
+    let guest = Guest::new()
+        .mem_mib(2048)
+        .timeout(Duration::from_secs(300))
+        .env("TMPDIR", "/run");
     in_ipvs_kernel_with(guest, || {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
