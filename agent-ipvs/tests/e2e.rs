@@ -17,12 +17,7 @@ fn agent() -> AgentSpec {
 
 /// Runs one async scenario in an IPVS kernel.
 fn scenario<F: Future<Output = ()>>(run: impl FnOnce(AgentSpec) -> F + Send) {
-    // The manifests folder and state directories on the guest's own tmpfs: inotify does
-    // not report changes to hostfs files (the host's /tmp) inside the guest.
-    let guest = Guest::new()
-        .mem_mib(2048)
-        .timeout(Duration::from_secs(300))
-        .env("TMPDIR", "/run");
+    let guest = Guest::new().mem_mib(2048).timeout(Duration::from_secs(300));
     in_ipvs_kernel_with(guest, || {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -57,5 +52,35 @@ fn restarting_or_losing_the_agent_and_the_controller_fails_no_connection() {
 fn a_service_added_on_disk_forwards_within_a_second() {
     scenario(|spec| async move {
         e2e::a_service_added_on_disk_forwards_within_a_second(spec).await;
+    });
+}
+
+#[test]
+fn a_real_server_deleted_by_hand_comes_back_within_the_drift_interval() {
+    scenario(|spec| async move {
+        let cluster = e2e::Cluster::start(spec.args(["--drift-interval", "1s"])).await;
+        let reals = |c: &e2e::Cluster| {
+            c.node()
+                .exec(["ipvsadm", "-Ln", "-t", "10.96.0.10:80"])
+                .unwrap()
+        };
+        assert!(reals(&cluster).contains("10.244.2.2:8080"));
+        cluster
+            .node()
+            .exec([
+                "ipvsadm",
+                "-d",
+                "-t",
+                "10.96.0.10:80",
+                "-r",
+                "10.244.2.2:8080",
+            ])
+            .unwrap();
+        assert!(!reals(&cluster).contains("10.244.2.2:8080"));
+        cluster
+            .eventually("the deleted real server back", |c| {
+                reals(c).contains("10.244.2.2:8080")
+            })
+            .await;
     });
 }

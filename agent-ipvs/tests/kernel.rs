@@ -469,3 +469,46 @@ fn a_one_service_change_leaves_every_other_service_and_its_connections_alone() {
         assert_eq!(lab.backend_for("10.96.0.10", None), "backend-1");
     });
 }
+
+#[test]
+fn a_removed_udp_endpoint_goes_at_once_with_its_conntrack_entries() {
+    in_ipvs_kernel_with(guest(), || {
+        let mut lab = Lab::new(2);
+        let _udp = lab.topology.start_backends(&[], &[PORT + 1]).unwrap();
+        let dns = |backends: &[u8]| {
+            let mut s = svc("default/dns", "10.96.0.53", backends, Protocol::Udp);
+            s.ports[0]
+                .cluster_endpoints
+                .iter_mut()
+                .for_each(|e| e.port = PORT + 1);
+            desired_of([s])
+        };
+        assert!(lab.apply(&dns(&[1, 2]), full()).failed.is_empty());
+        let vip: IpAddr = "10.96.0.53".parse().unwrap();
+        let mut seen = BTreeSet::new();
+        for _ in 0..10 {
+            let answer = switchyard_integration::netns::udp_request(lab.client(), vip, 80).unwrap();
+            seen.insert(answer.split_whitespace().next().unwrap().to_string());
+        }
+        assert_eq!(seen.len(), 2, "{seen:?}");
+        let flows =
+            |lab: &Lab| lab.sh("conntrack -L -p udp --orig-dst 10.96.0.53 2>/dev/null || true");
+        assert!(flows(&lab).contains("src=10.244.2.2"), "{}", flows(&lab));
+
+        assert!(
+            lab.apply(&dns(&[1]), upsert(&["default/dns"]))
+                .failed
+                .is_empty()
+        );
+        let ipvsadm = lab.sh("ipvsadm -Ln -u 10.96.0.53:80");
+        assert!(
+            !ipvsadm.contains("10.244.2.2"),
+            "no draining for UDP: {ipvsadm}"
+        );
+        assert!(!flows(&lab).contains("src=10.244.2.2"), "{}", flows(&lab));
+        for _ in 0..5 {
+            let answer = switchyard_integration::netns::udp_request(lab.client(), vip, 80).unwrap();
+            assert!(answer.starts_with("backend-1 "), "{answer}");
+        }
+    });
+}

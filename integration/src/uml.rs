@@ -15,7 +15,8 @@
 //! `linux.uml root=/dev/root rootfstype=hostfs rootflags=/ rw init=SCRIPT …`: the guest
 //! sees the host's files (through hostfs, reads and writes go to the host) but has its
 //! own kernel: its own `proc`, `sysfs`, cgroup2 and bpf mounts, a tmpfs on `/run` (so
-//! `ip netns` names never meet the host's), its own network stack with `lo` up and, by
+//! `ip netns` names never meet the host's, and `TMPDIR` points there: inotify in the
+//! guest sees no change made to hostfs files), its own network stack with `lo` up and, by
 //! default, a default route over a dummy device (as a real node has one). `/tmp` is
 //! shared with the host on purpose: the harness keeps each guest's files in a fresh
 //! temporary directory there — the generated init script, the command's stdout, stderr
@@ -567,6 +568,10 @@ echo \"$D/modprobe\" >/proc/sys/kernel/modprobe || fail 'set kernel.modprobe'
         s.extend_from_slice(b"'\nip -batch \"$D/network\" || fail 'ip -batch network'\ncd ");
         q(&mut s, current_dir.as_os_str());
         s.extend_from_slice(b" || fail 'cd to the working directory'\n");
+        // Temporary files of the command on the guest's own tmpfs: inotify inside the
+        // guest sees no change to hostfs files (a manifests folder under the host's /tmp
+        // would never report an edit). `Guest::env("TMPDIR", …)` overrides it.
+        s.extend_from_slice(b"export TMPDIR=/run\n");
         for (key, value) in &self.env {
             if !is_shell_name(key) {
                 continue;
