@@ -16,15 +16,15 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 
 use common::{bench_services, desired, ep, full, port, service};
 use switchyard_agent_core::dataplane::{Dataplane, Desired};
 use switchyard_agent_iptables::{Backend, IptablesConfig, IptablesDataplane, RenderConfig};
-use switchyard_integration::netns::{Netns, Topology};
+use switchyard_integration::{
+    bench::{accept_and_drop, connect_rate, median_of},
+    netns::Topology,
+};
 use switchyard_proto::state::Protocol;
 
 const TARGET_VIP: &str = "10.96.255.254";
@@ -47,69 +47,17 @@ fn services(n: usize) -> Desired {
     want
 }
 
-/// New connections per second from `client` to `target` over [`WINDOW`]; a connect that
-/// fails aborts the bench (the rules or the topology are wrong, not slow).
-fn connect_rate(client: &Netns, node: &Netns, target: SocketAddr) -> f64 {
-    // A window opens more connections than there are ephemeral ports: start each from
-    // empty conntrack tables so a reused port never meets its predecessor's entry.
-    for ns in [client, node] {
-        let _ = ns.exec(["conntrack", "-F"]);
-    }
-    client
-        .run(move || {
-            let start = Instant::now();
-            let mut connections = 0u64;
-            while start.elapsed() < WINDOW {
-                let stream = TcpStream::connect_timeout(&target, Duration::from_secs(1))
-                    .unwrap_or_else(|e| panic!("connect {target} after {connections}: {e}"));
-                // RST on close: no TIME_WAIT, so the ephemeral ports never run out.
-                socket2::SockRef::from(&stream)
-                    .set_linger(Some(Duration::ZERO))
-                    .unwrap();
-                drop(stream);
-                connections += 1;
-            }
-            connections as f64 / start.elapsed().as_secs_f64()
-        })
-        .unwrap()
-}
-
-fn median(mut f: impl FnMut() -> f64) -> f64 {
-    let mut runs: Vec<f64> = (0..ROUNDS).map(|_| f()).collect();
-    runs.sort_by(f64::total_cmp);
-    runs[ROUNDS / 2]
-}
-
-/// Accepts and drops connections until the process ends.
-fn serve(listener: TcpListener) {
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            drop(stream);
-        }
-    });
-}
-
 fn main() {
     let topology = Topology::builder()
         .backends(1)
         .ipv6(false)
         .build()
         .expect("topology (run as root)");
-    let backend_ns = topology.backend(1);
-    // A deep accept queue: a full one drops SYNs, and a retransmitted SYN (1 s) would
-    // measure the accept thread instead of the rules.
-    let listener = backend_ns
-        .ns()
-        .run(|| {
-            let address = SocketAddr::new(BACKEND.parse().unwrap(), BACKEND_PORT);
-            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-            socket.bind(&address.into())?;
-            socket.listen(4096)?;
-            std::io::Result::Ok(TcpListener::from(socket))
-        })
-        .unwrap()
-        .unwrap();
-    serve(listener);
+    accept_and_drop(
+        topology.backend(1).ns(),
+        SocketAddr::new(BACKEND.parse().unwrap(), BACKEND_PORT),
+    )
+    .unwrap();
     let vip: SocketAddr = format!("{TARGET_VIP}:80").parse().unwrap();
     let direct: SocketAddr = format!("{BACKEND}:{BACKEND_PORT}").parse().unwrap();
     let client = topology.client();
@@ -118,7 +66,12 @@ fn main() {
     client
         .sysctl("net.ipv4.ip_local_port_range", "1024 65535")
         .unwrap();
-    let bare = median(|| connect_rate(client, node, direct));
+    let rate = |target| {
+        median_of(ROUNDS, || {
+            connect_rate(client, &[client, node], target, WINDOW)
+        })
+    };
+    let bare = rate(direct);
     println!("no rules: direct {bare:.0} connections/s");
     let mut dp = IptablesDataplane::new(IptablesConfig {
         render: RenderConfig {
@@ -143,8 +96,8 @@ fn main() {
     });
     for n in [0usize, 1000, 10000] {
         dp.apply(&services(n), &full()).unwrap();
-        let through_vip = median(|| connect_rate(client, node, vip));
-        let direct_now = median(|| connect_rate(client, node, direct));
+        let through_vip = rate(vip);
+        let direct_now = rate(direct);
         println!(
             "{:?} n={n}: ClusterIP {through_vip:.0} connections/s ({:.0}% of direct without rules), direct across the same rules {direct_now:.0}/s",
             dp.backend(),

@@ -4,6 +4,7 @@
 //! namespaces, and user-mode Linux guests for kernels the host lacks ([`uml`]).
 #![forbid(unsafe_code)]
 
+pub mod bench;
 pub mod controller;
 pub mod e2e;
 pub mod fixtures;

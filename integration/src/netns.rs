@@ -87,7 +87,8 @@ pub enum NetnsError {
 }
 
 impl NetnsError {
-    fn io(op: impl Into<String>, source: io::Error) -> Self {
+    /// An I/O error of operation `op`.
+    pub fn io(op: impl Into<String>, source: io::Error) -> Self {
         NetnsError::Io {
             op: op.into(),
             source,

@@ -1037,6 +1037,37 @@ fn current_test_name() -> String {
     }
 }
 
+/// For a program's `main` (a benchmark, the demo) that needs an IPVS kernel: runs `body`
+/// when this kernel has IPVS or this is a guest; otherwise reruns this program with the
+/// same arguments in `guest` (with this process's environment), prints what it printed,
+/// and exits with its status. Output arrives when the guest halts.
+pub fn main_in_ipvs_kernel(guest: Guest, body: impl FnOnce()) {
+    if in_guest() || running_kernel_has_ipvs() {
+        return body();
+    }
+    let run = || -> Result<GuestOutput, UmlError> {
+        let exe = std::env::current_exe().map_err(|e| UmlError::io("find this program", e))?;
+        eprintln!(
+            "this kernel has no IPVS: running {} in user-mode Linux (output comes when it ends)",
+            exe.display()
+        );
+        guest
+            .envs_from_host()
+            .run(&exe, std::env::args_os().skip(1))
+    };
+    match run() {
+        Ok(output) => {
+            print!("{}", output.stdout);
+            eprint!("{}", output.stderr);
+            std::process::exit(output.status);
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// Reruns the test `test` of this test binary inside `guest`
 /// (`current_exe() --exact TEST --include-ignored --nocapture --test-threads=1`: an
 /// `#[ignore]`d test the host was asked to run runs in the guest too).
