@@ -129,6 +129,44 @@ pub struct IpvsDataplane {
     set_up: bool,
     /// The operations of the last apply, for tests and logs.
     last_transition: Transition,
+    /// Where the last apply spent its time, phase by phase.
+    last_phases: Phases,
+}
+
+/// Time spent per phase of an apply, for the debug log and the benchmarks.
+#[derive(Clone, Debug, Default)]
+pub struct Phases {
+    pub phases: Vec<(&'static str, Duration)>,
+    mark: Option<Instant>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Self {
+            phases: Vec::new(),
+            mark: Some(Instant::now()),
+        }
+    }
+
+    /// Records the time since the previous mark as `phase`.
+    fn mark(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        if let Some(mark) = self.mark.replace(now) {
+            self.phases.push((phase, now - mark));
+        }
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (phase, took)) in self.phases.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{phase} {took:.2?}")?;
+        }
+        Ok(())
+    }
 }
 
 fn failed(operation: impl Into<String>, error: impl std::fmt::Display) -> DataplaneError {
@@ -164,6 +202,7 @@ impl IpvsDataplane {
             states: BTreeMap::new(),
             set_up: false,
             last_transition: Transition::default(),
+            last_phases: Phases::default(),
         };
         dataplane.read_addresses()?;
         Ok(dataplane)
@@ -176,6 +215,11 @@ impl IpvsDataplane {
     /// The kernel operations the last apply planned, each with the Service it was for.
     pub fn last_transition(&self) -> &Transition {
         &self.last_transition
+    }
+
+    /// Where the last apply spent its time.
+    pub fn last_phases(&self) -> &Phases {
+        &self.last_phases
     }
 
     /// The node addresses node ports answer on, as last read.
@@ -390,7 +434,12 @@ impl IpvsDataplane {
     }
 
     /// Carries out `transition`; returns the Services that could not be programmed.
-    fn execute(&mut self, t: &Transition, moves: &[Move<'_>]) -> BTreeMap<String, String> {
+    fn execute(
+        &mut self,
+        t: &Transition,
+        moves: &[Move<'_>],
+        phases: &mut Phases,
+    ) -> BTreeMap<String, String> {
         let mut failures: BTreeMap<String, String> = BTreeMap::new();
         let users = |addr: &IpAddr| -> Vec<String> {
             moves
@@ -417,8 +466,10 @@ impl IpvsDataplane {
                 }
             }
         }
+        phases.mark("VIPs up");
         // 2. Virtual services and real servers up.
         self.run_ipvs(&t.ipvs_first, &mut failures);
+        phases.mark("IPVS up");
         // 3. ipset elements and versions.
         if let Err(error) = self.run_ipset(t, None) {
             // One transaction failed: find the Services it failed for, one at a time.
@@ -429,8 +480,10 @@ impl IpvsDataplane {
                 }
             }
         }
+        phases.mark("ipset");
         // 4. Drains and deletions.
         self.run_ipvs(&t.ipvs_last, &mut failures);
+        phases.mark("IPVS down");
         // 5. VIPs nobody uses.
         for (addr, result) in self.links.change_addresses(dummy, &[], &t.del_addresses) {
             match result {
@@ -444,6 +497,7 @@ impl IpvsDataplane {
                 }
             }
         }
+        phases.mark("VIPs down");
         failures
     }
 
@@ -687,14 +741,18 @@ impl Dataplane for IpvsDataplane {
         desired: &Desired,
         change: &Change,
     ) -> Result<ApplyOutcome, DataplaneError> {
+        let mut phases = Phases::start();
         if change.full || !self.set_up {
             self.set_up()?;
+            phases.mark("set up");
         }
         if change.full {
             self.refresh()?;
+            phases.mark("read back");
         }
         let connections = self.draining_connections();
         self.sweep_draining(&connections);
+        phases.mark("drain");
 
         let cfg = self.render_config();
         let names: BTreeSet<String> = if change.full {
@@ -734,7 +792,8 @@ impl Dataplane for IpvsDataplane {
             .collect();
         let mut refs = self.refs.clone();
         let transition = plan_transition(&moves, &self.mirror, &mut refs);
-        let failed = self.execute(&transition, &moves);
+        phases.mark("render and plan");
+        let failed = self.execute(&transition, &moves, &mut phases);
         drop(moves);
         tracing::debug!(
             vips = transition.add_addresses.len() + transition.del_addresses.len(),
@@ -778,9 +837,12 @@ impl Dataplane for IpvsDataplane {
                 };
             }
         }
+        phases.mark("conntrack and bookkeeping");
         if !failed.is_empty() {
             self.refresh()?;
         }
+        tracing::debug!(%phases, "IPVS apply phases");
+        self.last_phases = phases;
         Ok(ApplyOutcome { failed })
     }
 
