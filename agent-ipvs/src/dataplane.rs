@@ -1,5 +1,6 @@
 //! The IPVS [`Dataplane`]: programs virtual services through generic netlink, VIPs
-//! through rtnetlink and ipset elements through `ipset restore`, in the order
+//! (local routes through the dummy device) through rtnetlink and ipset elements through
+//! nfnetlink, all in process, in the order
 //! [`crate::transition`] plans; reads all three back; drains removed TCP real servers.
 //!
 //! It owns the dummy device `swy-ipvs0`, the `SWY-` ipsets and iptables chains, and the
@@ -26,10 +27,14 @@ use switchyard_proto::v1;
 
 use crate::{
     ipset,
+    ipset_netlink::{ElementChange, IpsetSocket},
     link::Links,
     netlink::{self, DestId, Destination, IpvsSocket, Op, ServiceId, Timeouts},
     readback::{self, KernelReal, KernelView, KernelVs},
-    render::{DUMMY_DEVICE, RealServer, RenderConfig, ServicePlan, VsKey, render_service},
+    render::{
+        DUMMY_DEVICE, RealServer, RenderConfig, ServicePlan, SetElement, SetKind, VsKey,
+        render_service,
+    },
     rules::{self, RulesConfig},
     transition::{IpvsOp, Mirror, Move, Refs, Transition, plan_transition},
 };
@@ -109,6 +114,7 @@ pub struct IpvsDataplane {
     config: IpvsConfig,
     ipvs: IpvsSocket,
     links: Links,
+    ipsets: IpsetSocket,
     runner: Runner,
     backend: Backend,
     /// The dummy device's index, once it exists.
@@ -183,6 +189,7 @@ impl IpvsDataplane {
     pub fn new(config: IpvsConfig) -> Result<Self, DataplaneError> {
         let ipvs = IpvsSocket::open().map_err(|e| failed("opening IPVS", e))?;
         let links = Links::open().map_err(|e| failed("opening rtnetlink", e))?;
+        let ipsets = IpsetSocket::open().map_err(|e| failed("opening nfnetlink", e))?;
         let runner = Runner::default();
         let backend = config.backend.unwrap_or_else(|| runner.detect_backend());
         tracing::info!(?backend, "iptables backend for the IPVS agent's rules");
@@ -190,6 +197,7 @@ impl IpvsDataplane {
             config,
             ipvs,
             links,
+            ipsets,
             runner,
             backend,
             dummy: None,
@@ -253,21 +261,26 @@ impl IpvsDataplane {
         plan
     }
 
-    /// Reads the dummy device's index and the node addresses.
+    /// Reads the dummy device's index, the VIPs routed through it, and the node
+    /// addresses.
     fn read_addresses(&mut self) -> Result<BTreeSet<IpAddr>, DataplaneError> {
         self.dummy = self
             .links
             .link_index(DUMMY_DEVICE)
             .map_err(|e| failed("reading the dummy device", e))?;
+        let vips: BTreeSet<IpAddr> = match self.dummy {
+            Some(index) => self
+                .links
+                .vips(index)
+                .map_err(|e| failed("reading the VIP routes", e))?
+                .into_iter()
+                .collect(),
+            None => BTreeSet::new(),
+        };
         let all = self
             .links
             .addresses()
             .map_err(|e| failed("reading addresses", e))?;
-        let on_dummy: BTreeSet<IpAddr> = all
-            .iter()
-            .filter(|a| Some(a.index) == self.dummy)
-            .map(|a| a.addr)
-            .collect();
         let mut node: Vec<IpAddr> = all
             .iter()
             .filter(|a| Some(a.index) != self.dummy)
@@ -281,7 +294,7 @@ impl IpvsDataplane {
             tracing::info!(addresses = ?node, "node addresses for node ports");
             self.node_addresses = node;
         }
-        Ok(on_dummy)
+        Ok(vips)
     }
 
     /// Puts the device, the sets, the fixed rules, the sysctls and the timeouts in
@@ -454,7 +467,7 @@ impl IpvsDataplane {
         let dummy = self.dummy.unwrap_or_default();
 
         // 1. VIPs.
-        for (addr, result) in self.links.change_addresses(dummy, &t.add_addresses, &[]) {
+        for (addr, result) in self.links.change_vips(dummy, &t.add_addresses, &[]) {
             match result {
                 Ok(()) => {
                     self.mirror.addresses.insert(addr);
@@ -471,21 +484,13 @@ impl IpvsDataplane {
         self.run_ipvs(&t.ipvs_first, &mut failures);
         phases.mark("IPVS up");
         // 3. ipset elements and versions.
-        if let Err(error) = self.run_ipset(t, None) {
-            // One transaction failed: find the Services it failed for, one at a time.
-            tracing::warn!(%error, "ipset restore failed; retrying one Service at a time");
-            for m in moves {
-                if let Err(error) = self.run_ipset(t, Some(m.name)) {
-                    failures.insert(m.name.to_string(), error.to_string());
-                }
-            }
-        }
+        self.run_ipset(t, &mut failures);
         phases.mark("ipset");
         // 4. Drains and deletions.
         self.run_ipvs(&t.ipvs_last, &mut failures);
         phases.mark("IPVS down");
         // 5. VIPs nobody uses.
-        for (addr, result) in self.links.change_addresses(dummy, &[], &t.del_addresses) {
+        for (addr, result) in self.links.change_vips(dummy, &[], &t.del_addresses) {
             match result {
                 Ok(()) => {
                     self.mirror.addresses.remove(&addr);
@@ -539,42 +544,44 @@ impl IpvsDataplane {
         }
     }
 
-    /// The ipset part of `t` (only `only`'s, when given) in one `ipset restore`.
-    fn run_ipset(&mut self, t: &Transition, only: Option<&str>) -> Result<(), DataplaneError> {
-        let keep = |name: &str| only.is_none_or(|o| o == name);
-        let adds: Vec<_> = t
-            .element_adds
-            .iter()
-            .filter(|(_, n)| keep(n))
-            .map(|(e, n)| (e, n.as_str()))
-            .collect();
-        let dels: Vec<_> = t
-            .element_dels
-            .iter()
-            .filter(|(_, n)| keep(n))
-            .map(|(e, _)| e)
-            .collect();
-        let versions: Vec<_> = t
-            .versions
-            .iter()
-            .filter(|(n, _)| keep(n))
-            .cloned()
-            .collect();
-        if adds.is_empty() && dels.is_empty() && versions.is_empty() {
-            return Ok(());
+    /// The ipset part of `t`: adds, version records, then deletes, in process; a
+    /// refused element fails its Service.
+    fn run_ipset(&mut self, t: &Transition, failures: &mut BTreeMap<String, String>) {
+        let mut changes =
+            Vec::with_capacity(t.element_adds.len() + t.versions.len() + t.element_dels.len());
+        let mut owners = Vec::with_capacity(changes.capacity());
+        for (element, name) in &t.element_adds {
+            changes.push(ElementChange::Add(element, name));
+            owners.push(name.as_str());
         }
-        let input = ipset::restore_input(adds.iter().copied(), dels.iter().copied(), &versions);
-        self.runner
-            .run("ipset", &["-exist", "restore"], Some(&input))?;
-        for (element, _) in &adds {
-            if element.kind == crate::render::SetKind::LoopBack {
-                self.mirror.loop_backs.insert((*element).clone());
+        for (name, version) in &t.versions {
+            changes.push(ElementChange::Version(name, *version));
+            owners.push(name.as_str());
+        }
+        for (element, name) in &t.element_dels {
+            changes.push(ElementChange::Del(element));
+            owners.push(name.as_str());
+        }
+        if changes.is_empty() {
+            return;
+        }
+        let results = self.ipsets.change(&changes);
+        for ((change, owner), result) in changes.iter().zip(owners).zip(results) {
+            match (change, result) {
+                (ElementChange::Add(element, _), Ok(())) if element.kind == SetKind::LoopBack => {
+                    self.mirror.loop_backs.insert((*element).clone());
+                }
+                (ElementChange::Del(element), Ok(())) if element.kind == SetKind::LoopBack => {
+                    self.mirror.loop_backs.remove(*element);
+                }
+                (_, Ok(())) => {}
+                (_, Err(error)) => {
+                    failures
+                        .entry(owner.to_string())
+                        .or_insert_with(|| error.to_string());
+                }
             }
         }
-        for element in &dels {
-            self.mirror.loop_backs.remove(*element);
-        }
-        Ok(())
     }
 
     /// Removes what no Service claims (after a full sync's read-back).
@@ -592,24 +599,31 @@ impl IpvsDataplane {
                 tracing::warn!(%e, "removing an orphaned virtual service failed");
             }
         }
-        let mut input = String::new();
-        for element in &self.orphans.orphan_elements {
-            input.push_str(&format!("del {} {}\n", element.set_name(), element.element));
-        }
-        let versions = crate::render::SetKind::Versions.name(Family::V6);
-        for stray in &self.orphans.stray_versions {
-            input.push_str(&format!("del {versions} {stray}\n"));
-        }
-        if !input.is_empty()
-            && let Err(e) = self
-                .runner
-                .run("ipset", &["-exist", "restore"], Some(&input))
-        {
-            tracing::warn!(%e, "removing orphaned ipset elements failed");
+        let strays: Vec<SetElement> = self
+            .orphans
+            .stray_versions
+            .iter()
+            .map(|key| SetElement {
+                kind: SetKind::Versions,
+                family: Family::V6,
+                element: key.clone(),
+            })
+            .collect();
+        let changes: Vec<ElementChange<'_>> = self
+            .orphans
+            .orphan_elements
+            .iter()
+            .chain(&strays)
+            .map(ElementChange::Del)
+            .collect();
+        for result in self.ipsets.change(&changes) {
+            if let Err(e) = result {
+                tracing::warn!(%e, "removing an orphaned ipset element failed");
+            }
         }
         if let Some(dummy) = self.dummy {
             let orphans = self.orphans.orphan_addresses.clone();
-            for (addr, result) in self.links.change_addresses(dummy, &[], &orphans) {
+            for (addr, result) in self.links.change_vips(dummy, &[], &orphans) {
                 if let Err(e) = result {
                     tracing::warn!(%addr, %e, "removing an orphaned VIP failed");
                 }

@@ -1,7 +1,7 @@
-//! switchyard's ipsets in `ipset` notation: the `create` lines, the `ipset restore` input
-//! that adds and deletes elements, and the parser of `ipset save` output. Pure; the
-//! dataplane runs `ipset` (one process per apply: measured at about 1.5 ms on the host
-//! for a one-element change, 0.23 s for 40,000 elements).
+//! switchyard's ipsets in `ipset` notation: the `create` lines (run once at setup with
+//! `ipset -exist restore`), the comments elements carry, and the parser of `ipset save`
+//! output (read-back). Pure. Elements themselves are added and deleted in process
+//! ([`crate::ipset_netlink`]).
 //!
 //! Elements carry their Service's name as a comment (see [`crate::render`]); the version
 //! record of a Service is an element of `SWY-VERSIONS` keyed by a 128-bit hash of its
@@ -58,12 +58,11 @@ pub fn version_comment(service: &str, version: u64) -> String {
     format!("{service} version={}", format_version(version))
 }
 
-/// A comment as `ipset restore` reads it. Names are validated before they get here, but
-/// the restore input is parsed text: anything that could end the quoted comment or the
-/// line is replaced, and the kernel's 255-byte limit is kept.
-pub fn quoted_comment(text: &str) -> String {
-    let safe: String = text
-        .chars()
+/// A comment as switchyard writes it. Names are validated before they get here, but
+/// `ipset save` prints comments in double quotes for read-back to parse: anything that
+/// could end the quotes or the line is replaced, and the kernel's 255-byte limit kept.
+pub fn safe_comment(text: &str) -> String {
+    text.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || " ./:_-=".contains(c) {
                 c
@@ -72,48 +71,7 @@ pub fn quoted_comment(text: &str) -> String {
             }
         })
         .take(255)
-        .collect();
-    format!("\"{safe}\"")
-}
-
-/// `ipset restore` input: every `add` (with its Service's name as comment), then every
-/// `del`. Adds use `-exist` semantics (the caller passes `-exist`), so an element that
-/// is already there only has its comment refreshed.
-pub fn restore_input<'a>(
-    adds: impl IntoIterator<Item = (&'a SetElement, &'a str)>,
-    dels: impl IntoIterator<Item = &'a SetElement>,
-    versions: &[(String, Option<u64>)],
-) -> String {
-    let mut text = String::new();
-    for (element, service) in adds {
-        let _ = writeln!(
-            text,
-            "add {} {} comment {}",
-            element.set_name(),
-            element.element,
-            quoted_comment(service)
-        );
-    }
-    let versions_set = SetKind::Versions.name(Family::V6);
-    for (service, version) in versions {
-        match version {
-            Some(version) => {
-                let _ = writeln!(
-                    text,
-                    "add {versions_set} {} comment {}",
-                    version_key(service),
-                    quoted_comment(&version_comment(service, *version))
-                );
-            }
-            None => {
-                let _ = writeln!(text, "del {versions_set} {}", version_key(service));
-            }
-        }
-    }
-    for element in dels {
-        let _ = writeln!(text, "del {} {}", element.set_name(), element.element);
-    }
-    text
+        .collect()
 }
 
 /// One element as `ipset save` printed it, attributed to a Service by its comment.
@@ -224,44 +182,6 @@ mod tests {
             family,
             element: element.into(),
         }
-    }
-
-    #[test]
-    fn restore_input_adds_with_comments_then_versions_then_deletes() {
-        let reject = element(SetKind::Reject, Family::V4, "10.96.0.12,tcp:80");
-        let old = element(SetKind::ClusterIp, Family::V6, "fd00::12,tcp:80");
-        let text = restore_input(
-            [(&reject, "default/empty")],
-            [&old],
-            &[
-                ("default/empty".into(), Some(0xab)),
-                ("gone/svc".into(), None),
-            ],
-        );
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(
-            lines[0],
-            "add SWY-REJECT 10.96.0.12,tcp:80 comment \"default/empty\""
-        );
-        assert_eq!(
-            lines[1],
-            format!(
-                "add SWY-VERSIONS {} comment \"default/empty version=00000000000000ab\"",
-                version_key("default/empty")
-            )
-        );
-        assert_eq!(
-            lines[2],
-            format!("del SWY-VERSIONS {}", version_key("gone/svc"))
-        );
-        assert_eq!(lines[3], "del SWY-CLUSTER-IP6 fd00::12,tcp:80");
-    }
-
-    #[test]
-    fn comments_cannot_end_their_quotes_or_the_line() {
-        assert_eq!(quoted_comment("a/b"), "\"a/b\"");
-        assert_eq!(quoted_comment("a\"\nadd X y"), "\"a__add X y\"");
-        assert_eq!(quoted_comment(&"x".repeat(300)).len(), 257);
     }
 
     #[test]

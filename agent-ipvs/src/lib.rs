@@ -11,8 +11,10 @@
 
 pub mod dataplane;
 pub mod ipset;
+pub mod ipset_netlink;
 pub mod link;
 pub mod netlink;
+pub mod nlbatch;
 pub mod readback;
 pub mod render;
 pub mod rules;

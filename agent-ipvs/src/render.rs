@@ -7,8 +7,9 @@
 //!   (cluster, external and load-balancer IPs, and each node address for a node port),
 //!   masquerade forwarding, persistence for ClientIP affinity. A VIP whose traffic policy
 //!   selects no endpoint gets no virtual service.
-//! - **The dummy device** `swy-ipvs0` holds every VIP, so the node accepts packets to it
-//!   and IPVS sees them on LOCAL_IN.
+//! - **The dummy device** `swy-ipvs0` carries every VIP as a local host route (see
+//!   [`crate::link`] for why a route rather than an address), so the node accepts packets
+//!   to it and IPVS sees them on LOCAL_IN.
 //! - **ipsets** carry what IPVS cannot do, for a fixed set of iptables rules
 //!   ([`crate::rules`]) whose count never grows with the Services: which VIPs to
 //!   masquerade, reject (no usable endpoint anywhere) or drop (endpoints exist but the
@@ -240,7 +241,7 @@ pub struct ServicePlan {
     /// The version recorded in `SWY-VERSIONS`.
     pub version: Option<u64>,
     pub virtual_services: BTreeMap<VsKey, VirtualService>,
-    /// VIPs on the dummy device.
+    /// VIPs routed locally through the dummy device.
     pub addresses: BTreeSet<IpAddr>,
     /// Elements of the per-family sets (not the version).
     pub elements: BTreeSet<SetElement>,
@@ -248,13 +249,13 @@ pub struct ServicePlan {
 
 impl ServicePlan {
     /// The kernel objects, one line each, sorted (the notation of read-back and drift):
-    /// `address 10.96.0.10`, `ipvs TCP 10.96.0.10:80 rr persistent 10800`,
+    /// `vip 10.96.0.10` (its local route), `ipvs TCP 10.96.0.10:80 rr persistent 10800`,
     /// `ipvs TCP 10.96.0.10:80 -> 10.244.1.2:8080 masq 1`, `ipset SWY-REJECT
     /// 10.96.0.12,tcp:80`, `version 0123456789abcdef`.
     pub fn objects(&self) -> Vec<String> {
         let mut objects = Vec::new();
         for address in &self.addresses {
-            objects.push(format!("address {address}"));
+            objects.push(format!("vip {address}"));
         }
         for (key, vs) in &self.virtual_services {
             let persistent = vs

@@ -181,9 +181,10 @@ fn every_service_reads_back_as_rendered_and_cleanup_removes_exactly_what_the_age
             "{ipvsadm}"
         );
         assert!(ipvsadm.contains("-> 10.244.1.2:9000"), "{ipvsadm}");
+        let vips = lab.sh("ip route show table local dev swy-ipvs0");
         assert!(
-            lab.sh("ip -o addr show dev swy-ipvs0")
-                .contains("10.96.0.12/32")
+            vips.contains("local 10.96.0.12 proto 83 scope host"),
+            "{vips}"
         );
 
         lab.on_node(|d| d.cleanup()).unwrap();
@@ -394,7 +395,7 @@ fn drift_is_found_per_service_and_repaired_and_a_restart_finds_everything_in_pla
         // By hand: a real server, an element and a VIP go.
         lab.sh("ipvsadm -d -t 10.96.0.10:80 -r 10.244.2.2:9000 && \
              ipset del SWY-REJECT 10.96.0.12,tcp:80 && \
-             ip addr del 10.96.0.11/32 dev swy-ipvs0");
+             ip route del local 10.96.0.11 dev swy-ipvs0 table local");
         let kernel = lab.read_back();
         let drifted: Vec<&String> = want
             .iter()
