@@ -217,6 +217,8 @@ pub struct IpsetSocket {
     socket: Socket,
     seq: u32,
     buf: Vec<u8>,
+    /// Requests per datagram (see [`nlbatch::configure`]).
+    per_datagram: usize,
 }
 
 impl IpsetSocket {
@@ -226,11 +228,12 @@ impl IpsetSocket {
         socket
             .connect(&SocketAddr::new(0, 0))
             .map_err(IpsetError::Open)?;
-        socket.set_rx_buf_sz(1 << 20).map_err(IpsetError::Open)?;
+        let per_datagram = nlbatch::configure(&mut socket).map_err(IpsetError::Open)?;
         Ok(Self {
             socket,
             seq: 0,
             buf: vec![0; 1 << 16],
+            per_datagram,
         })
     }
 
@@ -289,7 +292,7 @@ impl IpsetSocket {
                 }
             }
         }
-        let outcomes = nlbatch::exchange(&self.socket, &mut self.buf, &requests);
+        let outcomes = nlbatch::exchange(&self.socket, &mut self.buf, &requests, self.per_datagram);
         for ((i, verb, set, element), outcome) in described.into_iter().zip(outcomes) {
             results[i] = Some(outcome.map_err(|source| IpsetError::Kernel {
                 verb,

@@ -78,6 +78,8 @@ pub struct Links {
     socket: Socket,
     seq: u32,
     buf: Vec<u8>,
+    /// Requests per datagram (see [`nlbatch::configure`]).
+    per_datagram: usize,
 }
 
 impl Links {
@@ -86,11 +88,12 @@ impl Links {
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(open)?;
         socket.bind_auto().map_err(open)?;
         socket.connect(&SocketAddr::new(0, 0)).map_err(open)?;
-        socket.set_rx_buf_sz(1 << 20).map_err(open)?;
+        let per_datagram = nlbatch::configure(&mut socket).map_err(open)?;
         Ok(Self {
             socket,
             seq: 0,
             buf: vec![0; 1 << 16],
+            per_datagram,
         })
     }
 
@@ -343,7 +346,7 @@ impl Links {
                 }
             })
             .collect();
-        let results = nlbatch::exchange(&self.socket, &mut self.buf, &requests);
+        let results = nlbatch::exchange(&self.socket, &mut self.buf, &requests, self.per_datagram);
         changes
             .into_iter()
             .zip(results)

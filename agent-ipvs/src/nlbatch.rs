@@ -3,23 +3,49 @@
 //! kernel handles every message of a datagram in `sendmsg`, so the acknowledgements are
 //! queued when it returns; one refused request never hides the others.
 
-use std::io;
+use std::{io, os::fd::AsFd, time::Duration};
 
 use netlink_sys::Socket;
 
 /// `NLMSG_ERROR`: an acknowledgement (error 0) or a refusal.
 const NLMSG_ERROR: u16 = 2;
-/// Bytes per datagram: well under the socket buffers callers set, and under the
-/// receive space the acknowledgements of that many small requests take.
+/// Bytes per datagram.
 pub const MAX_DATAGRAM: usize = 32 << 10;
+/// Receive-buffer space one acknowledgement takes (its skb's truesize, measured at
+/// about 730 bytes): a datagram carries no more requests than the buffer has room for
+/// acknowledgements, or the kernel drops some (ENOBUFS) and their outcome is unknown.
+const ACK_TRUESIZE: usize = 1024;
+/// The socket buffers asked for (root may exceed `rmem_max`; others get what it allows).
+const RECV_BUFFER: usize = 8 << 20;
+/// How long to wait for an acknowledgement before calling its outcome unknown.
+const RECV_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Sets the buffers, the receive timeout and `NETLINK_CAP_ACK` (acknowledgements without
+/// the request's payload) on `socket`; returns how many requests one datagram may carry.
+pub fn configure(socket: &mut Socket) -> io::Result<usize> {
+    socket.set_cap_ack(true)?;
+    let fd = socket.as_fd();
+    if rustix::net::sockopt::set_socket_recv_buffer_size_force(fd, RECV_BUFFER).is_err() {
+        rustix::net::sockopt::set_socket_recv_buffer_size(fd, RECV_BUFFER)?;
+    }
+    rustix::net::sockopt::set_socket_timeout(
+        fd,
+        rustix::net::sockopt::Timeout::Recv,
+        Some(RECV_TIMEOUT),
+    )?;
+    let granted = rustix::net::sockopt::socket_recv_buffer_size(fd)?;
+    Ok((granted / ACK_TRUESIZE).max(16))
+}
 
 /// Sends `requests` (each one encoded netlink message with `NLM_F_ACK` and the sequence
-/// number given beside it) packed into datagrams, and returns each one's outcome in
-/// order: `Ok` when acknowledged, the kernel's errno otherwise.
+/// number given beside it) packed into datagrams of at most `per_datagram` requests (see
+/// [`configure`]), and returns each one's outcome in order: `Ok` when acknowledged, the
+/// kernel's errno otherwise, an error when no acknowledgement came.
 pub fn exchange(
     socket: &Socket,
     recv: &mut [u8],
     requests: &[(u32, Vec<u8>)],
+    per_datagram: usize,
 ) -> Vec<io::Result<()>> {
     let mut results: Vec<Option<io::Result<()>>> = (0..requests.len()).map(|_| None).collect();
     let mut start = 0;
@@ -27,6 +53,7 @@ pub fn exchange(
         let mut datagram = Vec::new();
         let mut end = start;
         while end < requests.len()
+            && end - start < per_datagram
             && (datagram.is_empty() || datagram.len() + requests[end].1.len() <= MAX_DATAGRAM)
         {
             datagram.extend_from_slice(&requests[end].1);
@@ -66,6 +93,8 @@ fn one_datagram(
         let n = match socket.recv(&mut &mut recv[..], 0) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // Some acknowledgements were dropped: read those that were not.
+            Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => continue,
             Err(e) => {
                 for slot in results.iter_mut().filter(|s| s.is_none()) {
                     *slot = Some(Err(copy(&e)));

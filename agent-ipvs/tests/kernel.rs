@@ -513,3 +513,22 @@ fn a_removed_udp_endpoint_goes_at_once_with_its_conntrack_entries() {
         }
     });
 }
+
+#[test]
+fn a_sync_of_thousands_of_services_lands_whole_and_reads_back() {
+    // Thousands of VIP routes and set elements go in batches whose acknowledgements must
+    // all come back: a lost one would leave the apply waiting.
+    in_ipvs_kernel_with(guest(), || {
+        let mut lab = Lab::new(1);
+        let want = bench_services(3000);
+        let outcome = lab.apply(&want, full());
+        assert!(
+            outcome.failed.is_empty(),
+            "{:?}",
+            outcome.failed.first_key_value()
+        );
+        lab.assert_in_force(&want);
+        let routes = lab.sh("ip route show table local dev swy-ipvs0 | wc -l");
+        assert_eq!(routes.trim(), "3000");
+    });
+}
