@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Runs switchyard on the embedded default, no cluster needed. As root:
 #
-#   scripts/run.sh [--keep] [demo flags]
+#   scripts/run.sh [--dataplane iptables|ipvs] [--keep] [demo flags]
 #       the demo: the controller on the example cluster in deploy/examples (plus the
-#       demo's own Service in deploy/demo), the iptables agent as node-a in a throwaway
-#       node network namespace with three backend namespaces and a client namespace;
-#       prints the controller's and the agent's state and requests through a ClusterIP,
-#       then removes everything (--keep: stays up until Ctrl-C; --help: the flags).
+#       demo's own Service in deploy/demo), the agent of the dataplane (iptables by
+#       default) as node-a in a throwaway node network namespace with three backend
+#       namespaces and a client namespace; prints the controller's and the agent's state
+#       and requests through a ClusterIP, then removes everything (--keep: stays up until
+#       Ctrl-C; --help: the flags). With ipvs on a kernel without IPVS, the demo runs in
+#       user-mode Linux.
 #
 #   scripts/run.sh --controller-only [controller flags]
 #       the controller alone on deploy/examples, on 127.0.0.1:9740 (Ctrl-C stops it).
@@ -27,11 +29,16 @@ if [[ "${1:-}" == "--controller-only" ]]; then
   exec "$CARGO_TARGET_DIR/release/switchyard-controller" --manifests deploy/examples "$@"
 fi
 
-# The demo: namespaces (iproute2), the agent's iptables-restore / iptables-save and
-# UDP conntrack cleanup (iptables, conntrack).
+# The demo: namespaces (iproute2), the agents' iptables-restore / iptables-save and
+# UDP conntrack cleanup (iptables, conntrack); the IPVS agent's sets (ipset), and
+# user-mode Linux for it where the kernel has no IPVS (user-mode-linux, kmod, ipvsadm).
 ensure_debian_packages iproute2 iptables conntrack
-log "building switchyard-controller, switchyard-agent-iptables, swy-backend, switchyard-demo"
+if [[ " $* " == *" ipvs "* || " $* " == *"--dataplane=ipvs"* ]]; then
+  ensure_debian_packages ipset ipvsadm user-mode-linux kmod
+fi
+log "building switchyard-controller, the agents, swy-backend, switchyard-demo"
 cargo build --release --locked -p switchyard-controller -p switchyard-agent-iptables \
-  -p switchyard-integration --bin switchyard-controller --bin switchyard-agent-iptables \
-  --bin swy-backend --bin switchyard-demo
+  -p switchyard-agent-ipvs -p switchyard-integration --bin switchyard-controller \
+  --bin switchyard-agent-iptables --bin switchyard-agent-ipvs --bin swy-backend \
+  --bin switchyard-demo
 exec "$CARGO_TARGET_DIR/release/switchyard-demo" "$@"

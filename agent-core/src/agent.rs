@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use crate::{
     cache::CacheFile,
     client::{self, ClientConfig, dataplane_name},
-    dataplane::{Dataplane, DataplaneError, Desired},
+    dataplane::{Dataplane, DataplaneError},
     drift::Drift,
     engine::Engine,
     health::{self, ProxyHealth},
@@ -231,7 +231,10 @@ where
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Logs go to stderr, as kube-proxy's do; stdout stays free for what a command prints.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     // A binary that installed its own subscriber keeps it.
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -293,9 +296,11 @@ pub async fn run<D: Dataplane>(args: AgentArgs, dataplane: D) -> anyhow::Result<
     Ok(())
 }
 
-/// The state the controller wants this node (`--node-name`) to hold, fetched from its
-/// query API (`GetNodeState`): what a dataplane's `--dry-run` renders. Touches no kernel.
-pub async fn desired_from_controller(args: &AgentArgs) -> anyhow::Result<Desired> {
+/// What the controller says this node must hold, for a binary's `--dry-run`: asks the
+/// controller's query API (`GetNodeState`) for `--node-name`'s state. Touches nothing.
+pub async fn desired_from_controller(
+    args: &AgentArgs,
+) -> anyhow::Result<crate::dataplane::Desired> {
     use anyhow::Context;
     use switchyard_proto::v1::{self, controller_query_client::ControllerQueryClient};
     let node = args
@@ -312,7 +317,7 @@ pub async fn desired_from_controller(args: &AgentArgs) -> anyhow::Result<Desired
         .await
         .with_context(|| format!("asking the controller for node {node}'s state"))?
         .into_inner();
-    let mut desired = Desired::new();
+    let mut desired = crate::dataplane::Desired::new();
     for resource in &state.resources {
         let service = crate::cache::convert(resource).map_err(anyhow::Error::msg)?;
         desired.insert(resource.name.clone(), service);

@@ -143,7 +143,7 @@ pub fn flush_commands(old: Option<&ServiceState>, new: Option<&ServiceState>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::states::{self, ep as endpoint};
+    use crate::fixtures::{self as states, ep as endpoint};
     use switchyard_proto::state::EndpointState;
 
     fn ep(ip: &str, port: u16) -> EndpointState {

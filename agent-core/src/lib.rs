@@ -15,6 +15,7 @@ pub mod conntrack;
 pub mod dataplane;
 pub mod drift;
 mod engine;
+pub mod fixtures;
 pub mod health;
 pub mod healthcheck;
 mod http;

@@ -204,7 +204,10 @@ impl Runner {
 
     /// Detects the backend by running both families' `-save` tools of both backends;
     /// a tool that is missing or fails counts as empty. A kernel without nf_tables for
-    /// IPv4 (user-mode Linux's, for one) makes `iptables-nft-save` fail: legacy then.
+    /// IPv4 (user-mode Linux's, for one) still lets `iptables-nft-save` print empty
+    /// tables but refuses every write: when the choice would be nft, one no-op
+    /// transaction (a probe chain created and deleted) decides, and legacy is used if
+    /// it fails.
     pub fn detect_backend(&self) -> Backend {
         let dump = |backend: Backend| {
             Family::ALL
@@ -213,11 +216,18 @@ impl Runner {
                 .collect::<Vec<_>>()
                 .join("\n")
         };
-        if let Err(error) = self.run(&Backend::Nft.save(Family::V4), &[], None) {
-            tracing::info!(%error, "iptables-nft cannot read the kernel: using iptables-legacy");
+        let chosen = choose_backend(&dump(Backend::Legacy), &dump(Backend::Nft));
+        if chosen == Backend::Nft
+            && let Err(error) = self.run(
+                &Backend::Nft.restore(Family::V4),
+                &["--noflush", "-w", "5"],
+                Some("*filter\n:SWY-NFT-PROBE - [0:0]\n-X SWY-NFT-PROBE\nCOMMIT\n"),
+            )
+        {
+            tracing::info!(%error, "iptables-nft cannot write to this kernel: using iptables-legacy");
             return Backend::Legacy;
         }
-        choose_backend(&dump(Backend::Legacy), &dump(Backend::Nft))
+        chosen
     }
 }
 
@@ -250,7 +260,8 @@ mod tests {
         assert_eq!(choose_backend("", ""), Backend::Nft);
     }
 
-    /// A runner whose PATH holds only `tools` (name → shell script body).
+    /// A runner whose PATH holds `tools` (name → shell script body) and the basic
+    /// commands, but no real iptables.
     fn fake_tools(dir: &std::path::Path, tools: &[(&str, &str)]) -> Runner {
         use std::os::unix::fs::PermissionsExt;
         for (name, body) in tools {
@@ -259,25 +270,32 @@ mod tests {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         }
         Runner {
-            prefix: vec!["env".into(), format!("PATH={}", dir.display())],
+            // The real iptables tools live in /usr/sbin, which is left out.
+            prefix: vec![
+                "env".into(),
+                format!("PATH={}:/usr/bin:/bin", dir.display()),
+            ],
         }
     }
 
     #[test]
     fn a_kernel_without_nf_tables_gets_legacy_even_with_empty_tables() {
         let dir = tempfile::tempdir().unwrap();
+        // As in user-mode Linux: reading prints empty tables, writing fails.
         let runner = fake_tools(
             dir.path(),
             &[
+                ("iptables-nft-save", "echo '*filter'; echo COMMIT"),
                 (
-                    "iptables-nft-save",
-                    "echo 'iptables-nft-save: Protocol not supported' >&2; exit 1",
+                    "iptables-nft-restore",
+                    "cat >/dev/null; echo 'TABLE_ADD failed (Operation not supported)' >&2; exit 4",
                 ),
                 ("iptables-legacy-save", "exit 0"),
             ],
         );
         assert_eq!(runner.detect_backend(), Backend::Legacy);
-        let runner = fake_tools(dir.path(), &[("iptables-nft-save", "exit 0")]);
+        let dir = tempfile::tempdir().unwrap();
+        let runner = fake_tools(dir.path(), &[("iptables-nft-restore", "cat >/dev/null")]);
         assert_eq!(
             runner.detect_backend(),
             Backend::Nft,

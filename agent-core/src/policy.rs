@@ -168,7 +168,7 @@ impl PortPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::states::bench_services;
+    use crate::fixtures::bench_services;
 
     #[test]
     fn traffic_policies_pick_the_sets_and_empty_sets_are_told_apart_from_no_endpoints() {

@@ -5,8 +5,6 @@
 //! clone of, to inspect what was applied, make resources fail, or simulate drift; a new
 //! dataplane over the same handle simulates an agent restart with the kernel untouched.
 
-pub mod states;
-
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex, MutexGuard, PoisonError},

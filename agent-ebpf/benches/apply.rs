@@ -16,31 +16,19 @@ use common::*;
 use switchyard_agent_core::dataplane::{Dataplane, Desired};
 use switchyard_agent_ebpf::{Attach, EbpfConfig, EbpfDataplane};
 use switchyard_agent_iptables::{IptablesConfig, IptablesDataplane, RenderConfig};
-use switchyard_integration::{cgroup::Cgroup, netns::Netns};
+use switchyard_integration::{bench::median, cgroup::Cgroup, netns::Netns};
 
 const ROUNDS: usize = 5;
 const CHANGES: usize = 20;
 
-fn median(mut samples: Vec<Duration>) -> Duration {
-    samples.sort();
-    samples[samples.len() / 2]
-}
-
-/// One Service (`bench/s7`) loses, then regains, an endpoint: `CHANGES` times.
-fn changes(want: &mut Desired, mut apply: impl FnMut(&Desired) -> Duration) -> Duration {
-    let mut took = Vec::with_capacity(CHANGES);
-    for round in 0..CHANGES {
-        let entry = want.get_mut("bench/s7").expect("bench/s7");
-        if round % 2 == 0 {
-            entry.state.ports[0].cluster_endpoints.pop();
-        } else {
-            entry.state.ports[0]
-                .cluster_endpoints
-                .push(ep("10.246.0.7", 8080, false));
-        }
-        entry.version = version_of(&entry.state);
-        took.push(apply(want));
-    }
+/// One Service changed `CHANGES` times ([`churn`]): the median time of an apply.
+fn changes(want: &mut Desired, mut apply: impl FnMut(&Desired, &str) -> Duration) -> Duration {
+    let took = (0..CHANGES)
+        .map(|round| {
+            let name = churn(want, round);
+            apply(want, name)
+        })
+        .collect();
     median(took)
 }
 
@@ -98,9 +86,9 @@ fn ebpf(n: usize) -> Figures {
         last = Some((dp, pins, cgroup, ns));
     }
     let (mut dp, _pins, _cgroup, _ns) = last.unwrap();
-    let change = changes(&mut want, |want| {
+    let change = changes(&mut want, |want, name| {
         let started = Instant::now();
-        dp.apply(want, &upsert(&["bench/s7"])).unwrap();
+        dp.apply(want, &upsert(&[name])).unwrap();
         started.elapsed()
     });
     let started = Instant::now();
@@ -147,9 +135,9 @@ fn iptables(n: usize) -> (switchyard_agent_iptables::Backend, Figures) {
     let backend = dp.backend();
     let (change, read_back) = ns
         .run(|| {
-            let change = changes(&mut want, |want| {
+            let change = changes(&mut want, |want, name| {
                 let started = Instant::now();
-                dp.apply(want, &upsert(&["bench/s7"])).unwrap();
+                dp.apply(want, &upsert(&[name])).unwrap();
                 started.elapsed()
             });
             let started = Instant::now();

@@ -22,6 +22,7 @@ use switchyard_agent_core::dataplane::Dataplane;
 use switchyard_agent_ebpf::{Attach, EbpfConfig, EbpfDataplane};
 use switchyard_agent_iptables::{IptablesConfig, IptablesDataplane};
 use switchyard_integration::{
+    bench::{accept_and_drop, median},
     cgroup::{Cgroup, CgroupProbe},
     netns::{Netns, Topology},
 };
@@ -51,10 +52,7 @@ fn rates<const N: usize>(
             );
         }
     }
-    runs.map(|mut r| {
-        r.sort_by(f64::total_cmp);
-        r[ROUNDS / 2]
-    })
+    runs.map(median)
 }
 
 fn main() {
@@ -65,7 +63,7 @@ fn main() {
         FIRST_PACKET_BACKEND.parse().unwrap(),
         FIRST_PACKET_BACKEND_PORT,
     );
-    topology.backend(1).ns().connection_sink(direct).unwrap();
+    accept_and_drop(topology.backend(1).ns(), direct).unwrap();
     let client = topology.client();
     let node = topology.node();
     client

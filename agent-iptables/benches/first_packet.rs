@@ -16,56 +16,35 @@
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::{
-    net::{SocketAddr, TcpStream},
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, time::Duration};
 
-use common::{
-    FIRST_PACKET_BACKEND, FIRST_PACKET_BACKEND_PORT, FIRST_PACKET_VIP, first_packet_services, full,
-};
-use switchyard_agent_core::dataplane::Dataplane;
+use common::{bench_services, desired, ep, full, port, service};
+use switchyard_agent_core::dataplane::{Dataplane, Desired};
 use switchyard_agent_iptables::{Backend, IptablesConfig, IptablesDataplane, RenderConfig};
-use switchyard_integration::netns::{Netns, Topology};
+use switchyard_integration::{
+    bench::{accept_and_drop, connect_rate, median_of},
+    netns::Topology,
+};
+use switchyard_proto::state::Protocol;
 
-const TARGET_VIP: &str = FIRST_PACKET_VIP;
-const BACKEND: &str = FIRST_PACKET_BACKEND;
-const BACKEND_PORT: u16 = FIRST_PACKET_BACKEND_PORT;
+const TARGET_VIP: &str = "10.96.255.254";
+const BACKEND: &str = "10.244.1.2";
+const BACKEND_PORT: u16 = 8080;
 /// How long one rate measurement runs; the figure is the median of [`ROUNDS`].
 const WINDOW: Duration = Duration::from_secs(2);
 const ROUNDS: usize = 3;
 
-/// New connections per second from `client` to `target` over [`WINDOW`]; a connect that
-/// fails aborts the bench (the rules or the topology are wrong, not slow).
-fn connect_rate(client: &Netns, node: &Netns, target: SocketAddr) -> f64 {
-    // A window opens more connections than there are ephemeral ports: start each from
-    // empty conntrack tables so a reused port never meets its predecessor's entry.
-    for ns in [client, node] {
-        let _ = ns.exec(["conntrack", "-F"]);
-    }
-    client
-        .run(move || {
-            let start = Instant::now();
-            let mut connections = 0u64;
-            while start.elapsed() < WINDOW {
-                let stream = TcpStream::connect_timeout(&target, Duration::from_secs(1))
-                    .unwrap_or_else(|e| panic!("connect {target} after {connections}: {e}"));
-                // RST on close: no TIME_WAIT, so the ephemeral ports never run out.
-                socket2::SockRef::from(&stream)
-                    .set_linger(Some(Duration::ZERO))
-                    .unwrap();
-                drop(stream);
-                connections += 1;
-            }
-            connections as f64 / start.elapsed().as_secs_f64()
-        })
-        .unwrap()
-}
-
-fn median(mut f: impl FnMut() -> f64) -> f64 {
-    let mut runs: Vec<f64> = (0..ROUNDS).map(|_| f()).collect();
-    runs.sort_by(f64::total_cmp);
-    runs[ROUNDS / 2]
+fn services(n: usize) -> Desired {
+    let mut want = bench_services(n);
+    // "zzz" sorts after every other Service: its VIP rule is the dispatch chain's last.
+    let endpoints = vec![ep(BACKEND, BACKEND_PORT, false)];
+    let target = service(
+        "zzz/target",
+        &[TARGET_VIP],
+        vec![port("http", Protocol::Tcp, 80, endpoints)],
+    );
+    want.insert("zzz/target".into(), desired(target));
+    want
 }
 
 fn main() {
@@ -74,11 +53,11 @@ fn main() {
         .ipv6(false)
         .build()
         .expect("topology (run as root)");
-    let backend_ns = topology.backend(1);
-    backend_ns
-        .ns()
-        .connection_sink(SocketAddr::new(BACKEND.parse().unwrap(), BACKEND_PORT))
-        .unwrap();
+    accept_and_drop(
+        topology.backend(1).ns(),
+        SocketAddr::new(BACKEND.parse().unwrap(), BACKEND_PORT),
+    )
+    .unwrap();
     let vip: SocketAddr = format!("{TARGET_VIP}:80").parse().unwrap();
     let direct: SocketAddr = format!("{BACKEND}:{BACKEND_PORT}").parse().unwrap();
     let client = topology.client();
@@ -87,7 +66,12 @@ fn main() {
     client
         .sysctl("net.ipv4.ip_local_port_range", "1024 65535")
         .unwrap();
-    let bare = median(|| connect_rate(client, node, direct));
+    let rate = |target| {
+        median_of(ROUNDS, || {
+            connect_rate(client, &[client, node], target, WINDOW)
+        })
+    };
+    let bare = rate(direct);
     println!("no rules: direct {bare:.0} connections/s");
     let mut dp = IptablesDataplane::new(IptablesConfig {
         render: RenderConfig {
@@ -111,9 +95,9 @@ fn main() {
         ..IptablesConfig::default()
     });
     for n in [0usize, 1000, 10000] {
-        dp.apply(&first_packet_services(n), &full()).unwrap();
-        let through_vip = median(|| connect_rate(client, node, vip));
-        let direct_now = median(|| connect_rate(client, node, direct));
+        dp.apply(&services(n), &full()).unwrap();
+        let through_vip = rate(vip);
+        let direct_now = rate(direct);
         println!(
             "{:?} n={n}: ClusterIP {through_vip:.0} connections/s ({:.0}% of direct without rules), direct across the same rules {direct_now:.0}/s",
             dp.backend(),

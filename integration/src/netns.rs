@@ -21,11 +21,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 mod backend;
+mod echo;
 mod probe;
 pub mod topology;
 
 pub(crate) use backend::crate_binary;
 pub use backend::{Backend, READY_TIMEOUT, backend_binary};
+pub use echo::{EchoServer, HeldConnection};
 pub use probe::{
     ConnectionLoop, LoopStats, ProbeError, ProbeOptions, connect_rate_here, decode_result,
     encode_result, request_loop, tcp_peer_here, tcp_request, tcp_request_here, tcp_request_with,
@@ -87,7 +89,8 @@ pub enum NetnsError {
 }
 
 impl NetnsError {
-    pub(crate) fn io(op: impl Into<String>, source: io::Error) -> Self {
+    /// An I/O error of operation `op`.
+    pub fn io(op: impl Into<String>, source: io::Error) -> Self {
         NetnsError::Io {
             op: op.into(),
             source,
@@ -297,31 +300,6 @@ impl Netns {
     pub fn tcp_listener(&self, addr: SocketAddr) -> Result<TcpListener, NetnsError> {
         self.run(|| TcpListener::bind(addr))?
             .map_err(|e| NetnsError::io(format!("bind tcp {addr} in {}", self.name), e))
-    }
-
-    /// A TCP listener on `addr` inside this namespace whose connections a background
-    /// thread accepts and closes for the rest of the process: the far end of connect-rate
-    /// benchmarks. Its accept queue is deep (4096): a full one drops SYNs, and a
-    /// retransmitted SYN (1 s later) would measure the accepting thread, not the network.
-    pub fn connection_sink(&self, addr: SocketAddr) -> Result<(), NetnsError> {
-        let listener = self
-            .run(|| {
-                let socket = socket2::Socket::new(
-                    socket2::Domain::for_address(addr),
-                    socket2::Type::STREAM,
-                    None,
-                )?;
-                socket.bind(&addr.into())?;
-                socket.listen(4096)?;
-                io::Result::Ok(TcpListener::from(socket))
-            })?
-            .map_err(|e| NetnsError::io(format!("listen on tcp {addr} in {}", self.name), e))?;
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                drop(stream);
-            }
-        });
-        Ok(())
     }
 
     /// A UDP socket bound inside this namespace, usable from any thread of this process.

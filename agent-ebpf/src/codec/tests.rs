@@ -1,6 +1,6 @@
 //! Round trips between rendered entries and map entries.
 
-use switchyard_agent_core::{dataplane::DesiredService, testing::states};
+use switchyard_agent_core::{dataplane::DesiredService, fixtures as states};
 use switchyard_proto::state::{LbAlgorithm, Protocol, ServiceState};
 
 use super::*;

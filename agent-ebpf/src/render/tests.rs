@@ -4,7 +4,7 @@ use std::net::IpAddr;
 
 use switchyard_agent_core::{
     dataplane::DesiredService,
-    testing::states::{ep, port, service},
+    fixtures::{ep, port, service},
 };
 use switchyard_proto::state::{LbAlgorithm, PortState, Protocol, ServiceState, TrafficPolicy};
 

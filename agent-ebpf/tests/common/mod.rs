@@ -9,7 +9,7 @@ use std::{
 };
 
 use switchyard_agent_core::dataplane::{Change, Dataplane, Desired};
-pub use switchyard_agent_core::testing::states::*;
+pub use switchyard_agent_core::fixtures::*;
 use switchyard_agent_ebpf::{Attach, EbpfConfig, EbpfDataplane, RenderConfig};
 use switchyard_integration::{
     cgroup::{Cgroup, CgroupProbe},

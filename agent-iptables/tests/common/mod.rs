@@ -1,4 +1,5 @@
-//! Services and kernel guards shared by the kernel tests.
+//! Kernel guards and the iptables dataplane as the kernel tests and benches build it;
+//! the Service states come from agent-core's fixtures, shared by every dataplane.
 #![allow(dead_code)]
 
 use std::{
@@ -6,7 +7,7 @@ use std::{
     sync::atomic::{AtomicUsize, Ordering},
 };
 
-pub use switchyard_agent_core::testing::states::*;
+pub use switchyard_agent_core::fixtures::*;
 use switchyard_agent_iptables::{Backend, IptablesConfig, IptablesDataplane, RenderConfig};
 
 /// A network namespace that exists for the guard's lifetime (deleted on drop, even on

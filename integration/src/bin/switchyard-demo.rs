@@ -1,12 +1,14 @@
 //! `switchyard-demo`: the whole thing on one machine, as root, with no cluster.
 //!
 //! The controller (in-process, the real hub and gRPC server) reads the example cluster
-//! in `deploy/examples` plus the demo's own Service in `deploy/demo`; the
-//! `switchyard-agent-iptables` binary runs as `node-a` in a throwaway node network
-//! namespace, beside a client namespace and three backend namespaces. The demo prints
-//! what the controller and the agent report (the query APIs grpcurl would call), the
-//! iptables rules of the demo Service, and real requests through its ClusterIP, then
-//! removes everything it created (also on Ctrl-C).
+//! in `deploy/examples` plus the demo's own Service in `deploy/demo`; the agent of the
+//! chosen dataplane (`switchyard-agent-iptables`, or `switchyard-agent-ipvs` with
+//! `--dataplane ipvs`) runs as `node-a` in a throwaway node network namespace, beside a
+//! client namespace and three backend namespaces. The demo prints what the controller
+//! and the agent report (the query APIs grpcurl would call), the kernel objects of the
+//! demo Service as the agent reads them back, and real requests through its ClusterIP,
+//! then removes everything it created (also on Ctrl-C). With `--dataplane ipvs` on a
+//! kernel without IPVS, the whole demo runs inside user-mode Linux.
 
 use std::{
     collections::BTreeMap,
@@ -18,11 +20,12 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 use switchyard_controller::{compute::ComputeOptions, sources::manifests::ManifestSource};
 use switchyard_integration::{
     controller::TestController,
     netns::{self, NsChild, Topology, tcp_request},
+    uml,
 };
 use switchyard_proto::v1::{
     self, agent_query_client::AgentQueryClient, controller_query_client::ControllerQueryClient,
@@ -49,7 +52,10 @@ struct Args {
     /// The demo's own Service (demo/hello), whose endpoints are the demo's backends.
     #[arg(long, default_value = "deploy/demo")]
     demo_manifests: PathBuf,
-    /// The agent binary (default: switchyard-agent-iptables next to this executable).
+    /// Which agent programs the node.
+    #[arg(long, value_enum, default_value_t = DemoDataplane::Iptables)]
+    dataplane: DemoDataplane,
+    /// The agent binary (default: switchyard-agent-<dataplane> next to this executable).
     #[arg(long, env = "SWITCHYARD_AGENT_BIN")]
     agent: Option<PathBuf>,
     /// How many requests to send through the ClusterIP.
@@ -60,9 +66,42 @@ struct Args {
     keep: bool,
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum DemoDataplane {
+    Iptables,
+    Ipvs,
+}
+
+impl DemoDataplane {
+    fn name(self) -> &'static str {
+        match self {
+            DemoDataplane::Iptables => "iptables",
+            DemoDataplane::Ipvs => "ipvs",
+        }
+    }
+}
+
+fn main() {
     let args = Args::parse();
+    if args.dataplane == DemoDataplane::Ipvs && !uml::in_guest() && !uml::running_kernel_has_ipvs()
+    {
+        if args.keep {
+            eprintln!(
+                "switchyard-demo: --keep needs a kernel with IPVS; this one has none, and the demo in user-mode Linux ends when it is done"
+            );
+            std::process::exit(2);
+        }
+        uml::main_in_ipvs_kernel(uml::Guest::new().mem_mib(2048), || {});
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(demo(args));
+}
+
+async fn demo(args: Args) {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("install SIGTERM handler");
     // Dropping `run` on a signal drops its namespaces, processes and temp files.
@@ -78,8 +117,8 @@ async fn main() {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    check_prerequisites()?;
-    let agent_bin = agent_binary(args.agent.as_deref())?;
+    check_prerequisites(args.dataplane)?;
+    let agent_bin = agent_binary(args.agent.as_deref(), args.dataplane)?;
     for dir in [&args.examples, &args.demo_manifests] {
         if !dir.is_dir() {
             bail!(
@@ -187,7 +226,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     print!("{controller_view}");
     let agent_view = topology.node().run(|| block_on(agent_state()))??;
     print!("{agent_view}");
-    print!("{}", iptables_lines(&topology));
+    let objects = topology.node().run(|| block_on(kernel_objects()))??;
+    print!("{objects}");
     print!("{}", traffic(&topology, args.requests));
 
     if args.keep {
@@ -223,29 +263,34 @@ fn section(title: &str) {
     println!("\n=== {title} ===");
 }
 
-fn check_prerequisites() -> anyhow::Result<()> {
+fn check_prerequisites(dataplane: DemoDataplane) -> anyhow::Result<()> {
     if !rustix::process::geteuid().is_root() {
-        bail!("must run as root: it creates network namespaces and programs iptables in them");
+        bail!("must run as root: it creates network namespaces and programs the kernel in them");
     }
     netns::require_tool("ip", &["-V"], "iproute2")?;
     netns::require_tool("iptables", &["--version"], "iptables")?;
     netns::require_tool("iptables-restore", &["--version"], "iptables")?;
     netns::require_tool("conntrack", &["--version"], "conntrack")?;
+    if dataplane == DemoDataplane::Ipvs {
+        netns::require_tool("ipset", &["--version"], "ipset")?;
+        netns::require_tool("ipvsadm", &["--version"], "ipvsadm")?;
+    }
     netns::backend_binary()?;
     Ok(())
 }
 
-fn agent_binary(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+fn agent_binary(given: Option<&Path>, dataplane: DemoDataplane) -> anyhow::Result<PathBuf> {
+    let name = format!("switchyard-agent-{}", dataplane.name());
     let path = match given {
         Some(path) => path.to_owned(),
         None => std::env::current_exe()?
             .parent()
             .context("the running executable has no folder")?
-            .join("switchyard-agent-iptables"),
+            .join(&name),
     };
     if !path.is_file() {
         bail!(
-            "agent binary {} not found: build it with `cargo build --release -p switchyard-agent-iptables` \
+            "agent binary {} not found: build it with `cargo build --release -p {name}` \
              (scripts/run.sh does), or pass --agent PATH",
             path.display()
         );
@@ -479,30 +524,38 @@ async fn agent_state() -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// The node's iptables-save lines that belong to the demo Service.
-fn iptables_lines(topology: &Topology) -> String {
+/// The demo Service's kernel objects, as the agent reads them back (iptables rules,
+/// IPVS virtual services and set elements, …): `GetAgentState` with kernel objects.
+async fn kernel_objects() -> anyhow::Result<String> {
+    let mut query = AgentQueryClient::connect(format!("http://{AGENT_QUERY}")).await?;
+    let state = query
+        .get_agent_state(v1::GetAgentStateRequest {
+            include_kernel_objects: true,
+        })
+        .await?
+        .into_inner();
+    let name = format!("{SERVICE_NS}/{SERVICE}");
     let mut out = format!(
-        "\n=== iptables-save -t nat in the node namespace: rules of {SERVICE_NS}/{SERVICE} ===\n"
+        "\n=== The kernel objects of {name}, read back by the {} agent ===\n",
+        dataplane(state.dataplane)
     );
-    let needle = format!("{SERVICE_NS}/{SERVICE}");
-    for tool in ["iptables-save", "iptables-nft-save", "iptables-legacy-save"] {
-        let Ok(text) = topology.node().exec([tool, "-t", "nat"]) else {
-            continue;
-        };
-        let lines: Vec<&str> = text.lines().filter(|l| l.contains(&needle)).collect();
-        if !lines.is_empty() {
-            for line in lines.iter().take(12) {
-                out.push_str(line);
-                out.push('\n');
-            }
-            if lines.len() > 12 {
-                out.push_str(&format!("… {} more\n", lines.len() - 12));
-            }
-            return out;
-        }
+    let objects = state
+        .effective
+        .iter()
+        .find(|e| e.name == name)
+        .map(|e| e.kernel_objects.clone())
+        .unwrap_or_default();
+    for object in objects.iter().filter(|o| !o.starts_with("ipv6 ")).take(16) {
+        out.push_str(object);
+        out.push('\n');
     }
-    out.push_str("(none found)\n");
-    out
+    if objects.len() > 16 {
+        out.push_str(&format!("… {} more\n", objects.len() - 16));
+    }
+    if objects.is_empty() {
+        out.push_str("(none found)\n");
+    }
+    Ok(out)
 }
 
 /// Requests from the client namespace through the ClusterIP, and one to a Service

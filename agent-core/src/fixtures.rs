@@ -1,7 +1,7 @@
-//! Service states for dataplane tests and benches, shared by every agent crate: terse
-//! builders (`ep`, `port`, `service`), a Service exercising every kind of rule or entry
-//! ([`kitchen_sink`]), the generated Services of the apply and first-packet benches
-//! ([`bench_services`]), and the `Change`s an apply takes.
+//! Service states for the dataplanes' tests and benchmarks: endpoints, ports and
+//! Services built in one line each, a Service that exercises every rule kind
+//! ([`kitchen_sink`]), and the generated Services the benchmarks program
+//! ([`bench_services`]), so every dataplane is tested and measured on the same states.
 
 use std::net::IpAddr;
 
@@ -11,7 +11,7 @@ use switchyard_proto::state::{
 
 use crate::dataplane::{Change, Desired, DesiredService};
 
-/// A ready, serving endpoint, on `node-a` (local) or `node-b`.
+/// A ready endpoint; `local` ones are on `node-a`, the others on `node-b`.
 pub fn ep(ip: &str, port: u16, local: bool) -> EndpointState {
     EndpointState {
         ip: ip.parse().unwrap(),
@@ -24,7 +24,7 @@ pub fn ep(ip: &str, port: u16, local: bool) -> EndpointState {
     }
 }
 
-/// A port whose cluster set is `endpoints` (usable in the families they have).
+/// A port whose cluster endpoints are `endpoints` (usable per the families they hold).
 pub fn port(name: &str, protocol: Protocol, port: u16, endpoints: Vec<EndpointState>) -> PortState {
     let usable_ipv4 = endpoints.iter().any(|e| e.ip.is_ipv4());
     let usable_ipv6 = endpoints.iter().any(|e| e.ip.is_ipv6());
@@ -40,7 +40,7 @@ pub fn port(name: &str, protocol: Protocol, port: u16, endpoints: Vec<EndpointSt
     }
 }
 
-/// A ClusterIP Service `ns/name` with `ports`, every policy Cluster.
+/// A ClusterIP Service `ns/name` with every other field at its default.
 pub fn service(ns_name: &str, cluster_ips: &[&str], ports: Vec<PortState>) -> ServiceState {
     let (ns, name) = ns_name.split_once('/').unwrap();
     ServiceState {
@@ -62,7 +62,7 @@ pub fn service(ns_name: &str, cluster_ips: &[&str], ports: Vec<PortState>) -> Se
     }
 }
 
-/// `state` at the version its content hashes to.
+/// `state` with the version the controller would give it.
 pub fn desired(state: ServiceState) -> DesiredService {
     DesiredService {
         version: version_of(&state),
@@ -70,7 +70,7 @@ pub fn desired(state: ServiceState) -> DesiredService {
     }
 }
 
-/// The version of `state`, as the controller computes it.
+/// The version the controller gives `state`.
 pub fn version_of(state: &ServiceState) -> u64 {
     switchyard_proto::state::version_hash(&state.into())
 }
@@ -132,7 +132,7 @@ pub fn full() -> Change {
     }
 }
 
-/// A change upserting `names`.
+/// Upserts of `names`.
 pub fn upsert(names: &[&str]) -> Change {
     Change {
         upserted: names.iter().map(|n| n.to_string()).collect(),
@@ -140,7 +140,7 @@ pub fn upsert(names: &[&str]) -> Change {
     }
 }
 
-/// A change removing `names`.
+/// Removals of `names`.
 pub fn remove(names: &[&str]) -> Change {
     Change {
         removed: names.iter().map(|n| n.to_string()).collect(),
@@ -171,6 +171,22 @@ pub fn bench_services(n: usize) -> Desired {
     want
 }
 
+/// One step of the apply benches' churn: `bench/s7` of [`bench_services`] loses its last
+/// endpoint on even rounds and gets one back on odd rounds; returns its name.
+pub fn churn(want: &mut Desired, round: usize) -> &'static str {
+    let entry = want
+        .get_mut("bench/s7")
+        .expect("bench/s7 of bench_services");
+    let endpoints = &mut entry.state.ports[0].cluster_endpoints;
+    if round.is_multiple_of(2) {
+        endpoints.pop();
+    } else {
+        endpoints.push(ep("10.246.0.7", 8080, false));
+    }
+    entry.version = version_of(&entry.state);
+    "bench/s7"
+}
+
 /// The ClusterIP the first-packet benches connect through (of `zzz/target`, which sorts
 /// after every `bench/` Service: last in a linear dispatch).
 pub const FIRST_PACKET_VIP: &str = "10.96.255.254";
@@ -179,7 +195,7 @@ pub const FIRST_PACKET_BACKEND: &str = "10.244.1.2";
 pub const FIRST_PACKET_BACKEND_PORT: u16 = 8080;
 
 /// [`bench_services`]`(n)` and `zzz/target` (port 80 of [`FIRST_PACKET_VIP`] to the
-/// backend), the state of the first-packet benches.
+/// backend): the state of the first-packet benches.
 pub fn first_packet_services(n: usize) -> Desired {
     let mut want = bench_services(n);
     let endpoints = vec![ep(FIRST_PACKET_BACKEND, FIRST_PACKET_BACKEND_PORT, false)];
