@@ -68,7 +68,7 @@ fn main() {
         .unwrap();
     let rate = |target| {
         median_of(ROUNDS, || {
-            connect_rate(client, &[client, node], target, WINDOW)
+            connect_rate(client, &[client, node], None, target, WINDOW)
         })
     };
     let bare = rate(direct);

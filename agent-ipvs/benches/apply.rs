@@ -23,6 +23,7 @@ struct Timings {
     /// Where the initial sync and the last change spent their time (IPVS only).
     initial_phases: String,
     change_phases: String,
+    read_phases: String,
 }
 
 /// Programs `want` with a dataplane made inside a fresh namespace, changes one Service
@@ -31,6 +32,7 @@ fn measure<D: Dataplane>(
     make: impl FnOnce() -> D + Send,
     mut want: Desired,
     phases: fn(&D) -> String,
+    read_phases: fn(&D) -> String,
 ) -> Timings {
     let ns = Netns::create("bench").unwrap();
     let n = want.len();
@@ -61,6 +63,7 @@ fn measure<D: Dataplane>(
         let back = dp.read_back().unwrap();
         let read_back = start.elapsed();
         assert_eq!(back.len(), n);
+        let read_phases = read_phases(&dp);
         dp.cleanup().unwrap();
         Timings {
             initial,
@@ -68,6 +71,7 @@ fn measure<D: Dataplane>(
             read_back,
             initial_phases,
             change_phases,
+            read_phases,
         }
     })
     .unwrap()
@@ -98,6 +102,7 @@ fn main() {
                     },
                     want.clone(),
                     |d: &IpvsDataplane| d.last_phases().to_string(),
+                    |d: &IpvsDataplane| d.last_read_phases().to_string(),
                 );
                 let iptables = measure(
                     || {
@@ -113,6 +118,7 @@ fn main() {
                     },
                     want,
                     |_: &IptablesDataplane| String::new(),
+                    |_: &IptablesDataplane| String::new(),
                 );
                 println!(
                     "n={n}: IPVS initial sync {:.2?}, one-Service change median of 20 {:.2?}, read back {:.2?}",
@@ -120,6 +126,7 @@ fn main() {
                 );
                 println!("  initial sync: {}", ipvs.initial_phases);
                 println!("  last change: {}", ipvs.change_phases);
+                println!("  read back: {}", ipvs.read_phases);
                 println!(
                     "n={n}: iptables-legacy initial sync {:.2?}, one-Service change median of 20 {:.2?}, read back {:.2?}",
                     iptables.initial, iptables.change, iptables.read_back

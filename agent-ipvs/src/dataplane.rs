@@ -137,6 +137,8 @@ pub struct IpvsDataplane {
     last_transition: Transition,
     /// Where the last apply spent its time, phase by phase.
     last_phases: Phases,
+    /// Where the last read of the kernel spent its time.
+    last_read_phases: Phases,
 }
 
 /// Time spent per phase of an apply, for the debug log and the benchmarks.
@@ -211,6 +213,7 @@ impl IpvsDataplane {
             set_up: false,
             last_transition: Transition::default(),
             last_phases: Phases::default(),
+            last_read_phases: Phases::default(),
         };
         dataplane.read_addresses()?;
         Ok(dataplane)
@@ -228,6 +231,11 @@ impl IpvsDataplane {
     /// Where the last apply spent its time.
     pub fn last_phases(&self) -> &Phases {
         &self.last_phases
+    }
+
+    /// Where the last read of the kernel spent its time.
+    pub fn last_read_phases(&self) -> &Phases {
+        &self.last_read_phases
     }
 
     /// The node addresses node ports answer on, as last read.
@@ -352,16 +360,25 @@ impl IpvsDataplane {
 
     /// Reads the kernel and makes it the dataplane's picture of what is programmed.
     fn refresh(&mut self) -> Result<(), DataplaneError> {
+        let mut phases = Phases::start();
         let on_dummy = self.read_addresses()?;
+        phases.mark("routes and addresses");
         let dump = self.ipvs.dump().map_err(|e| failed("dumping IPVS", e))?;
-        let saved = self.runner.run("ipset", &["save"], None)?;
-        let sets = ipset::parse_save(&saved).map_err(DataplaneError::ReadBack)?;
+        phases.mark("IPVS dump");
+        let sets = self
+            .ipsets
+            .list()
+            .map_err(|e| DataplaneError::ReadBack(e.to_string()))?;
+        phases.mark("ipset list");
         let virtual_services = dump
             .into_iter()
             .filter_map(|(service, dests)| kernel_vs(service, dests))
             .collect();
         let view = readback::attribute(virtual_services, sets, on_dummy);
         self.adopt(view);
+        phases.mark("attribution");
+        tracing::debug!(%phases, "IPVS read-back phases");
+        self.last_read_phases = phases;
         Ok(())
     }
 
@@ -914,8 +931,10 @@ impl Dataplane for IpvsDataplane {
                 return Err(failed("deleting a virtual service", e));
             }
         }
-        let saved = self.runner.run("ipset", &["save"], None)?;
-        let sets = ipset::parse_save(&saved).map_err(DataplaneError::ReadBack)?;
+        let sets = self
+            .ipsets
+            .list()
+            .map_err(|e| DataplaneError::ReadBack(e.to_string()))?;
         for set in sets.sets {
             self.runner.run("ipset", &["destroy", &set], None)?;
         }

@@ -1,7 +1,7 @@
 //! switchyard's ipsets in `ipset` notation: the `create` lines (run once at setup with
-//! `ipset -exist restore`), the comments elements carry, and the parser of `ipset save`
-//! output (read-back). Pure. Elements themselves are added and deleted in process
-//! ([`crate::ipset_netlink`]).
+//! `ipset -exist restore`), the comments elements carry, and what a listing of the sets
+//! holds ([`Saved`], normalized to [`crate::render`]'s notation). Pure. Elements are
+//! added, deleted and listed in process ([`crate::ipset_netlink`]).
 //!
 //! Elements carry their Service's name as a comment (see [`crate::render`]); the version
 //! record of a Service is an element of `SWY-VERSIONS` keyed by a 128-bit hash of its
@@ -35,7 +35,7 @@ pub fn create_lines(families: &[Family]) -> String {
             };
             let _ = writeln!(
                 text,
-                "create {} {} family {inet} hashsize 1024 maxelem {MAX_ELEMENTS} comment",
+                "create {} {} family {inet} hashsize 4096 maxelem {MAX_ELEMENTS} comment",
                 kind.name(*family),
                 kind.set_type()
             );
@@ -100,56 +100,42 @@ pub struct Saved {
     pub stray_versions: Vec<String>,
 }
 
-/// Reads `ipset save` output, keeping only switchyard's sets. Elements are normalized to
-/// the notation [`crate::render`] produces (IPv6 addresses as Rust prints them), so the
-/// two compare equal whatever spelling `ipset` chose.
-pub fn parse_save(text: &str) -> Result<Saved, String> {
-    let mut saved = Saved::default();
-    for line in text.lines() {
-        let mut words = line.splitn(3, ' ');
-        let (verb, set, rest) = (words.next(), words.next(), words.next().unwrap_or(""));
-        let Some((kind, family)) = set.and_then(SetKind::parse_name) else {
-            continue;
-        };
-        match verb {
-            Some("create") => saved.sets.push(kind.name(family)),
-            Some("add") => {
-                let (element, comment) = match rest.split_once(" comment ") {
-                    Some((element, comment)) => (
-                        element.trim(),
-                        Some(comment.trim().trim_matches('"').to_string()),
-                    ),
-                    None => (rest.trim(), None),
-                };
-                if kind == SetKind::Versions {
-                    let parsed = comment.as_deref().and_then(|c| {
-                        let (service, version) = c.split_once(" version=")?;
-                        Some(SavedVersion {
-                            service: service.to_string(),
-                            version: parse_version(version)?,
-                        })
-                    });
-                    match parsed {
-                        Some(version) => saved.versions.push(version),
-                        None => saved.stray_versions.push(element.to_string()),
-                    }
-                    continue;
-                }
-                let element = normalize(element)
-                    .ok_or_else(|| format!("ipset save: cannot read element {line:?}"))?;
-                saved.elements.push(SavedElement {
-                    element: SetElement {
-                        kind,
-                        family,
-                        element,
-                    },
-                    comment,
-                });
+impl Saved {
+    /// Records one element of switchyard's set `kind` of `family` as a listing showed
+    /// it: a version record, or an element normalized to [`crate::render`]'s notation.
+    pub fn record(
+        &mut self,
+        kind: SetKind,
+        family: Family,
+        element: &str,
+        comment: Option<String>,
+    ) -> Result<(), String> {
+        if kind == SetKind::Versions {
+            let parsed = comment.as_deref().and_then(|c| {
+                let (service, version) = c.split_once(" version=")?;
+                Some(SavedVersion {
+                    service: service.to_string(),
+                    version: parse_version(version)?,
+                })
+            });
+            match parsed {
+                Some(version) => self.versions.push(version),
+                None => self.stray_versions.push(element.to_string()),
             }
-            _ => {}
+            return Ok(());
         }
+        let element =
+            normalize(element).ok_or_else(|| format!("cannot read element {element:?}"))?;
+        self.elements.push(SavedElement {
+            element: SetElement {
+                kind,
+                family,
+                element,
+            },
+            comment,
+        });
+        Ok(())
     }
-    Ok(saved)
 }
 
 /// An element's parts (`ip`, `proto:port`, `ip` or `net`) in canonical spelling.
@@ -185,21 +171,41 @@ mod tests {
     }
 
     #[test]
-    fn saved_sets_parse_into_elements_versions_and_strays_ignoring_other_sets() {
-        let key = version_key("default/web");
-        let text = format!(
-            "create SWY-REJECT hash:ip,port family inet hashsize 1024 maxelem 1048576 comment bucketsize 12 initval 0x1\n\
-             add SWY-REJECT 10.96.0.12,tcp:80 comment \"default/empty\"\n\
-             create KUBE-CLUSTER-IP hash:ip,port family inet\n\
-             add KUBE-CLUSTER-IP 10.96.0.1,tcp:443\n\
-             create SWY-LOOP-BACK6 hash:ip,port,ip family inet6\n\
-             add SWY-LOOP-BACK6 fd00:0:0:0::5,tcp:8080,fd00::5 comment \"default/web\"\n\
-             add SWY-LB-SOURCE 10.96.0.13,tcp:80,203.0.113.0/24 comment \"default/edge\"\n\
-             add SWY-VERSIONS {key} comment \"default/web version=0123456789abcdef\"\n\
-             add SWY-VERSIONS ::1 comment \"garbage\"\n"
-        );
-        let saved = parse_save(&text).unwrap();
-        assert_eq!(saved.sets, ["SWY-REJECT", "SWY-LOOP-BACK6"]);
+    fn listed_elements_are_normalized_and_versions_told_from_strays() {
+        let mut saved = Saved::default();
+        let key = version_key("default/web").to_string();
+        let rows: [(SetKind, Family, &str, Option<&str>); 5] = [
+            (
+                SetKind::Reject,
+                Family::V4,
+                "10.96.0.12,tcp:80",
+                Some("default/empty"),
+            ),
+            (
+                SetKind::LoopBack,
+                Family::V6,
+                "fd00:0:0:0::5,tcp:8080,fd00::5",
+                Some("default/web"),
+            ),
+            (
+                SetKind::LbSource,
+                Family::V4,
+                "10.96.0.13,tcp:80,203.0.113.0/24",
+                Some("default/edge"),
+            ),
+            (
+                SetKind::Versions,
+                Family::V6,
+                &key,
+                Some("default/web version=0123456789abcdef"),
+            ),
+            (SetKind::Versions, Family::V6, "::1", Some("garbage")),
+        ];
+        for (kind, family, text, comment) in rows {
+            saved
+                .record(kind, family, text, comment.map(String::from))
+                .unwrap();
+        }
         assert_eq!(
             saved.elements,
             [
@@ -229,6 +235,11 @@ mod tests {
             }]
         );
         assert_eq!(saved.stray_versions, ["::1"]);
+        assert!(
+            saved
+                .record(SetKind::Reject, Family::V4, "10.0.0.1,icmp:1", None)
+                .is_err()
+        );
     }
 
     #[test]

@@ -532,3 +532,26 @@ fn a_sync_of_thousands_of_services_lands_whole_and_reads_back() {
         assert_eq!(routes.trim(), "3000");
     });
 }
+
+#[test]
+fn traffic_straight_to_an_endpoint_still_flows_through_the_node() {
+    // Pods reach each other without a Service; a real server of a virtual service is
+    // such a pod too.
+    in_ipvs_kernel_with(guest(), || {
+        let mut lab = Lab::new(2);
+        let direct = SocketAddr::new(backend_ip(2).into(), PORT);
+        assert_eq!(
+            HeldConnection::open(lab.client(), None, direct)
+                .and_then(|mut c| c.ask())
+                .unwrap(),
+            "backend-2"
+        );
+        let want = desired_of([svc("default/web", "10.96.0.10", &[1, 2], Protocol::Tcp)]);
+        assert!(lab.apply(&want, full()).failed.is_empty());
+        let answer = HeldConnection::open(lab.client(), None, direct).and_then(|mut c| c.ask());
+        if answer.is_err() {
+            println!("{}", lab.sh("iptables-legacy-save -c; ipvsadm -Ln; sysctl -a 2>/dev/null | grep -E 'vs\\.|ip_forward'; conntrack -L 2>&1 | head"));
+        }
+        assert_eq!(answer.unwrap(), "backend-2");
+    });
+}

@@ -3,11 +3,11 @@
 //! them, and medians over rounds. Benchmarks report figures and ratios, never assert.
 
 use std::{
-    net::{SocketAddr, TcpListener},
-    time::Duration,
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    time::{Duration, Instant},
 };
 
-use crate::netns::{Netns, NetnsError, connect_rate_here};
+use crate::netns::{Netns, NetnsError};
 
 /// Median of `samples` (the upper one of an even count).
 pub fn median<T: PartialOrd + Copy>(mut samples: Vec<T>) -> T {
@@ -46,17 +46,54 @@ pub fn accept_and_drop(ns: &Netns, addr: SocketAddr) -> Result<(), NetnsError> {
     Ok(())
 }
 
-/// New TCP connections per second from `client` to `target` over `window`, each closed
-/// with an RST (no TIME_WAIT, so ephemeral ports never run out). Conntrack tables of
-/// `flush` namespaces are emptied first, so a reused port never meets its predecessor's
-/// entry. A connect that fails aborts the benchmark: the dataplane or the topology is
-/// wrong, not slow.
-pub fn connect_rate(client: &Netns, flush: &[&Netns], target: SocketAddr, window: Duration) -> f64 {
+/// New TCP connections per second from `client` (from `source` when given, an address
+/// of `client`) to `target` over `window`, each closed with an RST (no TIME_WAIT, so
+/// ephemeral ports never run out). Conntrack tables of `flush` namespaces are emptied
+/// first, so a reused port never meets its predecessor's entry. A connect that fails
+/// aborts the benchmark: the dataplane or the topology is wrong, not slow.
+///
+/// IPVS keeps its own connection table, which no conntrack flush empties: a direct
+/// connection to a real server from a port that just reached it through a VIP has its
+/// SYN-ACK rewritten as a reply of that older connection. Measure direct connections
+/// from a `source` of their own.
+pub fn connect_rate(
+    client: &Netns,
+    flush: &[&Netns],
+    source: Option<IpAddr>,
+    target: SocketAddr,
+    window: Duration,
+) -> f64 {
     for ns in flush {
         let _ = ns.exec(["conntrack", "-F"]);
     }
     client
-        .run(move || connect_rate_here(target, window))
+        .run(move || {
+            let start = Instant::now();
+            let mut connections = 0u64;
+            while start.elapsed() < window {
+                let stream = connect(source, target)
+                    .unwrap_or_else(|e| panic!("connect {target} after {connections}: {e}"));
+                socket2::SockRef::from(&stream)
+                    .set_linger(Some(Duration::ZERO))
+                    .expect("SO_LINGER");
+                drop(stream);
+                connections += 1;
+            }
+            connections as f64 / start.elapsed().as_secs_f64()
+        })
         .expect("enter the client namespace")
-        .unwrap_or_else(|e| panic!("connect {target}: {e}"))
+}
+
+fn connect(source: Option<IpAddr>, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect_timeout(&target, Duration::from_secs(1));
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&target.into(), Duration::from_secs(1))?;
+    Ok(socket.into())
 }
