@@ -171,6 +171,15 @@ pub fn bench_services(n: usize) -> Desired {
     want
 }
 
+/// Three endpoints on port 8080, the first one local: the renderers' usual case.
+pub fn three_endpoints() -> Vec<EndpointState> {
+    vec![
+        ep("10.244.0.5", 8080, true),
+        ep("10.244.1.5", 8080, false),
+        ep("10.244.2.5", 8080, false),
+    ]
+}
+
 /// One step of the apply benches' churn: `bench/s7` of [`bench_services`] loses its last
 /// endpoint on even rounds and gets one back on odd rounds; returns its name.
 pub fn churn(want: &mut Desired, round: usize) -> &'static str {

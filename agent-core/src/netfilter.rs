@@ -87,6 +87,70 @@ pub fn choose_backend(legacy_save: &str, nft_save: &str) -> Backend {
     }
 }
 
+/// A rule in iptables-save form: `-A <chain> <spec>` in `table`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedRule {
+    pub table: &'static str,
+    pub chain: &'static str,
+    pub spec: String,
+}
+
+/// Chains every netfilter dataplane owns, as kube-proxy's own.
+pub const POSTROUTING_CHAIN: &str = "SWY-POSTROUTING";
+pub const MARK_MASQ_CHAIN: &str = "SWY-MARK-MASQ";
+pub const FORWARD_CHAIN: &str = "SWY-FORWARD";
+
+/// kube-proxy's masquerading and forwarding rules, which every netfilter dataplane
+/// needs as they are: nat `SWY-POSTROUTING` masquerades what carries the mark bit
+/// `masquerade_bit` (clearing it), `SWY-MARK-MASQ` sets it, filter `SWY-FORWARD` drops
+/// invalid and accepts marked or established forwarded traffic.
+pub fn masquerade_rules(masquerade_bit: u8, random_fully: bool) -> Vec<SharedRule> {
+    let mark = format!("{:#x}", 1u32 << masquerade_bit.min(31));
+    let rule = |table, chain, spec: String| SharedRule { table, chain, spec };
+    vec![
+        rule(
+            "nat",
+            POSTROUTING_CHAIN,
+            format!("-m mark ! --mark {mark}/{mark} -j RETURN"),
+        ),
+        rule(
+            "nat",
+            POSTROUTING_CHAIN,
+            format!("-j MARK --set-xmark {mark}/0x0"),
+        ),
+        rule(
+            "nat",
+            POSTROUTING_CHAIN,
+            format!(
+                "-m comment --comment \"swy service traffic requiring SNAT\" -j MASQUERADE{}",
+                if random_fully { " --random-fully" } else { "" }
+            ),
+        ),
+        rule(
+            "nat",
+            MARK_MASQ_CHAIN,
+            format!("-j MARK --set-xmark {mark}/{mark}"),
+        ),
+        rule(
+            "filter",
+            FORWARD_CHAIN,
+            "-m conntrack --ctstate INVALID -j DROP".to_string(),
+        ),
+        rule(
+            "filter",
+            FORWARD_CHAIN,
+            format!(
+                "-m comment --comment \"swy forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"
+            ),
+        ),
+        rule(
+            "filter",
+            FORWARD_CHAIN,
+            "-m comment --comment \"swy forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_string(),
+        ),
+    ]
+}
+
 /// The type of an absent stdin writer, for `run_inner(…, None)`.
 type NoFeed = fn(ChildStdin) -> std::io::Result<()>;
 

@@ -36,6 +36,7 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use switchyard_agent_core::dataplane::DesiredService;
 pub use switchyard_agent_core::netfilter::Family;
+use switchyard_agent_core::netfilter::masquerade_rules;
 use switchyard_agent_core::policy::{PortPolicy, nets_of_family, of_family};
 use switchyard_proto::state::{PortState, Protocol, ServiceState, TrafficPolicy, format_version};
 
@@ -121,10 +122,6 @@ impl Default for RenderConfig {
 }
 
 impl RenderConfig {
-    fn mark(&self) -> String {
-        format!("{:#x}", 1u32 << self.masquerade_bit.min(31))
-    }
-
     fn cluster_cidr(&self, family: Family) -> Option<IpNet> {
         self.cluster_cidrs
             .iter()
@@ -304,7 +301,6 @@ fn recent_mask(family: Family) -> &'static str {
 /// The rules of the shared chains that belong to no Service, per family: the node-port
 /// tail of nat `SWY-SERVICES`, masquerading, forwarding acceptance.
 pub fn global_rules(family: Family, cfg: &RenderConfig) -> Vec<Rule> {
-    let mark = cfg.mark();
     let rule = |table, chain: &str, spec: String| Rule {
         family,
         table,
@@ -334,55 +330,14 @@ pub fn global_rules(family: Family, cfg: &RenderConfig) -> Vec<Rule> {
             ));
         }
     }
-    rules.push(rule(
-        Table::Nat,
-        POSTROUTING,
-        format!("-m mark ! --mark {mark}/{mark} -j RETURN"),
-    ));
-    rules.push(rule(
-        Table::Nat,
-        POSTROUTING,
-        format!("-j MARK --set-xmark {mark}/0x0"),
-    ));
-    rules.push(rule(
-        Table::Nat,
-        POSTROUTING,
-        format!(
-            "{} -j MASQUERADE{}",
-            comment("swy service traffic requiring SNAT"),
-            if cfg.random_fully {
-                " --random-fully"
-            } else {
-                ""
-            }
-        ),
-    ));
-    rules.push(rule(
-        Table::Nat,
-        MARK_MASQ,
-        format!("-j MARK --set-xmark {mark}/{mark}"),
-    ));
-    rules.push(rule(
-        Table::Filter,
-        FORWARD,
-        "-m conntrack --ctstate INVALID -j DROP".to_string(),
-    ));
-    rules.push(rule(
-        Table::Filter,
-        FORWARD,
-        format!(
-            "{} -m mark --mark {mark}/{mark} -j ACCEPT",
-            comment("swy forwarding rules")
-        ),
-    ));
-    rules.push(rule(
-        Table::Filter,
-        FORWARD,
-        format!(
-            "{} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            comment("swy forwarding conntrack rule")
-        ),
-    ));
+    for shared in masquerade_rules(cfg.masquerade_bit, cfg.random_fully) {
+        let table = if shared.table == "nat" {
+            Table::Nat
+        } else {
+            Table::Filter
+        };
+        rules.push(rule(table, shared.chain, shared.spec));
+    }
     rules
 }
 

@@ -12,11 +12,7 @@ use std::{
     time::Duration,
 };
 
-use switchyard_agent_core::{
-    dataplane::{Dataplane, Desired},
-    fixtures::*,
-    netfilter::Backend,
-};
+use switchyard_agent_core::{dataplane::Dataplane, fixtures::*, netfilter::Backend};
 use switchyard_agent_iptables::{IptablesConfig, IptablesDataplane, RenderConfig};
 use switchyard_agent_ipvs::{IpvsConfig, IpvsDataplane};
 use switchyard_integration::{
@@ -24,31 +20,14 @@ use switchyard_integration::{
     netns::Topology,
     uml,
 };
-use switchyard_proto::state::Protocol;
 
-const TARGET_VIP: &str = "10.96.255.254";
-const BACKEND: &str = "10.244.1.2";
-const BACKEND_PORT: u16 = 8080;
+const TARGET_VIP: &str = FIRST_PACKET_VIP;
+const BACKEND: &str = FIRST_PACKET_BACKEND;
+const BACKEND_PORT: u16 = FIRST_PACKET_BACKEND_PORT;
 /// The client's second address, for direct connections.
 const DIRECT_SOURCE: &str = "10.201.0.3";
 const WINDOW: Duration = Duration::from_secs(2);
 const ROUNDS: usize = 3;
-
-fn services(n: usize) -> Desired {
-    let mut want = bench_services(n);
-    let target = service(
-        "zzz/target",
-        &[TARGET_VIP],
-        vec![port(
-            "http",
-            Protocol::Tcp,
-            80,
-            vec![ep(BACKEND, BACKEND_PORT, false)],
-        )],
-    );
-    want.insert("zzz/target".into(), desired(target));
-    want
-}
 
 fn run<D: Dataplane>(name: &str, topology: &Topology, make: impl FnOnce() -> D + Send) {
     let (client, node) = (topology.client(), topology.node());
@@ -65,7 +44,7 @@ fn run<D: Dataplane>(name: &str, topology: &Topology, make: impl FnOnce() -> D +
     println!("{name}: no rules: direct {bare:.0} connections/s");
     let mut dp = node.run(make).unwrap();
     for n in [0usize, 1000, 10000] {
-        let want = services(n);
+        let want = first_packet_services(n);
         node.run(|| dp.apply(&want, &full()).unwrap()).unwrap();
         let through_vip = rate(None, vip);
         let direct_now = rate(Some(own), direct);

@@ -15,7 +15,7 @@
 //! - filter `SWY-FORWARD`: accepts marked and established forwarded traffic.
 
 use ipnet::IpNet;
-use switchyard_agent_core::netfilter::Family;
+use switchyard_agent_core::netfilter::{Family, masquerade_rules};
 
 use crate::render::SetKind;
 
@@ -60,7 +60,6 @@ fn comment(text: &str) -> String {
 
 /// Every rule of `family`, in iptables-save's canonical form, in chain order.
 pub fn rules(family: Family, cfg: &RulesConfig) -> Vec<RuleLine> {
-    let mark = format!("{:#x}", 1u32 << cfg.masquerade_bit.min(31));
     let masq = "SWY-MARK-MASQ";
     let mut rules = Vec::new();
     let cluster_cidr = cfg
@@ -115,30 +114,13 @@ pub fn rules(family: Family, cfg: &RulesConfig) -> Vec<RuleLine> {
             set(SetKind::LoopBack, family, "dst,dst,src")
         ),
     ));
-    rules.push((
-        "nat",
-        "SWY-POSTROUTING",
-        format!("-m mark ! --mark {mark}/{mark} -j RETURN"),
-    ));
-    rules.push((
-        "nat",
-        "SWY-POSTROUTING",
-        format!("-j MARK --set-xmark {mark}/0x0"),
-    ));
-    rules.push((
-        "nat",
-        "SWY-POSTROUTING",
-        format!(
-            "{} -j MASQUERADE{}",
-            comment("swy service traffic requiring SNAT"),
-            if cfg.random_fully {
-                " --random-fully"
-            } else {
-                ""
-            }
-        ),
-    ));
-    rules.push(("nat", masq, format!("-j MARK --set-xmark {mark}/{mark}")));
+    let shared = masquerade_rules(cfg.masquerade_bit, cfg.random_fully);
+    rules.extend(
+        shared
+            .iter()
+            .filter(|r| r.table == "nat")
+            .map(|r| ("nat", r.chain, r.spec.clone())),
+    );
     let reject = match family {
         Family::V4 => "REJECT --reject-with icmp-port-unreachable",
         Family::V6 => "REJECT --reject-with icmp6-port-unreachable",
@@ -171,27 +153,12 @@ pub fn rules(family: Family, cfg: &RulesConfig) -> Vec<RuleLine> {
             SetKind::LbSource.name(family)
         ),
     ));
-    rules.push((
-        "filter",
-        "SWY-FORWARD",
-        "-m conntrack --ctstate INVALID -j DROP".to_string(),
-    ));
-    rules.push((
-        "filter",
-        "SWY-FORWARD",
-        format!(
-            "{} -m mark --mark {mark}/{mark} -j ACCEPT",
-            comment("swy forwarding rules")
-        ),
-    ));
-    rules.push((
-        "filter",
-        "SWY-FORWARD",
-        format!(
-            "{} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            comment("swy forwarding conntrack rule")
-        ),
-    ));
+    rules.extend(
+        shared
+            .into_iter()
+            .filter(|r| r.table == "filter")
+            .map(|r| ("filter", r.chain, r.spec)),
+    );
     rules
 }
 

@@ -34,14 +34,6 @@ fn has(objects: &[String], line: &str) -> bool {
     objects.iter().any(|o| o == line)
 }
 
-fn three_endpoints() -> Vec<switchyard_proto::state::EndpointState> {
-    vec![
-        ep("10.244.0.5", 8080, true),
-        ep("10.244.1.5", 8080, false),
-        ep("10.244.2.5", 8080, false),
-    ]
-}
-
 #[test]
 fn a_cluster_ip_becomes_one_virtual_service_with_every_endpoint_as_a_masqueraded_real() {
     let o = objects(service(
