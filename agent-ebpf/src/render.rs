@@ -113,20 +113,13 @@ impl Scope {
 
 /// The IP protocol number of a Service protocol.
 pub fn proto_number(protocol: Protocol) -> u8 {
-    match protocol {
-        Protocol::Tcp => 6,
-        Protocol::Udp => 17,
-        Protocol::Sctp => 132,
-    }
+    protocol.number()
 }
 
+/// `tcp`, `udp`, `sctp`, or `proto<N>` for a number switchyard never writes.
 pub fn proto_name(number: u8) -> String {
-    match number {
-        6 => "tcp".into(),
-        17 => "udp".into(),
-        132 => "sctp".into(),
-        other => format!("proto{other}"),
-    }
+    Protocol::from_number(number)
+        .map_or_else(|| format!("proto{number}"), |p| p.lowercase().to_string())
 }
 
 /// A backend set: the slots of one range, in order, and how entries pick from it.

@@ -220,11 +220,7 @@ pub fn service_port_name(service: &str, port: &PortState) -> String {
 }
 
 fn proto(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
-    }
+    p.lowercase()
 }
 
 fn port_chain(kind: &str, spn: &str, protocol: Protocol) -> String {

@@ -15,7 +15,7 @@
 use std::{io, net::IpAddr};
 
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_NETFILTER};
-use switchyard_agent_core::netfilter::Family;
+use switchyard_agent_core::{netfilter::Family, state::Protocol};
 
 use crate::{
     ipset::{Saved, safe_comment, version_comment, version_key},
@@ -105,12 +105,10 @@ fn parse(kind: SetKind, element: &str) -> Option<Parts> {
         None => None,
         Some(field) => {
             let (proto, port) = field.split_once(':')?;
-            let number = match proto {
-                "tcp" => 6,
-                "udp" => 17,
-                "sctp" => 132,
-                _ => return None,
-            };
+            let number = Protocol::ALL
+                .into_iter()
+                .find(|p| p.lowercase() == proto)?
+                .number();
             Some((number, port.parse().ok()?))
         }
     };
@@ -455,13 +453,8 @@ fn list_message(payload: &[u8], saved: &mut Saved) -> Result<(), IpsetError> {
             })?;
             let mut text = ip.to_string();
             if let (Some(port), Some(proto)) = (port, proto) {
-                let proto = match proto {
-                    6 => "tcp",
-                    17 => "udp",
-                    132 => "sctp",
-                    // Not something switchyard writes: read-back reports it as an orphan.
-                    _ => "other",
-                };
+                // A number switchyard never writes makes an element read-back skips.
+                let proto = Protocol::from_number(proto).map_or("other", Protocol::lowercase);
                 text.push_str(&format!(",{proto}:{port}"));
             }
             if let Some(second) = second {

@@ -278,12 +278,7 @@ impl ServicePlan {
 
 /// `proto:port` as ipset prints it.
 pub fn proto_port(protocol: Protocol, port: u16) -> String {
-    let name = match protocol {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
-    };
-    format!("{name}:{port}")
+    format!("{}:{port}", protocol.lowercase())
 }
 
 /// An `ip,proto:port` element.
