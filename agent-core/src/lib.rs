@@ -16,6 +16,7 @@ pub mod dataplane;
 pub mod drift;
 mod engine;
 pub mod fixtures;
+pub mod flags;
 pub mod health;
 pub mod healthcheck;
 mod http;

@@ -8,6 +8,7 @@
 #![deny(unsafe_code)]
 
 pub mod abi;
+pub mod cli;
 pub mod codec;
 pub mod dataplane;
 pub mod host;

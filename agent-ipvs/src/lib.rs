@@ -9,6 +9,7 @@
 //! the rtnetlink side (the dummy device and its VIPs).
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod dataplane;
 pub mod ipset;
 pub mod ipset_netlink;
