@@ -29,6 +29,7 @@ use crate::{
     http::AbortOnDrop,
     metrics::Metrics,
     query::{self, QueryService},
+    switch::DataplanePolicy,
 };
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -80,6 +81,9 @@ pub struct AgentOptions {
     pub drift_interval: Duration,
     pub full_sync_period: Duration,
     pub agent_version: String,
+    /// Which dataplane the node should use, for a dataplane that can switch
+    /// ([`crate::switch::Switchable`]); `None`: the one given, always.
+    pub policy: Option<DataplanePolicy>,
 }
 
 /// A running agent: the stream client, periodic drift repair and full sync, the query
@@ -109,6 +113,7 @@ impl<D: Dataplane> Agent<D> {
         let healthchecks = HealthChecks::new(health.clone());
         let engine = Engine::start(
             dataplane,
+            options.policy,
             CacheFile::in_dir(&options.state_dir),
             metrics.clone(),
             health.clone(),
@@ -140,10 +145,14 @@ impl<D: Dataplane> Agent<D> {
             tasks.push(periodic(options.drift_interval, move || {
                 let engine = engine.clone();
                 async move {
-                    if engine.view().connected
-                        && let Err(error) = engine.repair_drift().await
-                    {
-                        tracing::warn!(%error, "drift check failed");
+                    if engine.view().connected {
+                        if let Err(error) = engine.repair_drift().await {
+                            tracing::warn!(%error, "drift check failed");
+                        }
+                        // A switch that failed is tried again here.
+                        if let Err(error) = engine.reconcile_dataplane().await {
+                            tracing::error!(%error, "switching dataplanes failed; the old one stays in force");
+                        }
                     }
                 }
             }));
@@ -253,6 +262,18 @@ async fn terminated() -> std::io::Result<()> {
 /// Runs an agent over `dataplane` until Ctrl-C or SIGTERM. Exiting leaves the kernel as
 /// it is (fail-static); the next start resumes from it.
 pub async fn run<D: Dataplane>(args: AgentArgs, dataplane: D) -> anyhow::Result<()> {
+    let name = dataplane_name(dataplane.kind());
+    run_with(args, dataplane, None, name).await
+}
+
+/// [`run`] for a dataplane that can switch: `policy` says which one the node should use;
+/// the state directory defaults to `/run/switchyard/<state_name>`.
+pub async fn run_with<D: Dataplane>(
+    args: AgentArgs,
+    dataplane: D,
+    policy: Option<DataplanePolicy>,
+    state_name: &str,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     init_logging(args.log_format);
     let kind = dataplane.kind();
@@ -265,7 +286,7 @@ pub async fn run<D: Dataplane>(args: AgentArgs, dataplane: D) -> anyhow::Result<
     };
     let state_dir = args
         .state_dir
-        .unwrap_or_else(|| PathBuf::from("/run/switchyard").join(dataplane_name(kind)));
+        .unwrap_or_else(|| default_state_dir(state_name));
     if args.cleanup {
         return cleanup(dataplane, &state_dir).await;
     }
@@ -282,6 +303,7 @@ pub async fn run<D: Dataplane>(args: AgentArgs, dataplane: D) -> anyhow::Result<
         drift_interval: args.drift_interval,
         full_sync_period: args.full_sync_period,
         agent_version: concat!("switchyard-agent-core/", env!("CARGO_PKG_VERSION")).into(),
+        policy,
     };
     tracing::info!(
         ?options,
@@ -323,6 +345,11 @@ pub async fn desired_from_controller(
         desired.insert(resource.name.clone(), service);
     }
     Ok(desired)
+}
+
+/// `/run/switchyard/<name>`: where the desired cache lives unless `--state-dir` says.
+pub fn default_state_dir(name: &str) -> PathBuf {
+    PathBuf::from("/run/switchyard").join(name)
 }
 
 async fn cleanup<D: Dataplane>(

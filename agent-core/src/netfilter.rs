@@ -91,36 +91,40 @@ pub fn choose_backend(legacy_save: &str, nft_save: &str) -> Backend {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SharedRule {
     pub table: &'static str,
-    pub chain: &'static str,
+    pub chain: String,
     pub spec: String,
 }
 
-/// Chains every netfilter dataplane owns, as kube-proxy's own.
-pub const POSTROUTING_CHAIN: &str = "SWY-POSTROUTING";
-pub const MARK_MASQ_CHAIN: &str = "SWY-MARK-MASQ";
-pub const FORWARD_CHAIN: &str = "SWY-FORWARD";
-
 /// kube-proxy's masquerading and forwarding rules, which every netfilter dataplane
-/// needs as they are: nat `SWY-POSTROUTING` masquerades what carries the mark bit
-/// `masquerade_bit` (clearing it), `SWY-MARK-MASQ` sets it, filter `SWY-FORWARD` drops
-/// invalid and accepts marked or established forwarded traffic.
-pub fn masquerade_rules(masquerade_bit: u8, random_fully: bool) -> Vec<SharedRule> {
+/// needs as they are, in chains named with the dataplane's `prefix` (each dataplane
+/// owns its chains, so two can be in force at once during a switch): nat
+/// `<prefix>POSTROUTING` masquerades what carries the mark bit `masquerade_bit`
+/// (clearing it), `<prefix>MARK-MASQ` sets it, filter `<prefix>FORWARD` drops invalid and
+/// accepts marked or established forwarded traffic.
+pub fn masquerade_rules(prefix: &str, masquerade_bit: u8, random_fully: bool) -> Vec<SharedRule> {
     let mark = format!("{:#x}", 1u32 << masquerade_bit.min(31));
-    let rule = |table, chain, spec: String| SharedRule { table, chain, spec };
+    let postrouting = format!("{prefix}POSTROUTING");
+    let mark_masq = format!("{prefix}MARK-MASQ");
+    let forward = format!("{prefix}FORWARD");
+    let rule = |table, chain: &String, spec: String| SharedRule {
+        table,
+        chain: chain.clone(),
+        spec,
+    };
     vec![
         rule(
             "nat",
-            POSTROUTING_CHAIN,
+            &postrouting,
             format!("-m mark ! --mark {mark}/{mark} -j RETURN"),
         ),
         rule(
             "nat",
-            POSTROUTING_CHAIN,
+            &postrouting,
             format!("-j MARK --set-xmark {mark}/0x0"),
         ),
         rule(
             "nat",
-            POSTROUTING_CHAIN,
+            &postrouting,
             format!(
                 "-m comment --comment \"swy service traffic requiring SNAT\" -j MASQUERADE{}",
                 if random_fully { " --random-fully" } else { "" }
@@ -128,24 +132,24 @@ pub fn masquerade_rules(masquerade_bit: u8, random_fully: bool) -> Vec<SharedRul
         ),
         rule(
             "nat",
-            MARK_MASQ_CHAIN,
+            &mark_masq,
             format!("-j MARK --set-xmark {mark}/{mark}"),
         ),
         rule(
             "filter",
-            FORWARD_CHAIN,
+            &forward,
             "-m conntrack --ctstate INVALID -j DROP".to_string(),
         ),
         rule(
             "filter",
-            FORWARD_CHAIN,
+            &forward,
             format!(
                 "-m comment --comment \"swy forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"
             ),
         ),
         rule(
             "filter",
-            FORWARD_CHAIN,
+            &forward,
             "-m comment --comment \"swy forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_string(),
         ),
     ]

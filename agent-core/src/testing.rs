@@ -173,6 +173,7 @@ pub async fn start_memory_agent(
         drift_interval: std::time::Duration::from_secs(3600),
         full_sync_period: std::time::Duration::ZERO,
         agent_version: "test".into(),
+        policy: None,
     };
     let listener = || tokio::net::TcpListener::bind("127.0.0.1:0");
     crate::Agent::start(

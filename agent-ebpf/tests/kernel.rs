@@ -305,6 +305,7 @@ async fn get_agent_state_shows_the_map_entries_and_a_hand_deleted_entry_comes_ba
             drift_interval: Duration::from_millis(500),
             full_sync_period: Duration::ZERO,
             agent_version: "test".into(),
+            policy: None,
         },
         dataplane,
         listener().await.unwrap(),

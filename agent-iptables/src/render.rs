@@ -326,13 +326,13 @@ pub fn global_rules(family: Family, cfg: &RenderConfig) -> Vec<Rule> {
             ));
         }
     }
-    for shared in masquerade_rules(cfg.masquerade_bit, cfg.random_fully) {
+    for shared in masquerade_rules(CHAIN_PREFIX, cfg.masquerade_bit, cfg.random_fully) {
         let table = if shared.table == "nat" {
             Table::Nat
         } else {
             Table::Filter
         };
-        rules.push(rule(table, shared.chain, shared.spec));
+        rules.push(rule(table, &shared.chain, shared.spec));
     }
     rules
 }

@@ -32,7 +32,7 @@ pub struct ProblemsView {
     /// What the sources reported (objects that do not convert, files that do not parse)
     /// and duplicates.
     sources: Arc<RwLock<BTreeMap<ProblemKey, Problem>>>,
-    /// Ignored annotations of the Services in the snapshot, by Service.
+    /// Ignored annotations and labels of the Services and Nodes in the snapshot.
     annotations: Arc<RwLock<BTreeMap<ObjectRef, Problem>>>,
 }
 
@@ -59,16 +59,16 @@ impl ProblemsView {
         self.sources.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records (or clears, for `None` or a Service without any) the ignored annotations
-    /// of the Service `r` in force, keeping `since` while the message stays the same.
-    fn set_annotations(&self, r: &ObjectRef, service: Option<(&Origin, &crate::model::Service)>) {
+    /// Records (or clears, for `None` or an object without any) the ignored annotations
+    /// or labels of the object `r` in force, keeping `since` while the message stays the
+    /// same.
+    fn set_annotations(&self, r: &ObjectRef, ignored: Option<(&Origin, &[String])>) {
         let mut annotations = self.annotations.write().unwrap_or_else(|e| e.into_inner());
-        let Some((origin, service)) = service.filter(|(_, s)| !s.annotation_problems.is_empty())
-        else {
+        let Some((origin, ignored)) = ignored.filter(|(_, problems)| !problems.is_empty()) else {
             annotations.remove(r);
             return;
         };
-        let message = service.annotation_problems.join("; ");
+        let message = ignored.join("; ");
         let since = match annotations.get(r) {
             Some(p) if p.message == message && &p.origin == origin => p.since,
             _ => SystemTime::now(),
@@ -270,12 +270,13 @@ impl Store {
             .first()
             .and_then(|o| self.origins.get(o))
             .and_then(|o| o.get(r));
-        if r.kind == ObjectKind::Service {
-            let service = holders.first().zip(winner).and_then(|(o, w)| match &**w {
-                Object::Service(s) => Some((o, s)),
-                _ => None,
-            });
-            self.problems.set_annotations(r, service);
+        let ignored = holders.first().zip(winner).and_then(|(o, w)| match &**w {
+            Object::Service(s) => Some((o, &s.annotation_problems[..])),
+            Object::Node(n) => Some((o, &n.label_problems[..])),
+            Object::EndpointSlice(_) => None,
+        });
+        if r.kind != ObjectKind::EndpointSlice {
+            self.problems.set_annotations(r, ignored);
         }
         let snapshot = &mut self.snapshot;
         match r.kind {
@@ -390,6 +391,8 @@ mod tests {
             name: name.into(),
             zone: Some(zone.into()),
             deleting: false,
+            dataplane: None,
+            label_problems: Vec::new(),
             addresses: vec![],
         })
     }

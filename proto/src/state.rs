@@ -227,6 +227,63 @@ impl FromStr for LbAlgorithm {
     }
 }
 
+/// A dataplane, as the Node label `switchyard.io/dataplane` and the agent's
+/// `--dataplane` name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DataplaneKind {
+    Iptables,
+    Ipvs,
+    Ebpf,
+}
+
+impl DataplaneKind {
+    pub const ALL: [DataplaneKind; 3] = [Self::Iptables, Self::Ipvs, Self::Ebpf];
+
+    /// `iptables`, `ipvs` or `ebpf`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Iptables => "iptables",
+            Self::Ipvs => "ipvs",
+            Self::Ebpf => "ebpf",
+        }
+    }
+
+    pub fn to_wire(self) -> v1::Dataplane {
+        match self {
+            Self::Iptables => v1::Dataplane::Iptables,
+            Self::Ipvs => v1::Dataplane::Ipvs,
+            Self::Ebpf => v1::Dataplane::Ebpf,
+        }
+    }
+
+    /// `None` for unspecified.
+    pub fn from_wire(wire: v1::Dataplane) -> Option<Self> {
+        match wire {
+            v1::Dataplane::Iptables => Some(Self::Iptables),
+            v1::Dataplane::Ipvs => Some(Self::Ipvs),
+            v1::Dataplane::Ebpf => Some(Self::Ebpf),
+            v1::Dataplane::Unspecified => None,
+        }
+    }
+}
+
+impl fmt::Display for DataplaneKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DataplaneKind {
+    type Err = StateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.name() == s)
+            .ok_or_else(|| StateError::invalid("dataplane", s, "not iptables, ipvs or ebpf"))
+    }
+}
+
 /// Every Service a node must program, by resource name.
 pub type NodeState = BTreeMap<ServiceKey, ServiceState>;
 

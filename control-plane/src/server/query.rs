@@ -70,6 +70,13 @@ fn node_status(
     let mut status = v1::NodeStatus {
         node_name: node.to_string(),
         in_cluster: generation.snapshot.nodes.contains_key(node),
+        dataplane_wanted: generation
+            .snapshot
+            .nodes
+            .get(node)
+            .and_then(|n| n.dataplane)
+            .map_or(v1::Dataplane::Unspecified, |d| d.to_wire())
+            .into(),
         desired_version: desired_version.clone(),
         services: desired.len() as u32,
         pending_changes: desired.len() as u32,
@@ -79,7 +86,7 @@ fn node_status(
         return status;
     };
     status.connected = session.is_connected();
-    status.dataplane = session.identity.dataplane;
+    status.dataplane = session.dataplanes().in_force.into();
     status.agent_version = session.identity.agent_version.clone();
     status.peer = session.peer.clone();
     status.connected_since = Some(session.connected_since.into());

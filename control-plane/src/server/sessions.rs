@@ -43,11 +43,45 @@ pub struct Session {
     pub connected_since: SystemTime,
     connected: Mutex<bool>,
     protocol: Mutex<NodeProtocol>,
+    /// The dataplanes the agent programs with now and the Node's label asks for.
+    dataplanes: Mutex<Dataplanes>,
     /// Set to true when a newer stream for the same node takes over.
     superseded: watch::Sender<Option<String>>,
 }
 
+/// A node's dataplane as its agent reports it and as its label asks for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dataplanes {
+    /// The agent's dataplane now (its identity's, then what its answers report).
+    pub in_force: v1::Dataplane,
+    /// The `switchyard.io/dataplane` label as last sent.
+    pub wanted: v1::Dataplane,
+}
+
 impl Session {
+    /// The dataplanes in force and wanted.
+    pub fn dataplanes(&self) -> Dataplanes {
+        *self.dataplanes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records what the agent reports programming with (unspecified: no news).
+    pub fn set_dataplane_in_force(&self, dataplane: v1::Dataplane) {
+        if dataplane != v1::Dataplane::Unspecified {
+            self.dataplanes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .in_force = dataplane;
+        }
+    }
+
+    /// Records the label sent to the agent.
+    pub fn set_dataplane_wanted(&self, dataplane: v1::Dataplane) {
+        self.dataplanes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .wanted = dataplane;
+    }
+
     pub fn protocol(&self) -> MutexGuard<'_, NodeProtocol> {
         self.protocol.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -86,6 +120,7 @@ impl Sessions {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.next_id += 1;
         let node = identity.node_name.clone();
+        let in_force = identity.dataplane();
         let session = Arc::new(Session {
             id: inner.next_id,
             node: node.clone(),
@@ -96,6 +131,10 @@ impl Sessions {
             protocol: Mutex::new(NodeProtocol {
                 acked,
                 ..Default::default()
+            }),
+            dataplanes: Mutex::new(Dataplanes {
+                in_force,
+                wanted: v1::Dataplane::Unspecified,
             }),
             superseded: watch::Sender::new(None),
         });
