@@ -204,6 +204,19 @@ impl<D: Dataplane> Agent<D> {
         self.engine.full_sync().await
     }
 
+    /// Switches now to the dataplane the policy wants, if it is not in force (the drift
+    /// check does this periodically); returns the new one, if it switched.
+    pub async fn reconcile_dataplane(
+        &self,
+    ) -> Result<Option<switchyard_proto::state::DataplaneKind>, DataplaneError> {
+        self.engine.reconcile_dataplane().await
+    }
+
+    /// The dataplane programming the kernel now.
+    pub fn dataplane(&self) -> switchyard_proto::v1::Dataplane {
+        self.engine.kind()
+    }
+
     /// Marks the node as being deleted (`/healthz` answers 503) or not. The controller
     /// says so in every response (`node_being_deleted`); this is for a binary that
     /// learns it some other way.
