@@ -120,8 +120,16 @@ pub fn slice(
 
 /// The example cluster, with `web` served by the backends `web_endpoints`.
 pub fn manifests(web_endpoints: &[u8]) -> String {
+    manifests_labelled(web_endpoints, None)
+}
+
+/// [`manifests`] with the Node labelled `switchyard.io/dataplane: <dataplane>`.
+pub fn manifests_labelled(web_endpoints: &[u8], dataplane: Option<&str>) -> String {
+    let labels = dataplane
+        .map(|d| format!(", labels: {{switchyard.io/dataplane: {d}}}"))
+        .unwrap_or_default();
     [
-        format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\n"),
+        format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}{labels}}}\n"),
         "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
          spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n"
             .into(),
@@ -401,6 +409,22 @@ impl Cluster {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Labels the Node `switchyard.io/dataplane: <dataplane>` (`None`: no label), with
+    /// `web` on every backend.
+    pub fn set_dataplane_label(&self, dataplane: Option<&str>) {
+        write(
+            &self.manifests.path().join("cluster.yaml"),
+            &manifests_labelled(&[1, 2, 3], dataplane),
+        );
+    }
+
+    /// The dataplane the node's agent reports programming with, as the controller sees
+    /// it.
+    pub fn dataplane_in_force(&self) -> Option<switchyard_proto::v1::Dataplane> {
+        let controller = self.controller.as_ref()?;
+        Some(controller.sessions.get(NODE)?.dataplanes().in_force)
     }
 
     /// Rewrites the cluster manifest with `web` served by `web_endpoints`.
