@@ -5,50 +5,14 @@
 //! dataplane may be left in the kernel. (Switches involving IPVS run in user-mode Linux:
 //! `switch_uml.rs`.)
 
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::Duration,
-};
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use common::PinDir;
 
 use switchyard_integration::e2e::{AgentSpec, Cluster, PATIENCE};
 use switchyard_proto::v1;
-
-/// A private bpffs pin directory, unpinned (programs detached) on drop.
-struct PinDir {
-    _tmp: tempfile::TempDir,
-    path: PathBuf,
-}
-
-impl PinDir {
-    fn new() -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let path = tmp.path().join("bpffs");
-        Self { _tmp: tmp, path }
-    }
-
-    /// What is pinned there (empty once the eBPF dataplane cleaned up).
-    fn pins(&self) -> Vec<String> {
-        list(&self.path)
-    }
-}
-
-fn list(dir: &Path) -> Vec<String> {
-    std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-impl Drop for PinDir {
-    fn drop(&mut self) {
-        let _ = switchyard_agent_ebpf::loader::cleanup(&self.path);
-    }
-}
 
 fn agent(pins: &PinDir) -> AgentSpec {
     AgentSpec::new(env!("CARGO_BIN_EXE_switchyard-agent"))

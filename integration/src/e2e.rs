@@ -268,22 +268,59 @@ pub struct Cluster {
     pub cgroup: Option<Cgroup>,
 }
 
+/// What a [`Cluster`] lays out: the manifests, the backends and the ports each serves,
+/// IPv6 or not, and the request that says the agent is ready.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// The manifests folder's one file.
+    pub manifests: String,
+    /// Per backend (1-based, in order): the TCP and the UDP ports it serves.
+    pub backends: Vec<(Vec<u16>, Vec<u16>)>,
+    /// Give every namespace an IPv6 address too.
+    pub ipv6: bool,
+    /// A ClusterIP and port that answers TCP from a pod once the agent is ready.
+    pub ready: SocketAddr,
+}
+
+impl Layout {
+    /// The example cluster of [`manifests`] on three backends.
+    pub fn example() -> Self {
+        Self {
+            manifests: manifests(&[1, 2, 3]),
+            backends: vec![(vec![8080], vec![5353]); 3],
+            ipv6: false,
+            ready: "10.96.0.10:80".parse().expect("an address"),
+        }
+    }
+}
+
 impl Cluster {
     /// Lays out the topology, starts the backends, the controller on the example cluster
     /// and the agent, and waits until `web` answers from the client.
     pub async fn start(spec: AgentSpec) -> Self {
+        Self::start_with(spec, Layout::example()).await
+    }
+
+    /// [`Cluster::start`] with another layout (backend 1 is the one on [`NODE`]).
+    pub async fn start_with(spec: AgentSpec, layout: Layout) -> Self {
         let topology = Topology::builder()
-            .backends(3)
+            .backends(layout.backends.len() as u8)
             .local_backend(1)
+            .ipv6(layout.ipv6)
             .node_name(NODE)
             .build()
             .unwrap();
-        let backends = topology.start_backends(&[8080], &[5353]).unwrap();
+        let backends = topology
+            .backends()
+            .iter()
+            .zip(&layout.backends)
+            .map(|(backend, (tcp, udp))| backend.start(tcp, udp).unwrap())
+            .collect();
 
         let manifests_dir = tempfile::tempdir().unwrap();
         write(
             &manifests_dir.path().join("cluster.yaml"),
-            &manifests(&[1, 2, 3]),
+            &layout.manifests,
         );
         let state = tempfile::tempdir().unwrap();
         let cgroup = spec
@@ -308,9 +345,10 @@ impl Cluster {
             state,
             cgroup,
         };
+        let ready = layout.ready;
         cluster
-            .eventually("web reachable from a pod", |c| {
-                c.tcp(c.pod(), "10.96.0.10", 80).is_ok()
+            .eventually("the agent forwarding for a pod", |c| {
+                c.pod().tcp(ready, &ProbeOptions::default()).is_ok()
             })
             .await;
         cluster

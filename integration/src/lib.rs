@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod cgroup;
+pub mod conformance;
 pub mod controller;
 pub mod e2e;
 pub mod fixtures;
