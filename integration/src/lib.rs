@@ -2,11 +2,13 @@
 //! controller on loopback, a simulated agent speaking the real protocol, builders for
 //! cluster objects, the end-to-end scenarios every agent must pass ([`e2e`]), network
 //! namespaces and cgroups with probes run from inside them ([`netns`], [`cgroup`]), and
-//! user-mode Linux guests for kernels the host lacks ([`uml`]).
+//! user-mode Linux guests for kernels the host lacks ([`uml`]), and the side-by-side
+//! comparison of the three dataplanes ([`compare`]).
 #![forbid(unsafe_code)]
 
 pub mod bench;
 pub mod cgroup;
+pub mod compare;
 pub mod conformance;
 pub mod controller;
 pub mod e2e;
