@@ -264,15 +264,9 @@ impl KernelRun {
                 })
                 .map(|s| (s.round, s.value))
         };
-        let direct: std::collections::BTreeMap<usize, f64> =
-            by_round(Metric::DirectRate).collect();
+        let direct: std::collections::BTreeMap<usize, f64> = by_round(Metric::DirectRate).collect();
         let ratios: Vec<f64> = by_round(Metric::ClusterIpRate)
-            .filter_map(|(round, rate)| {
-                direct
-                    .get(&round)
-                    .filter(|d| **d > 0.0)
-                    .map(|d| rate / d)
-            })
+            .filter_map(|(round, rate)| direct.get(&round).filter(|d| **d > 0.0).map(|d| rate / d))
             .collect();
         (!ratios.is_empty()).then(|| median(ratios))
     }

@@ -144,6 +144,8 @@ pub fn layout() -> Layout {
         ],
         ipv6: true,
         ready: "10.96.1.1:80".parse().expect("an address"),
+        files: Vec::new(),
+        await_service: None,
     }
 }
 
@@ -570,9 +572,10 @@ fn outcome(probe: &Probe, results: Vec<Result<String, ProbeError>>) -> Outcome {
 pub type Results = BTreeMap<(String, String), Outcome>;
 
 /// Runs every scenario through the agent `spec` describes (one cluster holding them
-/// all); returns the outcomes and the expectations from the controller's state.
+/// all), then has the agent remove what it made; returns the outcomes and the
+/// expectations from the controller's state.
 pub async fn run(spec: AgentSpec, scenarios: &[Scenario]) -> (Results, Results) {
-    let cluster = Cluster::start_with(spec, layout()).await;
+    let mut cluster = Cluster::start_with(spec, layout()).await;
     // Everything is programmed once the last Service in the manifest answers.
     cluster
         .eventually("every Service programmed", |c| {
@@ -615,6 +618,11 @@ pub async fn run(spec: AgentSpec, scenarios: &[Scenario]) -> (Results, Results) 
             expectations.insert(key, expected(state.as_ref(), probe));
         }
     }
+    // What the agent made outside the cluster's namespaces (pinned eBPF objects) goes
+    // with it.
+    cluster
+        .stop_and_clean_up_agent()
+        .expect("the agent's --cleanup removes what it made");
     (results, expectations)
 }
 

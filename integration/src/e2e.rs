@@ -48,6 +48,11 @@ use crate::{
 pub const NODE: &str = "node-a";
 /// How long a scenario waits for something that should happen.
 pub const PATIENCE: Duration = Duration::from_secs(20);
+/// Where the agent's query API listens, on the node namespace's loopback (its default).
+pub const AGENT_QUERY: &str = "127.0.0.1:9741";
+/// Where the agent's `/healthz` and `/metrics` listen, on the node namespace's loopback
+/// (kube-proxy's port).
+pub const AGENT_HTTP: &str = "127.0.0.1:10256";
 
 /// How to start the agent under test in the node namespace.
 #[derive(Clone, Debug)]
@@ -230,6 +235,21 @@ impl Origin<'_> {
             })
     }
 
+    /// New TCP connections per second to `target` over `window`, each closed with an
+    /// RST (see [`crate::bench::connect_rate`]).
+    pub fn connect_rate(&self, target: SocketAddr, window: Duration) -> Result<f64, ProbeError> {
+        match self.cgroup {
+            Some(cgroup) => cgroup.probe(self.ns).connect_rate(target, window),
+            None => Ok(crate::bench::connect_rate(
+                self.ns,
+                &[],
+                None,
+                target,
+                window,
+            )),
+        }
+    }
+
     /// A request to `target` every `interval` until the loop stops.
     pub fn connection_loop(
         &self,
@@ -280,6 +300,11 @@ pub struct Layout {
     pub ipv6: bool,
     /// A ClusterIP and port that answers TCP from a pod once the agent is ready.
     pub ready: SocketAddr,
+    /// More files for the manifests folder: name and contents.
+    pub files: Vec<(String, String)>,
+    /// A Service (`namespace/name`) the controller must hold before the agent starts, so
+    /// the agent's first sync is of the whole cluster.
+    pub await_service: Option<String>,
 }
 
 impl Layout {
@@ -290,6 +315,8 @@ impl Layout {
             backends: vec![(vec![8080], vec![5353]); 3],
             ipv6: false,
             ready: "10.96.0.10:80".parse().expect("an address"),
+            files: Vec::new(),
+            await_service: None,
         }
     }
 }
@@ -322,6 +349,9 @@ impl Cluster {
             &manifests_dir.path().join("cluster.yaml"),
             &layout.manifests,
         );
+        for (name, contents) in &layout.files {
+            write(&manifests_dir.path().join(name), contents);
+        }
         let state = tempfile::tempdir().unwrap();
         let cgroup = spec
             .cgroup_flag
@@ -334,6 +364,13 @@ impl Cluster {
             _ => spec,
         };
         let controller = start_controller(&topology, manifests_dir.path(), 0).await;
+        if let Some(service) = &layout.await_service {
+            let mut generations = controller.hub.generations.clone();
+            tokio::time::timeout(PATIENCE * 6, generations.wait_for(|g| g.contains(service)))
+                .await
+                .unwrap_or_else(|_| panic!("the controller never held {service}"))
+                .expect("the hub runs");
+        }
         let agent = spawn_agent(&topology, &spec, &controller, state.path());
         let cluster = Self {
             topology,
@@ -387,6 +424,82 @@ impl Cluster {
             resources_sent: protocol.resources_sent,
             removals_sent: protocol.removals_sent,
         })
+    }
+
+    /// The agent's process id.
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.id()
+    }
+
+    /// The agent's Prometheus metrics, as `/metrics` serves them.
+    pub fn agent_metrics(&self) -> Result<String, NetnsError> {
+        let addr: SocketAddr = AGENT_HTTP.parse().expect("an address");
+        self.node()
+            .run(move || {
+                let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+                stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+                stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+                let mut response = String::new();
+                stream.read_to_string(&mut response)?;
+                Ok(response
+                    .split_once("\r\n\r\n")
+                    .map_or(String::new(), |(_, body)| body.to_string()))
+            })?
+            .map_err(|e| NetnsError::io("GET /metrics from the agent", e))
+    }
+
+    /// The agent's `AgentQuery/GetAgentState`, with every Service's kernel objects when
+    /// `kernel_objects`.
+    pub fn agent_state(
+        &self,
+        kernel_objects: bool,
+    ) -> anyhow::Result<switchyard_proto::v1::GetAgentStateResponse> {
+        use switchyard_proto::v1::{GetAgentStateRequest, agent_query_client::AgentQueryClient};
+        self.node().run(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let mut client =
+                        AgentQueryClient::connect(format!("http://{AGENT_QUERY}")).await?;
+                    let state = client
+                        .get_agent_state(GetAgentStateRequest {
+                            include_kernel_objects: kernel_objects,
+                        })
+                        .await?;
+                    Ok(state.into_inner())
+                })
+        })?
+    }
+
+    /// Stops the agent (SIGTERM), which leaves the kernel as it is, then runs the same
+    /// binary with `--cleanup` and the same flags, which removes everything it made.
+    pub fn stop_and_clean_up_agent(&mut self) -> Result<(), NetnsError> {
+        self.agent.terminate(Duration::from_secs(5))?;
+        let controller = self.controller.as_ref().expect("controller running");
+        let mut spec = self.spec.clone();
+        spec.extra_args.push("--cleanup".into());
+        let mut cleanup = spawn_agent(&self.topology, &spec, controller, self.state.path());
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = cleanup.try_wait()? {
+                return if status.success() {
+                    Ok(())
+                } else {
+                    Err(NetnsError::io(
+                        "agent --cleanup",
+                        std::io::Error::other(status.to_string()),
+                    ))
+                };
+            }
+            if Instant::now() > deadline {
+                return Err(NetnsError::io(
+                    "agent --cleanup",
+                    std::io::Error::other("still running after 20 s"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Stops the agent (SIGTERM) and starts a new one over the same state directory.
@@ -518,9 +631,9 @@ fn spawn_agent(
         "--state-dir".into(),
         state.into(),
         "--query-listen".into(),
-        "127.0.0.1:0".into(),
+        AGENT_QUERY.into(),
         "--healthz-listen".into(),
-        "127.0.0.1:0".into(),
+        AGENT_HTTP.into(),
     ];
     argv.extend(spec.extra_args.iter().map(OsString::from));
     if spec.nsenter {

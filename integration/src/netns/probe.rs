@@ -373,6 +373,8 @@ pub struct LoopStats {
     pub by_backend: BTreeMap<String, u64>,
     /// The first [`LoopStats::MAX_FAILURES_KEPT`] failures, as `+<ms since start>: <error>`.
     pub failures: Vec<String>,
+    /// When the first request was answered.
+    pub first_success: Option<Instant>,
 }
 
 impl LoopStats {
@@ -563,6 +565,7 @@ fn record(stats: &Mutex<LoopStats>, started: Instant, result: Result<String, Pro
     match result {
         Ok(body) => {
             stats.succeeded += 1;
+            stats.first_success.get_or_insert_with(Instant::now);
             let backend = body.split_whitespace().next().unwrap_or("").to_owned();
             *stats.by_backend.entry(backend).or_default() += 1;
         }
