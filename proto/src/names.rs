@@ -91,17 +91,23 @@ pub fn iana_svc_name(value: &str) -> Result<(), &'static str> {
 /// `value` in double quotes for an error message, cut to 64 characters and with control
 /// characters escaped, so a hostile value can neither flood a log nor forge a line.
 pub fn quote_bounded(value: &str) -> String {
-    const KEEP: usize = 64;
+    format!("\"{}\"", escape_bounded(value, 64))
+}
+
+/// `value` cut to `keep` characters (then `…`) with control characters, quotes and
+/// backslashes escaped: free text from a peer (a NACK's message, an agent's version),
+/// safe to keep, show and log.
+pub fn escape_bounded(value: &str, keep: usize) -> String {
     let mut out: String = value
         .chars()
-        .take(KEEP)
+        .take(keep)
         .collect::<String>()
         .escape_debug()
         .collect();
-    if value.chars().nth(KEEP).is_some() {
+    if value.chars().nth(keep).is_some() {
         out.push('…');
     }
-    format!("\"{out}\"")
+    out
 }
 
 #[cfg(test)]
@@ -167,5 +173,8 @@ mod tests {
         let quoted = quote_bounded(&"x".repeat(10_000));
         assert!(quoted.len() < 80, "{quoted}");
         assert!(quoted.ends_with("…\""));
+        assert_eq!(escape_bounded("ok", 10), "ok");
+        assert_eq!(escape_bounded("a\r\nb\u{1b}[2J", 100), "a\\r\\nb\\u{1b}[2J");
+        assert_eq!(escape_bounded("abcdef", 3), "abc…");
     }
 }
