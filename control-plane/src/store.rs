@@ -2,7 +2,11 @@
 //! [`ClusterSnapshot`], telling which Services and Nodes each batch of updates touched.
 //!
 //! When two origins define the same object, the first origin in name order wins and
-//! the other copy is reported as a problem. Problems are kept here for the query API.
+//! the other copy is reported as a problem. Problems are kept here for the query API,
+//! each on its own (two problems of one object are two entries), with messages cut to
+//! [`MAX_PROBLEM_MESSAGE`] characters. So are Services in force that no node programs
+//! (no cluster IP, no ports: see [`crate::compute::dropped_reason`]) and ignored
+//! annotations: nothing is dropped silently.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -11,9 +15,13 @@ use std::{
 };
 
 use crate::{
+    compute,
     model::{ClusterSnapshot, Object, ObjectKind, ObjectRef, ServiceKey},
     sources::{Origin, StoreUpdate},
 };
+
+/// Longest problem message kept, in characters.
+pub const MAX_PROBLEM_MESSAGE: usize = 2048;
 
 /// Something a source could not use, as the query API shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,7 +32,22 @@ pub struct Problem {
     pub since: SystemTime,
 }
 
-type ProblemKey = (Origin, Option<ObjectRef>);
+/// Origin, object, and the problem's place among that object's problems.
+type ProblemKey = (Origin, Option<ObjectRef>, u32);
+
+/// The place of a duplicate's problem, apart from the source's own problems of it.
+const DUPLICATE_ORDINAL: u32 = u32::MAX;
+
+/// `message` as kept: at most [`MAX_PROBLEM_MESSAGE`] characters.
+fn bounded(message: String) -> String {
+    if message.chars().nth(MAX_PROBLEM_MESSAGE).is_some() {
+        let mut cut: String = message.chars().take(MAX_PROBLEM_MESSAGE).collect();
+        cut.push('…');
+        cut
+    } else {
+        message
+    }
+}
 
 /// Cheap read handle on the current problems.
 #[derive(Clone, Debug, Default)]
@@ -32,7 +55,8 @@ pub struct ProblemsView {
     /// What the sources reported (objects that do not convert, files that do not parse)
     /// and duplicates.
     sources: Arc<RwLock<BTreeMap<ProblemKey, Problem>>>,
-    /// Ignored annotations of the Services in the snapshot, by Service.
+    /// Notes on the Services in the snapshot, by Service: ignored annotations, and why
+    /// no node programs it.
     annotations: Arc<RwLock<BTreeMap<ObjectRef, Problem>>>,
 }
 
@@ -59,16 +83,26 @@ impl ProblemsView {
         self.sources.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records (or clears, for `None` or a Service without any) the ignored annotations
-    /// of the Service `r` in force, keeping `since` while the message stays the same.
+    /// Records (or clears, for `None` or a Service without any) the notes on the Service
+    /// `r` in force: why no node programs it, and its ignored annotations; `since` stays
+    /// while the message does.
     fn set_annotations(&self, r: &ObjectRef, service: Option<(&Origin, &crate::model::Service)>) {
         let mut annotations = self.annotations.write().unwrap_or_else(|e| e.into_inner());
-        let Some((origin, service)) = service.filter(|(_, s)| !s.annotation_problems.is_empty())
+        let notes = |s: &crate::model::Service| {
+            compute::dropped_reason(s)
+                .map(|reason| format!("not programmed on any node: {reason}"))
+                .into_iter()
+                .chain(s.annotation_problems.iter().cloned())
+                .collect::<Vec<_>>()
+        };
+        let Some((origin, notes)) = service
+            .map(|(o, s)| (o, notes(s)))
+            .filter(|(_, notes)| !notes.is_empty())
         else {
             annotations.remove(r);
             return;
         };
-        let message = service.annotation_problems.join("; ");
+        let message = bounded(notes.join("; "));
         let since = match annotations.get(r) {
             Some(p) if p.message == message && &p.origin == origin => p.since,
             _ => SystemTime::now(),
@@ -191,13 +225,16 @@ impl Store {
                     message,
                 } => {
                     let mut problems = self.problems.sources();
-                    let key = (origin.clone(), object.clone());
-                    let since = match problems.get(&key) {
-                        Some(p) if p.message == message => p.since,
-                        _ => SystemTime::now(),
-                    };
+                    let message = bounded(message);
+                    let since = problems
+                        .get(&(origin.clone(), object.clone(), 0))
+                        .filter(|p| p.message == message)
+                        .map_or_else(SystemTime::now, |p| p.since);
+                    problems.retain(|(o, r, n), _| {
+                        o != &origin || r != &object || *n == DUPLICATE_ORDINAL
+                    });
                     problems.insert(
-                        key,
+                        (origin.clone(), object.clone(), 0),
                         Problem {
                             origin,
                             object,
@@ -206,22 +243,58 @@ impl Store {
                         },
                     );
                 }
+                StoreUpdate::ReplaceProblems {
+                    origin,
+                    problems: replacement,
+                } => {
+                    let mut problems = self.problems.sources();
+                    let mut old: BTreeMap<(Option<ObjectRef>, String), SystemTime> =
+                        BTreeMap::new();
+                    problems.retain(|(o, r, n), p| {
+                        if o != &origin || *n == DUPLICATE_ORDINAL {
+                            return true;
+                        }
+                        old.insert((r.clone(), p.message.clone()), p.since);
+                        false
+                    });
+                    let mut ordinals: HashMap<Option<ObjectRef>, u32> = HashMap::new();
+                    for (object, message) in replacement {
+                        let message = bounded(message);
+                        let ordinal = ordinals.entry(object.clone()).or_default();
+                        let since = old
+                            .get(&(object.clone(), message.clone()))
+                            .copied()
+                            .unwrap_or_else(SystemTime::now);
+                        problems.insert(
+                            (origin.clone(), object.clone(), *ordinal),
+                            Problem {
+                                origin: origin.clone(),
+                                object,
+                                message,
+                                since,
+                            },
+                        );
+                        *ordinal = (*ordinal + 1).min(DUPLICATE_ORDINAL - 1);
+                    }
+                }
                 StoreUpdate::ClearProblem {
                     origin,
                     object: None,
                 } => {
                     let mut problems = self.problems.sources();
-                    problems.retain(|(o, r), p| {
-                        o != &origin || (r.is_some() && p.message.starts_with(DUPLICATE))
-                    });
+                    problems.retain(|(o, _, n), _| o != &origin || *n == DUPLICATE_ORDINAL);
                 }
                 StoreUpdate::ClearProblem {
                     origin,
                     object: Some(r),
                 } => {
                     let mut problems = self.problems.sources();
-                    problems.remove(&(origin, Some(r)));
+                    let object = Some(r);
+                    problems.retain(|(o, o_ref, n), _| {
+                        o != &origin || o_ref != &object || *n == DUPLICATE_ORDINAL
+                    });
                 }
+                StoreUpdate::Synced => {}
             }
         }
         for r in refs {
@@ -238,11 +311,7 @@ impl Store {
             }
         }
         let mut problems = self.problems.sources();
-        if let Some(p) = problems.get(&(origin.clone(), Some(r.clone())))
-            && p.message.starts_with(DUPLICATE)
-        {
-            problems.remove(&(origin.clone(), Some(r.clone())));
-        }
+        problems.remove(&(origin.clone(), Some(r.clone()), DUPLICATE_ORDINAL));
     }
 
     /// Puts the winning copy of `r` (if any) into the snapshot and records what moved.
@@ -254,10 +323,10 @@ impl Store {
             .unwrap_or_default();
         if let Some((winner, losers)) = holders.split_first() {
             let mut problems = self.problems.sources();
-            problems.remove(&(winner.clone(), Some(r.clone())));
+            problems.remove(&(winner.clone(), Some(r.clone()), DUPLICATE_ORDINAL));
             for loser in losers {
                 problems
-                    .entry((loser.clone(), Some(r.clone())))
+                    .entry((loser.clone(), Some(r.clone()), DUPLICATE_ORDINAL))
                     .or_insert_with(|| Problem {
                         origin: loser.clone(),
                         object: Some(r.clone()),
