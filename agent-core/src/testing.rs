@@ -172,6 +172,7 @@ pub async fn start_memory_agent(
 ) -> crate::Agent<MemoryDataplane> {
     let options = crate::AgentOptions {
         controller,
+        tls: Default::default(),
         node_name: node.into(),
         state_dir: state_dir.to_path_buf(),
         drift_interval: std::time::Duration::from_secs(3600),
