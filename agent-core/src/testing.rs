@@ -170,9 +170,20 @@ pub async fn start_memory_agent(
     kernel: &MemoryKernel,
     state_dir: &std::path::Path,
 ) -> crate::Agent<MemoryDataplane> {
+    start_memory_agent_tls(controller, Default::default(), node, kernel, state_dir).await
+}
+
+/// [`start_memory_agent`] with TLS to the controller (an `https://` address).
+pub async fn start_memory_agent_tls(
+    controller: String,
+    tls: crate::client::ClientTls,
+    node: &str,
+    kernel: &MemoryKernel,
+    state_dir: &std::path::Path,
+) -> crate::Agent<MemoryDataplane> {
     let options = crate::AgentOptions {
         controller,
-        tls: Default::default(),
+        tls,
         node_name: node.into(),
         state_dir: state_dir.to_path_buf(),
         drift_interval: std::time::Duration::from_secs(3600),

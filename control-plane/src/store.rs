@@ -680,4 +680,110 @@ mod tests {
         }]);
         assert!(store.problems().list().is_empty(), "deleted");
     }
+
+    #[test]
+    fn every_problem_of_an_origin_is_listed_even_for_one_object_and_replaced_together() {
+        let mut store = Store::new();
+        let web = service("web", 80).object_ref();
+        let replace = |problems: Vec<(Option<ObjectRef>, &str)>| StoreUpdate::ReplaceProblems {
+            origin: "m.yaml".into(),
+            problems: problems
+                .into_iter()
+                .map(|(o, m)| (o, m.to_string()))
+                .collect(),
+        };
+        store.apply([replace(vec![
+            (None, "document 1: apiVersion and kind must be set"),
+            (None, "document 2: apiVersion and kind must be set"),
+            (Some(web.clone()), "document 3: spec.type: bad"),
+            (Some(web.clone()), "document 4: defined again"),
+        ])]);
+        let messages = |store: &Store| {
+            let mut m: Vec<String> = store
+                .problems()
+                .list()
+                .into_iter()
+                .map(|p| p.message)
+                .collect();
+            m.sort();
+            m
+        };
+        assert_eq!(messages(&store).len(), 4);
+        let since = store.problems().list()[0].since;
+        store.apply([replace(vec![
+            (None, "document 1: apiVersion and kind must be set"),
+            (Some(web.clone()), "document 3: spec.type: bad"),
+        ])]);
+        assert_eq!(
+            messages(&store),
+            [
+                "document 1: apiVersion and kind must be set",
+                "document 3: spec.type: bad"
+            ]
+        );
+        assert_eq!(
+            store.problems().list()[0].since,
+            since,
+            "unchanged problems keep their time"
+        );
+        store.apply([replace(vec![])]);
+        assert!(store.problems().list().is_empty());
+    }
+
+    #[test]
+    fn a_problem_message_is_kept_bounded() {
+        let mut store = Store::new();
+        store.apply([StoreUpdate::Problem {
+            origin: "kubernetes/Service".into(),
+            object: None,
+            message: "x".repeat(100_000),
+        }]);
+        let message = &store.problems().list()[0].message;
+        assert_eq!(message.chars().count(), MAX_PROBLEM_MESSAGE + 1);
+        assert!(message.ends_with('…'));
+    }
+
+    #[test]
+    fn a_service_no_node_programs_is_listed_with_why_and_headless_ones_are_not() {
+        let mut store = Store::new();
+        let Object::Service(base) = service("web", 80) else {
+            unreachable!()
+        };
+        let mut no_ip = base.clone();
+        no_ip.key = ServiceKey::new("default", "no-ip");
+        no_ip.cluster_ips.clear();
+        let mut no_ports = base.clone();
+        no_ports.key = ServiceKey::new("default", "no-ports");
+        no_ports.ports.clear();
+        let mut headless = base.clone();
+        headless.key = ServiceKey::new("default", "headless");
+        headless.headless = true;
+        headless.cluster_ips.clear();
+        store.apply([replace(
+            "a.yaml",
+            vec![
+                Object::Service(base),
+                Object::Service(no_ip),
+                Object::Service(no_ports),
+                Object::Service(headless),
+            ],
+            1,
+        )]);
+        let mut listed: Vec<(String, String)> = store
+            .problems()
+            .list()
+            .into_iter()
+            .map(|p| (p.object.unwrap().name, p.message))
+            .collect();
+        listed.sort();
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        assert_eq!(listed[0].0, "no-ip");
+        assert!(listed[0].1.contains("no cluster IP"), "{}", listed[0].1);
+        assert_eq!(listed[1].0, "no-ports");
+        assert!(listed[1].1.contains("no ports"), "{}", listed[1].1);
+
+        // Fixed, or gone: the problem goes too.
+        store.apply([replace("a.yaml", vec![service("web", 80)], 2)]);
+        assert!(store.problems().list().is_empty());
+    }
 }

@@ -55,10 +55,21 @@ impl TestController {
         options: ComputeOptions,
         server: ServerOptions,
     ) -> anyhow::Result<Self> {
+        let controller = Self::start_unsynced(listener, options, server).await?;
+        controller.send(StoreUpdate::Synced).await;
+        Ok(controller)
+    }
+
+    /// Like [`TestController::start_with_server`], but no stream is served anything
+    /// until the test sends [`StoreUpdate::Synced`], as with a source still listing.
+    pub async fn start_unsynced(
+        listener: TcpListener,
+        options: ComputeOptions,
+        server: ServerOptions,
+    ) -> anyhow::Result<Self> {
         let (updates, updates_rx) = tokio::sync::mpsc::channel(1024);
         let (hub, handle) = Hub::new(options, updates_rx);
         tokio::spawn(hub.run());
-        updates.send(StoreUpdate::Synced).await?;
         let address = listener.local_addr()?;
         let (shutdown, stop) = oneshot::channel();
         let server_handle = handle.clone();
@@ -86,6 +97,11 @@ impl TestController {
 
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.address)
+    }
+
+    /// The address for clients of a controller started with TLS.
+    pub fn https_endpoint(&self) -> String {
+        format!("https://{}", self.address)
     }
 
     /// Replaces everything from `origin` and waits until the hub has published it.

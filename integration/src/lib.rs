@@ -1,7 +1,8 @@
 //! Shared parts of switchyard's end-to-end tests and benchmarks: an in-process
 //! controller on loopback, a simulated agent speaking the real protocol, builders for
 //! cluster objects, the end-to-end scenarios every agent must pass ([`e2e`]), network
-//! namespaces, and user-mode Linux guests for kernels the host lacks ([`uml`]).
+//! namespaces, user-mode Linux guests for kernels the host lacks ([`uml`]), and
+//! certificates made in the test ([`pki`]).
 #![forbid(unsafe_code)]
 
 pub mod bench;
@@ -9,5 +10,6 @@ pub mod controller;
 pub mod e2e;
 pub mod fixtures;
 pub mod netns;
+pub mod pki;
 pub mod sim_agent;
 pub mod uml;

@@ -94,18 +94,21 @@ pub fn quote_bounded(value: &str) -> String {
     format!("\"{}\"", escape_bounded(value, 64))
 }
 
-/// `value` cut to `keep` characters (then `…`) with control characters, quotes and
-/// backslashes escaped: free text from a peer (a NACK's message, an agent's version),
+/// `value` with control characters, quotes and backslashes escaped, cut to `keep`
+/// characters (then `…`): free text from a peer (a NACK's message, an agent's version),
 /// safe to keep, show and log.
 pub fn escape_bounded(value: &str, keep: usize) -> String {
-    let mut out: String = value
-        .chars()
-        .take(keep)
-        .collect::<String>()
-        .escape_debug()
-        .collect();
-    if value.chars().nth(keep).is_some() {
-        out.push('…');
+    let mut out = String::new();
+    let mut count = 0;
+    for c in value.chars() {
+        let escaped = c.escape_debug();
+        let len = escaped.len();
+        if count + len > keep {
+            out.push('…');
+            return out;
+        }
+        out.extend(escaped);
+        count += len;
     }
     out
 }
@@ -176,5 +179,7 @@ mod tests {
         assert_eq!(escape_bounded("ok", 10), "ok");
         assert_eq!(escape_bounded("a\r\nb\u{1b}[2J", 100), "a\\r\\nb\\u{1b}[2J");
         assert_eq!(escape_bounded("abcdef", 3), "abc…");
+        let cut = escape_bounded(&"\u{1b}".repeat(100), 20);
+        assert!(cut.chars().count() <= 21, "bounded once escaped: {cut}");
     }
 }

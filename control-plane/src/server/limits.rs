@@ -130,3 +130,58 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    #[test]
+    fn a_peer_holds_at_most_its_limit_of_slots_and_a_dropped_one_frees() {
+        let slots = StreamSlots::new(2);
+        let a = slots.try_take("10.0.0.1".into()).unwrap();
+        let _b = slots.try_take("10.0.0.1".into()).unwrap();
+        assert!(slots.try_take("10.0.0.1".into()).is_none());
+        assert!(slots.try_take("10.0.0.2".into()).is_some(), "another peer");
+        drop(a);
+        assert_eq!(slots.held("10.0.0.1"), 1);
+        assert!(slots.try_take("10.0.0.1".into()).is_some());
+    }
+
+    #[tokio::test]
+    async fn calls_over_the_limit_are_refused_at_once_and_the_others_run() {
+        let release = Arc::new(Semaphore::new(0));
+        let inner = {
+            let release = release.clone();
+            tower::service_fn(move |_: http::Request<Body>| {
+                let release = release.clone();
+                async move {
+                    let _permit = release.acquire().await;
+                    Ok::<_, Infallible>(http::Response::new(Body::empty()))
+                }
+            })
+        };
+        let gated = Gated::new(inner, 2);
+        let call = || gated.clone().oneshot(http::Request::new(Body::empty()));
+        let first = tokio::spawn(call());
+        let second = tokio::spawn(call());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let third = tokio::time::timeout(Duration::from_secs(1), call())
+            .await
+            .expect("refused at once, not queued")
+            .unwrap();
+        assert_eq!(third.headers()["grpc-status"], "8", "RESOURCE_EXHAUSTED");
+        release.add_permits(2);
+        for call in [first, second] {
+            let response = call.await.unwrap().unwrap();
+            assert!(response.headers().get("grpc-status").is_none());
+        }
+        // The limit is free again.
+        release.add_permits(1);
+        let fourth = call().await.unwrap();
+        assert!(fourth.headers().get("grpc-status").is_none());
+    }
+}
