@@ -14,6 +14,8 @@ use std::{
     time::SystemTime,
 };
 
+use switchyard_proto::names::one_line;
+
 use crate::{
     compute,
     model::{ClusterSnapshot, Object, ObjectKind, ObjectRef, ServiceKey},
@@ -38,15 +40,10 @@ type ProblemKey = (Origin, Option<ObjectRef>, u32);
 /// The place of a duplicate's problem, apart from the source's own problems of it.
 const DUPLICATE_ORDINAL: u32 = u32::MAX;
 
-/// `message` as kept: at most [`MAX_PROBLEM_MESSAGE`] characters.
+/// `message` as kept: on one line (control characters escaped, whatever a source or a
+/// library echoed into it) and at most [`MAX_PROBLEM_MESSAGE`] characters.
 fn bounded(message: String) -> String {
-    if message.chars().nth(MAX_PROBLEM_MESSAGE).is_some() {
-        let mut cut: String = message.chars().take(MAX_PROBLEM_MESSAGE).collect();
-        cut.push('…');
-        cut
-    } else {
-        message
-    }
+    one_line(&message, MAX_PROBLEM_MESSAGE)
 }
 
 /// Cheap read handle on the current problems.
@@ -741,6 +738,16 @@ mod tests {
         let message = &store.problems().list()[0].message;
         assert_eq!(message.chars().count(), MAX_PROBLEM_MESSAGE + 1);
         assert!(message.ends_with('…'));
+        store.apply([StoreUpdate::Problem {
+            origin: "kubernetes/Service".into(),
+            object: None,
+            message: "unknown variant `a\nforged line`, expected \"b\"".into(),
+        }]);
+        assert_eq!(
+            store.problems().list()[0].message,
+            "unknown variant `a\\nforged line`, expected \"b\"",
+            "one line, quotes kept"
+        );
     }
 
     #[test]

@@ -113,6 +113,32 @@ pub fn escape_bounded(value: &str, keep: usize) -> String {
     out
 }
 
+/// `value` on one line: control characters escaped (`\n`, `\u{1b}`), everything else
+/// as it is, cut to `keep` characters (then `…`). For messages that quote their own
+/// values (problems, errors of libraries) on their way to logs and the query API.
+pub fn one_line(value: &str, keep: usize) -> String {
+    let mut out = String::with_capacity(value.len().min(keep + 4));
+    let mut count = 0;
+    for c in value.chars() {
+        let len = if c.is_control() {
+            c.escape_debug().len()
+        } else {
+            1
+        };
+        if count + len > keep {
+            out.push('…');
+            return out;
+        }
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+        count += len;
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,6 +205,8 @@ mod tests {
         assert_eq!(escape_bounded("ok", 10), "ok");
         assert_eq!(escape_bounded("a\r\nb\u{1b}[2J", 100), "a\\r\\nb\\u{1b}[2J");
         assert_eq!(escape_bounded("abcdef", 3), "abc…");
+        assert_eq!(one_line("a \"b\"\nc", 100), "a \"b\"\\nc");
+        assert_eq!(one_line("abcdef", 3), "abc…");
         let cut = escape_bounded(&"\u{1b}".repeat(100), 20);
         assert!(cut.chars().count() <= 21, "bounded once escaped: {cut}");
     }

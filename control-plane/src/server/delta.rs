@@ -145,6 +145,41 @@ pub fn identify(first: v1::NodeStateRequest) -> Result<Declared, Status> {
     Ok(Declared { identity, held })
 }
 
+/// What an agent's answer to a response says, as the controller keeps it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answer<'a> {
+    /// Resources of the response the agent rejected.
+    pub rejected: HashSet<&'a str>,
+    /// The first [`MAX_NACK_ERRORS`] errors, messages cut to [`MAX_NACK_MESSAGE`] and
+    /// escaped: what the query API shows and the log says.
+    pub kept: Vec<v1::ResourceError>,
+    /// Errors left out of `kept`.
+    pub omitted: usize,
+}
+
+/// Reads an answer's errors against the resources `sent` in the response it answers:
+/// errors naming anything else are ignored (an answer naming only those is an ACK).
+/// Pure.
+pub fn read_answer<'a>(sent: &HashSet<&str>, errors: &'a [v1::ResourceError]) -> Answer<'a> {
+    let relevant: Vec<&v1::ResourceError> = errors
+        .iter()
+        .filter(|e| sent.contains(e.resource_name.as_str()))
+        .collect();
+    let kept: Vec<v1::ResourceError> = relevant
+        .iter()
+        .take(MAX_NACK_ERRORS)
+        .map(|e| v1::ResourceError {
+            resource_name: e.resource_name.clone(),
+            message: escape_bounded(&e.message, MAX_NACK_MESSAGE),
+        })
+        .collect();
+    Answer {
+        rejected: relevant.iter().map(|e| e.resource_name.as_str()).collect(),
+        omitted: relevant.len() - kept.len(),
+        kept,
+    }
+}
+
 /// Whether `name` is one the controller could have sent: `namespace/name` of a valid
 /// Service.
 fn resource_name(name: &str) -> Result<(), &'static str> {
@@ -469,12 +504,8 @@ impl NodeStream {
             .map(|(name, _)| &**name)
             .chain(in_flight.removals.iter().map(|name| &**name))
             .collect();
-        let errors: Vec<&v1::ResourceError> = request
-            .errors
-            .iter()
-            .filter(|e| sent.contains(e.resource_name.as_str()))
-            .collect();
-        let rejected: HashSet<&str> = errors.iter().map(|e| e.resource_name.as_str()).collect();
+        let answer = read_answer(&sent, &request.errors);
+        let rejected = &answer.rejected;
         let mut protocol = self.session.protocol();
         for (name, version) in in_flight.upserts {
             if rejected.contains(&*name) {
@@ -493,19 +524,12 @@ impl NodeStream {
         if rejected.is_empty() {
             tracing::debug!(%node, nonce = %in_flight.nonce, "ACK");
         } else {
-            let kept: Vec<v1::ResourceError> = errors
-                .iter()
-                .take(MAX_NACK_ERRORS)
-                .map(|e| v1::ResourceError {
-                    resource_name: e.resource_name.clone(),
-                    message: escape_bounded(&e.message, MAX_NACK_MESSAGE),
-                })
-                .collect();
-            let first = &kept[0];
+            let first = &answer.kept[0];
             tracing::warn!(
                 %node,
                 nonce = %in_flight.nonce,
-                rejected = errors.len(),
+                rejected = rejected.len(),
+                errors = answer.kept.len() + answer.omitted,
                 first = %first.resource_name,
                 error = %first.message,
                 "NACK"
@@ -513,8 +537,8 @@ impl NodeStream {
             protocol.last_nack = Some(Nack {
                 nonce: in_flight.nonce,
                 time: SystemTime::now(),
-                omitted: errors.len() - kept.len(),
-                errors: kept,
+                omitted: answer.omitted,
+                errors: answer.kept,
             });
         }
     }

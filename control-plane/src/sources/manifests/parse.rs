@@ -81,6 +81,12 @@ impl Parsed {
     }
 }
 
+/// A problem message on one line (a parser's error may quote the file's text) and at
+/// most [`crate::store::MAX_PROBLEM_MESSAGE`] characters, before it is logged.
+fn one_line(message: &str) -> String {
+    switchyard_proto::names::one_line(message, crate::store::MAX_PROBLEM_MESSAGE)
+}
+
 /// Whether a file name is one the source reads: `*.yaml`, `*.yml`, `*.json`, not hidden
 /// (editors' swap and backup files start with a dot).
 pub fn is_manifest(path: &Path) -> bool {
@@ -266,7 +272,7 @@ impl FileParser<'_> {
     fn file_problem(&mut self, message: String) {
         self.parsed.problems.push(FileProblem {
             object: None,
-            message: format!("{}: {message}", self.path.display()),
+            message: one_line(&format!("{}: {message}", self.path.display())),
         });
     }
 
@@ -285,7 +291,10 @@ impl FileParser<'_> {
             .map(|o| format!("{o}: "))
             .unwrap_or_default();
         self.parsed.problems.push(FileProblem {
-            message: format!("{}: {location}: {what}{message}", self.path.display()),
+            message: one_line(&format!(
+                "{}: {location}: {what}{message}",
+                self.path.display()
+            )),
             object,
         });
     }
