@@ -498,12 +498,17 @@ impl NodeStream {
             tracing::debug!(%node, nonce = %quote_bounded(&request.response_nonce), "ignoring answer to a stale nonce");
             return;
         };
-        let sent: HashSet<&str> = in_flight
-            .upserts
-            .iter()
-            .map(|(name, _)| &**name)
-            .chain(in_flight.removals.iter().map(|name| &**name))
-            .collect();
+        // An ACK (no errors) needs no lookup of what was sent.
+        let sent: HashSet<&str> = if request.errors.is_empty() {
+            HashSet::new()
+        } else {
+            in_flight
+                .upserts
+                .iter()
+                .map(|(name, _)| &**name)
+                .chain(in_flight.removals.iter().map(|name| &**name))
+                .collect()
+        };
         let answer = read_answer(&sent, &request.errors);
         let rejected = &answer.rejected;
         let mut protocol = self.session.protocol();
