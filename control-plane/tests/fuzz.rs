@@ -20,6 +20,7 @@ use switchyard_controller::{
 };
 use switchyard_proto::{
     names,
+    state::ServiceKey,
     v1::{self, NodeIdentity, NodeStateRequest},
 };
 
@@ -223,6 +224,26 @@ proptest! {
         }
         let relevant = errors.iter().filter(|e| sent.contains(e.resource_name.as_str())).count();
         prop_assert_eq!(answer.kept.len() + answer.omitted, relevant);
+    }
+}
+
+proptest! {
+    #![proptest_config(config(1024))]
+
+    #[test]
+    fn two_services_never_share_a_resource_name(
+        a in ("[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", "[a-z]([a-z0-9-]{0,8}[a-z0-9])?"),
+        b in ("[a-z0-9]([a-z0-9-]{0,8}[a-z0-9])?", "[a-z]([a-z0-9-]{0,8}[a-z0-9])?"),
+    ) {
+        // Only names the API server accepts reach a resource name; those map one to one.
+        let valid = |(ns, name): &(String, String)| {
+            names::dns1123_label(ns).is_ok() && names::dns1035_label(name).is_ok()
+        };
+        prop_assume!(valid(&a) && valid(&b));
+        let key = |(ns, name): &(String, String)| ServiceKey::new(ns.clone(), name.clone());
+        let (ka, kb) = (key(&a), key(&b));
+        prop_assert_eq!(ka.to_string().parse::<ServiceKey>().unwrap(), ka.clone());
+        prop_assert_eq!(ka.to_string() == kb.to_string(), a == b);
     }
 }
 
