@@ -11,7 +11,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -96,6 +99,8 @@ pub struct Session {
     pub identity: v1::NodeIdentity,
     pub peer: String,
     pub connected_since: SystemTime,
+    /// Apart from `protocol`, so it can be read while `protocol` is held.
+    connected: AtomicBool,
     protocol: Mutex<NodeProtocol>,
     /// Set to the newer stream's peer when a newer stream for the same node takes over.
     superseded: watch::Sender<Option<String>>,
@@ -107,7 +112,7 @@ impl Session {
     }
 
     pub fn is_connected(&self) -> bool {
-        self.protocol().closed.is_none()
+        self.connected.load(Ordering::Acquire)
     }
 
     /// Resolves with the new stream's peer once a newer stream takes this node over.
@@ -150,6 +155,7 @@ impl Sessions {
             identity,
             peer: peer.clone(),
             connected_since: SystemTime::now(),
+            connected: AtomicBool::new(true),
             protocol: Mutex::new(NodeProtocol {
                 acked,
                 ..Default::default()
@@ -174,6 +180,7 @@ impl Sessions {
         });
         protocol.acked = Default::default();
         protocol.nacked = Default::default();
+        session.connected.store(false, Ordering::Release);
     }
 
     pub fn get(&self, node: &str) -> Option<Arc<Session>> {
@@ -265,8 +272,10 @@ mod tests {
         let closed = protocol.closed.as_ref().unwrap();
         assert_eq!(closed.acked_version, expected);
         assert_eq!(closed.acked_resources, 10_000);
-        drop(protocol);
-        assert!(!session.is_connected());
+        assert!(
+            !session.is_connected(),
+            "readable while the protocol is held"
+        );
     }
 
     #[test]
