@@ -17,6 +17,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 cd "$SWITCHYARD_ROOT"
 
 ensure_debian_packages ca-certificates gcc libc6-dev pkg-config
+# Building the eBPF agent (cargo build -p switchyard-agent-ebpf) compiles its programs
+# with clang (-target bpf) against libbpf's and the kernel's headers.
+ensure_debian_packages clang libbpf-dev linux-libc-dev
 ensure_rust
 
 if [[ "${1:-}" == "--controller-only" ]]; then

@@ -8,8 +8,12 @@ cd "$SWITCHYARD_ROOT"
 
 ensure_debian_packages ca-certificates gcc libc6-dev pkg-config
 # Real-kernel tests: namespaces, iptables (nft and legacy), nft to inspect rule handles,
-# conntrack, a socat backend.
-ensure_debian_packages iproute2 iptables nftables conntrack socat user-mode-linux kmod ipset ipvsadm
+# conntrack, a socat backend, IPVS and ipset in user-mode Linux; nsenter (util-linux)
+# starts agents and probes in a namespace without hiding the cgroup2 mount.
+ensure_debian_packages iproute2 iptables nftables conntrack socat user-mode-linux kmod ipset ipvsadm util-linux
+# The eBPF agent's programs are C compiled by its build script: clang for -target bpf,
+# libbpf's bpf_helpers.h, the kernel UAPI headers.
+ensure_debian_packages clang libbpf-dev linux-libc-dev
 ensure_rust
 ensure_python_clients
 

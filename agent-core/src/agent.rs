@@ -29,6 +29,7 @@ use crate::{
     http::AbortOnDrop,
     metrics::Metrics,
     query::{self, QueryService},
+    switch::DataplanePolicy,
 };
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -103,6 +104,9 @@ pub struct AgentOptions {
     pub drift_interval: Duration,
     pub full_sync_period: Duration,
     pub agent_version: String,
+    /// Which dataplane the node should use, for a dataplane that can switch
+    /// ([`crate::switch::Switchable`]); `None`: the one given, always.
+    pub policy: Option<DataplanePolicy>,
 }
 
 /// A running agent: the stream client, periodic drift repair and full sync, the query
@@ -132,6 +136,7 @@ impl<D: Dataplane> Agent<D> {
         let healthchecks = HealthChecks::new(health.clone());
         let engine = Engine::start(
             dataplane,
+            options.policy,
             CacheFile::in_dir(&options.state_dir),
             metrics.clone(),
             health.clone(),
@@ -164,10 +169,14 @@ impl<D: Dataplane> Agent<D> {
             tasks.push(periodic(options.drift_interval, move || {
                 let engine = engine.clone();
                 async move {
-                    if engine.view().connected
-                        && let Err(error) = engine.repair_drift().await
-                    {
-                        tracing::warn!(%error, "drift check failed");
+                    if engine.view().connected {
+                        if let Err(error) = engine.repair_drift().await {
+                            tracing::warn!(%error, "drift check failed");
+                        }
+                        // A switch that failed is tried again here.
+                        if let Err(error) = engine.reconcile_dataplane().await {
+                            tracing::error!(%error, "switching dataplanes failed; the old one stays in force");
+                        }
                     }
                 }
             }));
@@ -217,6 +226,19 @@ impl<D: Dataplane> Agent<D> {
     /// Rewrites everything now.
     pub async fn full_sync(&self) -> Result<(), DataplaneError> {
         self.engine.full_sync().await
+    }
+
+    /// Switches now to the dataplane the policy wants, if it is not in force (the drift
+    /// check does this periodically); returns the new one, if it switched.
+    pub async fn reconcile_dataplane(
+        &self,
+    ) -> Result<Option<switchyard_proto::state::DataplaneKind>, DataplaneError> {
+        self.engine.reconcile_dataplane().await
+    }
+
+    /// The dataplane programming the kernel now.
+    pub fn dataplane(&self) -> switchyard_proto::v1::Dataplane {
+        self.engine.kind()
     }
 
     /// Marks the node as being deleted (`/healthz` answers 503) or not. The controller
@@ -277,6 +299,18 @@ async fn terminated() -> std::io::Result<()> {
 /// Runs an agent over `dataplane` until Ctrl-C or SIGTERM. Exiting leaves the kernel as
 /// it is (fail-static); the next start resumes from it.
 pub async fn run<D: Dataplane>(args: AgentArgs, dataplane: D) -> anyhow::Result<()> {
+    let name = dataplane_name(dataplane.kind());
+    run_with(args, dataplane, None, name).await
+}
+
+/// [`run`] for a dataplane that can switch: `policy` says which one the node should use;
+/// the state directory defaults to `/run/switchyard/<state_name>`.
+pub async fn run_with<D: Dataplane>(
+    args: AgentArgs,
+    dataplane: D,
+    policy: Option<DataplanePolicy>,
+    state_name: &str,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     init_logging(args.log_format);
     let kind = dataplane.kind();
@@ -291,7 +325,7 @@ pub async fn run<D: Dataplane>(args: AgentArgs, dataplane: D) -> anyhow::Result<
     };
     let state_dir = args
         .state_dir
-        .unwrap_or_else(|| PathBuf::from("/run/switchyard").join(dataplane_name(kind)));
+        .unwrap_or_else(|| default_state_dir(state_name));
     if args.cleanup {
         return cleanup(dataplane, &state_dir).await;
     }
@@ -309,6 +343,7 @@ pub async fn run<D: Dataplane>(args: AgentArgs, dataplane: D) -> anyhow::Result<
         drift_interval: args.drift_interval,
         full_sync_period: args.full_sync_period,
         agent_version: concat!("switchyard-agent-core/", env!("CARGO_PKG_VERSION")).into(),
+        policy,
     };
     tracing::info!(
         ?options,
@@ -362,6 +397,11 @@ pub async fn desired_from_controller(
         }
         page_token = page.next_page_token;
     }
+}
+
+/// `/run/switchyard/<name>`: where the desired cache lives unless `--state-dir` says.
+pub fn default_state_dir(name: &str) -> PathBuf {
+    PathBuf::from("/run/switchyard").join(name)
 }
 
 async fn cleanup<D: Dataplane>(

@@ -271,10 +271,12 @@ async fn session<D: Dataplane>(
     let first = NodeStateRequest {
         node: Some(NodeIdentity {
             node_name: config.node_name.clone(),
-            dataplane: engine.kind.into(),
+            dataplane: engine.kind().into(),
             agent_version: config.agent_version.clone(),
         }),
         initial_resource_versions: declared.into_iter().collect(),
+        dataplane_in_force: engine.kind().into(),
+        declared_label: engine.label().into(),
         ..Default::default()
     };
     tx.send(first).await.map_err(|_| ClientError::Closed)?;
@@ -286,13 +288,40 @@ async fn session<D: Dataplane>(
         .into_inner();
     engine.set_connected(true);
     backoff.reset();
+    // A dataplane the policy wants (a changed flag) is switched to once the stream is up.
+    switch_if_wanted(engine, &tx).await?;
     loop {
         let Some(response) = responses.message().await.map_err(ClientError::Stream)? else {
             return Ok(());
         };
+        engine.note_label(response.dataplane());
         let answer = handle_response(engine, response).await;
         tx.send(answer).await.map_err(|_| ClientError::Closed)?;
+        switch_if_wanted(engine, &tx).await?;
     }
+}
+
+/// Switches to the dataplane the policy wants, if it is not in force, and tells the
+/// controller (a message answering no nonce). A failed switch leaves the old dataplane
+/// in force; it is tried again after the next response or drift check.
+async fn switch_if_wanted<D: Dataplane>(
+    engine: &Engine<D>,
+    tx: &mpsc::Sender<NodeStateRequest>,
+) -> Result<(), ClientError> {
+    match engine.reconcile_dataplane().await {
+        Ok(Some(_)) => {
+            let status = NodeStateRequest {
+                dataplane_in_force: engine.kind().into(),
+                ..Default::default()
+            };
+            tx.send(status).await.map_err(|_| ClientError::Closed)?;
+        }
+        Ok(None) => {}
+        Err(error) => {
+            tracing::error!(%error, "switching dataplanes failed; the old one stays in force")
+        }
+    }
+    Ok(())
 }
 
 /// Applies one response and builds its ACK or NACK.
@@ -365,6 +394,7 @@ pub(crate) async fn handle_response<D: Dataplane>(
     }
     NodeStateRequest {
         response_nonce: response.nonce,
+        dataplane_in_force: engine.kind().into(),
         errors,
         apply_stats: Some(ApplyStats {
             apply_duration: prost_types::Duration::try_from(duration).ok(),

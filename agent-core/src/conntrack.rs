@@ -143,45 +143,19 @@ pub fn flush_commands(old: Option<&ServiceState>, new: Option<&ServiceState>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use switchyard_proto::state::{EndpointState, ServiceKey, TrafficPolicy};
+    use crate::fixtures::{self as states, ep as endpoint};
+    use switchyard_proto::state::EndpointState;
 
     fn ep(ip: &str, port: u16) -> EndpointState {
-        EndpointState {
-            ip: ip.parse().unwrap(),
-            port,
-            node_name: None,
-            local: false,
-            ready: true,
-            serving: true,
-            terminating: false,
-        }
+        endpoint(ip, port, false)
     }
 
     fn dns(endpoints: Vec<EndpointState>, protocol: Protocol) -> ServiceState {
-        let usable = !endpoints.is_empty();
-        ServiceState {
-            key: ServiceKey::new("kube-system", "dns"),
-            cluster_ips: vec!["10.96.0.10".parse().unwrap()],
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            load_balancer_source_ranges: vec![],
-            ports: vec![PortState {
-                name: "dns".into(),
-                protocol,
-                port: 53,
-                node_port: None,
-                cluster_endpoints: endpoints,
-                local_endpoints: vec![],
-                usable_ipv4: usable,
-                usable_ipv6: false,
-            }],
-            session_affinity_timeout: None,
-            external_traffic_policy: TrafficPolicy::Cluster,
-            internal_traffic_policy: TrafficPolicy::Cluster,
-            health_check_node_port: None,
-            ipvs_scheduler: None,
-            ebpf_lb: None,
-        }
+        states::service(
+            "kube-system/dns",
+            &["10.96.0.10"],
+            vec![states::port("dns", protocol, 53, endpoints)],
+        )
     }
 
     fn joined(commands: Vec<Vec<String>>) -> Vec<String> {

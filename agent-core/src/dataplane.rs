@@ -4,7 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use switchyard_proto::{state::ServiceState, v1};
+use switchyard_proto::{
+    state::{DataplaneKind, ServiceState},
+    v1,
+};
 
 /// One Service the node must hold, with the version the controller sent for it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -26,6 +29,18 @@ pub struct Change {
     /// Rewrite everything the dataplane owns from `desired` (startup, periodic full
     /// sync, drift repair), not only the named resources.
     pub full: bool,
+}
+
+impl Change {
+    /// The resources an apply writes: every one of `desired` for a full sync, else the
+    /// upserted ones.
+    pub fn to_write<'a>(&'a self, desired: &'a Desired) -> Vec<&'a String> {
+        if self.full {
+            desired.keys().collect()
+        } else {
+            self.upserted.iter().collect()
+        }
+    }
 }
 
 /// One Service as read back from the kernel.
@@ -88,4 +103,13 @@ pub trait Dataplane: Send + 'static {
 
     /// Removes everything this dataplane ever installed.
     fn cleanup(&mut self) -> Result<(), DataplaneError>;
+
+    /// Moves the node to dataplane `to` while traffic flows: programs `desired` with
+    /// it, checks the kernel holds exactly that, then removes everything this one
+    /// created (see [`crate::switch`]). `Ok(false)`: already `to`, or a dataplane that
+    /// cannot become another, which is every one but [`crate::switch::Switchable`].
+    fn switch_to(&mut self, to: DataplaneKind, desired: &Desired) -> Result<bool, DataplaneError> {
+        let _ = (to, desired);
+        Ok(false)
+    }
 }

@@ -9,11 +9,12 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError, RwLock},
     time::{Duration, SystemTime},
 };
 
-use switchyard_proto::v1;
+use switchyard_proto::{state::DataplaneKind, v1};
 use tokio::time::Instant;
 
 use crate::{
@@ -23,6 +24,7 @@ use crate::{
     health::ProxyHealth,
     healthcheck::HealthChecks,
     metrics::Metrics,
+    switch::{DataplanePolicy, DataplaneRecord},
 };
 
 /// When and how the last apply went, for the query API.
@@ -58,11 +60,18 @@ pub(crate) struct View {
     pub last_apply: Option<ApplyTiming>,
     pub connected: bool,
     pub drift_repairs: u64,
+    /// The dataplane programming the kernel now.
+    pub dataplane: v1::Dataplane,
 }
 
 pub(crate) struct Engine<D> {
     dataplane: Arc<Mutex<D>>,
-    pub kind: v1::Dataplane,
+    /// Which dataplane the node should use; `None`: the one given, always.
+    policy: Option<DataplanePolicy>,
+    /// The Node's `switchyard.io/dataplane` label as last received (and persisted).
+    label: Mutex<Option<DataplaneKind>>,
+    /// Where the dataplane record is kept (the desired cache's directory).
+    state_dir: PathBuf,
     state: tokio::sync::Mutex<Authoritative>,
     view: RwLock<View>,
     pub metrics: Arc<Metrics>,
@@ -76,12 +85,27 @@ impl<D: Dataplane> Engine<D> {
     /// apply: the kernel is left exactly as found.
     pub async fn start(
         dataplane: D,
+        policy: Option<DataplanePolicy>,
         cache: CacheFile,
         metrics: Arc<Metrics>,
         health: Arc<ProxyHealth>,
         healthchecks: HealthChecks,
     ) -> Arc<Self> {
         let kind = dataplane.kind();
+        let state_dir = cache
+            .path()
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
+        let record = DataplaneRecord::load(&state_dir);
+        let record = DataplaneRecord {
+            in_force: DataplaneKind::from_wire(kind),
+            ..record
+        };
+        if let Err(error) = record.store(&state_dir) {
+            tracing::warn!(%error, "cannot record the dataplane in force");
+        }
+        metrics.set_dataplane(crate::client::dataplane_name(kind));
         let dataplane = Arc::new(Mutex::new(dataplane));
         let file = cache.clone();
         let cached = tokio::task::spawn_blocking(move || {
@@ -116,13 +140,16 @@ impl<D: Dataplane> Engine<D> {
         healthchecks.sync(&desired);
         Arc::new(Self {
             dataplane,
-            kind,
+            policy,
+            label: Mutex::new(record.label),
+            state_dir,
             state: tokio::sync::Mutex::new(Authoritative {
                 desired: desired.clone(),
                 unknown,
             }),
             view: RwLock::new(View {
                 desired,
+                dataplane: kind,
                 ..View::default()
             }),
             metrics,
@@ -141,6 +168,92 @@ impl<D: Dataplane> Engine<D> {
 
     fn update_view(&self, f: impl FnOnce(&mut View)) {
         f(&mut self.view.write().unwrap_or_else(PoisonError::into_inner));
+    }
+
+    /// The dataplane programming the kernel now.
+    pub fn kind(&self) -> v1::Dataplane {
+        self.view
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .dataplane
+    }
+
+    /// Notes the Node's `switchyard.io/dataplane` label as the controller sent it.
+    pub fn note_label(&self, label: v1::Dataplane) {
+        let label = DataplaneKind::from_wire(label);
+        let mut held = self.label.lock().unwrap_or_else(PoisonError::into_inner);
+        if *held != label {
+            *held = label;
+            let record = DataplaneRecord {
+                in_force: DataplaneKind::from_wire(self.kind()),
+                label,
+            };
+            if let Err(error) = record.store(&self.state_dir) {
+                tracing::warn!(%error, "cannot record the dataplane label");
+            }
+        }
+    }
+
+    /// The label the agent declares on a new stream (the controller sends it only when
+    /// it differs).
+    pub fn label(&self) -> v1::Dataplane {
+        self.label
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map_or(v1::Dataplane::Unspecified, DataplaneKind::to_wire)
+    }
+
+    /// Switches to the dataplane the policy wants, if it is not the one in force and
+    /// every resource the kernel holds is known (after a restart, those the cache could
+    /// not confirm wait for the controller). Returns the new dataplane, if it switched.
+    /// On failure the old dataplane stays in force; the next call tries again.
+    pub async fn reconcile_dataplane(&self) -> Result<Option<DataplaneKind>, DataplaneError> {
+        let Some(policy) = self.policy else {
+            return Ok(None);
+        };
+        let label = *self.label.lock().unwrap_or_else(PoisonError::into_inner);
+        let wanted = policy.wanted(label);
+        if self.kind() == wanted.to_wire() {
+            return Ok(None);
+        }
+        let state = self.state.lock().await;
+        if !state.unknown.is_empty() {
+            return Ok(None);
+        }
+        let from = self.kind();
+        let desired = state.desired.clone();
+        tracing::info!(from = ?from, to = %wanted, services = desired.len(), "switching dataplanes");
+        let started = Instant::now();
+        let switched = self
+            .with_dataplane(move |d| d.switch_to(wanted, &desired))
+            .await;
+        let result = match &switched {
+            Ok(true) => "switched",
+            Ok(false) => "unsupported",
+            Err(_) => "failed",
+        };
+        self.metrics
+            .dataplane_switches
+            .get_or_create(&vec![
+                ("to".to_string(), wanted.name().to_string()),
+                ("result".to_string(), result.to_string()),
+            ])
+            .inc();
+        if !switched? {
+            return Ok(None);
+        }
+        self.update_view(|v| v.dataplane = wanted.to_wire());
+        self.metrics.set_dataplane(wanted.name());
+        let record = DataplaneRecord {
+            in_force: Some(wanted),
+            label,
+        };
+        if let Err(error) = record.store(&self.state_dir) {
+            tracing::warn!(%error, "cannot record the dataplane in force");
+        }
+        tracing::info!(to = %wanted, took = ?started.elapsed(), "dataplane switched");
+        drop(state);
+        Ok(Some(wanted))
     }
 
     pub fn set_connected(&self, connected: bool) {

@@ -140,6 +140,14 @@ pub fn upsert(names: &[&str]) -> Change {
     }
 }
 
+/// Removals of `names`.
+pub fn remove(names: &[&str]) -> Change {
+    Change {
+        removed: names.iter().map(|n| n.to_string()).collect(),
+        ..Change::default()
+    }
+}
+
 /// `n` ClusterIP Services `bench/s<i>` with two endpoints each (one local), as the
 /// benches program them.
 pub fn bench_services(n: usize) -> Desired {
@@ -160,5 +168,51 @@ pub fn bench_services(n: usize) -> Desired {
         );
         want.insert(format!("bench/s{i}"), desired(s));
     }
+    want
+}
+
+/// Three endpoints on port 8080, the first one local: the renderers' usual case.
+pub fn three_endpoints() -> Vec<EndpointState> {
+    vec![
+        ep("10.244.0.5", 8080, true),
+        ep("10.244.1.5", 8080, false),
+        ep("10.244.2.5", 8080, false),
+    ]
+}
+
+/// One step of the apply benches' churn: `bench/s7` of [`bench_services`] loses its last
+/// endpoint on even rounds and gets one back on odd rounds; returns its name.
+pub fn churn(want: &mut Desired, round: usize) -> &'static str {
+    let entry = want
+        .get_mut("bench/s7")
+        .expect("bench/s7 of bench_services");
+    let endpoints = &mut entry.state.ports[0].cluster_endpoints;
+    if round.is_multiple_of(2) {
+        endpoints.pop();
+    } else {
+        endpoints.push(ep("10.246.0.7", 8080, false));
+    }
+    entry.version = version_of(&entry.state);
+    "bench/s7"
+}
+
+/// The ClusterIP the first-packet benches connect through (of `zzz/target`, which sorts
+/// after every `bench/` Service: last in a linear dispatch).
+pub const FIRST_PACKET_VIP: &str = "10.96.255.254";
+/// Its one endpoint: backend 1 of the test topology.
+pub const FIRST_PACKET_BACKEND: &str = "10.244.1.2";
+pub const FIRST_PACKET_BACKEND_PORT: u16 = 8080;
+
+/// [`bench_services`]`(n)` and `zzz/target` (port 80 of [`FIRST_PACKET_VIP`] to the
+/// backend): the state of the first-packet benches.
+pub fn first_packet_services(n: usize) -> Desired {
+    let mut want = bench_services(n);
+    let endpoints = vec![ep(FIRST_PACKET_BACKEND, FIRST_PACKET_BACKEND_PORT, false)];
+    let target = service(
+        "zzz/target",
+        &[FIRST_PACKET_VIP],
+        vec![port("http", Protocol::Tcp, 80, endpoints)],
+    );
+    want.insert("zzz/target".into(), desired(target));
     want
 }

@@ -16,12 +16,15 @@ pub mod dataplane;
 pub mod drift;
 mod engine;
 pub mod fixtures;
+pub mod flags;
 pub mod health;
 pub mod healthcheck;
 mod http;
 pub mod metrics;
 pub mod netfilter;
+pub mod policy;
 pub mod query;
+pub mod switch;
 pub mod testing;
 
 pub use agent::{Agent, AgentArgs, AgentOptions, LogFormat, desired_from_controller, run};

@@ -7,6 +7,7 @@ use prometheus_client::{
     encoding::text::encode,
     metrics::{
         counter::Counter,
+        family::Family,
         gauge::Gauge,
         histogram::{Histogram, exponential_buckets},
     },
@@ -30,6 +31,11 @@ pub struct Metrics {
     pub drift_repairs: Counter,
     /// `switchyard_controller_connected`: 1 while a stream to the controller is up.
     pub controller_connected: Gauge,
+    /// `switchyard_dataplane_switches_total{to, result}`: live switches tried, by the
+    /// dataplane switched to and `switched`, `failed` or `unsupported`.
+    pub dataplane_switches: Family<Vec<(String, String)>, Counter>,
+    /// `switchyard_dataplane_info{dataplane}`: 1 for the dataplane in force.
+    pub dataplane_info: Family<Vec<(String, String)>, Gauge>,
 }
 
 /// kube-proxy's buckets for network programming latency: 0.25 s … 5 min.
@@ -56,6 +62,8 @@ impl Metrics {
         let sync_proxy_rules_last_timestamp = Gauge::<f64, AtomicU64>::default();
         let drift_repairs = Counter::default();
         let controller_connected = Gauge::default();
+        let dataplane_switches = Family::<Vec<(String, String)>, Counter>::default();
+        let dataplane_info = Family::<Vec<(String, String)>, Gauge>::default();
         registry.register(
             "sync_proxy_rules_duration_seconds",
             "How long applying a change to the kernel took",
@@ -86,6 +94,16 @@ impl Metrics {
             "1 while a stream to the controller is up, else 0",
             controller_connected.clone(),
         );
+        registry.register(
+            "dataplane_switches",
+            "Live dataplane switches tried, by target dataplane and result",
+            dataplane_switches.clone(),
+        );
+        registry.register(
+            "dataplane_info",
+            "1 for the dataplane programming the kernel",
+            dataplane_info.clone(),
+        );
         Self {
             registry,
             sync_proxy_rules_duration,
@@ -94,7 +112,17 @@ impl Metrics {
             sync_proxy_rules_last_timestamp,
             drift_repairs,
             controller_connected,
+            dataplane_switches,
+            dataplane_info,
         }
+    }
+
+    /// Marks `dataplane` as the one in force.
+    pub fn set_dataplane(&self, dataplane: &str) {
+        self.dataplane_info.clear();
+        self.dataplane_info
+            .get_or_create(&vec![("dataplane".to_string(), dataplane.to_string())])
+            .set(1);
     }
 
     /// The Prometheus text exposition of every metric.

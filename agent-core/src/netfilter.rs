@@ -4,44 +4,13 @@
 //! `ip netns exec NS`).
 
 use std::{
-    fmt,
     io::Write,
-    net::IpAddr,
     process::{ChildStdin, Command, Stdio},
 };
 
 use crate::dataplane::DataplaneError;
-
-/// Address family; each has its own ruleset (`iptables` / `ip6tables`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Family {
-    V4,
-    V6,
-}
-
-impl Family {
-    pub const ALL: [Family; 2] = [Family::V4, Family::V6];
-
-    pub fn of(ip: IpAddr) -> Self {
-        if ip.is_ipv4() { Family::V4 } else { Family::V6 }
-    }
-
-    pub fn host_prefix(self) -> u8 {
-        match self {
-            Family::V4 => 32,
-            Family::V6 => 128,
-        }
-    }
-}
-
-impl fmt::Display for Family {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Family::V4 => "ipv4",
-            Family::V6 => "ipv6",
-        })
-    }
-}
+/// The address family of a ruleset (`iptables` / `ip6tables`).
+pub use crate::policy::Family;
 
 /// Which iptables implementation programs the kernel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -116,6 +85,74 @@ pub fn choose_backend(legacy_save: &str, nft_save: &str) -> Backend {
     } else {
         Backend::Nft
     }
+}
+
+/// A rule in iptables-save form: `-A <chain> <spec>` in `table`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedRule {
+    pub table: &'static str,
+    pub chain: String,
+    pub spec: String,
+}
+
+/// kube-proxy's masquerading and forwarding rules, which every netfilter dataplane
+/// needs as they are, in chains named with the dataplane's `prefix` (each dataplane
+/// owns its chains, so two can be in force at once during a switch): nat
+/// `<prefix>POSTROUTING` masquerades what carries the mark bit `masquerade_bit`
+/// (clearing it), `<prefix>MARK-MASQ` sets it, filter `<prefix>FORWARD` drops invalid and
+/// accepts marked or established forwarded traffic.
+pub fn masquerade_rules(prefix: &str, masquerade_bit: u8, random_fully: bool) -> Vec<SharedRule> {
+    let mark = format!("{:#x}", 1u32 << masquerade_bit.min(31));
+    let postrouting = format!("{prefix}POSTROUTING");
+    let mark_masq = format!("{prefix}MARK-MASQ");
+    let forward = format!("{prefix}FORWARD");
+    let rule = |table, chain: &String, spec: String| SharedRule {
+        table,
+        chain: chain.clone(),
+        spec,
+    };
+    vec![
+        rule(
+            "nat",
+            &postrouting,
+            format!("-m mark ! --mark {mark}/{mark} -j RETURN"),
+        ),
+        rule(
+            "nat",
+            &postrouting,
+            format!("-j MARK --set-xmark {mark}/0x0"),
+        ),
+        rule(
+            "nat",
+            &postrouting,
+            format!(
+                "-m comment --comment \"swy service traffic requiring SNAT\" -j MASQUERADE{}",
+                if random_fully { " --random-fully" } else { "" }
+            ),
+        ),
+        rule(
+            "nat",
+            &mark_masq,
+            format!("-j MARK --set-xmark {mark}/{mark}"),
+        ),
+        rule(
+            "filter",
+            &forward,
+            "-m conntrack --ctstate INVALID -j DROP".to_string(),
+        ),
+        rule(
+            "filter",
+            &forward,
+            format!(
+                "-m comment --comment \"swy forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"
+            ),
+        ),
+        rule(
+            "filter",
+            &forward,
+            "-m comment --comment \"swy forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".to_string(),
+        ),
+    ]
 }
 
 /// The type of an absent stdin writer, for `run_inner(…, None)`.

@@ -78,7 +78,7 @@ impl<D: Dataplane> v1::agent_query_server::AgentQuery for QueryService<D> {
         });
         Ok(Response::new(v1::GetAgentStateResponse {
             node_name: self.node_name.clone(),
-            dataplane: self.engine.kind.into(),
+            dataplane: self.engine.kind().into(),
             controller: self.controller.clone(),
             connected: view.connected,
             desired,

@@ -56,15 +56,28 @@ impl MemoryKernel {
     }
 }
 
-/// A [`Dataplane`] that programs a [`MemoryKernel`].
-#[derive(Debug, Default)]
+/// A [`Dataplane`] that programs a [`MemoryKernel`], reporting itself as `kind`.
+#[derive(Debug)]
 pub struct MemoryDataplane {
     pub kernel: MemoryKernel,
+    pub kind: v1::Dataplane,
+}
+
+impl Default for MemoryDataplane {
+    fn default() -> Self {
+        Self::new(MemoryKernel::default())
+    }
 }
 
 impl MemoryDataplane {
+    /// An in-memory "iptables" dataplane.
     pub fn new(kernel: MemoryKernel) -> Self {
-        Self { kernel }
+        Self::of_kind(kernel, v1::Dataplane::Iptables)
+    }
+
+    /// An in-memory dataplane that reports itself as `kind` (for switching tests).
+    pub fn of_kind(kernel: MemoryKernel, kind: v1::Dataplane) -> Self {
+        Self { kernel, kind }
     }
 }
 
@@ -89,7 +102,7 @@ pub fn memory_objects(name: &str, service: &DesiredService) -> Vec<String> {
 
 impl Dataplane for MemoryDataplane {
     fn kind(&self) -> v1::Dataplane {
-        v1::Dataplane::Iptables
+        self.kind
     }
 
     fn apply(
@@ -106,11 +119,7 @@ impl Dataplane for MemoryDataplane {
             });
         }
         let mut outcome = ApplyOutcome::default();
-        let upserted: Vec<&String> = if change.full {
-            desired.keys().collect()
-        } else {
-            change.upserted.iter().collect()
-        };
+        let upserted = change.to_write(desired);
         for name in upserted {
             if let Some(message) = kernel.fail_resources.get(name) {
                 outcome.failed.insert(name.clone(), message.clone());
@@ -170,7 +179,14 @@ pub async fn start_memory_agent(
     kernel: &MemoryKernel,
     state_dir: &std::path::Path,
 ) -> crate::Agent<MemoryDataplane> {
-    start_memory_agent_tls(controller, Default::default(), node, kernel, state_dir).await
+    start_agent(
+        controller,
+        node,
+        MemoryDataplane::new(kernel.clone()),
+        None,
+        state_dir,
+    )
+    .await
 }
 
 /// [`start_memory_agent`] with TLS to the controller (an `https://` address).
@@ -181,6 +197,46 @@ pub async fn start_memory_agent_tls(
     kernel: &MemoryKernel,
     state_dir: &std::path::Path,
 ) -> crate::Agent<MemoryDataplane> {
+    start_agent_tls(
+        controller,
+        tls,
+        node,
+        MemoryDataplane::new(kernel.clone()),
+        None,
+        state_dir,
+    )
+    .await
+}
+
+/// [`start_memory_agent`] over any dataplane, with a dataplane policy (for a dataplane
+/// that can switch).
+pub async fn start_agent<D: Dataplane>(
+    controller: String,
+    node: &str,
+    dataplane: D,
+    policy: Option<crate::switch::DataplanePolicy>,
+    state_dir: &std::path::Path,
+) -> crate::Agent<D> {
+    start_agent_tls(
+        controller,
+        Default::default(),
+        node,
+        dataplane,
+        policy,
+        state_dir,
+    )
+    .await
+}
+
+/// [`start_agent`] with TLS to the controller.
+pub async fn start_agent_tls<D: Dataplane>(
+    controller: String,
+    tls: crate::client::ClientTls,
+    node: &str,
+    dataplane: D,
+    policy: Option<crate::switch::DataplanePolicy>,
+    state_dir: &std::path::Path,
+) -> crate::Agent<D> {
     let options = crate::AgentOptions {
         controller,
         tls,
@@ -189,11 +245,12 @@ pub async fn start_memory_agent_tls(
         drift_interval: std::time::Duration::from_secs(3600),
         full_sync_period: std::time::Duration::ZERO,
         agent_version: "test".into(),
+        policy,
     };
     let listener = || tokio::net::TcpListener::bind("127.0.0.1:0");
     crate::Agent::start(
         options,
-        MemoryDataplane::new(kernel.clone()),
+        dataplane,
         listener().await.expect("bind a loopback port"),
         listener().await.expect("bind a loopback port"),
     )

@@ -58,6 +58,7 @@ impl FakeStream {
             nonce: nonce.clone(),
             trigger_time: Some(std::time::SystemTime::now().into()),
             node_being_deleted: false,
+            dataplane: 0,
         };
         self.responses
             .send(Ok(response))

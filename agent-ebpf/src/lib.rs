@@ -1,4 +1,22 @@
-//! Kernel-facing part of the ebpf agent: render desired state, apply it, read it back.
+//! Kernel-facing part of the eBPF agent: Services become entries of pinned BPF maps
+//! that socket-level programs (at `connect()`) and tc programs (traffic from outside the
+//! node) read. Entry point: [`EbpfDataplane`].
 //!
-//! Not implemented yet: the agent runtime and dataplanes are the next issues.
-#![forbid(unsafe_code)]
+//! The pure parts are [`render`] (state → map entries, kube-proxy's decisions) and
+//! [`maglev`] (consistent-hashing tables); [`abi`] mirrors the C structs of `bpf/swy.h`;
+//! [`maps`] and [`loader`] own the kernel objects (maps, programs, links, pins).
+#![deny(unsafe_code)]
+
+pub mod abi;
+pub mod cli;
+pub mod codec;
+pub mod dataplane;
+pub mod host;
+pub mod loader;
+pub mod maglev;
+pub mod maps;
+pub mod render;
+
+pub use dataplane::{EbpfConfig, EbpfDataplane};
+pub use loader::Attach;
+pub use render::RenderConfig;

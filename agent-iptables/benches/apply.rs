@@ -127,19 +127,9 @@ fn main() {
                     // endpoint.
                     let mut changes = Vec::new();
                     for round in 0..20 {
-                        let entry = want.get_mut("bench/s7").unwrap();
-                        if round % 2 == 0 {
-                            entry.state.ports[0].cluster_endpoints.pop();
-                        } else {
-                            entry.state.ports[0].cluster_endpoints.push(ep(
-                                "10.246.0.7",
-                                8080,
-                                false,
-                            ));
-                        }
-                        entry.version = version_of(&entry.state);
+                        let name = churn(&mut want, round);
                         let start = Instant::now();
-                        dp.apply(&want, &upsert(&["bench/s7"])).unwrap();
+                        dp.apply(&want, &upsert(&[name])).unwrap();
                         changes.push(start.elapsed());
                     }
                     let start = Instant::now();

@@ -18,34 +18,22 @@ mod common;
 
 use std::{net::SocketAddr, time::Duration};
 
-use common::{bench_services, desired, ep, full, port, service};
-use switchyard_agent_core::dataplane::{Dataplane, Desired};
+use common::{
+    FIRST_PACKET_BACKEND, FIRST_PACKET_BACKEND_PORT, FIRST_PACKET_VIP, first_packet_services, full,
+};
+use switchyard_agent_core::dataplane::Dataplane;
 use switchyard_agent_iptables::{Backend, IptablesConfig, IptablesDataplane, RenderConfig};
 use switchyard_integration::{
     bench::{accept_and_drop, connect_rate, median_of},
     netns::Topology,
 };
-use switchyard_proto::state::Protocol;
 
-const TARGET_VIP: &str = "10.96.255.254";
-const BACKEND: &str = "10.244.1.2";
-const BACKEND_PORT: u16 = 8080;
+const TARGET_VIP: &str = FIRST_PACKET_VIP;
+const BACKEND: &str = FIRST_PACKET_BACKEND;
+const BACKEND_PORT: u16 = FIRST_PACKET_BACKEND_PORT;
 /// How long one rate measurement runs; the figure is the median of [`ROUNDS`].
 const WINDOW: Duration = Duration::from_secs(2);
 const ROUNDS: usize = 3;
-
-fn services(n: usize) -> Desired {
-    let mut want = bench_services(n);
-    // "zzz" sorts after every other Service: its VIP rule is the dispatch chain's last.
-    let endpoints = vec![ep(BACKEND, BACKEND_PORT, false)];
-    let target = service(
-        "zzz/target",
-        &[TARGET_VIP],
-        vec![port("http", Protocol::Tcp, 80, endpoints)],
-    );
-    want.insert("zzz/target".into(), desired(target));
-    want
-}
 
 fn main() {
     let topology = Topology::builder()
@@ -68,7 +56,7 @@ fn main() {
         .unwrap();
     let rate = |target| {
         median_of(ROUNDS, || {
-            connect_rate(client, &[client, node], target, WINDOW)
+            connect_rate(client, &[client, node], None, target, WINDOW)
         })
     };
     let bare = rate(direct);
@@ -95,7 +83,7 @@ fn main() {
         ..IptablesConfig::default()
     });
     for n in [0usize, 1000, 10000] {
-        dp.apply(&services(n), &full()).unwrap();
+        dp.apply(&first_packet_services(n), &full()).unwrap();
         let through_vip = rate(vip);
         let direct_now = rate(direct);
         println!(

@@ -7,6 +7,7 @@
 //! or legacy.
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod dataplane;
 pub mod readback;
 pub mod render;

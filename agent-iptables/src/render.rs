@@ -36,9 +36,9 @@ use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 use switchyard_agent_core::dataplane::DesiredService;
 pub use switchyard_agent_core::netfilter::Family;
-use switchyard_proto::state::{
-    EndpointState, PortState, Protocol, ServiceState, TrafficPolicy, format_version,
-};
+use switchyard_agent_core::netfilter::masquerade_rules;
+use switchyard_agent_core::policy::{PortPolicy, nets_of_family, of_family};
+use switchyard_proto::state::{PortState, Protocol, ServiceState, TrafficPolicy, format_version};
 
 /// The iptables tables switchyard writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -122,10 +122,6 @@ impl Default for RenderConfig {
 }
 
 impl RenderConfig {
-    fn mark(&self) -> String {
-        format!("{:#x}", 1u32 << self.masquerade_bit.min(31))
-    }
-
     fn cluster_cidr(&self, family: Family) -> Option<IpNet> {
         self.cluster_cidrs
             .iter()
@@ -224,11 +220,7 @@ pub fn service_port_name(service: &str, port: &PortState) -> String {
 }
 
 fn proto(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
-    }
+    p.lowercase()
 }
 
 fn port_chain(kind: &str, spn: &str, protocol: Protocol) -> String {
@@ -305,7 +297,6 @@ fn recent_mask(family: Family) -> &'static str {
 /// The rules of the shared chains that belong to no Service, per family: the node-port
 /// tail of nat `SWY-SERVICES`, masquerading, forwarding acceptance.
 pub fn global_rules(family: Family, cfg: &RenderConfig) -> Vec<Rule> {
-    let mark = cfg.mark();
     let rule = |table, chain: &str, spec: String| Rule {
         family,
         table,
@@ -335,55 +326,14 @@ pub fn global_rules(family: Family, cfg: &RenderConfig) -> Vec<Rule> {
             ));
         }
     }
-    rules.push(rule(
-        Table::Nat,
-        POSTROUTING,
-        format!("-m mark ! --mark {mark}/{mark} -j RETURN"),
-    ));
-    rules.push(rule(
-        Table::Nat,
-        POSTROUTING,
-        format!("-j MARK --set-xmark {mark}/0x0"),
-    ));
-    rules.push(rule(
-        Table::Nat,
-        POSTROUTING,
-        format!(
-            "{} -j MASQUERADE{}",
-            comment("swy service traffic requiring SNAT"),
-            if cfg.random_fully {
-                " --random-fully"
-            } else {
-                ""
-            }
-        ),
-    ));
-    rules.push(rule(
-        Table::Nat,
-        MARK_MASQ,
-        format!("-j MARK --set-xmark {mark}/{mark}"),
-    ));
-    rules.push(rule(
-        Table::Filter,
-        FORWARD,
-        "-m conntrack --ctstate INVALID -j DROP".to_string(),
-    ));
-    rules.push(rule(
-        Table::Filter,
-        FORWARD,
-        format!(
-            "{} -m mark --mark {mark}/{mark} -j ACCEPT",
-            comment("swy forwarding rules")
-        ),
-    ));
-    rules.push(rule(
-        Table::Filter,
-        FORWARD,
-        format!(
-            "{} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            comment("swy forwarding conntrack rule")
-        ),
-    ));
+    for shared in masquerade_rules(CHAIN_PREFIX, cfg.masquerade_bit, cfg.random_fully) {
+        let table = if shared.table == "nat" {
+            Table::Nat
+        } else {
+            Table::Filter
+        };
+        rules.push(rule(table, &shared.chain, shared.spec));
+    }
     rules
 }
 
@@ -515,20 +465,6 @@ impl Out {
     }
 }
 
-fn of_family(ips: &[IpAddr], family: Family) -> Vec<IpAddr> {
-    ips.iter()
-        .copied()
-        .filter(|ip| Family::of(*ip) == family)
-        .collect()
-}
-
-fn endpoints_of(eps: &[EndpointState], family: Family) -> Vec<SocketAddr> {
-    eps.iter()
-        .filter(|e| Family::of(e.ip) == family)
-        .map(|e| SocketAddr::new(e.ip, e.port))
-        .collect()
-}
-
 fn render_family(out: &mut Out, name: &str, svc: &ServiceState, cfg: &RenderConfig) {
     let family = out.family;
     // A family's ruleset handles a Service only if it has a cluster IP of that family.
@@ -538,12 +474,7 @@ fn render_family(out: &mut Out, name: &str, svc: &ServiceState, cfg: &RenderConf
     }
     let external_ips = of_family(&svc.external_ips, family);
     let lb_ips = of_family(&svc.load_balancer_ips, family);
-    let source_ranges: Vec<IpNet> = svc
-        .load_balancer_source_ranges
-        .iter()
-        .filter(|r| Family::of(r.addr()) == family)
-        .map(IpNet::trunc)
-        .collect();
+    let source_ranges = nets_of_family(&svc.load_balancer_source_ranges, family);
     let itp_local = svc.internal_traffic_policy == TrafficPolicy::Local;
     let etp_local = svc.external_traffic_policy == TrafficPolicy::Local;
     let mark_masq = MARK_MASQ;
@@ -555,32 +486,17 @@ fn render_family(out: &mut Out, name: &str, svc: &ServiceState, cfg: &RenderConf
         let svl_chain = port_chain("SVL", &spn, port.protocol);
         let ext_chain = port_chain("EXT", &spn, port.protocol);
         let fw_chain = port_chain("FW", &spn, port.protocol);
-        let cluster_eps = endpoints_of(&port.cluster_endpoints, family);
-        let local_eps = endpoints_of(&port.local_endpoints, family);
-        let has_endpoints = match family {
-            Family::V4 => port.usable_ipv4,
-            Family::V6 => port.usable_ipv6,
-        } || !cluster_eps.is_empty()
-            || !local_eps.is_empty();
-        let externally_accessible =
-            port.node_port.is_some() || !external_ips.is_empty() || !lb_ips.is_empty();
-        let uses_cluster_endpoints = !itp_local || externally_accessible;
-        let uses_local_endpoints = itp_local || (etp_local && externally_accessible);
-        let uses_cluster_chain = !cluster_eps.is_empty() && uses_cluster_endpoints;
-        let uses_local_chain = !local_eps.is_empty() && uses_local_endpoints;
-
-        let (internal_chain, internal_eps) = if itp_local {
-            (&svl_chain, &local_eps)
-        } else {
-            (&svc_chain, &cluster_eps)
-        };
-        let (external_policy_chain, external_eps) = if etp_local {
-            (&svl_chain, &local_eps)
-        } else {
-            (&svc_chain, &cluster_eps)
-        };
-        let has_internal = has_endpoints && !internal_eps.is_empty();
-        let has_external = has_endpoints && !external_eps.is_empty();
+        let policy = PortPolicy::new(svc, port, family);
+        let cluster_eps = &policy.cluster_endpoints;
+        let local_eps = &policy.local_endpoints;
+        let has_endpoints = policy.has_endpoints;
+        let externally_accessible = policy.externally_accessible;
+        let uses_cluster_chain = policy.uses_cluster_endpoints;
+        let uses_local_chain = policy.uses_local_endpoints;
+        let internal_chain = if itp_local { &svl_chain } else { &svc_chain };
+        let external_policy_chain = if etp_local { &svl_chain } else { &svc_chain };
+        let has_internal = policy.has_internal();
+        let has_external = policy.has_external();
         let uses_ext_chain = has_endpoints && externally_accessible;
         let uses_fw = has_endpoints && !lb_ips.is_empty() && !source_ranges.is_empty();
         let lb_chain = if uses_fw { &fw_chain } else { &ext_chain };
@@ -807,10 +723,10 @@ fn render_family(out: &mut Out, name: &str, svc: &ServiceState, cfg: &RenderConf
         // Endpoint choice.
         let affinity = svc.session_affinity_timeout;
         if uses_cluster_chain {
-            endpoint_choice(out, &spn, port.protocol, &svc_chain, &cluster_eps, affinity);
+            endpoint_choice(out, &spn, port.protocol, &svc_chain, cluster_eps, affinity);
         }
         if uses_local_chain {
-            endpoint_choice(out, &spn, port.protocol, &svl_chain, &local_eps, affinity);
+            endpoint_choice(out, &spn, port.protocol, &svl_chain, local_eps, affinity);
         }
 
         // Endpoint chains, once per endpoint reachable from here.

@@ -49,14 +49,6 @@ fn count(lines: &[String], needle: &str) -> usize {
     lines.iter().filter(|l| l.contains(needle)).count()
 }
 
-fn three_endpoints() -> Vec<switchyard_proto::state::EndpointState> {
-    vec![
-        ep("10.244.0.5", 8080, true),
-        ep("10.244.1.5", 8080, false),
-        ep("10.244.2.5", 8080, false),
-    ]
-}
-
 #[test]
 fn cluster_ip_tcp_with_three_endpoints_splits_a_third_then_a_half() {
     let lines = golden(

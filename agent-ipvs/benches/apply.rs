@@ -20,11 +20,20 @@ struct Timings {
     initial: Duration,
     change: Duration,
     read_back: Duration,
+    /// Where the initial sync and the last change spent their time (IPVS only).
+    initial_phases: String,
+    change_phases: String,
+    read_phases: String,
 }
 
 /// Programs `want` with a dataplane made inside a fresh namespace, changes one Service
 /// 20 times (drop, then restore, an endpoint), reads back, removes everything.
-fn measure<D: Dataplane>(make: impl FnOnce() -> D + Send, mut want: Desired) -> Timings {
+fn measure<D: Dataplane>(
+    make: impl FnOnce() -> D + Send,
+    mut want: Desired,
+    phases: fn(&D) -> String,
+    read_phases: fn(&D) -> String,
+) -> Timings {
     let ns = Netns::create("bench").unwrap();
     let n = want.len();
     ns.run(move || {
@@ -33,30 +42,28 @@ fn measure<D: Dataplane>(make: impl FnOnce() -> D + Send, mut want: Desired) -> 
         let outcome = dp.apply(&want, &full()).unwrap();
         let initial = start.elapsed();
         assert!(outcome.failed.is_empty(), "{:?}", outcome.failed);
+        let initial_phases = phases(&dp);
         let mut changes = Vec::new();
         for round in 0..20 {
-            let entry = want.get_mut("bench/s7").unwrap();
-            if round % 2 == 0 {
-                entry.state.ports[0].cluster_endpoints.pop();
-            } else {
-                entry.state.ports[0]
-                    .cluster_endpoints
-                    .push(ep("10.246.0.7", 8080, false));
-            }
-            entry.version = version_of(&entry.state);
+            let name = churn(&mut want, round);
             let start = Instant::now();
-            dp.apply(&want, &upsert(&["bench/s7"])).unwrap();
+            dp.apply(&want, &upsert(&[name])).unwrap();
             changes.push(start.elapsed());
         }
+        let change_phases = phases(&dp);
         let start = Instant::now();
         let back = dp.read_back().unwrap();
         let read_back = start.elapsed();
         assert_eq!(back.len(), n);
+        let read_phases = read_phases(&dp);
         dp.cleanup().unwrap();
         Timings {
             initial,
             change: median(changes),
             read_back,
+            initial_phases,
+            change_phases,
+            read_phases,
         }
     })
     .unwrap()
@@ -86,6 +93,8 @@ fn main() {
                         .unwrap()
                     },
                     want.clone(),
+                    |d: &IpvsDataplane| d.last_phases().to_string(),
+                    |d: &IpvsDataplane| d.last_read_phases().to_string(),
                 );
                 let iptables = measure(
                     || {
@@ -100,11 +109,16 @@ fn main() {
                         })
                     },
                     want,
+                    |_: &IptablesDataplane| String::new(),
+                    |_: &IptablesDataplane| String::new(),
                 );
                 println!(
                     "n={n}: IPVS initial sync {:.2?}, one-Service change median of 20 {:.2?}, read back {:.2?}",
                     ipvs.initial, ipvs.change, ipvs.read_back
                 );
+                println!("  initial sync: {}", ipvs.initial_phases);
+                println!("  last change: {}", ipvs.change_phases);
+                println!("  read back: {}", ipvs.read_phases);
                 println!(
                     "n={n}: iptables-legacy initial sync {:.2?}, one-Service change median of 20 {:.2?}, read back {:.2?}",
                     iptables.initial, iptables.change, iptables.read_back

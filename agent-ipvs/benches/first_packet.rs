@@ -7,13 +7,12 @@
 //! IPVS finds a virtual service by hash, so the rate should not depend on N; iptables
 //! walks its dispatch chain linearly (the measured Service sorts last in it).
 
-use std::{net::SocketAddr, time::Duration};
-
-use switchyard_agent_core::{
-    dataplane::{Dataplane, Desired},
-    fixtures::*,
-    netfilter::Backend,
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
 };
+
+use switchyard_agent_core::{dataplane::Dataplane, fixtures::*, netfilter::Backend};
 use switchyard_agent_iptables::{IptablesConfig, IptablesDataplane, RenderConfig};
 use switchyard_agent_ipvs::{IpvsConfig, IpvsDataplane};
 use switchyard_integration::{
@@ -21,47 +20,34 @@ use switchyard_integration::{
     netns::Topology,
     uml,
 };
-use switchyard_proto::state::Protocol;
 
-const TARGET_VIP: &str = "10.96.255.254";
-const BACKEND: &str = "10.244.1.2";
-const BACKEND_PORT: u16 = 8080;
+const TARGET_VIP: &str = FIRST_PACKET_VIP;
+const BACKEND: &str = FIRST_PACKET_BACKEND;
+const BACKEND_PORT: u16 = FIRST_PACKET_BACKEND_PORT;
+/// The client's second address, for direct connections.
+const DIRECT_SOURCE: &str = "10.201.0.3";
 const WINDOW: Duration = Duration::from_secs(2);
 const ROUNDS: usize = 3;
 
-fn services(n: usize) -> Desired {
-    let mut want = bench_services(n);
-    let target = service(
-        "zzz/target",
-        &[TARGET_VIP],
-        vec![port(
-            "http",
-            Protocol::Tcp,
-            80,
-            vec![ep(BACKEND, BACKEND_PORT, false)],
-        )],
-    );
-    want.insert("zzz/target".into(), desired(target));
-    want
-}
-
 fn run<D: Dataplane>(name: &str, topology: &Topology, make: impl FnOnce() -> D + Send) {
     let (client, node) = (topology.client(), topology.node());
-    let rate = |target| {
+    // Direct connections from an address of their own (see `connect_rate`).
+    let rate = |source: Option<IpAddr>, target| {
         median_of(ROUNDS, || {
-            connect_rate(client, &[client, node], target, WINDOW)
+            connect_rate(client, &[client, node], source, target, WINDOW)
         })
     };
     let vip: SocketAddr = format!("{TARGET_VIP}:80").parse().unwrap();
     let direct: SocketAddr = format!("{BACKEND}:{BACKEND_PORT}").parse().unwrap();
-    let bare = rate(direct);
+    let own: IpAddr = DIRECT_SOURCE.parse().unwrap();
+    let bare = rate(Some(own), direct);
     println!("{name}: no rules: direct {bare:.0} connections/s");
     let mut dp = node.run(make).unwrap();
     for n in [0usize, 1000, 10000] {
-        let want = services(n);
+        let want = first_packet_services(n);
         node.run(|| dp.apply(&want, &full()).unwrap()).unwrap();
-        let through_vip = rate(vip);
-        let direct_now = rate(direct);
+        let through_vip = rate(None, vip);
+        let direct_now = rate(Some(own), direct);
         println!(
             "{name} n={n}: ClusterIP {through_vip:.0} connections/s ({:.0}% of direct without rules), direct across the same state {direct_now:.0}/s",
             100.0 * through_vip / bare
@@ -89,6 +75,10 @@ fn main() {
             topology
                 .client()
                 .sysctl("net.ipv4.ip_local_port_range", "1024 65535")
+                .unwrap();
+            topology
+                .client()
+                .ip(["addr", "add", &format!("{DIRECT_SOURCE}/24"), "dev", "eth0"])
                 .unwrap();
             run("IPVS", &topology, || {
                 IpvsDataplane::new(IpvsConfig {

@@ -1,5 +1,6 @@
 //! The IPVS [`Dataplane`]: programs virtual services through generic netlink, VIPs
-//! through rtnetlink and ipset elements through `ipset restore`, in the order
+//! (local routes through the dummy device) through rtnetlink and ipset elements through
+//! nfnetlink, all in process, in the order
 //! [`crate::transition`] plans; reads all three back; drains removed TCP real servers.
 //!
 //! It owns the dummy device `swy-ipvs0`, the `SWY-` ipsets and iptables chains, and the
@@ -26,10 +27,14 @@ use switchyard_proto::v1;
 
 use crate::{
     ipset,
+    ipset_netlink::{ElementChange, IpsetSocket},
     link::Links,
     netlink::{self, DestId, Destination, IpvsSocket, Op, ServiceId, Timeouts},
     readback::{self, KernelReal, KernelView, KernelVs},
-    render::{DUMMY_DEVICE, RealServer, RenderConfig, ServicePlan, VsKey, render_service},
+    render::{
+        DUMMY_DEVICE, RealServer, RenderConfig, ServicePlan, SetElement, SetKind, VsKey,
+        render_service,
+    },
     rules::{self, RulesConfig},
     transition::{IpvsOp, Mirror, Move, Refs, Transition, plan_transition},
 };
@@ -109,6 +114,7 @@ pub struct IpvsDataplane {
     config: IpvsConfig,
     ipvs: IpvsSocket,
     links: Links,
+    ipsets: IpsetSocket,
     runner: Runner,
     backend: Backend,
     /// The dummy device's index, once it exists.
@@ -129,6 +135,46 @@ pub struct IpvsDataplane {
     set_up: bool,
     /// The operations of the last apply, for tests and logs.
     last_transition: Transition,
+    /// Where the last apply spent its time, phase by phase.
+    last_phases: Phases,
+    /// Where the last read of the kernel spent its time.
+    last_read_phases: Phases,
+}
+
+/// Time spent per phase of an apply, for the debug log and the benchmarks.
+#[derive(Clone, Debug, Default)]
+pub struct Phases {
+    pub phases: Vec<(&'static str, Duration)>,
+    mark: Option<Instant>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        Self {
+            phases: Vec::new(),
+            mark: Some(Instant::now()),
+        }
+    }
+
+    /// Records the time since the previous mark as `phase`.
+    fn mark(&mut self, phase: &'static str) {
+        let now = Instant::now();
+        if let Some(mark) = self.mark.replace(now) {
+            self.phases.push((phase, now - mark));
+        }
+    }
+}
+
+impl std::fmt::Display for Phases {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (i, (phase, took)) in self.phases.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            write!(f, "{phase} {took:.2?}")?;
+        }
+        Ok(())
+    }
 }
 
 fn failed(operation: impl Into<String>, error: impl std::fmt::Display) -> DataplaneError {
@@ -145,6 +191,7 @@ impl IpvsDataplane {
     pub fn new(config: IpvsConfig) -> Result<Self, DataplaneError> {
         let ipvs = IpvsSocket::open().map_err(|e| failed("opening IPVS", e))?;
         let links = Links::open().map_err(|e| failed("opening rtnetlink", e))?;
+        let ipsets = IpsetSocket::open().map_err(|e| failed("opening nfnetlink", e))?;
         let runner = Runner::default();
         let backend = config.backend.unwrap_or_else(|| runner.detect_backend());
         tracing::info!(?backend, "iptables backend for the IPVS agent's rules");
@@ -152,6 +199,7 @@ impl IpvsDataplane {
             config,
             ipvs,
             links,
+            ipsets,
             runner,
             backend,
             dummy: None,
@@ -164,6 +212,8 @@ impl IpvsDataplane {
             states: BTreeMap::new(),
             set_up: false,
             last_transition: Transition::default(),
+            last_phases: Phases::default(),
+            last_read_phases: Phases::default(),
         };
         dataplane.read_addresses()?;
         Ok(dataplane)
@@ -176,6 +226,16 @@ impl IpvsDataplane {
     /// The kernel operations the last apply planned, each with the Service it was for.
     pub fn last_transition(&self) -> &Transition {
         &self.last_transition
+    }
+
+    /// Where the last apply spent its time.
+    pub fn last_phases(&self) -> &Phases {
+        &self.last_phases
+    }
+
+    /// Where the last read of the kernel spent its time.
+    pub fn last_read_phases(&self) -> &Phases {
+        &self.last_read_phases
     }
 
     /// The node addresses node ports answer on, as last read.
@@ -209,21 +269,26 @@ impl IpvsDataplane {
         plan
     }
 
-    /// Reads the dummy device's index and the node addresses.
+    /// Reads the dummy device's index, the VIPs routed through it, and the node
+    /// addresses.
     fn read_addresses(&mut self) -> Result<BTreeSet<IpAddr>, DataplaneError> {
         self.dummy = self
             .links
             .link_index(DUMMY_DEVICE)
             .map_err(|e| failed("reading the dummy device", e))?;
+        let vips: BTreeSet<IpAddr> = match self.dummy {
+            Some(index) => self
+                .links
+                .vips(index)
+                .map_err(|e| failed("reading the VIP routes", e))?
+                .into_iter()
+                .collect(),
+            None => BTreeSet::new(),
+        };
         let all = self
             .links
             .addresses()
             .map_err(|e| failed("reading addresses", e))?;
-        let on_dummy: BTreeSet<IpAddr> = all
-            .iter()
-            .filter(|a| Some(a.index) == self.dummy)
-            .map(|a| a.addr)
-            .collect();
         let mut node: Vec<IpAddr> = all
             .iter()
             .filter(|a| Some(a.index) != self.dummy)
@@ -237,7 +302,7 @@ impl IpvsDataplane {
             tracing::info!(addresses = ?node, "node addresses for node ports");
             self.node_addresses = node;
         }
-        Ok(on_dummy)
+        Ok(vips)
     }
 
     /// Puts the device, the sets, the fixed rules, the sysctls and the timeouts in
@@ -295,16 +360,25 @@ impl IpvsDataplane {
 
     /// Reads the kernel and makes it the dataplane's picture of what is programmed.
     fn refresh(&mut self) -> Result<(), DataplaneError> {
+        let mut phases = Phases::start();
         let on_dummy = self.read_addresses()?;
+        phases.mark("routes and addresses");
         let dump = self.ipvs.dump().map_err(|e| failed("dumping IPVS", e))?;
-        let saved = self.runner.run("ipset", &["save"], None)?;
-        let sets = ipset::parse_save(&saved).map_err(DataplaneError::ReadBack)?;
+        phases.mark("IPVS dump");
+        let sets = self
+            .ipsets
+            .list()
+            .map_err(|e| DataplaneError::ReadBack(e.to_string()))?;
+        phases.mark("ipset list");
         let virtual_services = dump
             .into_iter()
             .filter_map(|(service, dests)| kernel_vs(service, dests))
             .collect();
         let view = readback::attribute(virtual_services, sets, on_dummy);
         self.adopt(view);
+        phases.mark("attribution");
+        tracing::debug!(%phases, "IPVS read-back phases");
+        self.last_read_phases = phases;
         Ok(())
     }
 
@@ -390,7 +464,12 @@ impl IpvsDataplane {
     }
 
     /// Carries out `transition`; returns the Services that could not be programmed.
-    fn execute(&mut self, t: &Transition, moves: &[Move<'_>]) -> BTreeMap<String, String> {
+    fn execute(
+        &mut self,
+        t: &Transition,
+        moves: &[Move<'_>],
+        phases: &mut Phases,
+    ) -> BTreeMap<String, String> {
         let mut failures: BTreeMap<String, String> = BTreeMap::new();
         let users = |addr: &IpAddr| -> Vec<String> {
             moves
@@ -405,7 +484,7 @@ impl IpvsDataplane {
         let dummy = self.dummy.unwrap_or_default();
 
         // 1. VIPs.
-        for (addr, result) in self.links.change_addresses(dummy, &t.add_addresses, &[]) {
+        for (addr, result) in self.links.change_vips(dummy, &t.add_addresses, &[]) {
             match result {
                 Ok(()) => {
                     self.mirror.addresses.insert(addr);
@@ -417,22 +496,18 @@ impl IpvsDataplane {
                 }
             }
         }
+        phases.mark("VIPs up");
         // 2. Virtual services and real servers up.
         self.run_ipvs(&t.ipvs_first, &mut failures);
+        phases.mark("IPVS up");
         // 3. ipset elements and versions.
-        if let Err(error) = self.run_ipset(t, None) {
-            // One transaction failed: find the Services it failed for, one at a time.
-            tracing::warn!(%error, "ipset restore failed; retrying one Service at a time");
-            for m in moves {
-                if let Err(error) = self.run_ipset(t, Some(m.name)) {
-                    failures.insert(m.name.to_string(), error.to_string());
-                }
-            }
-        }
+        self.run_ipset(t, &mut failures);
+        phases.mark("ipset");
         // 4. Drains and deletions.
         self.run_ipvs(&t.ipvs_last, &mut failures);
+        phases.mark("IPVS down");
         // 5. VIPs nobody uses.
-        for (addr, result) in self.links.change_addresses(dummy, &[], &t.del_addresses) {
+        for (addr, result) in self.links.change_vips(dummy, &[], &t.del_addresses) {
             match result {
                 Ok(()) => {
                     self.mirror.addresses.remove(&addr);
@@ -444,6 +519,7 @@ impl IpvsDataplane {
                 }
             }
         }
+        phases.mark("VIPs down");
         failures
     }
 
@@ -485,42 +561,44 @@ impl IpvsDataplane {
         }
     }
 
-    /// The ipset part of `t` (only `only`'s, when given) in one `ipset restore`.
-    fn run_ipset(&mut self, t: &Transition, only: Option<&str>) -> Result<(), DataplaneError> {
-        let keep = |name: &str| only.is_none_or(|o| o == name);
-        let adds: Vec<_> = t
-            .element_adds
-            .iter()
-            .filter(|(_, n)| keep(n))
-            .map(|(e, n)| (e, n.as_str()))
-            .collect();
-        let dels: Vec<_> = t
-            .element_dels
-            .iter()
-            .filter(|(_, n)| keep(n))
-            .map(|(e, _)| e)
-            .collect();
-        let versions: Vec<_> = t
-            .versions
-            .iter()
-            .filter(|(n, _)| keep(n))
-            .cloned()
-            .collect();
-        if adds.is_empty() && dels.is_empty() && versions.is_empty() {
-            return Ok(());
+    /// The ipset part of `t`: adds, version records, then deletes, in process; a
+    /// refused element fails its Service.
+    fn run_ipset(&mut self, t: &Transition, failures: &mut BTreeMap<String, String>) {
+        let mut changes =
+            Vec::with_capacity(t.element_adds.len() + t.versions.len() + t.element_dels.len());
+        let mut owners = Vec::with_capacity(changes.capacity());
+        for (element, name) in &t.element_adds {
+            changes.push(ElementChange::Add(element, name));
+            owners.push(name.as_str());
         }
-        let input = ipset::restore_input(adds.iter().copied(), dels.iter().copied(), &versions);
-        self.runner
-            .run("ipset", &["-exist", "restore"], Some(&input))?;
-        for (element, _) in &adds {
-            if element.kind == crate::render::SetKind::LoopBack {
-                self.mirror.loop_backs.insert((*element).clone());
+        for (name, version) in &t.versions {
+            changes.push(ElementChange::Version(name, *version));
+            owners.push(name.as_str());
+        }
+        for (element, name) in &t.element_dels {
+            changes.push(ElementChange::Del(element));
+            owners.push(name.as_str());
+        }
+        if changes.is_empty() {
+            return;
+        }
+        let results = self.ipsets.change(&changes);
+        for ((change, owner), result) in changes.iter().zip(owners).zip(results) {
+            match (change, result) {
+                (ElementChange::Add(element, _), Ok(())) if element.kind == SetKind::LoopBack => {
+                    self.mirror.loop_backs.insert((*element).clone());
+                }
+                (ElementChange::Del(element), Ok(())) if element.kind == SetKind::LoopBack => {
+                    self.mirror.loop_backs.remove(*element);
+                }
+                (_, Ok(())) => {}
+                (_, Err(error)) => {
+                    failures
+                        .entry(owner.to_string())
+                        .or_insert_with(|| error.to_string());
+                }
             }
         }
-        for element in &dels {
-            self.mirror.loop_backs.remove(*element);
-        }
-        Ok(())
     }
 
     /// Removes what no Service claims (after a full sync's read-back).
@@ -538,24 +616,31 @@ impl IpvsDataplane {
                 tracing::warn!(%e, "removing an orphaned virtual service failed");
             }
         }
-        let mut input = String::new();
-        for element in &self.orphans.orphan_elements {
-            input.push_str(&format!("del {} {}\n", element.set_name(), element.element));
-        }
-        let versions = crate::render::SetKind::Versions.name(Family::V6);
-        for stray in &self.orphans.stray_versions {
-            input.push_str(&format!("del {versions} {stray}\n"));
-        }
-        if !input.is_empty()
-            && let Err(e) = self
-                .runner
-                .run("ipset", &["-exist", "restore"], Some(&input))
-        {
-            tracing::warn!(%e, "removing orphaned ipset elements failed");
+        let strays: Vec<SetElement> = self
+            .orphans
+            .stray_versions
+            .iter()
+            .map(|key| SetElement {
+                kind: SetKind::Versions,
+                family: Family::V6,
+                element: key.clone(),
+            })
+            .collect();
+        let changes: Vec<ElementChange<'_>> = self
+            .orphans
+            .orphan_elements
+            .iter()
+            .chain(&strays)
+            .map(ElementChange::Del)
+            .collect();
+        for result in self.ipsets.change(&changes) {
+            if let Err(e) = result {
+                tracing::warn!(%e, "removing an orphaned ipset element failed");
+            }
         }
         if let Some(dummy) = self.dummy {
             let orphans = self.orphans.orphan_addresses.clone();
-            for (addr, result) in self.links.change_addresses(dummy, &[], &orphans) {
+            for (addr, result) in self.links.change_vips(dummy, &[], &orphans) {
                 if let Err(e) = result {
                     tracing::warn!(%addr, %e, "removing an orphaned VIP failed");
                 }
@@ -687,14 +772,18 @@ impl Dataplane for IpvsDataplane {
         desired: &Desired,
         change: &Change,
     ) -> Result<ApplyOutcome, DataplaneError> {
+        let mut phases = Phases::start();
         if change.full || !self.set_up {
             self.set_up()?;
+            phases.mark("set up");
         }
         if change.full {
             self.refresh()?;
+            phases.mark("read back");
         }
         let connections = self.draining_connections();
         self.sweep_draining(&connections);
+        phases.mark("drain");
 
         let cfg = self.render_config();
         let names: BTreeSet<String> = if change.full {
@@ -734,7 +823,8 @@ impl Dataplane for IpvsDataplane {
             .collect();
         let mut refs = self.refs.clone();
         let transition = plan_transition(&moves, &self.mirror, &mut refs);
-        let failed = self.execute(&transition, &moves);
+        phases.mark("render and plan");
+        let failed = self.execute(&transition, &moves, &mut phases);
         drop(moves);
         tracing::debug!(
             vips = transition.add_addresses.len() + transition.del_addresses.len(),
@@ -778,9 +868,12 @@ impl Dataplane for IpvsDataplane {
                 };
             }
         }
+        phases.mark("conntrack and bookkeeping");
         if !failed.is_empty() {
             self.refresh()?;
         }
+        tracing::debug!(%phases, "IPVS apply phases");
+        self.last_phases = phases;
         Ok(ApplyOutcome { failed })
     }
 
@@ -838,8 +931,10 @@ impl Dataplane for IpvsDataplane {
                 return Err(failed("deleting a virtual service", e));
             }
         }
-        let saved = self.runner.run("ipset", &["save"], None)?;
-        let sets = ipset::parse_save(&saved).map_err(DataplaneError::ReadBack)?;
+        let sets = self
+            .ipsets
+            .list()
+            .map_err(|e| DataplaneError::ReadBack(e.to_string()))?;
         for set in sets.sets {
             self.runner.run("ipset", &["destroy", &set], None)?;
         }

@@ -9,10 +9,13 @@
 //! the rtnetlink side (the dummy device and its VIPs).
 #![forbid(unsafe_code)]
 
+pub mod cli;
 pub mod dataplane;
 pub mod ipset;
+pub mod ipset_netlink;
 pub mod link;
 pub mod netlink;
+pub mod nlbatch;
 pub mod readback;
 pub mod render;
 pub mod rules;

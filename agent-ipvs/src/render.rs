@@ -7,8 +7,9 @@
 //!   (cluster, external and load-balancer IPs, and each node address for a node port),
 //!   masquerade forwarding, persistence for ClientIP affinity. A VIP whose traffic policy
 //!   selects no endpoint gets no virtual service.
-//! - **The dummy device** `swy-ipvs0` holds every VIP, so the node accepts packets to it
-//!   and IPVS sees them on LOCAL_IN.
+//! - **The dummy device** `swy-ipvs0` carries every VIP as a local host route (see
+//!   [`crate::link`] for why a route rather than an address), so the node accepts packets
+//!   to it and IPVS sees them on LOCAL_IN.
 //! - **ipsets** carry what IPVS cannot do, for a fixed set of iptables rules
 //!   ([`crate::rules`]) whose count never grows with the Services: which VIPs to
 //!   masquerade, reject (no usable endpoint anywhere) or drop (endpoints exist but the
@@ -32,11 +33,8 @@ use std::{
 use ipnet::IpNet;
 use switchyard_agent_core::{
     dataplane::DesiredService,
-    netfilter::Family,
-    state::{
-        EndpointState, IpvsScheduler, PortState, Protocol, ServiceState, TrafficPolicy,
-        format_version,
-    },
+    policy::{Family, PortPolicy, nets_of_family, of_family},
+    state::{IpvsScheduler, Protocol, ServiceState, TrafficPolicy, format_version},
 };
 
 /// The dummy device that holds every VIP.
@@ -240,7 +238,7 @@ pub struct ServicePlan {
     /// The version recorded in `SWY-VERSIONS`.
     pub version: Option<u64>,
     pub virtual_services: BTreeMap<VsKey, VirtualService>,
-    /// VIPs on the dummy device.
+    /// VIPs routed locally through the dummy device.
     pub addresses: BTreeSet<IpAddr>,
     /// Elements of the per-family sets (not the version).
     pub elements: BTreeSet<SetElement>,
@@ -248,13 +246,13 @@ pub struct ServicePlan {
 
 impl ServicePlan {
     /// The kernel objects, one line each, sorted (the notation of read-back and drift):
-    /// `address 10.96.0.10`, `ipvs TCP 10.96.0.10:80 rr persistent 10800`,
+    /// `vip 10.96.0.10` (its local route), `ipvs TCP 10.96.0.10:80 rr persistent 10800`,
     /// `ipvs TCP 10.96.0.10:80 -> 10.244.1.2:8080 masq 1`, `ipset SWY-REJECT
     /// 10.96.0.12,tcp:80`, `version 0123456789abcdef`.
     pub fn objects(&self) -> Vec<String> {
         let mut objects = Vec::new();
         for address in &self.addresses {
-            objects.push(format!("address {address}"));
+            objects.push(format!("vip {address}"));
         }
         for (key, vs) in &self.virtual_services {
             let persistent = vs
@@ -280,12 +278,7 @@ impl ServicePlan {
 
 /// `proto:port` as ipset prints it.
 pub fn proto_port(protocol: Protocol, port: u16) -> String {
-    let name = match protocol {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-        Protocol::Sctp => "sctp",
-    };
-    format!("{name}:{port}")
+    format!("{}:{port}", protocol.lowercase())
 }
 
 /// An `ip,proto:port` element.
@@ -326,20 +319,6 @@ pub fn render_service(service: &DesiredService, cfg: &RenderConfig) -> ServicePl
     plan
 }
 
-fn of_family(ips: &[IpAddr], family: Family) -> Vec<IpAddr> {
-    ips.iter()
-        .copied()
-        .filter(|ip| Family::of(*ip) == family)
-        .collect()
-}
-
-fn endpoints_of(eps: &[EndpointState], family: Family) -> BTreeSet<SocketAddr> {
-    eps.iter()
-        .filter(|e| Family::of(e.ip) == family)
-        .map(|e| SocketAddr::new(e.ip, e.port))
-        .collect()
-}
-
 /// One destination (VIP or node address, and port) of one port of a Service.
 struct Destination<'a> {
     addr: IpAddr,
@@ -361,35 +340,24 @@ fn render_family(plan: &mut ServicePlan, family: Family, svc: &ServiceState, cfg
     let external_ips = of_family(&svc.external_ips, family);
     let lb_ips = of_family(&svc.load_balancer_ips, family);
     let node_addresses = of_family(&cfg.node_addresses, family);
-    let source_ranges: Vec<IpNet> = svc
-        .load_balancer_source_ranges
-        .iter()
-        .filter(|r| Family::of(r.addr()) == family)
-        .copied()
-        .collect();
-    let itp_local = svc.internal_traffic_policy == TrafficPolicy::Local;
-    let etp_local = svc.external_traffic_policy == TrafficPolicy::Local;
+    let source_ranges = nets_of_family(&svc.load_balancer_source_ranges, family);
     let scheduler = svc.ipvs_scheduler.unwrap_or(cfg.scheduler);
-    let external_set = if etp_local {
+    let external_set = if svc.external_traffic_policy == TrafficPolicy::Local {
         SetKind::ExternalLocal
     } else {
         SetKind::External
     };
 
     for port in &svc.ports {
-        let cluster_eps = endpoints_of(&port.cluster_endpoints, family);
-        let local_eps = endpoints_of(&port.local_endpoints, family);
-        let has_endpoints =
-            usable(port, family) || !cluster_eps.is_empty() || !local_eps.is_empty();
-        // Without a usable endpoint anywhere, every destination rejects.
-        let none = BTreeSet::new();
-        let selected = |local: bool| match (has_endpoints, local) {
-            (false, _) => &none,
-            (true, true) => &local_eps,
-            (true, false) => &cluster_eps,
-        };
-        let internal_eps = selected(itp_local);
-        let external_eps = selected(etp_local);
+        // kube-proxy's decisions, shared with every dataplane: which set serves which
+        // traffic; without a usable endpoint anywhere both sets are empty (reject).
+        let policy = PortPolicy::new(svc, port, family);
+        let has_endpoints = policy.has_endpoints;
+        let internal_eps: BTreeSet<SocketAddr> =
+            policy.internal_endpoints().iter().copied().collect();
+        let external_eps: BTreeSet<SocketAddr> =
+            policy.external_endpoints().iter().copied().collect();
+        let (internal_eps, external_eps) = (&internal_eps, &external_eps);
 
         let mut destinations: Vec<Destination<'_>> = Vec::new();
         for ip in &cluster_ips {
@@ -490,12 +458,5 @@ fn render_family(plan: &mut ServicePlan, family: Family, svc: &ServiceState, cfg
                 }
             }
         }
-    }
-}
-
-fn usable(port: &PortState, family: Family) -> bool {
-    match family {
-        Family::V4 => port.usable_ipv4,
-        Family::V6 => port.usable_ipv6,
     }
 }

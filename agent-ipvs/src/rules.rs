@@ -1,27 +1,31 @@
 //! The fixed iptables rules of the IPVS dataplane: what IPVS cannot do, keyed on
 //! switchyard's ipsets, so their count never grows with the Services. Pure.
 //!
-//! Per family (sets `…6` in `ip6tables`):
-//! - nat `SWY-SERVICES` (from PREROUTING and OUTPUT, before IPVS on LOCAL_OUT): marks
+//! Its chains are `SWYV-…`, apart from the iptables dataplane's `SWY-…`, so both can be
+//! in force at once while a node switches between them. Per family (sets `…6` in
+//! `ip6tables`):
+//! - nat `SWYV-SERVICES` (from PREROUTING and OUTPUT, before IPVS on LOCAL_OUT): marks
 //!   for masquerading traffic to cluster IPs from outside `--cluster-cidr` (or all with
 //!   `--masquerade-all`), external traffic under the Cluster policy, and traffic the node
 //!   itself sends to an external destination under the Local policy.
-//! - nat `SWY-POSTROUTING`: masquerades hairpin traffic (`SWY-LOOP-BACK`) and what was
-//!   marked; `SWY-MARK-MASQ` sets the mark.
-//! - filter `SWY-SERVICES` (from INPUT and OUTPUT for new connections, before IPVS on
+//! - nat `SWYV-POSTROUTING`: masquerades hairpin traffic (`SWY-LOOP-BACK`) and what was
+//!   marked; `SWYV-MARK-MASQ` sets the mark.
+//! - filter `SWYV-SERVICES` (from INPUT and OUTPUT for new connections, before IPVS on
 //!   LOCAL_IN): rejects destinations without any usable endpoint (`SWY-REJECT`; kube-proxy's
 //!   IPVS mode drops them silently), drops those whose policy selects no endpoint here
 //!   (`SWY-DROP`) and load-balancer traffic from outside the source ranges.
-//! - filter `SWY-FORWARD`: accepts marked and established forwarded traffic.
+//! - filter `SWYV-FORWARD`: accepts marked and established forwarded traffic.
 
 use ipnet::IpNet;
-use switchyard_agent_core::netfilter::Family;
+use switchyard_agent_core::netfilter::{Family, masquerade_rules};
 
 use crate::render::SetKind;
 
+/// The prefix of the IPVS dataplane's chains.
+pub const CHAIN_PREFIX: &str = "SWYV-";
 /// The chains of each table, in the order they are written.
-pub const NAT_CHAINS: [&str; 3] = ["SWY-SERVICES", "SWY-POSTROUTING", "SWY-MARK-MASQ"];
-pub const FILTER_CHAINS: [&str; 2] = ["SWY-SERVICES", "SWY-FORWARD"];
+pub const NAT_CHAINS: [&str; 3] = ["SWYV-SERVICES", "SWYV-POSTROUTING", "SWYV-MARK-MASQ"];
+pub const FILTER_CHAINS: [&str; 2] = ["SWYV-SERVICES", "SWYV-FORWARD"];
 
 /// Settings, in kube-proxy's terms.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -48,7 +52,7 @@ impl Default for RulesConfig {
 }
 
 /// One rule in iptables-save form: `(table, chain, spec)`.
-pub type RuleLine = (&'static str, &'static str, String);
+pub type RuleLine = (&'static str, String, String);
 
 fn set(kind: SetKind, family: Family, directions: &str) -> String {
     format!("-m set --match-set {} {directions}", kind.name(family))
@@ -60,8 +64,8 @@ fn comment(text: &str) -> String {
 
 /// Every rule of `family`, in iptables-save's canonical form, in chain order.
 pub fn rules(family: Family, cfg: &RulesConfig) -> Vec<RuleLine> {
-    let mark = format!("{:#x}", 1u32 << cfg.masquerade_bit.min(31));
-    let masq = "SWY-MARK-MASQ";
+    let masq = "SWYV-MARK-MASQ";
+    let shared = masquerade_rules(CHAIN_PREFIX, cfg.masquerade_bit, cfg.random_fully);
     let mut rules = Vec::new();
     let cluster_cidr = cfg
         .cluster_cidrs
@@ -72,7 +76,7 @@ pub fn rules(family: Family, cfg: &RulesConfig) -> Vec<RuleLine> {
     if cfg.masquerade_all {
         rules.push((
             "nat",
-            "SWY-SERVICES",
+            "SWYV-SERVICES".to_string(),
             format!(
                 "{} {cluster_ip} -j {masq}",
                 comment("swy cluster IP traffic to masquerade")
@@ -81,7 +85,7 @@ pub fn rules(family: Family, cfg: &RulesConfig) -> Vec<RuleLine> {
     } else if let Some(cidr) = cluster_cidr {
         rules.push((
             "nat",
-            "SWY-SERVICES",
+            "SWYV-SERVICES".to_string(),
             format!(
                 "! -s {cidr} {} {cluster_ip} -j {masq}",
                 comment("swy cluster IP traffic from outside the cluster CIDR")
@@ -90,7 +94,7 @@ pub fn rules(family: Family, cfg: &RulesConfig) -> Vec<RuleLine> {
     }
     rules.push((
         "nat",
-        "SWY-SERVICES",
+        "SWYV-SERVICES".to_string(),
         format!(
             "{} {} -j {masq}",
             comment("swy external traffic under the Cluster policy"),
@@ -99,7 +103,7 @@ pub fn rules(family: Family, cfg: &RulesConfig) -> Vec<RuleLine> {
     ));
     rules.push((
         "nat",
-        "SWY-SERVICES",
+        "SWYV-SERVICES".to_string(),
         format!(
             "{} {} -m addrtype --src-type LOCAL -j {masq}",
             comment("swy local traffic to external destinations under the Local policy"),
@@ -108,44 +112,26 @@ pub fn rules(family: Family, cfg: &RulesConfig) -> Vec<RuleLine> {
     ));
     rules.push((
         "nat",
-        "SWY-POSTROUTING",
+        "SWYV-POSTROUTING".to_string(),
         format!(
             "{} {} -j MASQUERADE",
             comment("swy hairpin traffic"),
             set(SetKind::LoopBack, family, "dst,dst,src")
         ),
     ));
-    rules.push((
-        "nat",
-        "SWY-POSTROUTING",
-        format!("-m mark ! --mark {mark}/{mark} -j RETURN"),
-    ));
-    rules.push((
-        "nat",
-        "SWY-POSTROUTING",
-        format!("-j MARK --set-xmark {mark}/0x0"),
-    ));
-    rules.push((
-        "nat",
-        "SWY-POSTROUTING",
-        format!(
-            "{} -j MASQUERADE{}",
-            comment("swy service traffic requiring SNAT"),
-            if cfg.random_fully {
-                " --random-fully"
-            } else {
-                ""
-            }
-        ),
-    ));
-    rules.push(("nat", masq, format!("-j MARK --set-xmark {mark}/{mark}")));
+    rules.extend(
+        shared
+            .iter()
+            .filter(|r| r.table == "nat")
+            .map(|r| ("nat", r.chain.clone(), r.spec.clone())),
+    );
     let reject = match family {
         Family::V4 => "REJECT --reject-with icmp-port-unreachable",
         Family::V6 => "REJECT --reject-with icmp6-port-unreachable",
     };
     rules.push((
         "filter",
-        "SWY-SERVICES",
+        "SWYV-SERVICES".to_string(),
         format!(
             "{} {} -j {reject}",
             comment("swy services without usable endpoints"),
@@ -154,7 +140,7 @@ pub fn rules(family: Family, cfg: &RulesConfig) -> Vec<RuleLine> {
     ));
     rules.push((
         "filter",
-        "SWY-SERVICES",
+        "SWYV-SERVICES".to_string(),
         format!(
             "{} {} -j DROP",
             comment("swy services without endpoints for this traffic policy"),
@@ -163,7 +149,7 @@ pub fn rules(family: Family, cfg: &RulesConfig) -> Vec<RuleLine> {
     ));
     rules.push((
         "filter",
-        "SWY-SERVICES",
+        "SWYV-SERVICES".to_string(),
         format!(
             "{} {} -m set ! --match-set {} dst,dst,src -j DROP",
             comment("swy load balancer source ranges"),
@@ -171,27 +157,12 @@ pub fn rules(family: Family, cfg: &RulesConfig) -> Vec<RuleLine> {
             SetKind::LbSource.name(family)
         ),
     ));
-    rules.push((
-        "filter",
-        "SWY-FORWARD",
-        "-m conntrack --ctstate INVALID -j DROP".to_string(),
-    ));
-    rules.push((
-        "filter",
-        "SWY-FORWARD",
-        format!(
-            "{} -m mark --mark {mark}/{mark} -j ACCEPT",
-            comment("swy forwarding rules")
-        ),
-    ));
-    rules.push((
-        "filter",
-        "SWY-FORWARD",
-        format!(
-            "{} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-            comment("swy forwarding conntrack rule")
-        ),
-    ));
+    rules.extend(
+        shared
+            .into_iter()
+            .filter(|r| r.table == "filter")
+            .map(|r| ("filter", r.chain, r.spec)),
+    );
     rules
 }
 
@@ -211,9 +182,8 @@ impl Jump {
 
 /// The jumps from built-in chains.
 pub fn jumps() -> Vec<Jump> {
-    let services = "-m comment --comment \"swy service portals\" -j SWY-SERVICES";
-    let new_services =
-        "-m conntrack --ctstate NEW -m comment --comment \"swy service portals\" -j SWY-SERVICES";
+    let services = "-m comment --comment \"swy ipvs service portals\" -j SWYV-SERVICES";
+    let new_services = "-m conntrack --ctstate NEW -m comment --comment \"swy ipvs service portals\" -j SWYV-SERVICES";
     vec![
         Jump {
             table: "nat",
@@ -228,7 +198,7 @@ pub fn jumps() -> Vec<Jump> {
         Jump {
             table: "nat",
             builtin: "POSTROUTING",
-            spec: "-m comment --comment \"swy postrouting rules\" -j SWY-POSTROUTING",
+            spec: "-m comment --comment \"swy ipvs postrouting rules\" -j SWYV-POSTROUTING",
         },
         Jump {
             table: "filter",
@@ -243,7 +213,7 @@ pub fn jumps() -> Vec<Jump> {
         Jump {
             table: "filter",
             builtin: "FORWARD",
-            spec: "-m comment --comment \"swy forwarding rules\" -j SWY-FORWARD",
+            spec: "-m comment --comment \"swy ipvs forwarding rules\" -j SWYV-FORWARD",
         },
     ]
 }
@@ -390,7 +360,7 @@ mod tests {
         assert!(in_force(Family::V4, &cfg, &save));
         let input = restore_input(Family::V4, &cfg, &save);
         assert!(!input.contains("-I "), "{input}");
-        assert!(input.starts_with("*nat\n:SWY-SERVICES - [0:0]\n"));
+        assert!(input.starts_with("*nat\n:SWYV-SERVICES - [0:0]\n"));
 
         let without_jump = save.replace(&format!("{}\n", jumps()[3].line()), "");
         assert!(!in_force(Family::V4, &cfg, &without_jump));
@@ -411,15 +381,15 @@ mod tests {
     fn cleanup_removes_present_jumps_then_chains() {
         let save = save_of(Family::V4, &RulesConfig::default()).replace(
             "*nat\n",
-            "*nat\n:SWY-SERVICES - [0:0]\n:SWY-POSTROUTING - [0:0]\n:SWY-MARK-MASQ - [0:0]\n",
+            "*nat\n:SWYV-SERVICES - [0:0]\n:SWYV-POSTROUTING - [0:0]\n:SWYV-MARK-MASQ - [0:0]\n",
         );
         let text = cleanup_input(&save);
         assert!(text.contains(
-            "-D PREROUTING -m comment --comment \"swy service portals\" -j SWY-SERVICES\n"
+            "-D PREROUTING -m comment --comment \"swy ipvs service portals\" -j SWYV-SERVICES\n"
         ));
-        assert!(text.contains("-X SWY-MARK-MASQ\n"));
+        assert!(text.contains("-X SWYV-MARK-MASQ\n"));
         assert!(
-            !text.contains("-X SWY-FORWARD"),
+            !text.contains("-X SWYV-FORWARD"),
             "not declared in this save: {text}"
         );
         assert_eq!(cleanup_input(""), "");

@@ -58,25 +58,23 @@ fn a_service_added_on_disk_forwards_within_a_second() {
 #[test]
 fn a_real_server_deleted_by_hand_comes_back_within_the_drift_interval() {
     scenario(|spec| async move {
-        let cluster = e2e::Cluster::start(spec.args(["--drift-interval", "1s"])).await;
+        let cluster = e2e::Cluster::start(spec.args(["--drift-interval", "2s"])).await;
         let reals = |c: &e2e::Cluster| {
             c.node()
                 .exec(["ipvsadm", "-Ln", "-t", "10.96.0.10:80"])
                 .unwrap()
         };
         assert!(reals(&cluster).contains("10.244.2.2:8080"));
-        cluster
+        // Delete and look in one shell, before the next drift check can repair it.
+        let after = cluster
             .node()
             .exec([
-                "ipvsadm",
-                "-d",
-                "-t",
-                "10.96.0.10:80",
-                "-r",
-                "10.244.2.2:8080",
+                "sh",
+                "-c",
+                "ipvsadm -d -t 10.96.0.10:80 -r 10.244.2.2:8080 && ipvsadm -Ln -t 10.96.0.10:80",
             ])
             .unwrap();
-        assert!(!reals(&cluster).contains("10.244.2.2:8080"));
+        assert!(!after.contains("10.244.2.2:8080"), "{after}");
         cluster
             .eventually("the deleted real server back", |c| {
                 reals(c).contains("10.244.2.2:8080")

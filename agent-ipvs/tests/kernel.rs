@@ -181,9 +181,10 @@ fn every_service_reads_back_as_rendered_and_cleanup_removes_exactly_what_the_age
             "{ipvsadm}"
         );
         assert!(ipvsadm.contains("-> 10.244.1.2:9000"), "{ipvsadm}");
+        let vips = lab.sh("ip route show table local dev swy-ipvs0");
         assert!(
-            lab.sh("ip -o addr show dev swy-ipvs0")
-                .contains("10.96.0.12/32")
+            vips.contains("local 10.96.0.12 proto 83 scope host"),
+            "{vips}"
         );
 
         lab.on_node(|d| d.cleanup()).unwrap();
@@ -394,7 +395,7 @@ fn drift_is_found_per_service_and_repaired_and_a_restart_finds_everything_in_pla
         // By hand: a real server, an element and a VIP go.
         lab.sh("ipvsadm -d -t 10.96.0.10:80 -r 10.244.2.2:9000 && \
              ipset del SWY-REJECT 10.96.0.12,tcp:80 && \
-             ip addr del 10.96.0.11/32 dev swy-ipvs0");
+             ip route del local 10.96.0.11 dev swy-ipvs0 table local");
         let kernel = lab.read_back();
         let drifted: Vec<&String> = want
             .iter()
@@ -510,5 +511,47 @@ fn a_removed_udp_endpoint_goes_at_once_with_its_conntrack_entries() {
             let answer = switchyard_integration::netns::udp_request(lab.client(), vip, 80).unwrap();
             assert!(answer.starts_with("backend-1 "), "{answer}");
         }
+    });
+}
+
+#[test]
+fn a_sync_of_thousands_of_services_lands_whole_and_reads_back() {
+    // Thousands of VIP routes and set elements go in batches whose acknowledgements must
+    // all come back: a lost one would leave the apply waiting.
+    in_ipvs_kernel_with(guest(), || {
+        let mut lab = Lab::new(1);
+        let want = bench_services(3000);
+        let outcome = lab.apply(&want, full());
+        assert!(
+            outcome.failed.is_empty(),
+            "{:?}",
+            outcome.failed.first_key_value()
+        );
+        lab.assert_in_force(&want);
+        let routes = lab.sh("ip route show table local dev swy-ipvs0 | wc -l");
+        assert_eq!(routes.trim(), "3000");
+    });
+}
+
+#[test]
+fn traffic_straight_to_an_endpoint_still_flows_through_the_node() {
+    // Pods reach each other without a Service; a real server of a virtual service is
+    // such a pod too.
+    in_ipvs_kernel_with(guest(), || {
+        let mut lab = Lab::new(2);
+        let direct = SocketAddr::new(backend_ip(2).into(), PORT);
+        assert_eq!(
+            HeldConnection::open(lab.client(), None, direct)
+                .and_then(|mut c| c.ask())
+                .unwrap(),
+            "backend-2"
+        );
+        let want = desired_of([svc("default/web", "10.96.0.10", &[1, 2], Protocol::Tcp)]);
+        assert!(lab.apply(&want, full()).failed.is_empty());
+        let answer = HeldConnection::open(lab.client(), None, direct).and_then(|mut c| c.ask());
+        if answer.is_err() {
+            println!("{}", lab.sh("iptables-legacy-save -c; ipvsadm -Ln; sysctl -a 2>/dev/null | grep -E 'vs\\.|ip_forward'; conntrack -L 2>&1 | head"));
+        }
+        assert_eq!(answer.unwrap(), "backend-2");
     });
 }

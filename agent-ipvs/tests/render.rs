@@ -34,14 +34,6 @@ fn has(objects: &[String], line: &str) -> bool {
     objects.iter().any(|o| o == line)
 }
 
-fn three_endpoints() -> Vec<switchyard_proto::state::EndpointState> {
-    vec![
-        ep("10.244.0.5", 8080, true),
-        ep("10.244.1.5", 8080, false),
-        ep("10.244.2.5", 8080, false),
-    ]
-}
-
 #[test]
 fn a_cluster_ip_becomes_one_virtual_service_with_every_endpoint_as_a_masqueraded_real() {
     let o = objects(service(
@@ -52,7 +44,6 @@ fn a_cluster_ip_becomes_one_virtual_service_with_every_endpoint_as_a_masqueraded
     assert_eq!(
         o,
         [
-            "address 10.96.0.10",
             "ipset SWY-CLUSTER-IP 10.96.0.10,tcp:80",
             "ipset SWY-LOOP-BACK 10.244.0.5,tcp:8080,10.244.0.5",
             "ipset SWY-LOOP-BACK 10.244.1.5,tcp:8080,10.244.1.5",
@@ -62,6 +53,7 @@ fn a_cluster_ip_becomes_one_virtual_service_with_every_endpoint_as_a_masqueraded
             "ipvs TCP 10.96.0.10:80 -> 10.244.2.5:8080 masq 1",
             "ipvs TCP 10.96.0.10:80 rr",
             "version 0123456789abcdef",
+            "vip 10.96.0.10",
         ]
     );
 }
@@ -103,9 +95,9 @@ fn a_port_without_usable_endpoints_is_rejected_and_has_no_virtual_service() {
     assert_eq!(
         o,
         [
-            "address 10.96.0.12",
             "ipset SWY-REJECT 10.96.0.12,tcp:80",
             "version 0123456789abcdef",
+            "vip 10.96.0.12",
         ]
     );
 }
@@ -150,7 +142,7 @@ fn node_ports_get_a_virtual_service_per_node_address_and_are_masqueraded_under_t
         assert!(has(&o, &format!("ipvs TCP {node}:30080 rr")), "{o:#?}");
         assert!(has(&o, &format!("ipset SWY-EXTERNAL {node},tcp:30080")));
         assert!(
-            !has(&o, &format!("address {node}")),
+            !has(&o, &format!("vip {node}")),
             "node addresses are not VIPs"
         );
     }
@@ -186,7 +178,7 @@ fn external_local_policy_sends_external_traffic_to_local_endpoints_only_and_keep
     assert_eq!(reals("TCP 10.201.0.1:30081"), 1);
     assert!(has(&o, "ipset SWY-EXTERNAL-LOCAL 192.0.2.10,tcp:80"));
     assert!(has(&o, "ipset SWY-EXTERNAL-LOCAL 10.201.0.1,tcp:30081"));
-    assert!(has(&o, "address 192.0.2.10"));
+    assert!(has(&o, "vip 192.0.2.10"));
 
     // No local endpoint: external traffic is dropped, cluster traffic still served.
     s.ports[0].local_endpoints.clear();
@@ -285,7 +277,7 @@ fn the_kitchen_sink_renders_as_its_golden_file() {
     let want = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("{path}: {e} (run with SWY_BLESS=1 to create it)"));
     assert_eq!(text, want, "rendered (left) differs from {path} (right)");
-    // Every VIP is on the dummy device; no node address is.
+    // Every VIP is routed through the dummy device; no node address is.
     let addresses: Vec<IpAddr> = plan(kitchen_sink()).addresses.into_iter().collect();
     assert_eq!(addresses.len(), 5, "{addresses:?}");
     assert!(!addresses.contains(&"10.201.0.1".parse().unwrap()));

@@ -22,9 +22,9 @@ use k8s_openapi::{
 use switchyard_proto::names::{self, quote_bounded};
 
 use crate::model::{
-    AddressFamily, EBPF_LB_ANNOTATION, Endpoint, EndpointPort, EndpointSlice,
-    IPVS_SCHEDULER_ANNOTATION, IpvsScheduler, LbAlgorithm, Node, Protocol, SERVICE_NAME_LABEL,
-    SERVICE_PROXY_NAME_LABEL, Service, ServiceKey, ServicePort, ServiceType,
+    AddressFamily, DATAPLANE_LABEL, DataplaneKind, EBPF_LB_ANNOTATION, Endpoint, EndpointPort,
+    EndpointSlice, IPVS_SCHEDULER_ANNOTATION, IpvsScheduler, LbAlgorithm, Node, Protocol,
+    SERVICE_NAME_LABEL, SERVICE_PROXY_NAME_LABEL, Service, ServiceKey, ServicePort, ServiceType,
     TRIGGER_TIME_ANNOTATION, TrafficPolicy, ZONE_LABEL,
 };
 
@@ -607,6 +607,22 @@ pub fn node(object: &core::Node) -> Result<Node, ConvertError> {
         .filter_map(|a| a.address.parse::<IpAddr>().ok())
         .filter(|ip| seen.insert(*ip))
         .collect();
+    let mut label_problems = Vec::new();
+    let dataplane = object
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|labels| labels.get(DATAPLANE_LABEL))
+        .and_then(|value| match value.parse::<DataplaneKind>() {
+            Ok(kind) => Some(kind),
+            Err(_) => {
+                label_problems.push(format!(
+                    "metadata.labels[{DATAPLANE_LABEL:?}]: {} is not a dataplane (one of iptables, ipvs, ebpf); agents on --dataplane auto use iptables",
+                    quote_bounded(value)
+                ));
+                None
+            }
+        });
     Ok(Node {
         name,
         zone,
@@ -617,6 +633,8 @@ pub fn node(object: &core::Node) -> Result<Node, ConvertError> {
                 .and_then(|s| s.taints.as_ref())
                 .is_some_and(|taints| taints.iter().any(|t| t.key == TO_BE_DELETED_TAINT)),
         addresses,
+        dataplane,
+        label_problems,
     })
 }
 
@@ -1923,6 +1941,8 @@ mod tests {
                 name: "node-a".into(),
                 zone: Some("zone-1".into()),
                 deleting: false,
+                dataplane: None,
+                label_problems: Vec::new(),
                 addresses: vec!["192.168.0.10".parse().unwrap(), "fd00::10".parse().unwrap()],
             })
         );
@@ -1967,9 +1987,40 @@ mod tests {
                 name: "bare".into(),
                 zone: None,
                 deleting: false,
+                dataplane: None,
+                label_problems: Vec::new(),
                 addresses: vec![],
             })
         );
+    }
+
+    #[test]
+    fn the_dataplane_label_is_read_and_an_unknown_value_is_ignored_with_a_problem() {
+        let labelled = |value: &str| {
+            let mut object = k8s_node();
+            object
+                .metadata
+                .labels
+                .get_or_insert_default()
+                .insert(DATAPLANE_LABEL.into(), value.into());
+            node(&object).unwrap()
+        };
+        for kind in DataplaneKind::ALL {
+            let n = labelled(kind.name());
+            assert_eq!(n.dataplane, Some(kind));
+            assert!(n.label_problems.is_empty());
+        }
+        let n = labelled("xdp");
+        assert_eq!(n.dataplane, None);
+        assert_eq!(n.label_problems.len(), 1);
+        assert!(
+            n.label_problems[0].starts_with(
+                "metadata.labels[\"switchyard.io/dataplane\"]: \"xdp\" is not a dataplane"
+            ),
+            "{}",
+            n.label_problems[0]
+        );
+        assert_eq!(node(&k8s_node()).unwrap().dataplane, None);
     }
 
     #[test]

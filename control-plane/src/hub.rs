@@ -403,6 +403,8 @@ mod tests {
             name: name.into(),
             zone: Some(zone.into()),
             deleting: false,
+            dataplane: None,
+            label_problems: Vec::new(),
             addresses: vec![],
         })
     }

@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::SystemTime};
 
 use ipnet::IpNet;
 pub use switchyard_proto::state::{
-    IpvsScheduler, LbAlgorithm, Protocol, ServiceKey, TrafficPolicy,
+    DataplaneKind, IpvsScheduler, LbAlgorithm, Protocol, ServiceKey, TrafficPolicy,
 };
 
 /// Label naming the proxy that should handle a Service (`service.kubernetes.io/service-proxy-name`).
@@ -23,6 +23,9 @@ pub const IPVS_SCHEDULER_ANNOTATION: &str = "switchyard.io/ipvs-scheduler";
 /// Service annotation: `random` or `maglev` backend choice in the eBPF dataplane
 /// (overrides the eBPF agent's `--lb-algorithm`).
 pub const EBPF_LB_ANNOTATION: &str = "switchyard.io/ebpf-lb";
+/// Node label: the dataplane the node's agent should program with (`iptables`, `ipvs`,
+/// `ebpf`), followed by agents started with `--dataplane auto`.
+pub const DATAPLANE_LABEL: &str = "switchyard.io/dataplane";
 /// EndpointSlice annotation: when the change that produced this slice happened.
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
@@ -171,6 +174,10 @@ pub struct Node {
     /// autoscaler's `ToBeDeletedByClusterAutoscaler` taint (as kube-proxy reads it).
     pub deleting: bool,
     pub addresses: Vec<IpAddr>,
+    /// From the `switchyard.io/dataplane` label; `None` when absent or invalid.
+    pub dataplane: Option<DataplaneKind>,
+    /// Labels that were ignored, each with why (the query API lists them as problems).
+    pub label_problems: Vec<String>,
 }
 
 /// Any object a source can hold.

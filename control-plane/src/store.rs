@@ -52,8 +52,8 @@ pub struct ProblemsView {
     /// What the sources reported (objects that do not convert, files that do not parse)
     /// and duplicates.
     sources: Arc<RwLock<BTreeMap<ProblemKey, Problem>>>,
-    /// Notes on the Services in the snapshot, by Service: ignored annotations, and why
-    /// no node programs it.
+    /// Notes on the Services and Nodes in the snapshot, by object: why no node programs
+    /// a Service, and ignored annotations and labels.
     annotations: Arc<RwLock<BTreeMap<ObjectRef, Problem>>>,
 }
 
@@ -80,22 +80,12 @@ impl ProblemsView {
         self.sources.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records (or clears, for `None` or a Service without any) the notes on the Service
-    /// `r` in force: why no node programs it, and its ignored annotations; `since` stays
-    /// while the message does.
-    fn set_annotations(&self, r: &ObjectRef, service: Option<(&Origin, &crate::model::Service)>) {
+    /// Records (or clears, for `None` or an object without any) the notes on the object
+    /// `r` in force (why no node programs a Service, ignored annotations or labels),
+    /// keeping `since` while the message stays the same.
+    fn set_annotations(&self, r: &ObjectRef, notes: Option<(&Origin, Vec<String>)>) {
         let mut annotations = self.annotations.write().unwrap_or_else(|e| e.into_inner());
-        let notes = |s: &crate::model::Service| {
-            compute::dropped_reason(s)
-                .map(|reason| format!("not programmed on any node: {reason}"))
-                .into_iter()
-                .chain(s.annotation_problems.iter().cloned())
-                .collect::<Vec<_>>()
-        };
-        let Some((origin, notes)) = service
-            .map(|(o, s)| (o, notes(s)))
-            .filter(|(_, notes)| !notes.is_empty())
-        else {
+        let Some((origin, notes)) = notes.filter(|(_, notes)| !notes.is_empty()) else {
             annotations.remove(r);
             return;
         };
@@ -336,12 +326,20 @@ impl Store {
             .first()
             .and_then(|o| self.origins.get(o))
             .and_then(|o| o.get(r));
-        if r.kind == ObjectKind::Service {
-            let service = holders.first().zip(winner).and_then(|(o, w)| match &**w {
-                Object::Service(s) => Some((o, s)),
-                _ => None,
-            });
-            self.problems.set_annotations(r, service);
+        let notes = holders.first().zip(winner).and_then(|(o, w)| match &**w {
+            Object::Service(s) => Some((
+                o,
+                compute::dropped_reason(s)
+                    .map(|reason| format!("not programmed on any node: {reason}"))
+                    .into_iter()
+                    .chain(s.annotation_problems.iter().cloned())
+                    .collect(),
+            )),
+            Object::Node(n) => Some((o, n.label_problems.clone())),
+            Object::EndpointSlice(_) => None,
+        });
+        if r.kind != ObjectKind::EndpointSlice {
+            self.problems.set_annotations(r, notes);
         }
         let snapshot = &mut self.snapshot;
         match r.kind {
@@ -456,6 +454,8 @@ mod tests {
             name: name.into(),
             zone: Some(zone.into()),
             deleting: false,
+            dataplane: None,
+            label_problems: Vec::new(),
             addresses: vec![],
         })
     }

@@ -3,7 +3,7 @@
 //! them, and medians over rounds. Benchmarks report figures and ratios, never assert.
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
     time::{Duration, Instant},
 };
 
@@ -46,12 +46,23 @@ pub fn accept_and_drop(ns: &Netns, addr: SocketAddr) -> Result<(), NetnsError> {
     Ok(())
 }
 
-/// New TCP connections per second from `client` to `target` over `window`, each closed
-/// with an RST (no TIME_WAIT, so ephemeral ports never run out). Conntrack tables of
-/// `flush` namespaces are emptied first, so a reused port never meets its predecessor's
-/// entry. A connect that fails aborts the benchmark: the dataplane or the topology is
-/// wrong, not slow.
-pub fn connect_rate(client: &Netns, flush: &[&Netns], target: SocketAddr, window: Duration) -> f64 {
+/// New TCP connections per second from `client` (from `source` when given, an address
+/// of `client`) to `target` over `window`, each closed with an RST (no TIME_WAIT, so
+/// ephemeral ports never run out). Conntrack tables of `flush` namespaces are emptied
+/// first, so a reused port never meets its predecessor's entry. A connect that fails
+/// aborts the benchmark: the dataplane or the topology is wrong, not slow.
+///
+/// IPVS keeps its own connection table, which no conntrack flush empties: a direct
+/// connection to a real server from a port that just reached it through a VIP has its
+/// SYN-ACK rewritten as a reply of that older connection. Measure direct connections
+/// from a `source` of their own.
+pub fn connect_rate(
+    client: &Netns,
+    flush: &[&Netns],
+    source: Option<IpAddr>,
+    target: SocketAddr,
+    window: Duration,
+) -> f64 {
     for ns in flush {
         let _ = ns.exec(["conntrack", "-F"]);
     }
@@ -60,7 +71,7 @@ pub fn connect_rate(client: &Netns, flush: &[&Netns], target: SocketAddr, window
             let start = Instant::now();
             let mut connections = 0u64;
             while start.elapsed() < window {
-                let stream = TcpStream::connect_timeout(&target, Duration::from_secs(1))
+                let stream = connect(source, target)
                     .unwrap_or_else(|e| panic!("connect {target} after {connections}: {e}"));
                 socket2::SockRef::from(&stream)
                     .set_linger(Some(Duration::ZERO))
@@ -71,4 +82,18 @@ pub fn connect_rate(client: &Netns, flush: &[&Netns], target: SocketAddr, window
             connections as f64 / start.elapsed().as_secs_f64()
         })
         .expect("enter the client namespace")
+}
+
+fn connect(source: Option<IpAddr>, target: SocketAddr) -> std::io::Result<TcpStream> {
+    let Some(source) = source else {
+        return TcpStream::connect_timeout(&target, Duration::from_secs(1));
+    };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        None,
+    )?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&target.into(), Duration::from_secs(1))?;
+    Ok(socket.into())
 }

@@ -7,6 +7,14 @@
 //! scenario (`cluster_ips_balance_…`, `external_traffic_…`, …); the checks are the same
 //! for iptables, IPVS and eBPF, so the three dataplanes are held to one behaviour.
 //!
+//! Requests come from an [`Origin`]: a pod on the node ([`Cluster::pod`], the client
+//! namespace), the node itself ([`Cluster::on_node`]) or the outside world
+//! ([`Cluster::outside`], the client namespace again). For an agent that balances per
+//! cgroup ([`AgentSpec::cgroup`], the eBPF agent's socket-level translation) the cluster
+//! makes a cgroup of its own, hands it to the agent, and sends pod and node traffic from
+//! processes inside it; traffic from outside stays outside it. For the other agents the
+//! three differ only in the namespace.
+//!
 //! The example cluster ([`manifests`]), on node [`NODE`] with backends 1–3 (backend 1
 //! local to the node):
 //! - `default/web` 10.96.0.10:80/TCP → 8080 on backends 1–3;
@@ -28,10 +36,11 @@ use std::{
 use switchyard_controller::{compute::ComputeOptions, sources::manifests::ManifestSource};
 
 use crate::{
+    cgroup::Cgroup,
     controller::TestController,
     netns::{
-        Backend, ConnectionLoop, Netns, NsChild, ProbeOptions, Topology, tcp_request,
-        tcp_request_with, udp_request,
+        Backend, ConnectionLoop, Netns, NetnsError, NsChild, ProbeError, ProbeOptions, Topology,
+        tcp_request_with, udp_request_with,
     },
 };
 
@@ -50,6 +59,9 @@ pub struct AgentSpec {
     /// Enter the node namespace with `nsenter --net=` instead of `ip netns exec`, which
     /// remounts `/sys` and so hides the cgroup2 mount from the agent (DESIGN §9).
     pub nsenter: bool,
+    /// The flag that names the cgroup the agent balances for (e.g. `--cgroup-path`):
+    /// the cluster creates one and sends pod and node traffic from inside it.
+    pub cgroup_flag: Option<String>,
 }
 
 impl AgentSpec {
@@ -59,7 +71,16 @@ impl AgentSpec {
             binary: binary.into(),
             extra_args: Vec::new(),
             nsenter: false,
+            cgroup_flag: None,
         }
+    }
+
+    /// The agent balances for the processes of a cgroup named by `flag`: the cluster
+    /// gives it one of its own (never the host's root) and starts it with `nsenter`.
+    pub fn cgroup(mut self, flag: impl Into<String>) -> Self {
+        self.cgroup_flag = Some(flag.into());
+        self.nsenter = true;
+        self
     }
 
     /// Adds flags after the common ones.
@@ -138,6 +159,82 @@ pub fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|n| n.to_string()).collect()
 }
 
+/// Where requests come from: a namespace, and the cgroup their process runs in when the
+/// agent balances per cgroup (then each request is made by a `swy-probe` process there).
+#[derive(Clone, Copy, Debug)]
+pub struct Origin<'a> {
+    pub ns: &'a Netns,
+    pub cgroup: Option<&'a Cgroup>,
+}
+
+impl<'a> From<&'a Netns> for Origin<'a> {
+    fn from(ns: &'a Netns) -> Self {
+        Self { ns, cgroup: None }
+    }
+}
+
+fn harness(e: NetnsError) -> ProbeError {
+    ProbeError::Netns(e)
+}
+
+impl Origin<'_> {
+    /// `n` requests (TCP: HTTP/1.0 over a fresh connection; UDP: a datagram from a fresh
+    /// connected socket), in order.
+    pub fn requests(
+        &self,
+        addr: SocketAddr,
+        n: usize,
+        udp: bool,
+        options: &ProbeOptions,
+    ) -> Vec<Result<String, ProbeError>> {
+        match self.cgroup {
+            Some(cgroup) => {
+                let probe = cgroup.probe(self.ns);
+                let results = if udp {
+                    probe.udp(addr, n, options)
+                } else {
+                    probe.tcp(addr, n, options)
+                };
+                results.unwrap_or_else(|e| vec![Err(harness(e))])
+            }
+            None => (0..n)
+                .map(|_| {
+                    if udp {
+                        udp_request_with(self.ns, addr, options)
+                    } else {
+                        tcp_request_with(self.ns, addr, options)
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    /// One TCP request.
+    pub fn tcp(&self, addr: SocketAddr, options: &ProbeOptions) -> Result<String, ProbeError> {
+        self.requests(addr, 1, false, options)
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| {
+                Err(harness(NetnsError::io(
+                    "probe",
+                    std::io::Error::other("no result"),
+                )))
+            })
+    }
+
+    /// A request to `target` every `interval` until the loop stops.
+    pub fn connection_loop(
+        &self,
+        target: SocketAddr,
+        interval: Duration,
+    ) -> Result<ConnectionLoop, NetnsError> {
+        match self.cgroup {
+            Some(cgroup) => cgroup.probe(self.ns).connection_loop(target, interval),
+            None => ConnectionLoop::start(self.ns, target, interval),
+        }
+    }
+}
+
 /// The controller's view of one node's current stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeStream {
@@ -159,6 +256,8 @@ pub struct Cluster {
     spec: AgentSpec,
     pub manifests: tempfile::TempDir,
     state: tempfile::TempDir,
+    /// The cgroup the agent balances for, when it balances per cgroup.
+    pub cgroup: Option<Cgroup>,
 }
 
 impl Cluster {
@@ -179,6 +278,16 @@ impl Cluster {
             &manifests(&[1, 2, 3]),
         );
         let state = tempfile::tempdir().unwrap();
+        let cgroup = spec
+            .cgroup_flag
+            .as_ref()
+            .map(|_| Cgroup::create("agent").expect("a cgroup for the agent (cgroup v2 mounted)"));
+        let spec = match (&spec.cgroup_flag, &cgroup) {
+            (Some(flag), Some(cgroup)) => spec
+                .clone()
+                .args([flag.clone(), cgroup.path().display().to_string()]),
+            _ => spec,
+        };
         let controller = start_controller(&topology, manifests_dir.path(), 0).await;
         let agent = spawn_agent(&topology, &spec, &controller, state.path());
         let cluster = Self {
@@ -189,13 +298,35 @@ impl Cluster {
             spec,
             manifests: manifests_dir,
             state,
+            cgroup,
         };
         cluster
-            .eventually("web reachable from the client", |c| {
-                c.tcp(c.client(), "10.96.0.10", 80).is_ok()
+            .eventually("web reachable from a pod", |c| {
+                c.tcp(c.pod(), "10.96.0.10", 80).is_ok()
             })
             .await;
         cluster
+    }
+
+    /// A pod on the node: the client namespace (in the agent's cgroup, if any).
+    pub fn pod(&self) -> Origin<'_> {
+        Origin {
+            ns: self.topology.client(),
+            cgroup: self.cgroup.as_ref(),
+        }
+    }
+
+    /// A process on the node itself (in the agent's cgroup, if any).
+    pub fn on_node(&self) -> Origin<'_> {
+        Origin {
+            ns: self.topology.node(),
+            cgroup: self.cgroup.as_ref(),
+        }
+    }
+
+    /// A client outside the node: the client namespace, outside any cgroup of the agent.
+    pub fn outside(&self) -> Origin<'_> {
+        self.topology.client().into()
     }
 
     /// The controller's view of this node's current stream.
@@ -227,15 +358,23 @@ impl Cluster {
         self.topology.node()
     }
 
-    /// One TCP request from `ns`: the backend's answer (`backend-1 from 10.201.0.2:…`).
-    pub fn tcp(&self, ns: &Netns, ip: &str, port: u16) -> Result<String, String> {
-        tcp_request(ns, ip.parse::<IpAddr>().unwrap(), port).map_err(|e| e.to_string())
+    /// One TCP request: the backend's answer (`backend-1 from 10.201.0.2:…`).
+    pub fn tcp<'a>(
+        &self,
+        from: impl Into<Origin<'a>>,
+        ip: &str,
+        port: u16,
+    ) -> Result<String, String> {
+        let addr = SocketAddr::new(ip.parse::<IpAddr>().unwrap(), port);
+        from.into()
+            .tcp(addr, &ProbeOptions::default())
+            .map_err(|e| e.to_string())
     }
 
     /// Which backends answered `n` requests, and from which client addresses.
-    pub fn spread(
+    pub fn spread<'a>(
         &self,
-        ns: &Netns,
+        from: impl Into<Origin<'a>>,
         ip: &str,
         port: u16,
         n: usize,
@@ -243,14 +382,9 @@ impl Cluster {
     ) -> (BTreeSet<String>, BTreeSet<String>) {
         let mut backends = BTreeSet::new();
         let mut peers = BTreeSet::new();
-        for _ in 0..n {
-            let addr: IpAddr = ip.parse().unwrap();
-            let answer = if udp {
-                udp_request(ns, addr, port)
-            } else {
-                tcp_request(ns, addr, port)
-            }
-            .unwrap_or_else(|e| panic!("{ip}:{port}: {e}"));
+        let addr = SocketAddr::new(ip.parse::<IpAddr>().unwrap(), port);
+        for answer in from.into().requests(addr, n, udp, &ProbeOptions::default()) {
+            let answer = answer.unwrap_or_else(|e| panic!("{ip}:{port}: {e}"));
             // "backend-1 from 10.201.0.2:53422"
             let mut words = answer.split_whitespace();
             backends.insert(words.next().unwrap().to_string());
@@ -281,10 +415,22 @@ impl Cluster {
 /// The controller (in-process), listening on the node's own loopback where the agent
 /// looks for it (`port` 0: any), fed by a manifests source on `dir`.
 pub async fn start_controller(topology: &Topology, dir: &Path, port: u16) -> TestController {
-    let listener = topology
-        .node()
-        .tcp_listener(SocketAddr::from(([127, 0, 0, 1], port)))
-        .unwrap();
+    // A controller just dropped on `port` may hold its listener until its aborted task
+    // is next polled: retry for a moment rather than race it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let listener = loop {
+        match topology
+            .node()
+            .tcp_listener(SocketAddr::from(([127, 0, 0, 1], port)))
+        {
+            Ok(listener) => break listener,
+            Err(e) if port != 0 && Instant::now() < deadline => {
+                tracing::debug!(%e, "controller port still held; retrying");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
     listener.set_nonblocking(true).unwrap();
     let listener = tokio::net::TcpListener::from_std(listener).unwrap();
     let controller = TestController::start_on(listener, ComputeOptions::default())
@@ -358,26 +504,24 @@ pub async fn cluster_ips_balance_tcp_and_udp_and_follow_endpoint_changes(spec: A
     let cluster = Cluster::start(spec).await;
     let all = set(&["backend-1", "backend-2", "backend-3"]);
 
-    let (from_client, peers) = cluster.spread(cluster.client(), "10.96.0.10", 80, 40, false);
+    let (from_client, peers) = cluster.spread(cluster.pod(), "10.96.0.10", 80, 40, false);
     assert_eq!(from_client, all, "TCP from the client namespace");
     assert_eq!(
         peers,
         set(&["10.201.0.2"]),
         "pod-bound cluster traffic keeps the client address"
     );
-    let (from_node, _) = cluster.spread(cluster.node(), "10.96.0.10", 80, 40, false);
+    let (from_node, _) = cluster.spread(cluster.on_node(), "10.96.0.10", 80, 40, false);
     assert_eq!(from_node, all, "TCP from the node itself (OUTPUT path)");
-    let (udp, _) = cluster.spread(cluster.client(), "10.96.0.11", 53, 40, true);
+    let (udp, _) = cluster.spread(cluster.pod(), "10.96.0.11", 53, 40, true);
     assert_eq!(udp, all, "UDP from the client namespace");
 
     // A Service without endpoints refuses at once instead of timing out.
     let started = Instant::now();
-    let refused = tcp_request(
-        cluster.client(),
-        "10.96.0.12".parse::<IpAddr>().unwrap(),
-        80,
-    )
-    .unwrap_err();
+    let refused = cluster
+        .pod()
+        .tcp("10.96.0.12:80".parse().unwrap(), &ProbeOptions::default())
+        .unwrap_err();
     assert!(refused.is_refused(), "{refused}");
     assert!(started.elapsed() < Duration::from_secs(1));
 
@@ -385,7 +529,7 @@ pub async fn cluster_ips_balance_tcp_and_udp_and_follow_endpoint_changes(spec: A
     cluster.set_web_endpoints(&[1, 2]);
     cluster
         .eventually("backend-3 out of web", |c| {
-            c.spread(c.client(), "10.96.0.10", 80, 20, false).0 == set(&["backend-1", "backend-2"])
+            c.spread(c.pod(), "10.96.0.10", 80, 20, false).0 == set(&["backend-1", "backend-2"])
         })
         .await;
 }
@@ -400,7 +544,7 @@ pub async fn external_traffic_with_local_policy_reaches_only_the_local_endpoint(
         ("10.201.0.1", 30080, "node port"),
         ("10.202.0.10", 80, "external IP"),
     ] {
-        let (backends, peers) = cluster.spread(cluster.client(), ip, port, 20, false);
+        let (backends, peers) = cluster.spread(cluster.outside(), ip, port, 20, false);
         assert_eq!(
             backends,
             set(&["backend-1"]),
@@ -412,7 +556,7 @@ pub async fn external_traffic_with_local_policy_reaches_only_the_local_endpoint(
             "{what} preserves the client address"
         );
     }
-    let (internal, _) = cluster.spread(cluster.client(), "10.96.0.13", 80, 40, false);
+    let (internal, _) = cluster.spread(cluster.pod(), "10.96.0.13", 80, 40, false);
     assert_eq!(internal, set(&["backend-1", "backend-2", "backend-3"]));
 
     let (status, body) = http_get(cluster.client(), "10.201.0.1:32100".parse().unwrap());
@@ -423,7 +567,7 @@ pub async fn external_traffic_with_local_policy_reaches_only_the_local_endpoint(
 /// ClientIP affinity keeps one client on one backend.
 pub async fn client_ip_affinity_sticks_to_one_backend(spec: AgentSpec) {
     let cluster = Cluster::start(spec).await;
-    let (backends, _) = cluster.spread(cluster.client(), "10.96.0.14", 80, 20, false);
+    let (backends, _) = cluster.spread(cluster.pod(), "10.96.0.14", 80, 20, false);
     assert_eq!(backends.len(), 1, "{backends:?}");
 }
 
@@ -435,8 +579,10 @@ pub async fn restarting_or_losing_the_agent_and_the_controller_fails_no_connecti
 ) {
     let mut cluster = Cluster::start(spec).await;
     let target: SocketAddr = "10.96.0.10:80".parse().unwrap();
-    let traffic =
-        ConnectionLoop::start(cluster.client(), target, Duration::from_millis(20)).unwrap();
+    let traffic = cluster
+        .pod()
+        .connection_loop(target, Duration::from_millis(20))
+        .unwrap();
     assert!(traffic.wait_for_successes(10, PATIENCE));
 
     // The agent restarts: the kernel state stays in place throughout, and the new stream
@@ -481,7 +627,7 @@ pub async fn restarting_or_losing_the_agent_and_the_controller_fails_no_connecti
     cluster.set_web_endpoints(&[2, 3]);
     cluster
         .eventually("backend-1 out of web after the reconnect", |c| {
-            c.spread(c.client(), "10.96.0.10", 80, 20, false).0 == set(&["backend-2", "backend-3"])
+            c.spread(c.pod(), "10.96.0.10", 80, 20, false).0 == set(&["backend-2", "backend-3"])
         })
         .await;
 }
@@ -501,14 +647,14 @@ pub async fn a_service_added_on_disk_forwards_within_a_second(spec: AgentSpec) -
         io_timeout: Duration::from_secs(1),
     };
     assert!(
-        tcp_request_with(cluster.client(), target, &quick).is_err(),
+        cluster.pod().tcp(target, &quick).is_err(),
         "nothing answers before the Service exists"
     );
     let written = Instant::now();
     write(&cluster.manifests.path().join("fresh.yaml"), &fresh);
     // Poll every 10 ms: the figure is the time from the write to the first answer.
     let answer = loop {
-        match tcp_request_with(cluster.client(), target, &quick) {
+        match cluster.pod().tcp(target, &quick) {
             Ok(answer) => break answer,
             Err(_) if written.elapsed() < PATIENCE => std::thread::sleep(Duration::from_millis(10)),
             Err(err) => panic!("fresh never answered: {err}"),

@@ -51,6 +51,8 @@ pub fn node(name: &str) -> Node {
         name: name.into(),
         zone: Some("zone-1".into()),
         deleting: false,
+        dataplane: None,
+        label_problems: Vec::new(),
         addresses: vec![],
     }
 }

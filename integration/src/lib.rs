@@ -1,11 +1,13 @@
 //! Shared parts of switchyard's end-to-end tests and benchmarks: an in-process
 //! controller on loopback, a simulated agent speaking the real protocol, builders for
 //! cluster objects, the end-to-end scenarios every agent must pass ([`e2e`]), network
-//! namespaces, user-mode Linux guests for kernels the host lacks ([`uml`]), and
-//! certificates made in the test ([`pki`]).
+//! namespaces and cgroups with probes run from inside them ([`netns`], [`cgroup`]),
+//! user-mode Linux guests for kernels the host lacks ([`uml`]), and certificates made in
+//! the test ([`pki`]).
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod cgroup;
 pub mod controller;
 pub mod e2e;
 pub mod fixtures;

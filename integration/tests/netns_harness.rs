@@ -344,3 +344,79 @@ fn a_process_in_a_namespace_is_terminated_then_killed_if_it_ignores_sigterm() {
     let status = stubborn.terminate(Duration::from_millis(200)).unwrap();
     assert_eq!(status.signal(), Some(9), "{status}");
 }
+
+#[test]
+fn probes_from_a_cgroup_run_inside_it_and_the_cgroup_goes_with_its_processes() {
+    use switchyard_integration::cgroup::Cgroup;
+
+    let (topology, _backends) = three_backends();
+    let cgroup = Cgroup::create("harness").expect("a cgroup (cgroup v2 mounted)");
+    let path = cgroup.path().to_path_buf();
+    let backend: SocketAddr = SocketAddr::new(netns::topology::backend_ip(2).into(), HTTP);
+    let probe = cgroup.probe(topology.client());
+
+    let answers = probe.tcp(backend, 3, &ProbeOptions::default()).unwrap();
+    assert_eq!(answers.len(), 3);
+    for answer in answers {
+        let (name, from) = who_and_from(&answer.unwrap());
+        assert_eq!(
+            (name.as_str(), from),
+            ("backend-2", IpAddr::from(topology.client_ip()))
+        );
+    }
+    let udp = SocketAddr::new(netns::topology::backend_ip(1).into(), DNS);
+    let (reply, from) = probe.udp_unconnected(udp).unwrap();
+    assert_eq!(from, udp, "{reply}");
+    assert_eq!(probe.tcp_peer(backend).unwrap(), backend);
+    let refused = probe
+        .tcp(
+            SocketAddr::new(backend.ip(), 1),
+            1,
+            &ProbeOptions::default(),
+        )
+        .unwrap()
+        .remove(0)
+        .unwrap_err();
+    assert!(refused.is_refused(), "{refused}");
+
+    // A process left running inside is killed with the cgroup.
+    let mut sleeper = cgroup.command(Some(topology.client()), "sleep");
+    sleeper.arg("600");
+    let _child = netns::NsChild::spawn(sleeper).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while cgroup.pids().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "sleep never joined the cgroup"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(cgroup);
+    assert!(!path.exists(), "{} left behind", path.display());
+}
+
+#[test]
+fn probe_results_survive_the_line_a_probe_process_prints() {
+    use netns::{ProbeError, decode_result, encode_result};
+
+    let addr: SocketAddr = "10.96.0.10:80".parse().unwrap();
+    let after = Duration::from_micros(1234);
+    let cases: Vec<Result<String, ProbeError>> = vec![
+        Ok("backend-1 from 10.201.0.2:4711\n".into()),
+        Ok("a \\ backslash\nand lines".into()),
+        Err(ProbeError::Refused { addr, after }),
+        Err(ProbeError::Timeout { addr, after }),
+        Err(ProbeError::Reset { addr, after }),
+        Err(ProbeError::BadResponse {
+            addr,
+            response: "HTTP/1.0 500\r\n\r\n".into(),
+        }),
+    ];
+    for case in cases {
+        let line = encode_result(&case);
+        assert!(!line.contains('\n'), "{line:?}");
+        let back = decode_result(&line).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{case:?}"));
+    }
+    assert!(decode_result("something else").is_none());
+}

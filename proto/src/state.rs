@@ -55,6 +55,33 @@ pub enum Protocol {
     Sctp,
 }
 
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+    /// The IP protocol number (`IPPROTO_TCP` 6, `IPPROTO_UDP` 17, `IPPROTO_SCTP` 132).
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// The protocol with IP protocol number `n`, if it is one of the three.
+    pub fn from_number(n: u8) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.number() == n)
+    }
+
+    /// The lowercase name tools print (`tcp`, `udp`, `sctp`).
+    pub fn lowercase(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -197,6 +224,63 @@ impl FromStr for LbAlgorithm {
             .into_iter()
             .find(|algorithm| algorithm.name() == s)
             .ok_or_else(|| StateError::invalid("ebpf_lb_algorithm", s, "not random or maglev"))
+    }
+}
+
+/// A dataplane, as the Node label `switchyard.io/dataplane` and the agent's
+/// `--dataplane` name it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum DataplaneKind {
+    Iptables,
+    Ipvs,
+    Ebpf,
+}
+
+impl DataplaneKind {
+    pub const ALL: [DataplaneKind; 3] = [Self::Iptables, Self::Ipvs, Self::Ebpf];
+
+    /// `iptables`, `ipvs` or `ebpf`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Iptables => "iptables",
+            Self::Ipvs => "ipvs",
+            Self::Ebpf => "ebpf",
+        }
+    }
+
+    pub fn to_wire(self) -> v1::Dataplane {
+        match self {
+            Self::Iptables => v1::Dataplane::Iptables,
+            Self::Ipvs => v1::Dataplane::Ipvs,
+            Self::Ebpf => v1::Dataplane::Ebpf,
+        }
+    }
+
+    /// `None` for unspecified.
+    pub fn from_wire(wire: v1::Dataplane) -> Option<Self> {
+        match wire {
+            v1::Dataplane::Iptables => Some(Self::Iptables),
+            v1::Dataplane::Ipvs => Some(Self::Ipvs),
+            v1::Dataplane::Ebpf => Some(Self::Ebpf),
+            v1::Dataplane::Unspecified => None,
+        }
+    }
+}
+
+impl fmt::Display for DataplaneKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for DataplaneKind {
+    type Err = StateError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.name() == s)
+            .ok_or_else(|| StateError::invalid("dataplane", s, "not iptables, ipvs or ebpf"))
     }
 }
 

@@ -814,7 +814,7 @@ fn netmask_value(addr: &IpAddr, raw: [u8; 4]) -> u32 {
 pub fn service_id_attrs(id: &ServiceId) -> Vec<ServiceAttr> {
     vec![
         ServiceAttr::Af(family_of(&id.addr)),
-        ServiceAttr::Protocol(id.protocol.number()),
+        ServiceAttr::Protocol(id.protocol.number().into()),
         ServiceAttr::Addr(inet_addr_bytes(&id.addr)),
         ServiceAttr::Port(id.port),
     ]
@@ -938,7 +938,7 @@ pub fn decode_service(attrs: &[ServiceAttr]) -> Result<Result<Service, Skipped>,
     }
     let af = af.ok_or("service without IPVS_SVC_ATTR_AF")?;
     let number = protocol.ok_or("service without IPVS_SVC_ATTR_PROTOCOL")?;
-    let Some(protocol) = Protocol::from_number(number) else {
+    let Some(protocol) = u8::try_from(number).ok().and_then(Protocol::from_number) else {
         return Ok(Err(Skipped::Protocol(number)));
     };
     let addr = addr_from_bytes(

@@ -4,47 +4,8 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-/// Transport protocol of a virtual service (the ones Kubernetes Services use).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Protocol {
-    /// TCP (IPPROTO_TCP, 6).
-    Tcp,
-    /// UDP (IPPROTO_UDP, 17).
-    Udp,
-    /// SCTP (IPPROTO_SCTP, 132).
-    Sctp,
-}
-
-impl Protocol {
-    /// The IP protocol number IPVS uses.
-    pub fn number(self) -> u16 {
-        match self {
-            Protocol::Tcp => 6,
-            Protocol::Udp => 17,
-            Protocol::Sctp => 132,
-        }
-    }
-
-    /// The protocol with IP protocol number `n`, if it is one of the three.
-    pub fn from_number(n: u16) -> Option<Self> {
-        match n {
-            6 => Some(Protocol::Tcp),
-            17 => Some(Protocol::Udp),
-            132 => Some(Protocol::Sctp),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for Protocol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "TCP",
-            Protocol::Udp => "UDP",
-            Protocol::Sctp => "SCTP",
-        })
-    }
-}
+/// The protocols IPVS balances, as the rest of switchyard knows them.
+pub use switchyard_agent_core::state::Protocol;
 
 /// What identifies a virtual service: protocol, address and port.
 ///

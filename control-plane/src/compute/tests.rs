@@ -1489,6 +1489,8 @@ fn snapshot(
             name: name.to_string(),
             zone: zone.map(Into::into),
             deleting: false,
+            dataplane: None,
+            label_problems: Vec::new(),
             addresses: vec![],
         };
         snapshot.nodes.insert(node.name.clone(), Arc::new(node));

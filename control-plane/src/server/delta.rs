@@ -210,6 +210,11 @@ impl NodeStateDiscovery for DeltaService {
                 ));
             }
         };
+        // The agent already acts on the label it declares: it is sent only if it differs.
+        let node_facts = NodeFacts {
+            being_deleted: false,
+            dataplane: first.declared_label(),
+        };
         let described = peer.describe();
         let Declared { identity, held } = identify(first).inspect_err(|status| {
             tracing::warn!(peer = %described, message = status.message(), "refusing a stream");
@@ -243,7 +248,7 @@ impl NodeStateDiscovery for DeltaService {
             backlog: Backlog::default(),
             seen: 0,
             nonces: 0,
-            node_being_deleted: false,
+            node_facts,
         };
         tokio::spawn(stream.run(inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -273,8 +278,18 @@ struct NodeStream {
     /// The generation whose changes were last folded into the backlog.
     seen: u64,
     nonces: u64,
-    /// `node_being_deleted` as last sent; an agent starts out taking its node as live.
-    node_being_deleted: bool,
+    /// What the last response said of the Node itself; an agent starts out taking its
+    /// node as live and unlabelled.
+    node_facts: NodeFacts,
+}
+
+/// What every response says of the Node itself, beside its Services: a change of these
+/// alone is sent as a response without resources.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct NodeFacts {
+    being_deleted: bool,
+    /// The `switchyard.io/dataplane` label.
+    dataplane: v1::Dataplane,
 }
 
 /// Services that may differ on the node, and the removals held back until every upsert
@@ -432,16 +447,19 @@ impl NodeStream {
         if backlog.upserts_done() {
             removals.extend(std::mem::take(&mut backlog.removals));
         }
-        let being_deleted = generation
-            .snapshot
-            .nodes
-            .get(&self.session.node)
-            .is_some_and(|n| n.deleting);
+        let node = generation.snapshot.nodes.get(&self.session.node);
+        let facts = NodeFacts {
+            being_deleted: node.is_some_and(|n| n.deleting),
+            dataplane: node
+                .and_then(|n| n.dataplane)
+                .map_or(v1::Dataplane::Unspecified, |d| d.to_wire()),
+        };
+        self.session.set_dataplane_wanted(facts.dataplane);
         if added.is_empty() && modified.is_empty() && removals.is_empty() {
             if protocol.nacked.is_empty() {
                 protocol.out_of_sync_since = None;
             }
-            if being_deleted == self.node_being_deleted {
+            if facts == self.node_facts {
                 return None;
             }
         } else {
@@ -450,7 +468,7 @@ impl NodeStream {
                 .get_or_insert_with(SystemTime::now);
         }
         drop(protocol);
-        self.node_being_deleted = being_deleted;
+        self.node_facts = facts;
 
         let trigger_time = if backlog.upserts_done() && backlog.removals.is_empty() {
             backlog.trigger_time.take()
@@ -474,7 +492,8 @@ impl NodeStream {
             removed_resources: removals.iter().map(|n| n.to_string()).collect(),
             nonce: nonce.clone(),
             trigger_time: trigger_time.map(Into::into),
-            node_being_deleted: being_deleted,
+            node_being_deleted: facts.being_deleted,
+            dataplane: facts.dataplane.into(),
         };
         self.in_flight = Some(InFlight {
             nonce,
@@ -490,6 +509,8 @@ impl NodeStream {
     /// Commits the in-flight response on ACK; on NACK commits all but the rejected
     /// resources. Errors naming resources not in flight are ignored.
     fn answer(&mut self, request: v1::NodeStateRequest) {
+        self.session
+            .set_dataplane_in_force(request.dataplane_in_force());
         let node = &self.session.node;
         let Some(in_flight) = self
             .in_flight

@@ -201,6 +201,13 @@ fn node_status(
     let mut status = v1::NodeStatus {
         node_name: node.to_string(),
         in_cluster: generation.snapshot.nodes.contains_key(node),
+        dataplane_wanted: generation
+            .snapshot
+            .nodes
+            .get(node)
+            .and_then(|n| n.dataplane)
+            .map_or(v1::Dataplane::Unspecified, |d| d.to_wire())
+            .into(),
         desired_version: desired_version.clone(),
         services: desired.len() as u32,
         pending_changes: desired.len() as u32,
@@ -209,12 +216,12 @@ fn node_status(
     let Some(session) = session else {
         return status;
     };
-    status.dataplane = session.identity.dataplane;
+    status.dataplane = session.dataplanes().in_force.into();
     status.agent_version = session.identity.agent_version.clone();
     status.peer = session.peer.clone();
     status.connected_since = Some(session.connected_since.into());
+    status.connected = session.is_connected();
     let protocol = session.protocol();
-    status.connected = protocol.closed.is_none();
     status.resources_sent = protocol.resources_sent;
     status.removals_sent = protocol.removals_sent;
     status.last_nack = protocol.last_nack.as_ref().map(|n| v1::Nack {

@@ -102,11 +102,45 @@ pub struct Session {
     /// Apart from `protocol`, so it can be read while `protocol` is held.
     connected: AtomicBool,
     protocol: Mutex<NodeProtocol>,
+    /// The dataplanes the agent programs with now and the Node's label asks for.
+    dataplanes: Mutex<Dataplanes>,
     /// Set to the newer stream's peer when a newer stream for the same node takes over.
     superseded: watch::Sender<Option<String>>,
 }
 
+/// A node's dataplane as its agent reports it and as its label asks for it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dataplanes {
+    /// The agent's dataplane now (its identity's, then what its answers report).
+    pub in_force: v1::Dataplane,
+    /// The `switchyard.io/dataplane` label as last sent.
+    pub wanted: v1::Dataplane,
+}
+
 impl Session {
+    /// The dataplanes in force and wanted.
+    pub fn dataplanes(&self) -> Dataplanes {
+        *self.dataplanes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records what the agent reports programming with (unspecified: no news).
+    pub fn set_dataplane_in_force(&self, dataplane: v1::Dataplane) {
+        if dataplane != v1::Dataplane::Unspecified {
+            self.dataplanes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .in_force = dataplane;
+        }
+    }
+
+    /// Records the label sent to the agent.
+    pub fn set_dataplane_wanted(&self, dataplane: v1::Dataplane) {
+        self.dataplanes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .wanted = dataplane;
+    }
+
     pub fn protocol(&self) -> MutexGuard<'_, NodeProtocol> {
         self.protocol.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -149,6 +183,7 @@ impl Sessions {
         let mut inner = self.inner();
         inner.next_id += 1;
         let node = identity.node_name.clone();
+        let in_force = identity.dataplane();
         let session = Arc::new(Session {
             id: inner.next_id,
             node: node.clone(),
@@ -159,6 +194,10 @@ impl Sessions {
             protocol: Mutex::new(NodeProtocol {
                 acked,
                 ..Default::default()
+            }),
+            dataplanes: Mutex::new(Dataplanes {
+                in_force,
+                wanted: v1::Dataplane::Unspecified,
             }),
             superseded: watch::Sender::new(None),
         });

@@ -415,6 +415,8 @@ mod tests {
             name: name.into(),
             zone: zone.cloned(),
             deleting: false,
+            dataplane: None,
+            label_problems: Vec::new(),
             addresses: Vec::new(),
         })
     }

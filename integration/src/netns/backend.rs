@@ -15,7 +15,13 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// executable or one directory up (a test binary lives in `target/<profile>/deps`, the
 /// crate's binaries in `target/<profile>`).
 pub fn backend_binary() -> Result<PathBuf, NetnsError> {
-    if let Some(path) = std::env::var_os("SWY_BACKEND_BIN") {
+    crate_binary("swy-backend", "SWY_BACKEND_BIN")
+}
+
+/// Where this crate's binary `name` is: `$env_var`, else next to the running executable
+/// or one directory up.
+pub(crate) fn crate_binary(name: &str, env_var: &str) -> Result<PathBuf, NetnsError> {
+    if let Some(path) = std::env::var_os(env_var) {
         return Ok(PathBuf::from(path));
     }
     let exe =
@@ -23,11 +29,13 @@ pub fn backend_binary() -> Result<PathBuf, NetnsError> {
     exe.ancestors()
         .skip(1)
         .take(2)
-        .map(|dir| dir.join("swy-backend"))
+        .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
         .ok_or_else(|| NetnsError::MissingTool {
-            tool: "swy-backend".into(),
-            package: "switchyard-integration (cargo build -p switchyard-integration --bin swy-backend, or set SWY_BACKEND_BIN)".into(),
+            tool: name.into(),
+            package: format!(
+                "switchyard-integration (cargo build -p switchyard-integration --bin {name}, or set {env_var})"
+            ),
             source: std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("not next to {}", exe.display()),

@@ -176,8 +176,9 @@ pub fn udp_request_with(
     ns.run(|| udp_request_here(addr, options))?
 }
 
-/// [`tcp_request_with`] on the calling thread's namespace.
-fn tcp_request_here(addr: SocketAddr, options: &ProbeOptions) -> Result<String, ProbeError> {
+/// [`tcp_request_with`] on the calling thread's namespace (for a probe process, see
+/// `swy-probe`).
+pub fn tcp_request_here(addr: SocketAddr, options: &ProbeOptions) -> Result<String, ProbeError> {
     let started = Instant::now();
     let mut stream = TcpStream::connect_timeout(&addr, options.connect_timeout)
         .map_err(|e| classify(e, "connect", addr, started))?;
@@ -203,24 +204,160 @@ fn tcp_request_here(addr: SocketAddr, options: &ProbeOptions) -> Result<String, 
 }
 
 /// [`udp_request_with`] on the calling thread's namespace.
-fn udp_request_here(addr: SocketAddr, options: &ProbeOptions) -> Result<String, ProbeError> {
+pub fn udp_request_here(addr: SocketAddr, options: &ProbeOptions) -> Result<String, ProbeError> {
     let started = Instant::now();
+    let io = |e, op| classify(e, op, addr, started);
+    let socket = udp_socket_for(addr, options).map_err(|(e, op)| io(e, op))?;
+    // Connected, so an ICMP port-unreachable surfaces as ECONNREFUSED.
+    socket.connect(addr).map_err(|e| io(e, "connect"))?;
+    socket.send(b"ping\n").map_err(|e| io(e, "send"))?;
+    let mut buf = [0u8; 2048];
+    let n = socket.recv(&mut buf).map_err(|e| io(e, "recv"))?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// A UDP socket on an ephemeral port of `addr`'s family, reads bounded by the I/O
+/// timeout; the failing operation with its error.
+fn udp_socket_for(
+    addr: SocketAddr,
+    options: &ProbeOptions,
+) -> Result<UdpSocket, (io::Error, &'static str)> {
     let local: IpAddr = if addr.is_ipv4() {
         Ipv4Addr::UNSPECIFIED.into()
     } else {
         Ipv6Addr::UNSPECIFIED.into()
     };
-    let io = |e, op| classify(e, op, addr, started);
-    let socket = UdpSocket::bind((local, 0)).map_err(|e| io(e, "bind"))?;
-    // Connected, so an ICMP port-unreachable surfaces as ECONNREFUSED.
-    socket.connect(addr).map_err(|e| io(e, "connect"))?;
+    let socket = UdpSocket::bind((local, 0)).map_err(|e| (e, "bind"))?;
     socket
         .set_read_timeout(Some(options.io_timeout))
-        .map_err(|e| io(e, "set timeout"))?;
-    socket.send(b"ping\n").map_err(|e| io(e, "send"))?;
+        .map_err(|e| (e, "set timeout"))?;
+    Ok(socket)
+}
+
+/// One datagram from an unconnected socket (`sendto`/`recvfrom`) on the calling
+/// thread's namespace: the reply and the address `recvfrom` says it came from.
+pub fn udp_unconnected_here(
+    addr: SocketAddr,
+    options: &ProbeOptions,
+) -> Result<(String, SocketAddr), ProbeError> {
+    let started = Instant::now();
+    let io = |e, op| classify(e, op, addr, started);
+    let socket = udp_socket_for(addr, options).map_err(|(e, op)| io(e, op))?;
+    socket.send_to(b"ping\n", addr).map_err(|e| io(e, "send"))?;
     let mut buf = [0u8; 2048];
-    let n = socket.recv(&mut buf).map_err(|e| io(e, "recv"))?;
-    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+    let (n, from) = socket.recv_from(&mut buf).map_err(|e| io(e, "recv"))?;
+    Ok((String::from_utf8_lossy(&buf[..n]).into_owned(), from))
+}
+
+/// Connects over TCP on the calling thread's namespace and returns the peer address
+/// `getpeername` reports.
+pub fn tcp_peer_here(addr: SocketAddr, options: &ProbeOptions) -> Result<SocketAddr, ProbeError> {
+    let started = Instant::now();
+    let stream = TcpStream::connect_timeout(&addr, options.connect_timeout)
+        .map_err(|e| classify(e, "connect", addr, started))?;
+    stream
+        .peer_addr()
+        .map_err(|e| classify(e, "getpeername", addr, started))
+}
+
+/// New TCP connections per second to `addr` over `window` on the calling thread's
+/// namespace, each closed with an RST (no TIME_WAIT piles up); a connect waits up to 5 s
+/// (a dropped SYN is retransmitted after 1 s and counts as slow). A failed connect ends
+/// the measurement with its error.
+pub fn connect_rate_here(addr: SocketAddr, window: Duration) -> Result<f64, ProbeError> {
+    let start = Instant::now();
+    let mut connections = 0u64;
+    while start.elapsed() < window {
+        let began = Instant::now();
+        let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .map_err(|e| classify(e, "connect", addr, began))?;
+        socket2::SockRef::from(&stream)
+            .set_linger(Some(Duration::ZERO))
+            .map_err(|e| classify(e, "linger", addr, began))?;
+        drop(stream);
+        connections += 1;
+    }
+    Ok(connections as f64 / start.elapsed().as_secs_f64())
+}
+
+/// The line a probe process prints for one result: `ok <text>` or
+/// `err <kind> <after µs> <target> <detail>`, newlines and backslashes escaped.
+pub fn encode_result(result: &Result<String, ProbeError>) -> String {
+    fn escape(text: &str) -> String {
+        text.replace('\\', "\\\\").replace('\n', "\\n")
+    }
+    match result {
+        Ok(text) => format!("ok {}", escape(text)),
+        Err(e) => {
+            let after = e.after().map_or(0, |d| d.as_micros());
+            let (kind, addr, detail) = match e {
+                ProbeError::Refused { addr, .. } => ("refused", Some(*addr), String::new()),
+                ProbeError::Timeout { addr, .. } => ("timeout", Some(*addr), String::new()),
+                ProbeError::Unreachable { addr, source, .. } => {
+                    ("unreachable", Some(*addr), source.to_string())
+                }
+                ProbeError::Reset { addr, .. } => ("reset", Some(*addr), String::new()),
+                ProbeError::BadResponse { addr, response } => {
+                    ("bad", Some(*addr), response.clone())
+                }
+                ProbeError::Io { addr, op, source } => {
+                    ("io", Some(*addr), format!("{op}: {source}"))
+                }
+                ProbeError::Netns(e) => ("netns", None, e.to_string()),
+            };
+            let addr = addr.map_or_else(|| "-".to_string(), |a| a.to_string());
+            format!("err {kind} {after} {addr} {}", escape(&detail))
+        }
+    }
+}
+
+/// Reads a line of [`encode_result`] back; `None` for a line it cannot have printed.
+pub fn decode_result(line: &str) -> Option<Result<String, ProbeError>> {
+    fn unescape(text: &str) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut chars = text.chars();
+        while let Some(c) = chars.next() {
+            if c == '\\' {
+                match chars.next() {
+                    Some('n') => out.push('\n'),
+                    Some(other) => out.push(other),
+                    None => {}
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        out
+    }
+    if let Some(text) = line.strip_prefix("ok ").or((line == "ok").then_some("")) {
+        return Some(Ok(unescape(text)));
+    }
+    let rest = line.strip_prefix("err ")?;
+    let mut parts = rest.splitn(4, ' ');
+    let kind = parts.next()?;
+    let after = Duration::from_micros(parts.next()?.parse().ok()?);
+    let addr: Option<SocketAddr> = parts.next()?.parse().ok();
+    let detail = unescape(parts.next().unwrap_or(""));
+    let addr = addr.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    Some(Err(match kind {
+        "refused" => ProbeError::Refused { addr, after },
+        "timeout" => ProbeError::Timeout { addr, after },
+        "unreachable" => ProbeError::Unreachable {
+            addr,
+            after,
+            source: io::Error::other(detail),
+        },
+        "reset" => ProbeError::Reset { addr, after },
+        "bad" => ProbeError::BadResponse {
+            addr,
+            response: detail,
+        },
+        _ => ProbeError::Io {
+            addr,
+            op: "probe process",
+            source: io::Error::other(detail),
+        },
+    }))
 }
 
 /// What a [`ConnectionLoop`] has seen so far.
@@ -252,6 +389,9 @@ pub struct ConnectionLoop {
     stop: Arc<AtomicBool>,
     stats: Arc<Mutex<LoopStats>>,
     thread: Option<JoinHandle<()>>,
+    /// The probe process doing the requests, when they run in one (see
+    /// [`ConnectionLoop::from_process`]).
+    process: Option<super::NsChild>,
 }
 
 impl ConnectionLoop {
@@ -296,6 +436,44 @@ impl ConnectionLoop {
             stop,
             stats,
             thread: Some(thread),
+            process: None,
+        })
+    }
+
+    /// Counts the results a probe process prints, one [`encode_result`] line per
+    /// request (`swy-probe loop`), so the requests come from wherever the process runs
+    /// (e.g. inside a cgroup). Stopping kills the process.
+    pub fn from_process(mut process: super::NsChild) -> Result<Self, NetnsError> {
+        use std::io::BufRead;
+        let stdout = process.child_mut().stdout.take().ok_or_else(|| {
+            NetnsError::io(
+                "connection loop",
+                io::Error::other("probe stdout not piped"),
+            )
+        })?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stats = Arc::new(Mutex::new(LoopStats::default()));
+        let thread = {
+            let stats = stats.clone();
+            std::thread::Builder::new()
+                .name("connection-loop-process".into())
+                .spawn(move || {
+                    let started = Instant::now();
+                    for line in std::io::BufReader::new(stdout).lines() {
+                        let Ok(line) = line else { break };
+                        let Some(result) = decode_result(&line) else {
+                            continue;
+                        };
+                        record(&stats, started, result);
+                    }
+                })
+                .map_err(|e| NetnsError::io("spawn connection loop reader", e))?
+        };
+        Ok(ConnectionLoop {
+            stop,
+            stats,
+            thread: Some(thread),
+            process: Some(process),
         })
     }
 
@@ -329,6 +507,9 @@ impl ConnectionLoop {
 
     fn halt(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(mut process) = self.process.take() {
+            let _ = process.terminate(Duration::from_secs(2));
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -349,7 +530,22 @@ fn run_loop(
     stats: &Mutex<LoopStats>,
 ) {
     let started = Instant::now();
-    let mut next = started;
+    request_loop(target, interval, options, stop, |result| {
+        record(stats, started, result)
+    });
+}
+
+/// Sends a TCP request to `target` every `interval` from the calling thread's namespace
+/// until `stop`, handing each result to `each` (the body of a [`ConnectionLoop`], also
+/// run by `swy-probe loop`).
+pub fn request_loop(
+    target: SocketAddr,
+    interval: Duration,
+    options: &ProbeOptions,
+    stop: &AtomicBool,
+    mut each: impl FnMut(Result<String, ProbeError>),
+) {
+    let mut next = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if next > now {
@@ -357,21 +553,24 @@ fn run_loop(
         }
         // Behind schedule (a slow request): carry on from now instead of bursting.
         next = (next + interval).max(Instant::now());
-        let result = tcp_request_here(target, options);
-        let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
-        stats.attempts += 1;
-        match result {
-            Ok(body) => {
-                stats.succeeded += 1;
-                let backend = body.split_whitespace().next().unwrap_or("").to_owned();
-                *stats.by_backend.entry(backend).or_default() += 1;
-            }
-            Err(e) => {
-                stats.failed += 1;
-                if stats.failures.len() < LoopStats::MAX_FAILURES_KEPT {
-                    let at = started.elapsed().as_millis();
-                    stats.failures.push(format!("+{at}ms: {e}"));
-                }
+        each(tcp_request_here(target, options));
+    }
+}
+
+fn record(stats: &Mutex<LoopStats>, started: Instant, result: Result<String, ProbeError>) {
+    let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
+    stats.attempts += 1;
+    match result {
+        Ok(body) => {
+            stats.succeeded += 1;
+            let backend = body.split_whitespace().next().unwrap_or("").to_owned();
+            *stats.by_backend.entry(backend).or_default() += 1;
+        }
+        Err(e) => {
+            stats.failed += 1;
+            if stats.failures.len() < LoopStats::MAX_FAILURES_KEPT {
+                let at = started.elapsed().as_millis();
+                stats.failures.push(format!("+{at}ms: {e}"));
             }
         }
     }
