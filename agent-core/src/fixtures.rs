@@ -216,3 +216,40 @@ pub fn first_packet_services(n: usize) -> Desired {
     want.insert("zzz/target".into(), desired(target));
     want
 }
+
+#[cfg(test)]
+mod tests {
+    use switchyard_proto::{
+        policy::{Family, PortPolicy},
+        state::TrafficPolicy,
+    };
+
+    use super::*;
+
+    #[test]
+    fn traffic_policies_pick_the_sets_and_empty_sets_are_told_apart_from_no_endpoints() {
+        // One local endpoint in the cluster set, none in the local set.
+        let mut s = bench_services(1).remove("bench/s0").unwrap().state;
+        let p = PortPolicy::new(&s, &s.ports[0], Family::V4);
+        assert!(p.has_internal() && !p.externally_accessible && p.uses_cluster_endpoints);
+        assert_eq!(p.internal_endpoints().len(), 2);
+
+        s.internal_traffic_policy = TrafficPolicy::Local;
+        let p = PortPolicy::new(&s, &s.ports[0], Family::V4);
+        assert!(
+            p.has_endpoints && !p.has_internal(),
+            "no local endpoint: drop"
+        );
+        assert!(
+            !p.uses_cluster_endpoints,
+            "nothing external uses the cluster set"
+        );
+
+        s.ports[0].node_port = Some(30080);
+        let p = PortPolicy::new(&s, &s.ports[0], Family::V4);
+        assert!(p.externally_accessible && p.uses_cluster_endpoints && p.has_external());
+
+        let p = PortPolicy::new(&s, &s.ports[0], Family::V6);
+        assert!(!p.has_endpoints, "no IPv6 endpoint: reject");
+    }
+}

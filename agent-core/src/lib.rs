@@ -22,11 +22,10 @@ pub mod healthcheck;
 mod http;
 pub mod metrics;
 pub mod netfilter;
-pub mod policy;
 pub mod query;
 pub mod switch;
 pub mod testing;
 
 pub use agent::{Agent, AgentArgs, AgentOptions, LogFormat, desired_from_controller, run};
 pub use engine::ApplyTiming;
-pub use switchyard_proto::state;
+pub use switchyard_proto::{policy, state};

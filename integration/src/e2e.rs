@@ -120,8 +120,16 @@ pub fn slice(
 
 /// The example cluster, with `web` served by the backends `web_endpoints`.
 pub fn manifests(web_endpoints: &[u8]) -> String {
+    manifests_labelled(web_endpoints, None)
+}
+
+/// [`manifests`] with the Node labelled `switchyard.io/dataplane: <dataplane>`.
+pub fn manifests_labelled(web_endpoints: &[u8], dataplane: Option<&str>) -> String {
+    let labels = dataplane
+        .map(|d| format!(", labels: {{switchyard.io/dataplane: {d}}}"))
+        .unwrap_or_default();
     [
-        format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}}}\n"),
+        format!("apiVersion: v1\nkind: Node\nmetadata: {{name: {NODE}{labels}}}\n"),
         "apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
          spec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n"
             .into(),
@@ -260,22 +268,59 @@ pub struct Cluster {
     pub cgroup: Option<Cgroup>,
 }
 
+/// What a [`Cluster`] lays out: the manifests, the backends and the ports each serves,
+/// IPv6 or not, and the request that says the agent is ready.
+#[derive(Clone, Debug)]
+pub struct Layout {
+    /// The manifests folder's one file.
+    pub manifests: String,
+    /// Per backend (1-based, in order): the TCP and the UDP ports it serves.
+    pub backends: Vec<(Vec<u16>, Vec<u16>)>,
+    /// Give every namespace an IPv6 address too.
+    pub ipv6: bool,
+    /// A ClusterIP and port that answers TCP from a pod once the agent is ready.
+    pub ready: SocketAddr,
+}
+
+impl Layout {
+    /// The example cluster of [`manifests`] on three backends.
+    pub fn example() -> Self {
+        Self {
+            manifests: manifests(&[1, 2, 3]),
+            backends: vec![(vec![8080], vec![5353]); 3],
+            ipv6: false,
+            ready: "10.96.0.10:80".parse().expect("an address"),
+        }
+    }
+}
+
 impl Cluster {
     /// Lays out the topology, starts the backends, the controller on the example cluster
     /// and the agent, and waits until `web` answers from the client.
     pub async fn start(spec: AgentSpec) -> Self {
+        Self::start_with(spec, Layout::example()).await
+    }
+
+    /// [`Cluster::start`] with another layout (backend 1 is the one on [`NODE`]).
+    pub async fn start_with(spec: AgentSpec, layout: Layout) -> Self {
         let topology = Topology::builder()
-            .backends(3)
+            .backends(layout.backends.len() as u8)
             .local_backend(1)
+            .ipv6(layout.ipv6)
             .node_name(NODE)
             .build()
             .unwrap();
-        let backends = topology.start_backends(&[8080], &[5353]).unwrap();
+        let backends = topology
+            .backends()
+            .iter()
+            .zip(&layout.backends)
+            .map(|(backend, (tcp, udp))| backend.start(tcp, udp).unwrap())
+            .collect();
 
         let manifests_dir = tempfile::tempdir().unwrap();
         write(
             &manifests_dir.path().join("cluster.yaml"),
-            &manifests(&[1, 2, 3]),
+            &layout.manifests,
         );
         let state = tempfile::tempdir().unwrap();
         let cgroup = spec
@@ -300,9 +345,10 @@ impl Cluster {
             state,
             cgroup,
         };
+        let ready = layout.ready;
         cluster
-            .eventually("web reachable from a pod", |c| {
-                c.tcp(c.pod(), "10.96.0.10", 80).is_ok()
+            .eventually("the agent forwarding for a pod", |c| {
+                c.pod().tcp(ready, &ProbeOptions::default()).is_ok()
             })
             .await;
         cluster
@@ -401,6 +447,22 @@ impl Cluster {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Labels the Node `switchyard.io/dataplane: <dataplane>` (`None`: no label), with
+    /// `web` on every backend.
+    pub fn set_dataplane_label(&self, dataplane: Option<&str>) {
+        write(
+            &self.manifests.path().join("cluster.yaml"),
+            &manifests_labelled(&[1, 2, 3], dataplane),
+        );
+    }
+
+    /// The dataplane the node's agent reports programming with, as the controller sees
+    /// it.
+    pub fn dataplane_in_force(&self) -> Option<switchyard_proto::v1::Dataplane> {
+        let controller = self.controller.as_ref()?;
+        Some(controller.sessions.get(NODE)?.dataplanes().in_force)
     }
 
     /// Rewrites the cluster manifest with `web` served by `web_endpoints`.

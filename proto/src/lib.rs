@@ -6,6 +6,7 @@
 #![forbid(unsafe_code)]
 
 pub mod names;
+pub mod policy;
 pub mod reflection;
 pub mod state;
 

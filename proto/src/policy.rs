@@ -15,8 +15,8 @@ use std::{
     net::{IpAddr, SocketAddr},
 };
 
+use crate::state::{EndpointState, PortState, ServiceState, TrafficPolicy};
 use ipnet::IpNet;
-use switchyard_proto::state::{EndpointState, PortState, ServiceState, TrafficPolicy};
 
 /// Address family; dataplanes handle a Service per family.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -162,38 +162,5 @@ impl PortPolicy {
     /// Traffic to external addresses is forwarded.
     pub fn has_external(&self) -> bool {
         self.has_endpoints && !self.external_endpoints().is_empty()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::fixtures::bench_services;
-
-    #[test]
-    fn traffic_policies_pick_the_sets_and_empty_sets_are_told_apart_from_no_endpoints() {
-        // One local endpoint in the cluster set, none in the local set.
-        let mut s = bench_services(1).remove("bench/s0").unwrap().state;
-        let p = PortPolicy::new(&s, &s.ports[0], Family::V4);
-        assert!(p.has_internal() && !p.externally_accessible && p.uses_cluster_endpoints);
-        assert_eq!(p.internal_endpoints().len(), 2);
-
-        s.internal_traffic_policy = TrafficPolicy::Local;
-        let p = PortPolicy::new(&s, &s.ports[0], Family::V4);
-        assert!(
-            p.has_endpoints && !p.has_internal(),
-            "no local endpoint: drop"
-        );
-        assert!(
-            !p.uses_cluster_endpoints,
-            "nothing external uses the cluster set"
-        );
-
-        s.ports[0].node_port = Some(30080);
-        let p = PortPolicy::new(&s, &s.ports[0], Family::V4);
-        assert!(p.externally_accessible && p.uses_cluster_endpoints && p.has_external());
-
-        let p = PortPolicy::new(&s, &s.ports[0], Family::V6);
-        assert!(!p.has_endpoints, "no IPv6 endpoint: reject");
     }
 }

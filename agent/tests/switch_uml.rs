@@ -1,0 +1,99 @@
+//! Live dataplane switches involving IPVS, with real packets on a real IPVS kernel
+//! (user-mode Linux when the host has none): the `switchyard-agent` binary on
+//! `--dataplane auto`, a connection loop from a pod through a ClusterIP, the Node label
+//! flipped on disk. No connection may fail, and afterwards no object of the old dataplane
+//! may be left in the kernel.
+
+use std::{net::SocketAddr, time::Duration};
+
+use switchyard_integration::{
+    e2e::{AgentSpec, Cluster, PATIENCE},
+    uml::{Guest, in_ipvs_kernel_with},
+};
+use switchyard_proto::v1;
+
+fn run(body: impl AsyncFnOnce() + Send) {
+    let guest = Guest::new().mem_mib(2048).timeout(Duration::from_secs(300));
+    in_ipvs_kernel_with(guest, || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(body());
+    });
+}
+
+fn agent() -> AgentSpec {
+    AgentSpec::new(env!("CARGO_BIN_EXE_switchyard-agent")).args([
+        "--dataplane",
+        "auto",
+        "--disable-ipv6",
+        "--drift-interval",
+        "2s",
+    ])
+}
+
+/// What each netfilter dataplane owns in the node namespace: (iptables chains `SWY-`,
+/// IPVS objects: virtual services, `SWYV-` chains, `SWY-` sets, the dummy device).
+fn objects(cluster: &Cluster) -> (usize, usize) {
+    let node = cluster.node();
+    let save = node.exec(["iptables-legacy-save"]).unwrap();
+    let iptables = save.lines().filter(|l| l.starts_with(":SWY-")).count();
+    let ipvs_chains = save.lines().filter(|l| l.starts_with(":SWYV-")).count();
+    let services = node
+        .exec(["ipvsadm", "-Ln"])
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("TCP") || l.starts_with("UDP"))
+        .count();
+    let sets = node
+        .exec(["ipset", "list", "-n"])
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with("SWY-"))
+        .count();
+    let device = usize::from(node.exec(["ip", "link", "show", "swy-ipvs0"]).is_ok());
+    (iptables, ipvs_chains + services + sets + device)
+}
+
+async fn switch(cluster: &Cluster, label: &str, to: v1::Dataplane) {
+    cluster.set_dataplane_label(Some(label));
+    cluster
+        .eventually(&format!("the agent on {label}"), |c| {
+            c.dataplane_in_force() == Some(to)
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+#[test]
+fn iptables_and_ipvs_switch_both_ways_under_traffic_without_a_failed_connection() {
+    run(async || {
+        let cluster = Cluster::start(agent()).await;
+        assert_eq!(cluster.dataplane_in_force(), Some(v1::Dataplane::Iptables));
+        let (iptables, ipvs) = objects(&cluster);
+        assert!(iptables > 5 && ipvs == 0, "iptables without a label");
+
+        let target: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let traffic = cluster
+            .pod()
+            .connection_loop(target, Duration::from_millis(20))
+            .unwrap();
+        assert!(traffic.wait_for_successes(10, PATIENCE));
+
+        switch(&cluster, "ipvs", v1::Dataplane::Ipvs).await;
+        let (iptables, ipvs) = objects(&cluster);
+        assert_eq!(iptables, 0, "iptables left nothing behind");
+        assert!(ipvs > 10, "{ipvs} IPVS objects");
+
+        switch(&cluster, "iptables", v1::Dataplane::Iptables).await;
+        let (iptables, ipvs) = objects(&cluster);
+        assert!(iptables > 5);
+        assert_eq!(ipvs, 0, "IPVS left nothing behind");
+
+        let stats = traffic.stop();
+        assert_eq!(stats.failed, 0, "{:?}", stats.failures);
+        assert!(stats.succeeded > 20, "{stats:?}");
+    });
+}

@@ -1,0 +1,1 @@
+//! Draws the comparison's SVG charts.

@@ -1,0 +1,1 @@
+//! Runs clusters and takes the comparison's samples.

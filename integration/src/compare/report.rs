@@ -1,0 +1,1 @@
+//! Writes the comparison's `report.md`.
