@@ -20,7 +20,7 @@ use tokio::net::TcpListener;
 
 use crate::{
     cache::CacheFile,
-    client::{self, ClientConfig, dataplane_name},
+    client::{self, ClientConfig, ClientTls, dataplane_name},
     dataplane::{Dataplane, DataplaneError},
     drift::Drift,
     engine::Engine,
@@ -42,9 +42,19 @@ pub enum LogFormat {
 /// The flags every agent shares; `#[command(flatten)]` them into the binary's own.
 #[derive(Args, Clone, Debug)]
 pub struct AgentArgs {
-    /// The controller's gRPC address.
+    /// The controller's gRPC address; https:// for TLS (then --ca is needed).
     #[arg(long, default_value = "http://127.0.0.1:9740")]
     pub controller: String,
+    /// CA certificates (PEM) that sign the controller's certificate (https:// only).
+    #[arg(long, value_name = "FILE")]
+    pub ca: Option<PathBuf>,
+    /// This node's client certificate (PEM), kubelet's form: CN=system:node:NAME,
+    /// O=system:nodes. Read again at every connection.
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// This node's name, as the controller knows it. Defaults to the host name.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -72,10 +82,23 @@ pub struct AgentArgs {
     pub log_format: LogFormat,
 }
 
+impl AgentArgs {
+    /// The TLS files the flags name.
+    pub fn tls(&self) -> ClientTls {
+        ClientTls {
+            ca: self.ca.clone(),
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+        }
+    }
+}
+
 /// Everything the runtime needs, resolved from [`AgentArgs`].
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
     pub controller: String,
+    /// TLS to the controller; empty for a plain `http://` address.
+    pub tls: ClientTls,
     pub node_name: String,
     pub state_dir: PathBuf,
     pub drift_interval: Duration,
@@ -137,6 +160,7 @@ impl<D: Dataplane> Agent<D> {
                     controller: options.controller.clone(),
                     node_name: options.node_name.clone(),
                     agent_version: options.agent_version.clone(),
+                    tls: options.tls.clone(),
                 },
             ))),
         ];
@@ -290,6 +314,8 @@ pub async fn run_with<D: Dataplane>(
     use anyhow::Context;
     init_logging(args.log_format);
     let kind = dataplane.kind();
+    let tls = args.tls();
+    tls.check(&args.controller)?;
     let node_name = match args.node_name {
         Some(name) => name,
         None => hostname::get()
@@ -311,6 +337,7 @@ pub async fn run_with<D: Dataplane>(
         .with_context(|| format!("binding /healthz to {}", args.healthz_listen))?;
     let options = AgentOptions {
         controller: args.controller,
+        tls,
         node_name,
         state_dir,
         drift_interval: args.drift_interval,
@@ -332,7 +359,8 @@ pub async fn run_with<D: Dataplane>(
 }
 
 /// What the controller says this node must hold, for a binary's `--dry-run`: asks the
-/// controller's query API (`GetNodeState`) for `--node-name`'s state. Touches nothing.
+/// controller's query API (`GetNodeState`, every page) for `--node-name`'s state, with
+/// the agent's TLS flags (a node certificate may read its own node). Touches nothing.
 pub async fn desired_from_controller(
     args: &AgentArgs,
 ) -> anyhow::Result<crate::dataplane::Desired> {
@@ -342,22 +370,33 @@ pub async fn desired_from_controller(
         .node_name
         .clone()
         .context("--dry-run needs --node-name (or NODE_NAME)")?;
-    let mut query = ControllerQueryClient::connect(args.controller.clone())
+    let tls = args.tls();
+    tls.check(&args.controller)?;
+    let channel = client::connect(&args.controller, &tls)
         .await
         .with_context(|| format!("connecting to the controller at {}", args.controller))?;
-    let state = query
-        .get_node_state(v1::GetNodeStateRequest {
-            node_name: node.clone(),
-        })
-        .await
-        .with_context(|| format!("asking the controller for node {node}'s state"))?
-        .into_inner();
+    let mut query = ControllerQueryClient::new(channel).max_decoding_message_size(16 << 20);
     let mut desired = crate::dataplane::Desired::new();
-    for resource in &state.resources {
-        let service = crate::cache::convert(resource).map_err(anyhow::Error::msg)?;
-        desired.insert(resource.name.clone(), service);
+    let mut page_token = String::new();
+    loop {
+        let page = query
+            .get_node_state(v1::GetNodeStateRequest {
+                node_name: node.clone(),
+                page_size: 0,
+                page_token,
+            })
+            .await
+            .with_context(|| format!("asking the controller for node {node}'s state"))?
+            .into_inner();
+        for resource in &page.resources {
+            let service = crate::cache::convert(resource).map_err(anyhow::Error::msg)?;
+            desired.insert(resource.name.clone(), service);
+        }
+        if page.next_page_token.is_empty() {
+            return Ok(desired);
+        }
+        page_token = page.next_page_token;
     }
-    Ok(desired)
 }
 
 /// `/run/switchyard/<name>`: where the desired cache lives unless `--state-dir` says.

@@ -142,14 +142,19 @@ impl CacheFile {
 
 /// Turns a wire resource into a desired Service, or says why it cannot be applied.
 pub fn convert(resource: &v1::Resource) -> Result<DesiredService, String> {
-    let version = parse_version(&resource.version)
-        .ok_or_else(|| format!("version {:?} is not 16 hex digits", resource.version))?;
+    let version = parse_version(&resource.version).ok_or_else(|| {
+        format!(
+            "version {} is not 16 hex digits",
+            switchyard_proto::names::quote_bounded(&resource.version)
+        )
+    })?;
     let wire = resource.service.as_ref().ok_or("service is missing")?;
     let state = ServiceState::try_from(wire).map_err(|e| e.to_string())?;
     if state.key.to_string() != resource.name {
         return Err(format!(
-            "resource name {:?} does not match its service {}",
-            resource.name, state.key
+            "resource name {} does not match its service {}",
+            switchyard_proto::names::quote_bounded(&resource.name),
+            state.key
         ));
     }
     Ok(DesiredService { version, state })

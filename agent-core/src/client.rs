@@ -1,6 +1,16 @@
 //! The stream client: connects to the controller, declares what the node holds, applies
 //! each response and answers it with an ACK or a NACK, and reconnects forever with
-//! backoff. Entry point: [`run`].
+//! backoff. Entry point: [`run`]; [`connect`] opens the channel every caller of the
+//! controller shares (plain, or TLS for `https://` addresses).
+//!
+//! # TLS and identity
+//! With an `https://` controller address the agent verifies the controller against its
+//! `--ca` and, given `--tls-cert` and `--tls-key`, presents its node's certificate
+//! (kubelet's form: `CN=system:node:NAME`, `O=system:nodes`). The files are read again at
+//! every connection, so rotated certificates are used from the next one on. A controller
+//! that refuses the stream (another node's certificate, an invalid name) answers
+//! `PERMISSION_DENIED` or `INVALID_ARGUMENT`: the agent logs why, in the controller's
+//! words, and waits its longest backoff before asking again.
 //!
 //! # Fail-static
 //! While the controller is unreachable the client only retries: it never touches the
@@ -15,6 +25,7 @@
 //! of the response is NACKed with that error and the stream goes on.
 
 use std::{
+    path::PathBuf,
     sync::Arc,
     time::{Duration, SystemTime},
 };
@@ -25,7 +36,10 @@ use switchyard_proto::v1::{
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Endpoint;
+use tonic::{
+    Code,
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
 
 use crate::{cache::convert, dataplane::Dataplane, engine::Engine};
 
@@ -39,9 +53,20 @@ pub enum ClientError {
         #[source]
         source: tonic::transport::Error,
     },
-    /// Connecting failed.
-    #[error("connect to the controller: {0}")]
+    /// Connecting failed (the message holds every cause, e.g. the TLS alert).
+    #[error("connect to the controller: {}", chain(.0))]
     Connect(#[source] tonic::transport::Error),
+    /// A TLS file could not be read.
+    #[error("read the {what} {path}: {source}")]
+    TlsFile {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS flags do not fit the controller address (checked at start).
+    #[error("{0}")]
+    TlsConfig(String),
     /// The stream failed or the controller closed it.
     #[error("stream: {0}")]
     Stream(#[source] tonic::Status),
@@ -50,12 +75,112 @@ pub enum ClientError {
     Closed,
 }
 
+/// `error` and each of its causes, `: `-separated (tonic's transport errors say only
+/// "transport error" at the top).
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// The agent's TLS files (`--ca`, `--tls-cert`, `--tls-key`), read at every connection.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClientTls {
+    /// CA certificates (PEM) that sign the controller's certificate.
+    pub ca: Option<PathBuf>,
+    /// This node's client certificate (PEM).
+    pub cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    pub key: Option<PathBuf>,
+}
+
+impl ClientTls {
+    /// Checks the flags against the controller address: `https://` needs `--ca`,
+    /// certificate and key come together, and TLS flags need `https://`.
+    pub fn check(&self, controller: &str) -> Result<(), ClientError> {
+        let https = controller.starts_with("https://");
+        let any = self.ca.is_some() || self.cert.is_some() || self.key.is_some();
+        let problem = if self.cert.is_some() != self.key.is_some() {
+            Some("--tls-cert and --tls-key go together")
+        } else if https && self.ca.is_none() {
+            Some("an https:// controller needs --ca, the CA that signs its certificate")
+        } else if !https && any {
+            Some("--ca, --tls-cert and --tls-key need an https:// controller address")
+        } else {
+            None
+        };
+        match problem {
+            Some(problem) => Err(ClientError::TlsConfig(format!(
+                "{problem} (controller {controller})"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    async fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, ClientError> {
+        tokio::fs::read(path)
+            .await
+            .map_err(|source| ClientError::TlsFile {
+                what,
+                path: path.clone(),
+                source,
+            })
+    }
+
+    /// The TLS configuration from the files as they are now; `None` without `--ca`.
+    async fn config(&self) -> Result<Option<ClientTlsConfig>, ClientError> {
+        let Some(ca) = &self.ca else { return Ok(None) };
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(Self::read("CA", ca).await?));
+        if let (Some(cert), Some(key)) = (&self.cert, &self.key) {
+            config = config.identity(Identity::from_pem(
+                Self::read("certificate", cert).await?,
+                Self::read("key", key).await?,
+            ));
+        }
+        Ok(Some(config))
+    }
+}
+
+/// Opens a channel to the controller at `address`: TLS when `tls` has a CA (then the
+/// address is `https://`), plain otherwise. Reads the TLS files now.
+pub async fn connect(address: &str, tls: &ClientTls) -> Result<Channel, ClientError> {
+    let mut endpoint = Endpoint::from_shared(address.to_owned())
+        .map_err(|source| ClientError::Address {
+            address: address.to_owned(),
+            source,
+        })?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10));
+    if let Some(config) = tls.config().await? {
+        endpoint = endpoint.tls_config(config).map_err(ClientError::Connect)?;
+    }
+    endpoint.connect().await.map_err(ClientError::Connect)
+}
+
+/// Whether the controller refused this agent for what it is (identity, node name,
+/// declarations), so that asking again at once would be refused the same way.
+pub fn is_refusal(error: &ClientError) -> bool {
+    matches!(error, ClientError::Stream(status) if matches!(
+        status.code(),
+        Code::PermissionDenied | Code::InvalidArgument | Code::Unauthenticated | Code::ResourceExhausted
+    ))
+}
+
 /// Who the agent is on the stream.
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
     pub controller: String,
     pub node_name: String,
     pub agent_version: String,
+    pub tls: ClientTls,
 }
 
 /// Exponential backoff with jitter: 100 ms doubling to a 10 s cap, each delay drawn
@@ -92,6 +217,12 @@ impl Backoff {
     pub fn reset(&mut self) {
         self.current = self.min;
     }
+
+    /// The longest delay: after a refusal, asking again soon helps no one.
+    pub fn longest(&mut self) -> Duration {
+        self.current = self.max;
+        self.next_delay()
+    }
 }
 
 /// Streams from the controller forever, reconnecting with [`Backoff`].
@@ -100,13 +231,30 @@ pub(crate) async fn run<D: Dataplane>(engine: Arc<Engine<D>>, config: ClientConf
     loop {
         let result = session(&engine, &config, &mut backoff).await;
         engine.set_connected(false);
-        let delay = backoff.next_delay();
-        match result {
-            Ok(()) => tracing::info!(?delay, "stream ended; reconnecting"),
-            Err(error) => {
-                tracing::warn!(%error, ?delay, "controller unreachable; rules stay as they are")
+        let delay = match &result {
+            Ok(()) => {
+                let delay = backoff.next_delay();
+                tracing::info!(?delay, "stream ended; reconnecting");
+                delay
             }
-        }
+            Err(error @ ClientError::Stream(status)) if is_refusal(error) => {
+                let delay = backoff.longest();
+                tracing::error!(
+                    code = ?status.code(),
+                    controller_says = status.message(),
+                    node = %config.node_name,
+                    ?delay,
+                    "the controller refused this agent's stream (check --node-name and the \
+                     node certificate); rules stay as they are"
+                );
+                delay
+            }
+            Err(error) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, ?delay, "controller unreachable; rules stay as they are");
+                delay
+            }
+        };
         tokio::time::sleep(delay).await;
     }
 }
@@ -116,16 +264,7 @@ async fn session<D: Dataplane>(
     config: &ClientConfig,
     backoff: &mut Backoff,
 ) -> Result<(), ClientError> {
-    let endpoint = Endpoint::from_shared(config.controller.clone())
-        .map_err(|source| ClientError::Address {
-            address: config.controller.clone(),
-            source,
-        })?
-        .tcp_nodelay(true)
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(30))
-        .keep_alive_timeout(Duration::from_secs(10));
-    let channel = endpoint.connect().await.map_err(ClientError::Connect)?;
+    let channel = connect(&config.controller, &config.tls).await?;
     let (tx, rx) = mpsc::channel(4);
     let declared = engine.declared_versions().await;
     tracing::info!(declared = declared.len(), controller = %config.controller, "opening the stream");
@@ -200,7 +339,7 @@ pub(crate) async fn handle_response<D: Dataplane>(
         match convert(resource) {
             Ok(service) => upserts.push((resource.name.clone(), service)),
             Err(message) => {
-                tracing::warn!(name = %resource.name, %message, "rejecting a resource that does not convert");
+                tracing::warn!(name = %switchyard_proto::names::quote_bounded(&resource.name), %message, "rejecting a resource that does not convert");
                 errors.push(ResourceError {
                     resource_name: resource.name.clone(),
                     message,
@@ -291,5 +430,61 @@ mod tests {
         assert!(backoff.next_delay() >= Duration::from_secs(5));
         backoff.reset();
         assert!(backoff.next_delay() <= Duration::from_millis(100));
+        assert!(
+            backoff.longest() >= Duration::from_secs(5),
+            "a refusal waits longest"
+        );
+    }
+
+    #[test]
+    fn tls_flags_must_fit_the_controller_address() {
+        let path = |p: &str| Some(PathBuf::from(p));
+        let cases = [
+            ("http://c:9740", ClientTls::default(), None),
+            (
+                "https://c:9740",
+                ClientTls {
+                    ca: path("ca.pem"),
+                    ..Default::default()
+                },
+                None,
+            ),
+            (
+                "https://c:9740",
+                ClientTls {
+                    ca: path("ca.pem"),
+                    cert: path("c.pem"),
+                    key: path("k.pem"),
+                },
+                None,
+            ),
+            ("https://c:9740", ClientTls::default(), Some("needs --ca")),
+            (
+                "http://c:9740",
+                ClientTls {
+                    ca: path("ca.pem"),
+                    ..Default::default()
+                },
+                Some("need an https://"),
+            ),
+            (
+                "https://c:9740",
+                ClientTls {
+                    ca: path("ca.pem"),
+                    cert: path("c.pem"),
+                    key: None,
+                },
+                Some("go together"),
+            ),
+        ];
+        for (address, tls, problem) in cases {
+            match (tls.check(address), problem) {
+                (Ok(()), None) => {}
+                (Err(error), Some(problem)) => {
+                    assert!(error.to_string().contains(problem), "{address}: {error}")
+                }
+                (result, _) => panic!("{address} {tls:?}: {result:?}"),
+            }
+        }
     }
 }

@@ -189,6 +189,25 @@ pub async fn start_memory_agent(
     .await
 }
 
+/// [`start_memory_agent`] with TLS to the controller (an `https://` address).
+pub async fn start_memory_agent_tls(
+    controller: String,
+    tls: crate::client::ClientTls,
+    node: &str,
+    kernel: &MemoryKernel,
+    state_dir: &std::path::Path,
+) -> crate::Agent<MemoryDataplane> {
+    start_agent_tls(
+        controller,
+        tls,
+        node,
+        MemoryDataplane::new(kernel.clone()),
+        None,
+        state_dir,
+    )
+    .await
+}
+
 /// [`start_memory_agent`] over any dataplane, with a dataplane policy (for a dataplane
 /// that can switch).
 pub async fn start_agent<D: Dataplane>(
@@ -198,8 +217,29 @@ pub async fn start_agent<D: Dataplane>(
     policy: Option<crate::switch::DataplanePolicy>,
     state_dir: &std::path::Path,
 ) -> crate::Agent<D> {
+    start_agent_tls(
+        controller,
+        Default::default(),
+        node,
+        dataplane,
+        policy,
+        state_dir,
+    )
+    .await
+}
+
+/// [`start_agent`] with TLS to the controller.
+pub async fn start_agent_tls<D: Dataplane>(
+    controller: String,
+    tls: crate::client::ClientTls,
+    node: &str,
+    dataplane: D,
+    policy: Option<crate::switch::DataplanePolicy>,
+    state_dir: &std::path::Path,
+) -> crate::Agent<D> {
     let options = crate::AgentOptions {
         controller,
+        tls,
         node_name: node.into(),
         state_dir: state_dir.to_path_buf(),
         drift_interval: std::time::Duration::from_secs(3600),

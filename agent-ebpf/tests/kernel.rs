@@ -300,6 +300,7 @@ async fn get_agent_state_shows_the_map_entries_and_a_hand_deleted_entry_comes_ba
     let agent = Agent::start(
         AgentOptions {
             controller: controller.endpoint(),
+            tls: Default::default(),
             node_name: "node-0000".into(),
             state_dir: state.path().to_path_buf(),
             drift_interval: Duration::from_millis(500),

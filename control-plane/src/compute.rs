@@ -246,6 +246,22 @@ pub fn compute_node(
 }
 
 /// Whether this proxy programs the Service at all.
+/// Why no node programs `service` although it is meant to be proxied, for the query
+/// API's problems; `None` when it is programmed or skipped on purpose (headless,
+/// ExternalName, another proxy's: those are how Kubernetes says "no proxying").
+pub fn dropped_reason(service: &Service) -> Option<&'static str> {
+    if service.headless || service.service_type == ServiceType::ExternalName {
+        return None;
+    }
+    if service.cluster_ips.is_empty() {
+        Some("it has no cluster IP (spec.clusterIP is empty; kube-proxy skips such Services too)")
+    } else if service.ports.is_empty() {
+        Some("it has no ports (spec.ports is empty)")
+    } else {
+        None
+    }
+}
+
 fn handles(service: &Service, options: &ComputeOptions) -> bool {
     !service.headless
         && service.service_type != ServiceType::ExternalName

@@ -16,7 +16,7 @@ use std::{
 use ipnet::IpNet;
 use k8s_openapi::{
     api::{core::v1 as core, discovery::v1 as discovery},
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 
 use switchyard_proto::names::{self, quote_bounded};
@@ -64,7 +64,8 @@ fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConvertError
 ///   entries and those with `ipMode: Proxy` (kube-proxy does not capture those).
 /// - `sessionAffinity: ClientIP` without a timeout gets the API default of 10800 s.
 /// - Names follow the API server: the namespace an RFC 1123 label, the name an RFC 1035
-///   label, port names RFC 1123 labels. Every IP must be one the API server accepts for
+///   label, port names RFC 1123 labels, named target ports IANA service names (numbered
+///   ones in 1..=65535). Every IP must be one the API server accepts for
 ///   a Service (no unspecified, loopback, link-local, multicast, broadcast or
 ///   IPv4-mapped address).
 /// - The `switchyard.io/ipvs-scheduler` and `switchyard.io/ebpf-lb` annotations choose the
@@ -336,6 +337,7 @@ fn service_ports(
         }
         let protocol = parse_protocol(&format!("{field}.protocol"), port.protocol.as_deref())?;
         let number = parse_port(&format!("{field}.port"), port.port)?;
+        target_port(&format!("{field}.targetPort"), port.target_port.as_ref())?;
         if !numbers.insert((number, protocol)) {
             return Err(invalid(
                 format!("{field}.port"),
@@ -373,6 +375,18 @@ fn service_ports(
         });
     }
     Ok(out)
+}
+
+/// Checks `spec.ports[].targetPort` as the API server does: a number in 1..=65535 or an
+/// IANA service name (a container port's name). switchyard takes the port each endpoint
+/// serves from its EndpointSlice, so the value itself is not used; a manifest with one
+/// the API server would refuse is refused all the same. Absent: defaults to the port.
+fn target_port(field: &str, value: Option<&IntOrString>) -> Result<(), ConvertError> {
+    match value {
+        None => Ok(()),
+        Some(IntOrString::Int(number)) => parse_port(field, *number).map(|_| ()),
+        Some(IntOrString::String(name)) => check_name(field, name, names::iana_svc_name),
+    }
 }
 
 fn session_affinity(spec: &core::ServiceSpec) -> Result<Option<u32>, ConvertError> {
@@ -1367,6 +1381,42 @@ mod tests {
                 with_spec(|s| s.ports = Some(vec![port("http\"", 80)])),
                 "spec.ports[0].name",
             ),
+            (
+                "target port name with a quote and a newline",
+                with_spec(|s| {
+                    let mut p = port("http", 80);
+                    p.target_port = Some(IntOrString::String("web\"\n-A X".into()));
+                    s.ports = Some(vec![p]);
+                }),
+                "spec.ports[0].targetPort",
+            ),
+            (
+                "target port name longer than an IANA service name",
+                with_spec(|s| {
+                    let mut p = port("http", 80);
+                    p.target_port = Some(IntOrString::String("a-very-long-port-name".into()));
+                    s.ports = Some(vec![p]);
+                }),
+                "spec.ports[0].targetPort",
+            ),
+            (
+                "target port 0",
+                with_spec(|s| {
+                    let mut p = port("http", 80);
+                    p.target_port = Some(IntOrString::Int(0));
+                    s.ports = Some(vec![p]);
+                }),
+                "spec.ports[0].targetPort",
+            ),
+            (
+                "target port out of range",
+                with_spec(|s| {
+                    let mut p = port("http", 80);
+                    p.target_port = Some(IntOrString::Int(65_536));
+                    s.ports = Some(vec![p]);
+                }),
+                "spec.ports[0].targetPort",
+            ),
         ];
         for (what, object, field) in cases {
             let error = service(&object).expect_err(what);
@@ -1411,6 +1461,22 @@ mod tests {
         let error = node(&bad_node).unwrap_err().to_string();
         assert!(error.starts_with("metadata.name: "), "{error}");
         assert!(!error.contains('\n'), "{error}");
+    }
+
+    #[test]
+    fn valid_target_ports_are_accepted_by_number_or_name() {
+        for target in [
+            IntOrString::Int(8080),
+            IntOrString::Int(65_535),
+            IntOrString::String("http-alt".into()),
+        ] {
+            let object = with_spec(|s| {
+                let mut p = port("http", 80);
+                p.target_port = Some(target.clone());
+                s.ports = Some(vec![p]);
+            });
+            assert!(service(&object).is_ok(), "{target:?}");
+        }
     }
 
     #[test]

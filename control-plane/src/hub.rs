@@ -291,6 +291,9 @@ impl Generation {
 pub struct HubHandle {
     pub generations: watch::Receiver<Arc<Generation>>,
     pub problems: ProblemsView,
+    /// True once the generation holding the source's first full read
+    /// ([`StoreUpdate::Synced`]) is published.
+    pub ready: watch::Receiver<bool>,
 }
 
 /// Owns the store and publishes a new generation after every batch of source updates.
@@ -298,21 +301,25 @@ pub struct Hub {
     store: Store,
     updates: mpsc::Receiver<StoreUpdate>,
     publish: watch::Sender<Arc<Generation>>,
+    ready: watch::Sender<bool>,
 }
 
 impl Hub {
     pub fn new(options: ComputeOptions, updates: mpsc::Receiver<StoreUpdate>) -> (Self, HubHandle) {
         let store = Store::new();
         let (publish, generations) = watch::channel(Arc::new(Generation::empty(options)));
+        let (ready, ready_rx) = watch::channel(false);
         let handle = HubHandle {
             generations,
             problems: store.problems(),
+            ready: ready_rx,
         };
         (
             Self {
                 store,
                 updates,
                 publish,
+                ready,
             },
             handle,
         )
@@ -322,8 +329,12 @@ impl Hub {
     pub async fn run(mut self) {
         let mut batch = Vec::new();
         while self.updates.recv_many(&mut batch, 4096).await > 0 {
+            let synced = batch.iter().any(|u| matches!(u, StoreUpdate::Synced));
             let touched = self.store.apply(batch.drain(..));
             if touched.is_empty() {
+                if synced {
+                    self.ready.send_replace(true);
+                }
                 continue;
             }
             let next = self.publish.borrow().next(self.store.snapshot(), touched);
@@ -333,6 +344,9 @@ impl Hub {
                 "published"
             );
             self.publish.send_replace(Arc::new(next));
+            if synced {
+                self.ready.send_replace(true);
+            }
         }
     }
 }

@@ -1,17 +1,22 @@
-//! The `switchyard-controller` binary: wires a source, the hub and the gRPC server.
+//! The `switchyard-controller` binary: wires a source, the hub, the gRPC server and the
+//! probes' HTTP endpoint, and shuts them down on SIGINT or SIGTERM.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
 use switchyard_controller::{
     compute::{ComputeOptions, ProxyNameFilter},
     hub::Hub,
-    server::{self, Sessions},
+    server::{self, ServerOptions, ServerTls, Sessions, TlsFiles, http, identity},
     sources::{kube::KubeSource, manifests::ManifestSource},
     telemetry::{self, LogFormat},
 };
-use tokio::{net::TcpListener, sync::mpsc};
+use tokio::{net::TcpListener, sync::mpsc, sync::watch};
+
+/// How long shutting down may take: agent streams are told to close at once, and
+/// connections that do not drain by then are dropped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Computes every node's Service load-balancing state and streams it to switchyard agents.
 ///
@@ -27,9 +32,33 @@ struct Args {
     /// Folder of YAML/JSON manifests read with --source manifests; watched for changes.
     #[arg(long, default_value = "deploy/examples", env = "SWITCHYARD_MANIFESTS")]
     manifests: PathBuf,
-    /// Address of the gRPC endpoint (agent streams, query API, health, reflection).
+    /// Address of the gRPC endpoint (agent streams, query API, gRPC health, reflection).
     #[arg(long, default_value = "127.0.0.1:9740", env = "SWITCHYARD_LISTEN")]
     listen: SocketAddr,
+    /// Address of the plain HTTP endpoint for probes: /healthz, /readyz.
+    #[arg(long, default_value = "0.0.0.0:9742", env = "SWITCHYARD_HTTP_LISTEN")]
+    http_listen: SocketAddr,
+    /// Serve gRPC over TLS with this certificate chain (PEM); needs --tls-key. Re-read
+    /// when it changes.
+    #[arg(long, requires = "tls_key", value_name = "FILE")]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by these CAs (PEM): agents must present their
+    /// node's certificate (CN=system:node:NAME, O=system:nodes), queries an operator's.
+    #[arg(long, requires = "tls_cert", value_name = "FILE")]
+    client_ca: Option<PathBuf>,
+    /// The certificate group (O=) whose holders may call every query method.
+    #[arg(long, default_value = identity::DEFAULT_OPERATOR_GROUP, value_name = "GROUP")]
+    operator_group: String,
+    /// Most agent streams one peer may hold at once: one certificate with --client-ca,
+    /// one IP address without.
+    #[arg(long, default_value_t = 16, value_name = "N")]
+    max_streams_per_peer: usize,
+    /// How long a disconnected agent of a node that is not in the cluster stays listed.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    session_grace: Duration,
     /// Run beside kube-proxy: handle only Services labelled
     /// service.kubernetes.io/service-proxy-name=<NAME>. Without it, switchyard handles
     /// unlabelled Services and those labelled "switchyard".
@@ -48,9 +77,30 @@ enum Source {
     Kubernetes,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(run(args));
+    // A blocking read stuck on a hostile file must not hold the exit.
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn terminated() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let _telemetry = telemetry::init(
         "switchyard-controller",
         args.log_format,
@@ -63,6 +113,22 @@ async fn main() -> anyhow::Result<()> {
             .clone()
             .map_or(ProxyNameFilter::Default, ProxyNameFilter::Only),
     };
+    let mut server_options = ServerOptions {
+        max_streams_per_peer: args.max_streams_per_peer.max(1),
+        session_grace: args.session_grace,
+        ..ServerOptions::default()
+    };
+    if let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) {
+        let tls = ServerTls::load(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: args.client_ca.clone(),
+        })
+        .context("loading the TLS certificate")?;
+        server_options = server_options.with_tls(tls, &args.operator_group);
+    }
+    let tls_on = server_options.tls.is_some();
+
     let (updates, updates_rx) = mpsc::channel(4096);
     let (hub, handle) = Hub::new(options, updates_rx);
     let sessions = Sessions::default();
@@ -71,7 +137,12 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr()?;
+    let http_listener = TcpListener::bind(args.http_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--http-listen)", args.http_listen))?;
+    let http_address = http_listener.local_addr()?;
 
+    let mut signals = Box::pin(terminated());
     let source = match args.source {
         Source::Manifests => {
             let source = ManifestSource::new(&args.manifests);
@@ -79,28 +150,74 @@ async fn main() -> anyhow::Result<()> {
             tokio::spawn(async move { source.run(updates).await.map_err(anyhow::Error::from) })
         }
         Source::Kubernetes => {
-            let source = KubeSource::try_default()
-                .await
-                .context("cannot reach the Kubernetes API")?;
+            let source = tokio::select! {
+                source = KubeSource::try_default() => source.context("cannot reach the Kubernetes API")?,
+                signal = &mut signals => {
+                    tracing::info!(signal = signal?, "stopped before the Kubernetes API answered");
+                    return Ok(());
+                }
+            };
             tracing::info!("watching the Kubernetes API");
             tokio::spawn(async move { source.run(updates).await.map_err(anyhow::Error::from) })
         }
     };
     tokio::spawn(hub.run());
 
-    tracing::info!(%address, "serving agents and queries");
+    let (serving_tx, serving) = watch::channel(false);
+    let _http = AbortOnDrop(http::serve(
+        http_listener,
+        http::Probes {
+            source_ready: handle.ready.clone(),
+            serving,
+        },
+    ));
+
+    tracing::info!(%address, tls = tls_on, %http_address, "serving agents and queries");
+    let (grpcurl, scheme) = if tls_on {
+        (
+            "grpcurl -cacert CA.pem -cert CERT.pem -key KEY.pem",
+            "https",
+        )
+    } else {
+        ("grpcurl -plaintext", "http")
+    };
     eprintln!(
-        "switchyard-controller is serving on {address}. Try:\n  \
-         grpcurl -plaintext {address} switchyard.v1.ControllerQuery/ListNodes\n  \
-         grpcurl -plaintext -d '{{\"node_name\":\"node-a\"}}' {address} switchyard.v1.ControllerQuery/GetNodeState"
+        "switchyard-controller is serving on {address} ({scheme}; probes on http://{http_address}/readyz). Try:\n  \
+         {grpcurl} {address} switchyard.v1.ControllerQuery/ListNodes\n  \
+         {grpcurl} -d '{{\"node_name\":\"node-a\"}}' {address} switchyard.v1.ControllerQuery/GetNodeState"
     );
-    let server = server::serve(listener, handle, sessions, async {
-        let _ = tokio::signal::ctrl_c().await;
-        tracing::info!("shutting down");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = server::serve(listener, handle, sessions, server_options, async {
+        let _ = stop_rx.await;
     });
-    tokio::select! {
-        served = server => served.context("gRPC server failed")?,
-        ended = source => ended.context("source task panicked")?.context("source failed")?,
+    serving_tx.send_replace(true);
+    tokio::pin!(server);
+    let signal = tokio::select! {
+        served = &mut server => return served.context("gRPC server failed"),
+        ended = source => {
+            ended.context("source task panicked")?.context("source failed")?;
+            return Ok(());
+        }
+        signal = &mut signals => signal.context("waiting for SIGINT or SIGTERM")?,
+    };
+    tracing::info!(signal, "shutting down: closing agent streams");
+    serving_tx.send_replace(false);
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
+        Ok(served) => served.context("gRPC server failed")?,
+        Err(_) => tracing::warn!(
+            grace = ?SHUTDOWN_GRACE,
+            "connections still open after the grace period; closing them"
+        ),
     }
     Ok(())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

@@ -2,7 +2,11 @@
 //! [`ClusterSnapshot`], telling which Services and Nodes each batch of updates touched.
 //!
 //! When two origins define the same object, the first origin in name order wins and
-//! the other copy is reported as a problem. Problems are kept here for the query API.
+//! the other copy is reported as a problem. Problems are kept here for the query API,
+//! each on its own (two problems of one object are two entries), with messages cut to
+//! [`MAX_PROBLEM_MESSAGE`] characters. So are Services in force that no node programs
+//! (no cluster IP, no ports: see [`crate::compute::dropped_reason`]) and ignored
+//! annotations: nothing is dropped silently.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -10,10 +14,16 @@ use std::{
     time::SystemTime,
 };
 
+use switchyard_proto::names::one_line;
+
 use crate::{
+    compute,
     model::{ClusterSnapshot, Object, ObjectKind, ObjectRef, ServiceKey},
     sources::{Origin, StoreUpdate},
 };
+
+/// Longest problem message kept, in characters.
+pub const MAX_PROBLEM_MESSAGE: usize = 2048;
 
 /// Something a source could not use, as the query API shows it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,7 +34,17 @@ pub struct Problem {
     pub since: SystemTime,
 }
 
-type ProblemKey = (Origin, Option<ObjectRef>);
+/// Origin, object, and the problem's place among that object's problems.
+type ProblemKey = (Origin, Option<ObjectRef>, u32);
+
+/// The place of a duplicate's problem, apart from the source's own problems of it.
+const DUPLICATE_ORDINAL: u32 = u32::MAX;
+
+/// `message` as kept: on one line (control characters escaped, whatever a source or a
+/// library echoed into it) and at most [`MAX_PROBLEM_MESSAGE`] characters.
+fn bounded(message: String) -> String {
+    one_line(&message, MAX_PROBLEM_MESSAGE)
+}
 
 /// Cheap read handle on the current problems.
 #[derive(Clone, Debug, Default)]
@@ -32,7 +52,8 @@ pub struct ProblemsView {
     /// What the sources reported (objects that do not convert, files that do not parse)
     /// and duplicates.
     sources: Arc<RwLock<BTreeMap<ProblemKey, Problem>>>,
-    /// Ignored annotations and labels of the Services and Nodes in the snapshot.
+    /// Notes on the Services and Nodes in the snapshot, by object: why no node programs
+    /// a Service, and ignored annotations and labels.
     annotations: Arc<RwLock<BTreeMap<ObjectRef, Problem>>>,
 }
 
@@ -59,16 +80,16 @@ impl ProblemsView {
         self.sources.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records (or clears, for `None` or an object without any) the ignored annotations
-    /// or labels of the object `r` in force, keeping `since` while the message stays the
-    /// same.
-    fn set_annotations(&self, r: &ObjectRef, ignored: Option<(&Origin, &[String])>) {
+    /// Records (or clears, for `None` or an object without any) the notes on the object
+    /// `r` in force (why no node programs a Service, ignored annotations or labels),
+    /// keeping `since` while the message stays the same.
+    fn set_annotations(&self, r: &ObjectRef, notes: Option<(&Origin, Vec<String>)>) {
         let mut annotations = self.annotations.write().unwrap_or_else(|e| e.into_inner());
-        let Some((origin, ignored)) = ignored.filter(|(_, problems)| !problems.is_empty()) else {
+        let Some((origin, notes)) = notes.filter(|(_, notes)| !notes.is_empty()) else {
             annotations.remove(r);
             return;
         };
-        let message = ignored.join("; ");
+        let message = bounded(notes.join("; "));
         let since = match annotations.get(r) {
             Some(p) if p.message == message && &p.origin == origin => p.since,
             _ => SystemTime::now(),
@@ -191,13 +212,16 @@ impl Store {
                     message,
                 } => {
                     let mut problems = self.problems.sources();
-                    let key = (origin.clone(), object.clone());
-                    let since = match problems.get(&key) {
-                        Some(p) if p.message == message => p.since,
-                        _ => SystemTime::now(),
-                    };
+                    let message = bounded(message);
+                    let since = problems
+                        .get(&(origin.clone(), object.clone(), 0))
+                        .filter(|p| p.message == message)
+                        .map_or_else(SystemTime::now, |p| p.since);
+                    problems.retain(|(o, r, n), _| {
+                        o != &origin || r != &object || *n == DUPLICATE_ORDINAL
+                    });
                     problems.insert(
-                        key,
+                        (origin.clone(), object.clone(), 0),
                         Problem {
                             origin,
                             object,
@@ -206,22 +230,58 @@ impl Store {
                         },
                     );
                 }
+                StoreUpdate::ReplaceProblems {
+                    origin,
+                    problems: replacement,
+                } => {
+                    let mut problems = self.problems.sources();
+                    let mut old: BTreeMap<(Option<ObjectRef>, String), SystemTime> =
+                        BTreeMap::new();
+                    problems.retain(|(o, r, n), p| {
+                        if o != &origin || *n == DUPLICATE_ORDINAL {
+                            return true;
+                        }
+                        old.insert((r.clone(), p.message.clone()), p.since);
+                        false
+                    });
+                    let mut ordinals: HashMap<Option<ObjectRef>, u32> = HashMap::new();
+                    for (object, message) in replacement {
+                        let message = bounded(message);
+                        let ordinal = ordinals.entry(object.clone()).or_default();
+                        let since = old
+                            .get(&(object.clone(), message.clone()))
+                            .copied()
+                            .unwrap_or_else(SystemTime::now);
+                        problems.insert(
+                            (origin.clone(), object.clone(), *ordinal),
+                            Problem {
+                                origin: origin.clone(),
+                                object,
+                                message,
+                                since,
+                            },
+                        );
+                        *ordinal = (*ordinal + 1).min(DUPLICATE_ORDINAL - 1);
+                    }
+                }
                 StoreUpdate::ClearProblem {
                     origin,
                     object: None,
                 } => {
                     let mut problems = self.problems.sources();
-                    problems.retain(|(o, r), p| {
-                        o != &origin || (r.is_some() && p.message.starts_with(DUPLICATE))
-                    });
+                    problems.retain(|(o, _, n), _| o != &origin || *n == DUPLICATE_ORDINAL);
                 }
                 StoreUpdate::ClearProblem {
                     origin,
                     object: Some(r),
                 } => {
                     let mut problems = self.problems.sources();
-                    problems.remove(&(origin, Some(r)));
+                    let object = Some(r);
+                    problems.retain(|(o, o_ref, n), _| {
+                        o != &origin || o_ref != &object || *n == DUPLICATE_ORDINAL
+                    });
                 }
+                StoreUpdate::Synced => {}
             }
         }
         for r in refs {
@@ -238,11 +298,7 @@ impl Store {
             }
         }
         let mut problems = self.problems.sources();
-        if let Some(p) = problems.get(&(origin.clone(), Some(r.clone())))
-            && p.message.starts_with(DUPLICATE)
-        {
-            problems.remove(&(origin.clone(), Some(r.clone())));
-        }
+        problems.remove(&(origin.clone(), Some(r.clone()), DUPLICATE_ORDINAL));
     }
 
     /// Puts the winning copy of `r` (if any) into the snapshot and records what moved.
@@ -254,10 +310,10 @@ impl Store {
             .unwrap_or_default();
         if let Some((winner, losers)) = holders.split_first() {
             let mut problems = self.problems.sources();
-            problems.remove(&(winner.clone(), Some(r.clone())));
+            problems.remove(&(winner.clone(), Some(r.clone()), DUPLICATE_ORDINAL));
             for loser in losers {
                 problems
-                    .entry((loser.clone(), Some(r.clone())))
+                    .entry((loser.clone(), Some(r.clone()), DUPLICATE_ORDINAL))
                     .or_insert_with(|| Problem {
                         origin: loser.clone(),
                         object: Some(r.clone()),
@@ -270,13 +326,20 @@ impl Store {
             .first()
             .and_then(|o| self.origins.get(o))
             .and_then(|o| o.get(r));
-        let ignored = holders.first().zip(winner).and_then(|(o, w)| match &**w {
-            Object::Service(s) => Some((o, &s.annotation_problems[..])),
-            Object::Node(n) => Some((o, &n.label_problems[..])),
+        let notes = holders.first().zip(winner).and_then(|(o, w)| match &**w {
+            Object::Service(s) => Some((
+                o,
+                compute::dropped_reason(s)
+                    .map(|reason| format!("not programmed on any node: {reason}"))
+                    .into_iter()
+                    .chain(s.annotation_problems.iter().cloned())
+                    .collect(),
+            )),
+            Object::Node(n) => Some((o, n.label_problems.clone())),
             Object::EndpointSlice(_) => None,
         });
         if r.kind != ObjectKind::EndpointSlice {
-            self.problems.set_annotations(r, ignored);
+            self.problems.set_annotations(r, notes);
         }
         let snapshot = &mut self.snapshot;
         match r.kind {
@@ -613,5 +676,121 @@ mod tests {
             at: at(2),
         }]);
         assert!(store.problems().list().is_empty(), "deleted");
+    }
+
+    #[test]
+    fn every_problem_of_an_origin_is_listed_even_for_one_object_and_replaced_together() {
+        let mut store = Store::new();
+        let web = service("web", 80).object_ref();
+        let replace = |problems: Vec<(Option<ObjectRef>, &str)>| StoreUpdate::ReplaceProblems {
+            origin: "m.yaml".into(),
+            problems: problems
+                .into_iter()
+                .map(|(o, m)| (o, m.to_string()))
+                .collect(),
+        };
+        store.apply([replace(vec![
+            (None, "document 1: apiVersion and kind must be set"),
+            (None, "document 2: apiVersion and kind must be set"),
+            (Some(web.clone()), "document 3: spec.type: bad"),
+            (Some(web.clone()), "document 4: defined again"),
+        ])]);
+        let messages = |store: &Store| {
+            let mut m: Vec<String> = store
+                .problems()
+                .list()
+                .into_iter()
+                .map(|p| p.message)
+                .collect();
+            m.sort();
+            m
+        };
+        assert_eq!(messages(&store).len(), 4);
+        let since = store.problems().list()[0].since;
+        store.apply([replace(vec![
+            (None, "document 1: apiVersion and kind must be set"),
+            (Some(web.clone()), "document 3: spec.type: bad"),
+        ])]);
+        assert_eq!(
+            messages(&store),
+            [
+                "document 1: apiVersion and kind must be set",
+                "document 3: spec.type: bad"
+            ]
+        );
+        assert_eq!(
+            store.problems().list()[0].since,
+            since,
+            "unchanged problems keep their time"
+        );
+        store.apply([replace(vec![])]);
+        assert!(store.problems().list().is_empty());
+    }
+
+    #[test]
+    fn a_problem_message_is_kept_bounded() {
+        let mut store = Store::new();
+        store.apply([StoreUpdate::Problem {
+            origin: "kubernetes/Service".into(),
+            object: None,
+            message: "x".repeat(100_000),
+        }]);
+        let message = &store.problems().list()[0].message;
+        assert_eq!(message.chars().count(), MAX_PROBLEM_MESSAGE + 1);
+        assert!(message.ends_with('…'));
+        store.apply([StoreUpdate::Problem {
+            origin: "kubernetes/Service".into(),
+            object: None,
+            message: "unknown variant `a\nforged line`, expected \"b\"".into(),
+        }]);
+        assert_eq!(
+            store.problems().list()[0].message,
+            "unknown variant `a\\nforged line`, expected \"b\"",
+            "one line, quotes kept"
+        );
+    }
+
+    #[test]
+    fn a_service_no_node_programs_is_listed_with_why_and_headless_ones_are_not() {
+        let mut store = Store::new();
+        let Object::Service(base) = service("web", 80) else {
+            unreachable!()
+        };
+        let mut no_ip = base.clone();
+        no_ip.key = ServiceKey::new("default", "no-ip");
+        no_ip.cluster_ips.clear();
+        let mut no_ports = base.clone();
+        no_ports.key = ServiceKey::new("default", "no-ports");
+        no_ports.ports.clear();
+        let mut headless = base.clone();
+        headless.key = ServiceKey::new("default", "headless");
+        headless.headless = true;
+        headless.cluster_ips.clear();
+        store.apply([replace(
+            "a.yaml",
+            vec![
+                Object::Service(base),
+                Object::Service(no_ip),
+                Object::Service(no_ports),
+                Object::Service(headless),
+            ],
+            1,
+        )]);
+        let mut listed: Vec<(String, String)> = store
+            .problems()
+            .list()
+            .into_iter()
+            .map(|p| (p.object.unwrap().name, p.message))
+            .collect();
+        listed.sort();
+        assert_eq!(listed.len(), 2, "{listed:?}");
+        assert_eq!(listed[0].0, "no-ip");
+        assert!(listed[0].1.contains("no cluster IP"), "{}", listed[0].1);
+        assert_eq!(listed[1].0, "no-ports");
+        assert!(listed[1].1.contains("no ports"), "{}", listed[1].1);
+
+        // Fixed, or gone: the problem goes too.
+        store.apply([replace("a.yaml", vec![service("web", 80)], 2)]);
+        assert!(store.problems().list().is_empty());
     }
 }

@@ -87,11 +87,21 @@ struct View {
     objects: BTreeMap<Origin, BTreeMap<ObjectRef, Object>>,
     problems: BTreeMap<(Origin, ObjectRef), String>,
     log: Vec<StoreUpdate>,
+    /// Whether the source said its first full read is complete (not in `log`).
+    synced: bool,
 }
 
 impl View {
     fn fold(&mut self, update: StoreUpdate) {
         match &update {
+            StoreUpdate::Synced => {
+                assert!(!self.synced, "Synced is said once");
+                self.synced = true;
+                return;
+            }
+            StoreUpdate::ReplaceProblems { .. } => {
+                panic!("the kube source reports problems one object at a time: {update:?}")
+            }
             StoreUpdate::Replace {
                 origin, objects, ..
             } => {
@@ -201,12 +211,13 @@ impl Harness {
         }
     }
 
-    /// Waits until all three kinds have been listed once.
+    /// Waits until all three kinds have been listed once and the source said so.
     async fn wait_synced(&mut self) {
         self.wait_for("the initial list of every kind", |view| {
             [SERVICE_ORIGIN, ENDPOINT_SLICE_ORIGIN, NODE_ORIGIN]
                 .iter()
                 .all(|origin| view.replaces(origin) >= 1)
+                && view.synced
         })
         .await;
     }

@@ -73,6 +73,44 @@ fn service_ports(objects: &[Object]) -> Vec<u16> {
         .collect()
 }
 
+/// How long a removal waits in these tests (the default is a second).
+const SETTLE: Duration = Duration::from_millis(300);
+
+fn source(root: &Path) -> ManifestSource {
+    ManifestSource::new(root).with_settle(SETTLE)
+}
+
+/// Receives the initial read: one Replace per file, then `Synced`.
+async fn initial_read(rx: &mut mpsc::Receiver<StoreUpdate>) -> BTreeMap<String, Vec<Object>> {
+    let mut initial = BTreeMap::new();
+    loop {
+        match next(rx).await {
+            StoreUpdate::Replace {
+                origin, objects, ..
+            } => {
+                initial.insert(origin, objects);
+            }
+            StoreUpdate::Synced => return initial,
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+async fn problems_of(
+    rx: &mut mpsc::Receiver<StoreUpdate>,
+) -> (String, Vec<(Option<String>, String)>) {
+    match next(rx).await {
+        StoreUpdate::ReplaceProblems { origin, problems } => (
+            origin,
+            problems
+                .into_iter()
+                .map(|(o, m)| (o.map(|o| o.to_string()), m))
+                .collect(),
+        ),
+        other => panic!("expected problems, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn the_source_reports_each_file_then_every_change_to_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -85,21 +123,10 @@ async fn the_source_reports_each_file_then_every_change_to_it() {
     std::fs::write(root.join("README.md"), "not a manifest").unwrap();
 
     let (tx, mut rx) = mpsc::channel(64);
-    let source = tokio::spawn(ManifestSource::new(&root).run(tx));
+    let source = tokio::spawn(source(&root).run(tx));
 
-    // Initial read: one Replace and one ClearProblem per file, nothing else.
-    let mut initial = BTreeMap::new();
-    for _ in 0..4 {
-        match next(&mut rx).await {
-            StoreUpdate::Replace {
-                origin, objects, ..
-            } => {
-                initial.insert(origin, objects);
-            }
-            StoreUpdate::ClearProblem { object: None, .. } => {}
-            other => panic!("unexpected {other:?}"),
-        }
-    }
+    // Initial read: one Replace per file, then Synced, nothing else.
+    let initial = initial_read(&mut rx).await;
     assert_eq!(
         initial.keys().cloned().collect::<Vec<_>>(),
         [origin(&nodes), origin(&web)]
@@ -124,10 +151,6 @@ async fn the_source_reports_each_file_then_every_change_to_it() {
         reaction < Duration::from_secs(1),
         "took {reaction:?} to see an edit"
     );
-    assert!(matches!(
-        next(&mut rx).await,
-        StoreUpdate::ClearProblem { object: None, .. }
-    ));
     assert_quiet(&mut rx).await;
 
     // Rewriting the same content changes nothing.
@@ -136,40 +159,24 @@ async fn the_source_reports_each_file_then_every_change_to_it() {
 
     // A broken file is reported, and its last good objects are not replaced.
     write_atomically(&web, "apiVersion: v1\nkind: [Service\n");
-    match next(&mut rx).await {
-        StoreUpdate::Problem {
-            origin: o,
-            object,
-            message,
-        } => {
-            assert_eq!(o, origin(&web));
-            assert_eq!(object, None);
-            assert!(message.contains("not valid YAML"), "{message}");
-        }
-        other => panic!("unexpected {other:?}"),
-    }
+    let (o, problems) = problems_of(&mut rx).await;
+    assert_eq!(o, origin(&web));
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].0, None);
+    assert!(problems[0].1.contains("not valid YAML"), "{problems:?}");
     assert_quiet(&mut rx).await;
 
-    // An invalid object names the object; the old problem is cleared first.
+    // An invalid object names the object, which keeps its last good version.
     write_atomically(&web, &service(0));
-    assert!(matches!(
-        next(&mut rx).await,
-        StoreUpdate::ClearProblem { object: None, .. }
-    ));
-    match next(&mut rx).await {
-        StoreUpdate::Problem {
-            object: Some(object),
-            message,
-            ..
-        } => {
-            assert_eq!(object.to_string(), "Service shop/web");
-            assert!(
-                message.contains("document 1: Service shop/web: spec.ports[0].port"),
-                "{message}"
-            );
-        }
-        other => panic!("unexpected {other:?}"),
-    }
+    let (_, problems) = problems_of(&mut rx).await;
+    assert_eq!(problems.len(), 1);
+    assert_eq!(problems[0].0.as_deref(), Some("Service shop/web"));
+    assert!(
+        problems[0]
+            .1
+            .contains("document 1: Service shop/web: spec.ports[0].port"),
+        "{problems:?}"
+    );
     assert_quiet(&mut rx).await;
 
     // Fixing it sends the objects and clears the problems.
@@ -178,13 +185,7 @@ async fn the_source_reports_each_file_then_every_change_to_it() {
         StoreUpdate::Replace { objects, .. } => assert_eq!(service_ports(&objects), [443]),
         other => panic!("unexpected {other:?}"),
     }
-    assert_eq!(
-        next(&mut rx).await,
-        StoreUpdate::ClearProblem {
-            origin: origin(&web),
-            object: None
-        }
-    );
+    assert_eq!(problems_of(&mut rx).await, (origin(&web), vec![]));
 
     // A file in a new subfolder is picked up.
     let extra = root.join("more/deeper/node-b.json");
@@ -202,31 +203,21 @@ async fn the_source_reports_each_file_then_every_change_to_it() {
         }
         other => panic!("unexpected {other:?}"),
     }
-    assert!(matches!(
-        next(&mut rx).await,
-        StoreUpdate::ClearProblem { .. }
-    ));
 
-    // Deleting a file empties its origin.
+    // Deleting a file empties its origin once the deletion has settled.
+    let deleted = Instant::now();
     std::fs::remove_file(&web).unwrap();
     assert!(matches!(
         next(&mut rx).await,
         StoreUpdate::Replace { origin: o, objects, .. } if o == origin(&web) && objects.is_empty()
     ));
-    assert!(matches!(
-        next(&mut rx).await,
-        StoreUpdate::ClearProblem { origin: o, object: None } if o == origin(&web)
-    ));
+    assert!(deleted.elapsed() >= SETTLE, "{:?}", deleted.elapsed());
 
     // Removing a whole folder empties every file under it.
     std::fs::remove_dir_all(root.join("cluster")).unwrap();
     assert!(matches!(
         next(&mut rx).await,
         StoreUpdate::Replace { origin: o, objects, .. } if o == origin(&nodes) && objects.is_empty()
-    ));
-    assert!(matches!(
-        next(&mut rx).await,
-        StoreUpdate::ClearProblem { .. }
     ));
     assert_quiet(&mut rx).await;
 
@@ -236,6 +227,165 @@ async fn the_source_reports_each_file_then_every_change_to_it() {
         .await
         .expect("source did not stop");
     result.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_file_truncated_then_written_withdraws_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let nodes = root.join("nodes.yaml");
+    let two = format!("{NODE}---\napiVersion: v1\nkind: Node\nmetadata: {{name: node-b}}\n");
+    std::fs::write(&nodes, &two).unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let _source = tokio::spawn(source(&root).run(tx));
+    initial_read(&mut rx).await;
+
+    // What `>` in a shell or a non-atomic save does: truncate, then write, with the
+    // source reading in between.
+    std::fs::File::create(&nodes).unwrap();
+    tokio::time::sleep(SETTLE / 3).await;
+    std::fs::write(&nodes, NODE).unwrap();
+    tokio::time::sleep(SETTLE / 3).await;
+    std::fs::write(&nodes, &two).unwrap();
+    assert_quiet(&mut rx).await;
+    tokio::time::sleep(SETTLE).await;
+    assert_quiet(&mut rx).await;
+}
+
+#[tokio::test]
+async fn a_deleted_folder_keeps_its_state_is_reported_and_is_watched_again_when_recreated() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap().join("manifests");
+    std::fs::create_dir(&root).unwrap();
+    let web = root.join("web.yaml");
+    let nodes = root.join("nodes.yaml");
+    std::fs::write(&web, service(80)).unwrap();
+    std::fs::write(&nodes, NODE).unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let _source = tokio::spawn(source(&root).run(tx));
+    initial_read(&mut rx).await;
+
+    std::fs::remove_dir_all(&root).unwrap();
+    let (o, problems) = problems_of(&mut rx).await;
+    assert_eq!(o, origin(&root));
+    assert!(
+        problems[0].1.contains("the manifests folder is gone"),
+        "{problems:?}"
+    );
+    // Well past the settle period: nothing was withdrawn.
+    tokio::time::sleep(SETTLE * 2).await;
+    assert_quiet(&mut rx).await;
+
+    // Recreated, with web changed and nodes.yaml left out.
+    std::fs::create_dir(&root).unwrap();
+    write_atomically(&web, &service(8080));
+    let mut seen = Vec::new();
+    while seen.len() < 3 {
+        seen.push(next(&mut rx).await);
+    }
+    assert!(
+        seen.contains(&StoreUpdate::ReplaceProblems {
+            origin: origin(&root),
+            problems: vec![]
+        }),
+        "{seen:?}"
+    );
+    assert!(seen.iter().any(|u| matches!(u,
+        StoreUpdate::Replace { origin: o, objects, .. } if o == &origin(&web) && service_ports(objects) == [8080])), "{seen:?}");
+    assert!(seen.iter().any(|u| matches!(u,
+        StoreUpdate::Replace { origin: o, objects, .. } if o == &origin(&nodes) && objects.is_empty())), "{seen:?}");
+
+    // Watched again: an edit is seen.
+    write_atomically(&web, &service(9090));
+    assert!(matches!(
+        next(&mut rx).await,
+        StoreUpdate::Replace { objects, .. } if service_ports(&objects) == [9090]
+    ));
+}
+
+#[tokio::test]
+async fn a_folder_swapped_by_rename_is_watched_and_read_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().canonicalize().unwrap();
+    let root = base.join("manifests");
+    std::fs::create_dir(&root).unwrap();
+    std::fs::write(root.join("web.yaml"), service(80)).unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let _source = tokio::spawn(source(&root).run(tx));
+    initial_read(&mut rx).await;
+
+    let next_version = base.join("manifests.new");
+    std::fs::create_dir(&next_version).unwrap();
+    std::fs::write(next_version.join("web.yaml"), service(8080)).unwrap();
+    std::fs::rename(&root, base.join("manifests.old")).unwrap();
+    std::fs::rename(&next_version, &root).unwrap();
+    let mut ports = None;
+    while ports.is_none() {
+        if let StoreUpdate::Replace { objects, .. } = next(&mut rx).await {
+            ports = Some(service_ports(&objects));
+        }
+    }
+    assert_eq!(ports.unwrap(), [8080]);
+
+    // The old folder is not watched any more; the new one is.
+    std::fs::write(base.join("manifests.old/web.yaml"), service(1)).unwrap();
+    write_atomically(&root.join("web.yaml"), &service(9090));
+    loop {
+        match next(&mut rx).await {
+            StoreUpdate::Replace { objects, .. } => {
+                assert_eq!(service_ports(&objects), [9090]);
+                break;
+            }
+            StoreUpdate::ReplaceProblems { problems, .. } if problems.is_empty() => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn special_files_and_symlink_loops_are_reported_and_never_block_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    std::fs::write(root.join("web.yaml"), service(80)).unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    let _source = tokio::spawn(source(&root).run(tx));
+    initial_read(&mut rx).await;
+
+    let fifo = root.join("fifo.yaml");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo (coreutils) runs");
+    assert!(status.success());
+    let (o, problems) = problems_of(&mut rx).await;
+    assert_eq!(o, origin(&fifo));
+    assert!(
+        problems[0].1.contains("not a regular file (a FIFO)"),
+        "{problems:?}"
+    );
+
+    std::os::unix::fs::symlink("/dev/zero", root.join("zero.yaml")).unwrap();
+    let (_, problems) = problems_of(&mut rx).await;
+    assert!(problems[0].1.contains("character device"), "{problems:?}");
+
+    std::os::unix::fs::symlink(&root, root.join("again")).unwrap();
+    let (o, problems) = problems_of(&mut rx).await;
+    assert_eq!(o, origin(&root.join("again")));
+    assert!(problems[0].1.contains("symlink loop"), "{problems:?}");
+
+    // Still reading: an edit is seen.
+    write_atomically(&root.join("web.yaml"), &service(8080));
+    loop {
+        match next(&mut rx).await {
+            StoreUpdate::Replace { objects, .. } => {
+                assert_eq!(service_ports(&objects), [8080]);
+                break;
+            }
+            // A rescan may report the same problems again: they are replaced, not added.
+            StoreUpdate::ReplaceProblems { .. } => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
 }
 
 #[tokio::test]
@@ -251,20 +401,9 @@ async fn a_config_map_volume_update_is_seen_through_its_symlinks() {
     let web = root.join("web.yaml");
 
     let (tx, mut rx) = mpsc::channel(64);
-    let _source = tokio::spawn(ManifestSource::new(&root).run(tx));
-    match next(&mut rx).await {
-        StoreUpdate::Replace {
-            origin: o, objects, ..
-        } => {
-            assert_eq!(o, origin(&web));
-            assert_eq!(service_ports(&objects), [80]);
-        }
-        other => panic!("unexpected {other:?}"),
-    }
-    assert!(matches!(
-        next(&mut rx).await,
-        StoreUpdate::ClearProblem { .. }
-    ));
+    let _source = tokio::spawn(source(&root).run(tx));
+    let initial = initial_read(&mut rx).await;
+    assert_eq!(service_ports(&initial[&origin(&web)]), [80]);
     assert_quiet(&mut rx).await;
 
     std::fs::create_dir(root.join("..2026_01_15_09_45_00.2")).unwrap();
@@ -282,10 +421,6 @@ async fn a_config_map_volume_update_is_seen_through_its_symlinks() {
         }
         other => panic!("unexpected {other:?}"),
     }
-    assert!(matches!(
-        next(&mut rx).await,
-        StoreUpdate::ClearProblem { .. }
-    ));
     assert_quiet(&mut rx).await;
 
     // Hidden files (an editor's swap file) are not manifests.
@@ -346,8 +481,8 @@ fn example_objects() -> Vec<Object> {
     );
     let mut objects = Vec::new();
     for file in files {
-        let text = std::fs::read_to_string(&file).unwrap();
-        match parse_file(&file, &text) {
+        let text = std::fs::read(&file).unwrap();
+        match parse_file(&file, &text).into_result() {
             Ok(found) => objects.extend(found),
             Err(problems) => panic!("{problems:#?}"),
         }

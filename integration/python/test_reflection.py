@@ -27,7 +27,7 @@ def address():
     if not CONTROLLER or not os.access(CONTROLLER, os.X_OK):
         pytest.fail("SWITCHYARD_CONTROLLER must name the built controller binary (scripts/test.sh sets it)")
     proc = subprocess.Popen(
-        [CONTROLLER, "--manifests", EXAMPLES, "--listen", "127.0.0.1:0"],
+        [CONTROLLER, "--manifests", EXAMPLES, "--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"],
         stderr=subprocess.PIPE,
         text=True,
     )

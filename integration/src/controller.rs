@@ -7,7 +7,7 @@ use switchyard_controller::{
     compute::ComputeOptions,
     hub::{Hub, HubHandle},
     model::Object,
-    server::{self, Sessions},
+    server::{self, ServerOptions, Sessions},
     sources::{StoreSender, StoreUpdate},
 };
 use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
@@ -36,6 +36,37 @@ impl TestController {
     /// (`Netns::tcp_listener`), so an agent there reaches the controller on its own
     /// loopback.
     pub async fn start_on(listener: TcpListener, options: ComputeOptions) -> anyhow::Result<Self> {
+        Self::start_with_server(listener, options, Self::server_options()).await
+    }
+
+    /// The server options tests use: every simulated agent connects from 127.0.0.1, so
+    /// the per-peer stream limit is lifted.
+    pub fn server_options() -> ServerOptions {
+        ServerOptions {
+            max_streams_per_peer: usize::MAX,
+            ..ServerOptions::default()
+        }
+    }
+
+    /// Serves with `server` options (TLS, limits). The source counts as synced from the
+    /// start: the test feeds objects through [`TestController::replace`].
+    pub async fn start_with_server(
+        listener: TcpListener,
+        options: ComputeOptions,
+        server: ServerOptions,
+    ) -> anyhow::Result<Self> {
+        let controller = Self::start_unsynced(listener, options, server).await?;
+        controller.send(StoreUpdate::Synced).await;
+        Ok(controller)
+    }
+
+    /// Like [`TestController::start_with_server`], but no stream is served anything
+    /// until the test sends [`StoreUpdate::Synced`], as with a source still listing.
+    pub async fn start_unsynced(
+        listener: TcpListener,
+        options: ComputeOptions,
+        server: ServerOptions,
+    ) -> anyhow::Result<Self> {
         let (updates, updates_rx) = tokio::sync::mpsc::channel(1024);
         let (hub, handle) = Hub::new(options, updates_rx);
         tokio::spawn(hub.run());
@@ -48,7 +79,8 @@ impl TestController {
             let stop = async {
                 let _ = stop.await;
             };
-            if let Err(error) = server::serve(listener, server_handle, server_sessions, stop).await
+            if let Err(error) =
+                server::serve(listener, server_handle, server_sessions, server, stop).await
             {
                 tracing::error!(%error, "test controller failed");
             }
@@ -65,6 +97,11 @@ impl TestController {
 
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.address)
+    }
+
+    /// The address for clients of a controller started with TLS.
+    pub fn https_endpoint(&self) -> String {
+        format!("https://{}", self.address)
     }
 
     /// Replaces everything from `origin` and waits until the hub has published it.

@@ -41,25 +41,35 @@ impl SimAgent {
         node: &str,
         held: HashMap<String, String>,
     ) -> anyhow::Result<Self> {
+        let first = NodeStateRequest {
+            node: Some(NodeIdentity {
+                node_name: node.into(),
+                dataplane: v1::Dataplane::Iptables.into(),
+                agent_version: "sim".into(),
+            }),
+            initial_resource_versions: held,
+            ..Default::default()
+        };
+        Self::open_with(channel, first).await
+    }
+
+    /// Opens a stream whose first message is `first`, whatever it holds (a hostile
+    /// peer's, in tests of what the controller refuses).
+    pub async fn open_with(channel: Channel, first: NodeStateRequest) -> anyhow::Result<Self> {
+        let node = first
+            .node
+            .as_ref()
+            .map(|n| n.node_name.clone())
+            .unwrap_or_default();
         let (requests, rx) = mpsc::channel(4);
-        requests
-            .send(NodeStateRequest {
-                node: Some(NodeIdentity {
-                    node_name: node.into(),
-                    dataplane: v1::Dataplane::Iptables.into(),
-                    agent_version: "sim".into(),
-                }),
-                initial_resource_versions: held,
-                ..Default::default()
-            })
-            .await?;
+        requests.send(first).await?;
         let responses = NodeStateDiscoveryClient::new(channel)
             .max_decoding_message_size(usize::MAX)
             .stream_node_state(ReceiverStream::new(rx))
             .await?
             .into_inner();
         Ok(Self {
-            node: node.into(),
+            node,
             requests,
             responses,
             held: BTreeMap::new(),

@@ -62,6 +62,7 @@ async fn eventually<T>(
 async fn node_state(query: &mut ControllerQueryClient<Channel>) -> Vec<v1::Resource> {
     let request = v1::GetNodeStateRequest {
         node_name: "node-a".into(),
+        ..Default::default()
     };
     match query.get_node_state(request).await {
         Ok(response) => response.into_inner().resources,
@@ -71,7 +72,7 @@ async fn node_state(query: &mut ControllerQueryClient<Channel>) -> Vec<v1::Resou
 
 async fn problems(query: &mut ControllerQueryClient<Channel>) -> Vec<(String, String, String)> {
     let response = query
-        .list_source_problems(v1::ListSourceProblemsRequest {})
+        .list_source_problems(v1::ListSourceProblemsRequest::default())
         .await
         .unwrap();
     let mut problems: Vec<_> = response

@@ -210,6 +210,7 @@ async fn a_nack_leaves_the_version_uncommitted_and_shows_in_the_query_api() {
             let state = query
                 .get_node_state(v1::GetNodeStateRequest {
                     node_name: "node-a".into(),
+                    ..Default::default()
                 })
                 .await
                 .unwrap()
@@ -240,7 +241,7 @@ async fn a_nack_leaves_the_version_uncommitted_and_shows_in_the_query_api() {
     assert_eq!(retry.resources[0].name, "default/web");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let status = query
-        .list_nodes(v1::ListNodesRequest {})
+        .list_nodes(v1::ListNodesRequest::default())
         .await
         .unwrap()
         .into_inner()
@@ -391,6 +392,7 @@ async fn the_query_api_shows_one_service_across_nodes_and_source_problems() {
         .get_service(v1::GetServiceRequest {
             namespace: "default".into(),
             name: "local-only".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -414,13 +416,14 @@ async fn the_query_api_shows_one_service_across_nodes_and_source_problems() {
         .get_service(v1::GetServiceRequest {
             namespace: "default".into(),
             name: "nope".into(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
 
     let problems = query
-        .list_source_problems(v1::ListSourceProblemsRequest {})
+        .list_source_problems(v1::ListSourceProblemsRequest::default())
         .await
         .unwrap()
         .into_inner();
@@ -428,7 +431,7 @@ async fn the_query_api_shows_one_service_across_nodes_and_source_problems() {
     assert_eq!(problems.problems[0].origin, "broken.yaml");
 
     let nodes = query
-        .list_nodes(v1::ListNodesRequest {})
+        .list_nodes(v1::ListNodesRequest::default())
         .await
         .unwrap()
         .into_inner()

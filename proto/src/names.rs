@@ -91,17 +91,52 @@ pub fn iana_svc_name(value: &str) -> Result<(), &'static str> {
 /// `value` in double quotes for an error message, cut to 64 characters and with control
 /// characters escaped, so a hostile value can neither flood a log nor forge a line.
 pub fn quote_bounded(value: &str) -> String {
-    const KEEP: usize = 64;
-    let mut out: String = value
-        .chars()
-        .take(KEEP)
-        .collect::<String>()
-        .escape_debug()
-        .collect();
-    if value.chars().nth(KEEP).is_some() {
-        out.push('…');
+    format!("\"{}\"", escape_bounded(value, 64))
+}
+
+/// `value` with control characters, quotes and backslashes escaped, cut to `keep`
+/// characters (then `…`): free text from a peer (a NACK's message, an agent's version),
+/// safe to keep, show and log.
+pub fn escape_bounded(value: &str, keep: usize) -> String {
+    let mut out = String::new();
+    let mut count = 0;
+    for c in value.chars() {
+        let escaped = c.escape_debug();
+        let len = escaped.len();
+        if count + len > keep {
+            out.push('…');
+            return out;
+        }
+        out.extend(escaped);
+        count += len;
     }
-    format!("\"{out}\"")
+    out
+}
+
+/// `value` on one line: control characters escaped (`\n`, `\u{1b}`), everything else
+/// as it is, cut to `keep` characters (then `…`). For messages that quote their own
+/// values (problems, errors of libraries) on their way to logs and the query API.
+pub fn one_line(value: &str, keep: usize) -> String {
+    let mut out = String::with_capacity(value.len().min(keep + 4));
+    let mut count = 0;
+    for c in value.chars() {
+        let len = if c.is_control() {
+            c.escape_debug().len()
+        } else {
+            1
+        };
+        if count + len > keep {
+            out.push('…');
+            return out;
+        }
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+        count += len;
+    }
+    out
 }
 
 #[cfg(test)]
@@ -167,5 +202,12 @@ mod tests {
         let quoted = quote_bounded(&"x".repeat(10_000));
         assert!(quoted.len() < 80, "{quoted}");
         assert!(quoted.ends_with("…\""));
+        assert_eq!(escape_bounded("ok", 10), "ok");
+        assert_eq!(escape_bounded("a\r\nb\u{1b}[2J", 100), "a\\r\\nb\\u{1b}[2J");
+        assert_eq!(escape_bounded("abcdef", 3), "abc…");
+        assert_eq!(one_line("a \"b\"\nc", 100), "a \"b\"\\nc");
+        assert_eq!(one_line("abcdef", 3), "abc…");
+        let cut = escape_bounded(&"\u{1b}".repeat(100), 20);
+        assert!(cut.chars().count() <= 21, "bounded once escaped: {cut}");
     }
 }

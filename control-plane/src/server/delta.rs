@@ -4,9 +4,23 @@
 //! At most one response is in flight per stream, so a slow agent costs memory for one
 //! response and never delays another stream; when it catches up it receives the latest
 //! state, not every generation in between.
+//!
+//! # What a peer controls, and its bounds
+//! The first message is checked before anything is kept ([`identify`]): the node name
+//! must be a DNS subdomain (so it can neither forge a log line nor hide in one), the
+//! declared versions are at most [`MAX_DECLARED`] valid resource names, the agent
+//! version is cut and escaped. With client certificates, the stream must be the
+//! certificate's own node ([`Access::stream`]); each peer (certificate, or address
+//! without one) holds at most a configured number of streams. A NACK counts only for
+//! resources in flight, and at most [`MAX_NACK_ERRORS`] of its errors, each cut to
+//! [`MAX_NACK_MESSAGE`] characters, are kept and logged. Nothing a peer sent is echoed
+//! back unbounded.
+//!
+//! No stream receives anything before the source's first full read is published
+//! (readiness), so agents of a restarting controller never see a half-listed cluster.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeSet, HashSet},
     pin::Pin,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -15,13 +29,21 @@ use std::{
 use futures::Stream;
 use switchyard_proto::{
     encoded::{EncodedNodeStateResponse, node_state_discovery_server::NodeStateDiscovery},
-    parse_version, v1,
+    names::{self, escape_bounded, quote_bounded},
+    parse_version,
+    state::ServiceKey,
+    v1,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::sessions::{Nack, Session, Sessions};
+use super::{
+    identity::Access,
+    limits::StreamSlots,
+    listener::PeerInfo,
+    sessions::{Nack, Session, Sessions},
+};
 use crate::hub::{Changes, EncodedResource, Generation};
 
 /// Most resources in one response. Bounds what one stream holds in send buffers: an
@@ -32,20 +54,138 @@ const MAX_RESOURCES_PER_RESPONSE: usize = 256;
 /// How long a new stream may take to say which node it is.
 const IDENTIFY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Most entries of `initial_resource_versions`: well above any cluster's Services (the
+/// 4 MiB message bound allows about 50,000 of typical names anyway).
+pub const MAX_DECLARED: usize = 100_000;
+/// Most characters of an agent's free-form version kept.
+pub const MAX_AGENT_VERSION: usize = 128;
+/// Most errors of one NACK kept for the query API and logged.
+pub const MAX_NACK_ERRORS: usize = 16;
+/// Most characters of one NACK error message kept.
+pub const MAX_NACK_MESSAGE: usize = 512;
+
 /// Serves `NodeStateDiscovery` from the hub's generations.
 #[derive(Clone, Debug)]
 pub struct DeltaService {
     generations: watch::Receiver<Arc<Generation>>,
     sessions: Sessions,
+    ready: watch::Receiver<bool>,
+    access: Access,
+    slots: StreamSlots,
+    shutdown: watch::Receiver<bool>,
 }
 
 impl DeltaService {
-    pub fn new(generations: watch::Receiver<Arc<Generation>>, sessions: Sessions) -> Self {
+    /// `ready` turns true once the source's first full read is published; `shutdown`
+    /// turns true when every stream must end.
+    pub fn new(
+        generations: watch::Receiver<Arc<Generation>>,
+        sessions: Sessions,
+        ready: watch::Receiver<bool>,
+        access: Access,
+        slots: StreamSlots,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
         Self {
             generations,
             sessions,
+            ready,
+            access,
+            slots,
+            shutdown,
         }
     }
+}
+
+/// What a valid first message declares.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Declared {
+    pub identity: v1::NodeIdentity,
+    /// Resource name → version the agent holds (0 for a version that does not parse,
+    /// which matches nothing: resent or removed).
+    pub held: foldhash::HashMap<Arc<str>, u64>,
+}
+
+/// Checks a stream's first message. Pure.
+///
+/// # Errors
+/// `INVALID_ARGUMENT` naming the field, with any value quoted bounded and escaped.
+pub fn identify(first: v1::NodeStateRequest) -> Result<Declared, Status> {
+    let mut identity = first
+        .node
+        .filter(|n| !n.node_name.is_empty())
+        .ok_or_else(|| {
+            Status::invalid_argument("the first message must name the node (node.node_name)")
+        })?;
+    names::dns1123_subdomain(&identity.node_name).map_err(|reason| {
+        Status::invalid_argument(format!(
+            "node.node_name {} {reason}",
+            quote_bounded(&identity.node_name)
+        ))
+    })?;
+    identity.agent_version = escape_bounded(&identity.agent_version, MAX_AGENT_VERSION);
+    let declared = first.initial_resource_versions;
+    if declared.len() > MAX_DECLARED {
+        return Err(Status::invalid_argument(format!(
+            "initial_resource_versions holds {} entries, more than {MAX_DECLARED}",
+            declared.len()
+        )));
+    }
+    let mut held = foldhash::HashMap::default();
+    held.reserve(declared.len());
+    for (name, version) in declared {
+        if let Err(reason) = resource_name(&name) {
+            return Err(Status::invalid_argument(format!(
+                "initial_resource_versions: {} is not a resource name: {reason}",
+                quote_bounded(&name)
+            )));
+        }
+        held.insert(Arc::from(name), parse_version(&version).unwrap_or(0));
+    }
+    Ok(Declared { identity, held })
+}
+
+/// What an agent's answer to a response says, as the controller keeps it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Answer<'a> {
+    /// Resources of the response the agent rejected.
+    pub rejected: HashSet<&'a str>,
+    /// The first [`MAX_NACK_ERRORS`] errors, messages cut to [`MAX_NACK_MESSAGE`] and
+    /// escaped: what the query API shows and the log says.
+    pub kept: Vec<v1::ResourceError>,
+    /// Errors left out of `kept`.
+    pub omitted: usize,
+}
+
+/// Reads an answer's errors against the resources `sent` in the response it answers:
+/// errors naming anything else are ignored (an answer naming only those is an ACK).
+/// Pure.
+pub fn read_answer<'a>(sent: &HashSet<&str>, errors: &'a [v1::ResourceError]) -> Answer<'a> {
+    let relevant: Vec<&v1::ResourceError> = errors
+        .iter()
+        .filter(|e| sent.contains(e.resource_name.as_str()))
+        .collect();
+    let kept: Vec<v1::ResourceError> = relevant
+        .iter()
+        .take(MAX_NACK_ERRORS)
+        .map(|e| v1::ResourceError {
+            resource_name: e.resource_name.clone(),
+            message: escape_bounded(&e.message, MAX_NACK_MESSAGE),
+        })
+        .collect();
+    Answer {
+        rejected: relevant.iter().map(|e| e.resource_name.as_str()).collect(),
+        omitted: relevant.len() - kept.len(),
+        kept,
+    }
+}
+
+/// Whether `name` is one the controller could have sent: `namespace/name` of a valid
+/// Service.
+fn resource_name(name: &str) -> Result<(), &'static str> {
+    let key: ServiceKey = name.parse().map_err(|_| "expected namespace/name")?;
+    names::dns1123_label(&key.namespace)?;
+    names::dns1035_label(&key.name)
 }
 
 type ResponseStream = Pin<Box<dyn Stream<Item = Result<EncodedNodeStateResponse, Status>> + Send>>;
@@ -58,10 +198,7 @@ impl NodeStateDiscovery for DeltaService {
         &self,
         request: Request<Streaming<v1::NodeStateRequest>>,
     ) -> Result<Response<Self::StreamNodeStateStream>, Status> {
-        let peer = request
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+        let peer = PeerInfo::of(&request);
         let mut inbound = request.into_inner();
         let first = match tokio::time::timeout(IDENTIFY_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(first))) => first,
@@ -78,25 +215,34 @@ impl NodeStateDiscovery for DeltaService {
             being_deleted: false,
             dataplane: first.declared_label(),
         };
-        let identity = first
-            .node
-            .filter(|n| !n.node_name.is_empty())
-            .ok_or_else(|| {
-                Status::invalid_argument("the first message must name the node (node.node_name)")
+        let described = peer.describe();
+        let Declared { identity, held } = identify(first).inspect_err(|status| {
+            tracing::warn!(peer = %described, message = status.message(), "refusing a stream");
+        })?;
+        let node = identity.node_name.clone();
+        self.access
+            .stream(peer.identity.as_deref(), &node)
+            .inspect_err(|status| {
+                tracing::warn!(%node, peer = %described, message = status.message(), "refusing a stream");
             })?;
-        // Versions that do not parse map to 0, which matches nothing: resent or removed.
-        let held = first
-            .initial_resource_versions
-            .into_iter()
-            .map(|(name, version)| (Arc::from(name), parse_version(&version).unwrap_or(0)))
-            .collect();
-        tracing::info!(node = %identity.node_name, %peer, dataplane = ?identity.dataplane(), "agent connected");
-        let session = self.sessions.open(identity, peer, held);
+        let slot = self.slots.try_take(peer.key()).ok_or_else(|| {
+            tracing::warn!(%node, peer = %described, "refusing a stream: too many from this peer");
+            Status::resource_exhausted(format!(
+                "{described} already holds {} agent streams, the most this controller allows \
+                 one peer (--max-streams-per-peer)",
+                self.slots.limit()
+            ))
+        })?;
+        tracing::info!(%node, peer = %described, dataplane = ?identity.dataplane(), declared = held.len(), "agent connected");
+        let session = self.sessions.open(identity, described, held);
         let (tx, rx) = mpsc::channel(2);
         let stream = NodeStream {
             session,
             sessions: self.sessions.clone(),
             generations: self.generations.clone(),
+            ready: self.ready.clone(),
+            shutdown: self.shutdown.clone(),
+            _slot: slot,
             tx,
             in_flight: None,
             backlog: Backlog::default(),
@@ -121,6 +267,10 @@ struct NodeStream {
     session: Arc<Session>,
     sessions: Sessions,
     generations: watch::Receiver<Arc<Generation>>,
+    ready: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
+    /// This stream's place among its peer's streams, freed when it ends.
+    _slot: super::limits::Slot,
     tx: mpsc::Sender<Result<EncodedNodeStateResponse, Status>>,
     in_flight: Option<InFlight>,
     /// What is still to be checked against the node's acknowledged versions.
@@ -182,7 +332,13 @@ impl NodeStream {
         let mut superseded = self.session.superseded();
         let node = self.session.node.clone();
         loop {
-            if self.in_flight.is_none() {
+            if *self.shutdown.borrow() {
+                let status = Status::unavailable("the controller is shutting down");
+                let _ = self.tx.send(Err(status)).await;
+                break;
+            }
+            let ready = *self.ready.borrow_and_update();
+            if self.in_flight.is_none() && ready {
                 let generation = self.generations.borrow_and_update().clone();
                 if let Some(response) = self.diff(&generation)
                     && self.tx.send(Ok(response)).await.is_err()
@@ -208,7 +364,17 @@ impl NodeStream {
                         break;
                     }
                 },
-                changed = self.generations.changed(), if self.in_flight.is_none() => {
+                changed = self.generations.changed(), if self.in_flight.is_none() && ready => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                changed = self.ready.changed(), if !ready => {
+                    if changed.is_err() {
+                        break;
+                    }
+                }
+                changed = self.shutdown.changed() => {
                     if changed.is_err() {
                         break;
                     }
@@ -340,7 +506,8 @@ impl NodeStream {
         Some(response)
     }
 
-    /// Commits the in-flight response on ACK; on NACK commits all but the rejected resources.
+    /// Commits the in-flight response on ACK; on NACK commits all but the rejected
+    /// resources. Errors naming resources not in flight are ignored.
     fn answer(&mut self, request: v1::NodeStateRequest) {
         self.session
             .set_dataplane_in_force(request.dataplane_in_force());
@@ -349,17 +516,25 @@ impl NodeStream {
             .in_flight
             .take_if(|f| f.nonce == request.response_nonce)
         else {
-            tracing::debug!(%node, nonce = %request.response_nonce, "ignoring answer to a stale nonce");
+            tracing::debug!(%node, nonce = %quote_bounded(&request.response_nonce), "ignoring answer to a stale nonce");
             return;
         };
-        let rejected: HashMap<&str, &str> = request
-            .errors
-            .iter()
-            .map(|e| (e.resource_name.as_str(), e.message.as_str()))
-            .collect();
+        // An ACK (no errors) needs no lookup of what was sent.
+        let sent: HashSet<&str> = if request.errors.is_empty() {
+            HashSet::new()
+        } else {
+            in_flight
+                .upserts
+                .iter()
+                .map(|(name, _)| &**name)
+                .chain(in_flight.removals.iter().map(|name| &**name))
+                .collect()
+        };
+        let answer = read_answer(&sent, &request.errors);
+        let rejected = &answer.rejected;
         let mut protocol = self.session.protocol();
         for (name, version) in in_flight.upserts {
-            if rejected.contains_key(&*name) {
+            if rejected.contains(&*name) {
                 protocol.nacked.insert(name, version);
             } else {
                 protocol.nacked.remove(&name);
@@ -367,7 +542,7 @@ impl NodeStream {
             }
         }
         for name in in_flight.removals {
-            if !rejected.contains_key(&*name) {
+            if !rejected.contains(&*name) {
                 protocol.nacked.remove(&name);
                 protocol.acked.remove(&name);
             }
@@ -375,11 +550,21 @@ impl NodeStream {
         if rejected.is_empty() {
             tracing::debug!(%node, nonce = %in_flight.nonce, "ACK");
         } else {
-            tracing::warn!(%node, nonce = %in_flight.nonce, errors = ?rejected, "NACK");
+            let first = &answer.kept[0];
+            tracing::warn!(
+                %node,
+                nonce = %in_flight.nonce,
+                rejected = rejected.len(),
+                errors = answer.kept.len() + answer.omitted,
+                first = %first.resource_name,
+                error = %first.message,
+                "NACK"
+            );
             protocol.last_nack = Some(Nack {
                 nonce: in_flight.nonce,
                 time: SystemTime::now(),
-                errors: request.errors,
+                omitted: answer.omitted,
+                errors: answer.kept,
             });
         }
     }

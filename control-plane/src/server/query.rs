@@ -1,28 +1,52 @@
 //! The `ControllerQuery` service: nodes, their desired and acknowledged state, one
 //! Service across nodes, and source problems, for people and scripts.
+//!
+//! # Cost
+//! A query must not be able to take the controller down. Every list is paginated (see
+//! `query.proto`) and a page stops before it outgrows [`MAX_PAGE_BYTES`], so neither the
+//! answer nor what is built for it grows with the whole cluster times the node count.
+//! The work runs on the blocking pool, never on the executor that serves agent streams,
+//! and stops early when the caller goes away. How many queries run at once is bounded
+//! by the server ([`super::limits::Gated`]).
 
-use std::{collections::BTreeSet, sync::Arc, time::SystemTime};
+use std::{
+    collections::BTreeSet,
+    ops::{Bound, RangeBounds},
+    sync::{Arc, Weak},
+    time::SystemTime,
+};
 
-use sha2::{Digest, Sha256};
+use prost::Message;
 use switchyard_proto::{
     format_version,
+    names::{self, quote_bounded},
     v1::{self, controller_query_server::ControllerQuery},
 };
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-use super::sessions::{Session, Sessions};
+use super::{
+    identity::Access,
+    listener::PeerInfo,
+    sessions::{Session, Sessions, StateHasher, state_version},
+};
 use crate::{
     hub::{EncodedResource, Generation},
     model::ServiceKey,
     store::ProblemsView,
 };
 
+/// A page stops growing past this many encoded bytes (grpcurl's default limit is 4 MiB).
+pub const MAX_PAGE_BYTES: usize = 3 << 20;
+/// Longest page token accepted; tokens this controller issues are shorter.
+const MAX_TOKEN: usize = 16 << 10;
+
 #[derive(Clone, Debug)]
 pub struct QueryService {
     generations: watch::Receiver<Arc<Generation>>,
     sessions: Sessions,
     problems: ProblemsView,
+    access: Access,
 }
 
 impl QueryService {
@@ -30,34 +54,137 @@ impl QueryService {
         generations: watch::Receiver<Arc<Generation>>,
         sessions: Sessions,
         problems: ProblemsView,
+        access: Access,
     ) -> Self {
         Self {
             generations,
             sessions,
             problems,
+            access,
         }
-    }
-
-    /// Nodes in the cluster and nodes with an agent, in name order.
-    fn node_names(&self, generation: &Generation) -> BTreeSet<String> {
-        let mut names: BTreeSet<String> = generation.snapshot.nodes.keys().cloned().collect();
-        names.extend(self.sessions.all().into_iter().map(|s| s.node.clone()));
-        names
     }
 }
 
-/// A version for a whole set of resources: hash of the sorted `name=version` lines.
-fn state_version<'a>(resources: impl IntoIterator<Item = (&'a str, u64)>) -> String {
-    let mut pairs: Vec<_> = resources.into_iter().collect();
-    pairs.sort_unstable();
-    let mut hash = Sha256::new();
-    for (name, version) in pairs {
-        hash.update(format!("{name}={version:016x}\n"));
+/// Nodes in the cluster and nodes with an agent, in name order.
+fn node_names(generation: &Generation, sessions: &Sessions) -> BTreeSet<String> {
+    let mut names: BTreeSet<String> = generation.snapshot.nodes.keys().cloned().collect();
+    names.extend(sessions.all().into_iter().map(|s| s.node.clone()));
+    names
+}
+
+/// How many items a page holds and where it starts.
+#[derive(Debug, PartialEq, Eq)]
+struct PageRequest {
+    size: usize,
+    /// The last item of the previous page.
+    after: Option<String>,
+}
+
+impl PageRequest {
+    fn new(page_size: u32, token: String, default: usize, max: usize) -> Result<Self, Status> {
+        if token.len() > MAX_TOKEN {
+            return Err(Status::invalid_argument(
+                "page_token is not one this controller issued",
+            ));
+        }
+        Ok(Self {
+            size: match page_size {
+                0 => default,
+                n => (n as usize).min(max),
+            },
+            after: (!token.is_empty()).then_some(token),
+        })
     }
-    let digest = hash.finalize();
-    format_version(u64::from_be_bytes(
-        digest[..8].try_into().expect("32-byte digest"),
-    ))
+
+    /// The range of keys after the previous page.
+    fn range(&self) -> (Bound<&str>, Bound<&str>) {
+        match &self.after {
+            Some(after) => (Bound::Excluded(after.as_str()), Bound::Unbounded),
+            None => (Bound::Unbounded, Bound::Unbounded),
+        }
+    }
+}
+
+/// Fills a page up to its size or [`MAX_PAGE_BYTES`], whichever comes first (always at
+/// least one item).
+struct Page<T> {
+    items: Vec<T>,
+    size: usize,
+    bytes: usize,
+    last: Option<String>,
+    more: bool,
+}
+
+impl<T: Message> Page<T> {
+    fn new(size: usize) -> Self {
+        Self {
+            items: Vec::new(),
+            size,
+            bytes: 0,
+            last: None,
+            more: false,
+        }
+    }
+
+    fn full(&self) -> bool {
+        self.items.len() >= self.size || self.bytes >= MAX_PAGE_BYTES
+    }
+
+    /// Adds an item unless the page is full; `false` (and `more` set) when full.
+    fn push(&mut self, key: &str, item: T) -> bool {
+        let len = item.encoded_len();
+        if self.full() || (!self.items.is_empty() && self.bytes + len > MAX_PAGE_BYTES) {
+            self.more = true;
+            return false;
+        }
+        self.bytes += len;
+        self.items.push(item);
+        self.last = Some(key.to_owned());
+        true
+    }
+
+    fn next_token(&self) -> String {
+        match (&self.last, self.more) {
+            (Some(last), true) => last.clone(),
+            _ => String::new(),
+        }
+    }
+}
+
+/// Whether the caller still waits; checked by long loops on the blocking pool.
+struct Caller(Weak<()>);
+
+impl Caller {
+    fn gone(&self) -> Result<(), Status> {
+        if self.0.strong_count() == 0 {
+            Err(Status::cancelled("the caller went away"))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// Runs `work` on the blocking pool; it sees the caller leave when this future drops.
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce(Caller) -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    let waiting = Arc::new(());
+    let caller = Caller(Arc::downgrade(&waiting));
+    let result = tokio::task::spawn_blocking(move || work(caller))
+        .await
+        .map_err(|e| Status::internal(format!("the query failed: {e}")))?;
+    drop(waiting);
+    result
+}
+
+/// Every resource `node` must hold, in name order.
+fn desired(generation: &Generation, node: &str) -> Vec<Arc<EncodedResource>> {
+    let context = generation.node_context(node);
+    generation
+        .sorted_names()
+        .iter()
+        .filter_map(|name| generation.resource_for(name, context))
+        .collect()
 }
 
 fn node_status(
@@ -66,7 +193,11 @@ fn node_status(
     session: Option<&Session>,
     desired: &[Arc<EncodedResource>],
 ) -> v1::NodeStatus {
-    let desired_version = state_version(desired.iter().map(|r| (&*r.name, r.version)));
+    let mut hasher = StateHasher::default();
+    for resource in desired {
+        hasher.add(&resource.name, resource.version);
+    }
+    let desired_version = hasher.finish();
     let mut status = v1::NodeStatus {
         node_name: node.to_string(),
         in_cluster: generation.snapshot.nodes.contains_key(node),
@@ -85,24 +216,41 @@ fn node_status(
     let Some(session) = session else {
         return status;
     };
-    status.connected = session.is_connected();
     status.dataplane = session.dataplanes().in_force.into();
     status.agent_version = session.identity.agent_version.clone();
     status.peer = session.peer.clone();
     status.connected_since = Some(session.connected_since.into());
+    status.connected = session.is_connected();
     let protocol = session.protocol();
     status.resources_sent = protocol.resources_sent;
     status.removals_sent = protocol.removals_sent;
-    let stale = desired
-        .iter()
-        .filter(|r| protocol.acked.get(&r.name) != Some(&r.version))
-        .count();
-    let desired_names: BTreeSet<&str> = desired.iter().map(|r| &*r.name).collect();
-    let extra = protocol
-        .acked
-        .keys()
-        .filter(|n| !desired_names.contains(&***n))
-        .count();
+    status.last_nack = protocol.last_nack.as_ref().map(|n| v1::Nack {
+        nonce: n.nonce.clone(),
+        time: Some(n.time.into()),
+        errors: n.errors.clone(),
+    });
+    if let Some(closed) = &protocol.closed {
+        let in_sync = closed.acked_version == desired_version;
+        status.pending_changes = if in_sync { 0 } else { desired.len() as u32 };
+        if closed.acked_resources > 0 || desired.is_empty() {
+            status.acked_version = closed.acked_version.clone();
+        }
+        return status;
+    }
+    let mut stale = 0;
+    let mut held_and_desired = 0;
+    for resource in desired {
+        match protocol.acked.get(&resource.name) {
+            Some(version) => {
+                held_and_desired += 1;
+                if *version != resource.version {
+                    stale += 1;
+                }
+            }
+            None => stale += 1,
+        }
+    }
+    let extra = protocol.acked.len() - held_and_desired;
     status.pending_changes = (stale + extra) as u32;
     if !protocol.acked.is_empty() || desired.is_empty() {
         status.acked_version = if status.pending_changes == 0 {
@@ -118,114 +266,308 @@ fn node_status(
         let lag = SystemTime::now().duration_since(since).unwrap_or_default();
         status.lag = lag.try_into().ok();
     }
-    status.last_nack = protocol.last_nack.as_ref().map(|n| v1::Nack {
-        nonce: n.nonce.clone(),
-        time: Some(n.time.into()),
-        errors: n.errors.clone(),
-    });
     status
+}
+
+fn list_nodes(
+    generation: &Generation,
+    sessions: &Sessions,
+    page: PageRequest,
+    caller: &Caller,
+) -> Result<v1::ListNodesResponse, Status> {
+    let names = node_names(generation, sessions);
+    let mut out = Page::new(page.size);
+    for node in names.range::<str, _>(page.range()) {
+        caller.gone()?;
+        if out.full() {
+            out.more = true;
+            break;
+        }
+        let session = sessions.get(node);
+        let status = node_status(
+            node,
+            generation,
+            session.as_deref(),
+            &desired(generation, node),
+        );
+        if !out.push(node, status) {
+            break;
+        }
+    }
+    Ok(v1::ListNodesResponse {
+        next_page_token: out.next_token(),
+        nodes: out.items,
+    })
+}
+
+fn get_node_state(
+    generation: &Generation,
+    session: Option<&Session>,
+    node: &str,
+    page: PageRequest,
+    caller: &Caller,
+) -> Result<v1::GetNodeStateResponse, Status> {
+    let desired = desired(generation, node);
+    caller.gone()?;
+    let status = node_status(node, generation, session, &desired);
+    let mut out = Page::new(page.size);
+    let start = match &page.after {
+        Some(after) => desired.partition_point(|r| *r.name <= **after),
+        None => 0,
+    };
+    for resource in &desired[start..] {
+        if !out.push(&resource.name, resource.decode()) {
+            break;
+        }
+    }
+    let next_page_token = out.next_token();
+    let upper = match (&out.last, out.more) {
+        (Some(last), true) => Bound::Included(last.as_str()),
+        _ => Bound::Unbounded,
+    };
+    let lower = page.range().0;
+    let acked_versions = session
+        .map(|s| {
+            s.protocol()
+                .acked
+                .iter()
+                .filter(|(name, _)| RangeBounds::<str>::contains(&(lower, upper), &***name))
+                .map(|(n, v)| (n.to_string(), format_version(*v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Ok(v1::GetNodeStateResponse {
+        status: Some(status),
+        resources: out.items,
+        acked_versions,
+        next_page_token,
+    })
+}
+
+fn get_service(
+    generation: &Generation,
+    sessions: &Sessions,
+    key: &ServiceKey,
+    page: PageRequest,
+    caller: &Caller,
+) -> Result<v1::GetServiceResponse, Status> {
+    let name = key.to_string();
+    let names = node_names(generation, sessions);
+    let mut out = Page::new(page.size);
+    for node in names.range::<str, _>(page.range()) {
+        caller.gone()?;
+        if out.full() {
+            out.more = true;
+            break;
+        }
+        let Some(resource) = generation.resource(&name, node) else {
+            continue;
+        };
+        let acked_version = sessions
+            .get(node)
+            .and_then(|s| s.protocol().acked.get(name.as_str()).copied())
+            .map(format_version)
+            .unwrap_or_default();
+        let item = v1::NodeService {
+            node_name: node.clone(),
+            resource: Some(resource.decode()),
+            acked_version,
+        };
+        if !out.push(node, item) {
+            break;
+        }
+    }
+    Ok(v1::GetServiceResponse {
+        next_page_token: out.next_token(),
+        nodes: out.items,
+    })
+}
+
+/// A problem's place in the list, as its page token spells it.
+fn problem_key(problem: &v1::SourceProblem) -> String {
+    format!(
+        "{}\u{1f}{}\u{1f}{}",
+        problem.origin, problem.object, problem.message
+    )
+}
+
+fn list_source_problems(
+    problems: &ProblemsView,
+    page: PageRequest,
+) -> v1::ListSourceProblemsResponse {
+    let mut all: Vec<(String, v1::SourceProblem)> = problems
+        .list()
+        .into_iter()
+        .map(|p| {
+            let problem = v1::SourceProblem {
+                origin: p.origin,
+                object: p.object.map(|o| o.to_string()).unwrap_or_default(),
+                message: p.message,
+                since: Some(p.since.into()),
+            };
+            (problem_key(&problem), problem)
+        })
+        .collect();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let start = match &page.after {
+        Some(after) => all.partition_point(|(key, _)| key <= after),
+        None => 0,
+    };
+    let mut out = Page::new(page.size);
+    for (key, problem) in all.into_iter().skip(start) {
+        if !out.push(&key, problem) {
+            break;
+        }
+    }
+    v1::ListSourceProblemsResponse {
+        next_page_token: out.next_token(),
+        problems: out.items,
+    }
 }
 
 #[tonic::async_trait]
 impl ControllerQuery for QueryService {
     async fn list_nodes(
         &self,
-        _: Request<v1::ListNodesRequest>,
+        request: Request<v1::ListNodesRequest>,
     ) -> Result<Response<v1::ListNodesResponse>, Status> {
+        self.access
+            .query(PeerInfo::of(&request).identity.as_deref(), "ListNodes")?;
+        let request = request.into_inner();
+        let page = PageRequest::new(request.page_size, request.page_token, 100, 500)?;
         let generation = self.generations.borrow().clone();
-        let nodes = self
-            .node_names(&generation)
-            .into_iter()
-            .map(|node| {
-                let desired = generation.node_resources(&node);
-                node_status(
-                    &node,
-                    &generation,
-                    self.sessions.get(&node).as_deref(),
-                    &desired,
-                )
-            })
-            .collect();
-        Ok(Response::new(v1::ListNodesResponse { nodes }))
+        let sessions = self.sessions.clone();
+        let response =
+            blocking(move |caller| list_nodes(&generation, &sessions, page, &caller)).await?;
+        Ok(Response::new(response))
     }
 
     async fn get_node_state(
         &self,
         request: Request<v1::GetNodeStateRequest>,
     ) -> Result<Response<v1::GetNodeStateResponse>, Status> {
-        let node = request.into_inner().node_name;
+        let peer = PeerInfo::of(&request);
+        let request = request.into_inner();
+        let node = request.node_name;
+        names::dns1123_subdomain(&node).map_err(|reason| {
+            Status::invalid_argument(format!("node_name {} {reason}", quote_bounded(&node)))
+        })?;
+        self.access.query_node(peer.identity.as_deref(), &node)?;
+        let page = PageRequest::new(request.page_size, request.page_token, 500, 5000)?;
         let generation = self.generations.borrow().clone();
         let session = self.sessions.get(&node);
         if !generation.snapshot.nodes.contains_key(&node) && session.is_none() {
             return Err(Status::not_found(format!(
-                "node {node:?} is neither in the cluster nor connected"
+                "node {node} is neither in the cluster nor connected"
             )));
         }
-        let desired = generation.node_resources(&node);
-        let status = node_status(&node, &generation, session.as_deref(), &desired);
-        let acked_versions = session
-            .map(|s| {
-                s.protocol()
-                    .acked
-                    .iter()
-                    .map(|(n, v)| (n.to_string(), format_version(*v)))
-                    .collect()
-            })
-            .unwrap_or_default();
-        Ok(Response::new(v1::GetNodeStateResponse {
-            status: Some(status),
-            resources: desired.iter().map(|r| r.decode()).collect(),
-            acked_versions,
-        }))
+        let response = blocking(move |caller| {
+            get_node_state(&generation, session.as_deref(), &node, page, &caller)
+        })
+        .await?;
+        Ok(Response::new(response))
     }
 
     async fn get_service(
         &self,
         request: Request<v1::GetServiceRequest>,
     ) -> Result<Response<v1::GetServiceResponse>, Status> {
+        self.access
+            .query(PeerInfo::of(&request).identity.as_deref(), "GetService")?;
         let request = request.into_inner();
+        for (field, value, check) in [
+            (
+                "namespace",
+                &request.namespace,
+                names::dns1123_label as fn(&str) -> _,
+            ),
+            ("name", &request.name, names::dns1035_label),
+        ] {
+            check(value).map_err(|reason| {
+                Status::invalid_argument(format!("{field} {} {reason}", quote_bounded(value)))
+            })?;
+        }
+        let page = PageRequest::new(request.page_size, request.page_token, 100, 1000)?;
         let key = ServiceKey::new(request.namespace, request.name);
         let generation = self.generations.borrow().clone();
         if !generation.snapshot.services.contains_key(&key) {
             return Err(Status::not_found(format!("service {key} does not exist")));
         }
-        let name = key.to_string();
-        let nodes = self
-            .node_names(&generation)
-            .into_iter()
-            .filter_map(|node| {
-                let resource = generation.resource(&name, &node)?;
-                let acked_version = self
-                    .sessions
-                    .get(&node)
-                    .and_then(|s| s.protocol().acked.get(name.as_str()).copied())
-                    .map(format_version)
-                    .unwrap_or_default();
-                Some(v1::NodeService {
-                    node_name: node,
-                    resource: Some(resource.decode()),
-                    acked_version,
-                })
-            })
-            .collect();
-        Ok(Response::new(v1::GetServiceResponse { nodes }))
+        let sessions = self.sessions.clone();
+        let response =
+            blocking(move |caller| get_service(&generation, &sessions, &key, page, &caller))
+                .await?;
+        Ok(Response::new(response))
     }
 
     async fn list_source_problems(
         &self,
-        _: Request<v1::ListSourceProblemsRequest>,
+        request: Request<v1::ListSourceProblemsRequest>,
     ) -> Result<Response<v1::ListSourceProblemsResponse>, Status> {
-        let problems = self
-            .problems
-            .list()
-            .into_iter()
-            .map(|p| v1::SourceProblem {
-                origin: p.origin,
-                object: p.object.map(|o| o.to_string()).unwrap_or_default(),
-                message: p.message,
-                since: Some(p.since.into()),
-            })
-            .collect();
-        Ok(Response::new(v1::ListSourceProblemsResponse { problems }))
+        self.access.query(
+            PeerInfo::of(&request).identity.as_deref(),
+            "ListSourceProblems",
+        )?;
+        let request = request.into_inner();
+        let page = PageRequest::new(request.page_size, request.page_token, 500, 5000)?;
+        let problems = self.problems.clone();
+        let response = blocking(move |_| Ok(list_source_problems(&problems, page))).await?;
+        Ok(Response::new(response))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_requests_default_cap_and_refuse_oversized_tokens() {
+        assert_eq!(
+            PageRequest::new(0, String::new(), 100, 500).unwrap(),
+            PageRequest {
+                size: 100,
+                after: None
+            }
+        );
+        assert_eq!(
+            PageRequest::new(10_000, "n".into(), 100, 500).unwrap().size,
+            500
+        );
+        let error = PageRequest::new(1, "x".repeat(MAX_TOKEN + 1), 100, 500).unwrap_err();
+        assert_eq!(error.code(), tonic::Code::InvalidArgument);
+        assert!(error.message().len() < 100, "no echo: {}", error.message());
+    }
+
+    #[test]
+    fn a_page_stops_at_its_size_or_byte_budget_and_always_holds_one_item() {
+        let item = |n: usize| v1::SourceProblem {
+            message: "x".repeat(n),
+            ..Default::default()
+        };
+        let mut page = Page::new(2);
+        assert!(page.push("a", item(1)));
+        assert!(page.push("b", item(1)));
+        assert!(!page.push("c", item(1)));
+        assert_eq!(page.next_token(), "b");
+
+        let mut page = Page::new(100);
+        assert!(
+            page.push("big", item(MAX_PAGE_BYTES + 10)),
+            "one item always fits"
+        );
+        assert!(!page.push("next", item(1)));
+        assert_eq!(page.next_token(), "big");
+
+        let mut page = Page::new(100);
+        assert!(page.push("a", item(MAX_PAGE_BYTES / 2)));
+        assert!(
+            !page.push("b", item(MAX_PAGE_BYTES / 2 + 100)),
+            "over the budget"
+        );
+        assert_eq!(page.items.len(), 1);
+
+        let mut page: Page<v1::SourceProblem> = Page::new(100);
+        page.push("a", item(1));
+        assert_eq!(page.next_token(), "", "the last page has no token");
     }
 }

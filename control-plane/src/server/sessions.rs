@@ -1,29 +1,48 @@
 //! What the controller knows of each node's agent: identity, what it acknowledged,
 //! its last NACK. Written by the node's stream, read by the query API.
+//!
+//! # Bounds
+//! A stream's declarations and acknowledgements are dropped when it closes: a closed
+//! session keeps only a summary (the version of what the agent held, counters, its last
+//! NACK, already bounded). Closed sessions of nodes that are not in the cluster are
+//! forgotten after a grace period ([`Sessions::forget_stale`]), and never more than
+//! [`MAX_FORGETTABLE`] of them are kept, so peers inventing node names cannot grow the
+//! controller.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
-    time::SystemTime,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, SystemTime},
 };
 
-use switchyard_proto::v1;
+use sha2::{Digest, Sha256};
+use switchyard_proto::{format_version, v1};
 use tokio::sync::watch;
 
-/// The last NACK an agent sent.
+/// Most closed sessions of nodes outside the cluster kept at once; the oldest go first.
+pub const MAX_FORGETTABLE: usize = 4096;
+
+/// The last NACK an agent sent (bounded by the stream before it gets here).
 #[derive(Clone, Debug)]
 pub struct Nack {
     pub nonce: String,
     pub time: SystemTime,
     pub errors: Vec<v1::ResourceError>,
+    /// Errors left out beyond those kept.
+    pub omitted: usize,
 }
 
 /// Protocol state of one node, shared between its stream and the query API.
 #[derive(Debug, Default)]
 pub struct NodeProtocol {
     /// Resource name → version the agent holds, as acknowledged (or declared on connect).
+    /// Emptied when the stream closes.
     pub acked: foldhash::HashMap<Arc<str>, u64>,
     /// Versions the agent rejected; not resent until the desired version moves on.
+    /// Emptied when the stream closes.
     pub nacked: foldhash::HashMap<Arc<str>, u64>,
     pub last_nack: Option<Nack>,
     /// Since when the agent has been missing some desired change; `None` when in sync.
@@ -31,6 +50,45 @@ pub struct NodeProtocol {
     /// Upserted resources and removals sent on this stream.
     pub resources_sent: u64,
     pub removals_sent: u64,
+    /// Set when the stream closed: what the agent held then.
+    pub closed: Option<Closed>,
+}
+
+/// What a closed stream leaves behind.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Closed {
+    pub at: SystemTime,
+    /// [`state_version`] of what the agent held.
+    pub acked_version: String,
+    pub acked_resources: usize,
+}
+
+/// A version for a whole set of resources: hash of the sorted `name=version` lines.
+pub fn state_version<'a>(resources: impl IntoIterator<Item = (&'a str, u64)>) -> String {
+    let mut pairs: Vec<_> = resources.into_iter().collect();
+    pairs.sort_unstable();
+    let mut hash = StateHasher::default();
+    for (name, version) in pairs {
+        hash.add(name, version);
+    }
+    hash.finish()
+}
+
+/// [`state_version`] over pairs that already come in name order, without collecting them.
+#[derive(Default)]
+pub struct StateHasher(Sha256);
+
+impl StateHasher {
+    pub fn add(&mut self, name: &str, version: u64) {
+        self.0.update(format!("{name}={version:016x}\n"));
+    }
+
+    pub fn finish(self) -> String {
+        let digest = self.0.finalize();
+        format_version(u64::from_be_bytes(
+            digest[..8].try_into().expect("32-byte digest"),
+        ))
+    }
 }
 
 /// One agent's stream for one node.
@@ -41,11 +99,12 @@ pub struct Session {
     pub identity: v1::NodeIdentity,
     pub peer: String,
     pub connected_since: SystemTime,
-    connected: Mutex<bool>,
+    /// Apart from `protocol`, so it can be read while `protocol` is held.
+    connected: AtomicBool,
     protocol: Mutex<NodeProtocol>,
     /// The dataplanes the agent programs with now and the Node's label asks for.
     dataplanes: Mutex<Dataplanes>,
-    /// Set to true when a newer stream for the same node takes over.
+    /// Set to the newer stream's peer when a newer stream for the same node takes over.
     superseded: watch::Sender<Option<String>>,
 }
 
@@ -87,7 +146,7 @@ impl Session {
     }
 
     pub fn is_connected(&self) -> bool {
-        *self.connected.lock().unwrap_or_else(|e| e.into_inner())
+        self.connected.load(Ordering::Acquire)
     }
 
     /// Resolves with the new stream's peer once a newer stream takes this node over.
@@ -109,6 +168,10 @@ struct SessionsInner {
 }
 
 impl Sessions {
+    fn inner(&self) -> MutexGuard<'_, SessionsInner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Registers a new stream for a node; an older connected stream for the same node is
     /// told to close.
     pub fn open(
@@ -117,7 +180,7 @@ impl Sessions {
         peer: String,
         acked: foldhash::HashMap<Arc<str>, u64>,
     ) -> Arc<Session> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner();
         inner.next_id += 1;
         let node = identity.node_name.clone();
         let in_force = identity.dataplane();
@@ -127,7 +190,7 @@ impl Sessions {
             identity,
             peer: peer.clone(),
             connected_since: SystemTime::now(),
-            connected: Mutex::new(true),
+            connected: AtomicBool::new(true),
             protocol: Mutex::new(NodeProtocol {
                 acked,
                 ..Default::default()
@@ -144,27 +207,163 @@ impl Sessions {
         session
     }
 
-    /// Marks a stream closed; its acknowledged state stays visible until the node reconnects.
+    /// Marks a stream closed and drops what it declared and acknowledged, keeping a
+    /// summary for the query API until the node reconnects.
     pub fn close(&self, session: &Session) {
-        *session.connected.lock().unwrap_or_else(|e| e.into_inner()) = false;
+        let mut protocol = session.protocol();
+        let acked_version = state_version(protocol.acked.iter().map(|(n, v)| (&**n, *v)));
+        protocol.closed = Some(Closed {
+            at: SystemTime::now(),
+            acked_version,
+            acked_resources: protocol.acked.len(),
+        });
+        protocol.acked = Default::default();
+        protocol.nacked = Default::default();
+        session.connected.store(false, Ordering::Release);
     }
 
     pub fn get(&self, node: &str) -> Option<Arc<Session>> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .by_node
-            .get(node)
-            .cloned()
+        self.inner().by_node.get(node).cloned()
     }
 
     pub fn all(&self) -> Vec<Arc<Session>> {
-        self.inner
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        self.inner().by_node.values().cloned().collect()
+    }
+
+    /// How many sessions are kept, connected or not.
+    pub fn len(&self) -> usize {
+        self.inner().by_node.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets closed sessions of nodes not in the cluster (`in_cluster` says which are)
+    /// once they have been closed for `grace`, and the oldest beyond
+    /// [`MAX_FORGETTABLE`]. Returns the nodes forgotten.
+    pub fn forget_stale(
+        &self,
+        now: SystemTime,
+        grace: Duration,
+        in_cluster: impl Fn(&str) -> bool,
+    ) -> Vec<String> {
+        let mut inner = self.inner();
+        let mut forgettable: Vec<(SystemTime, String)> = inner
             .by_node
-            .values()
-            .cloned()
+            .iter()
+            .filter(|(node, _)| !in_cluster(node))
+            .filter_map(|(node, session)| {
+                let closed_at = session.protocol().closed.as_ref()?.at;
+                Some((closed_at, node.clone()))
+            })
+            .collect();
+        forgettable.sort();
+        let excess = forgettable.len().saturating_sub(MAX_FORGETTABLE);
+        let forgotten: Vec<String> = forgettable
+            .into_iter()
+            .enumerate()
+            .filter(|(i, (closed_at, _))| {
+                *i < excess || now.duration_since(*closed_at).unwrap_or_default() >= grace
+            })
+            .map(|(_, (_, node))| node)
+            .collect();
+        for node in &forgotten {
+            inner.by_node.remove(node);
+        }
+        forgotten
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(node: &str) -> v1::NodeIdentity {
+        v1::NodeIdentity {
+            node_name: node.into(),
+            ..Default::default()
+        }
+    }
+
+    fn declared(n: usize) -> foldhash::HashMap<Arc<str>, u64> {
+        (0..n)
+            .map(|i| (Arc::from(format!("ns/svc-{i}")), i as u64))
             .collect()
+    }
+
+    #[test]
+    fn a_closed_session_keeps_a_summary_and_drops_what_the_peer_declared() {
+        let sessions = Sessions::default();
+        let session = sessions.open(identity("node-a"), "peer".into(), declared(10_000));
+        let expected = state_version(
+            session
+                .protocol()
+                .acked
+                .iter()
+                .map(|(n, v)| (&**n, *v))
+                .collect::<Vec<_>>(),
+        );
+        sessions.close(&session);
+        let protocol = session.protocol();
+        assert!(protocol.acked.is_empty() && protocol.acked.capacity() == 0);
+        assert!(protocol.nacked.capacity() == 0);
+        let closed = protocol.closed.as_ref().unwrap();
+        assert_eq!(closed.acked_version, expected);
+        assert_eq!(closed.acked_resources, 10_000);
+        assert!(
+            !session.is_connected(),
+            "readable while the protocol is held"
+        );
+    }
+
+    #[test]
+    fn closed_sessions_of_nodes_outside_the_cluster_are_forgotten_after_the_grace_period() {
+        let sessions = Sessions::default();
+        for node in ["gone", "member", "live"] {
+            let session = sessions.open(identity(node), "peer".into(), declared(1));
+            if node != "live" {
+                sessions.close(&session);
+            }
+        }
+        let grace = Duration::from_secs(60);
+        let now = SystemTime::now();
+        let outside = |node: &str| node == "member";
+        assert!(
+            sessions.forget_stale(now, grace, outside).is_empty(),
+            "within grace"
+        );
+        let later = now + grace + Duration::from_secs(1);
+        assert_eq!(sessions.forget_stale(later, grace, outside), ["gone"]);
+        let mut left: Vec<_> = sessions.all().iter().map(|s| s.node.clone()).collect();
+        left.sort();
+        assert_eq!(
+            left,
+            ["live", "member"],
+            "connected and in-cluster sessions stay"
+        );
+    }
+
+    #[test]
+    fn no_more_than_the_cap_of_forgettable_sessions_is_kept() {
+        let sessions = Sessions::default();
+        for i in 0..MAX_FORGETTABLE + 10 {
+            let session = sessions.open(identity(&format!("n{i}")), "peer".into(), declared(0));
+            sessions.close(&session);
+        }
+        let forgotten =
+            sessions.forget_stale(SystemTime::now(), Duration::from_secs(3600), |_| false);
+        assert_eq!(forgotten.len(), 10);
+        assert_eq!(sessions.len(), MAX_FORGETTABLE);
+    }
+
+    #[test]
+    fn a_newer_stream_supersedes_the_older_one() {
+        let sessions = Sessions::default();
+        let old = sessions.open(identity("node-a"), "old".into(), declared(0));
+        let superseded = old.superseded();
+        sessions.open(identity("node-a"), "new".into(), declared(0));
+        assert_eq!(superseded.borrow().as_deref(), Some("new"));
+        assert_eq!(sessions.get("node-a").unwrap().peer, "new");
     }
 }

@@ -5,7 +5,11 @@
 //! pure [`KindTracker::step`]; the task around it only feeds it events and forwards its
 //! updates.
 
-use std::{collections::BTreeMap, time::SystemTime};
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicUsize, Ordering},
+    time::SystemTime,
+};
 
 use futures::{StreamExt, future};
 use k8s_openapi::api::{core::v1 as core, discovery::v1 as discovery};
@@ -102,11 +106,14 @@ impl KubeSource {
         } else {
             watcher::Config::default()
         };
+        // The store is whole once every kind has been listed once.
+        let unlisted = AtomicUsize::new(3);
         let services = watch_kind(
             Api::<core::Service>::all(self.client.clone()),
             filtered.clone(),
             KindTracker::new(SERVICE_ORIGIN, ObjectKind::Service, convert_service),
             &tx,
+            &unlisted,
         );
         let slices = watch_kind(
             Api::<discovery::EndpointSlice>::all(self.client.clone()),
@@ -117,12 +124,14 @@ impl KubeSource {
                 convert_endpoint_slice,
             ),
             &tx,
+            &unlisted,
         );
         let nodes = watch_kind(
             Api::<core::Node>::all(self.client.clone()),
             watcher::Config::default(),
             KindTracker::new(NODE_ORIGIN, ObjectKind::Node, convert_node),
             &tx,
+            &unlisted,
         );
         tokio::select! {
             () = tx.closed() => Ok(()),
@@ -145,17 +154,20 @@ fn convert_node(object: &core::Node) -> Result<Option<Object>, ConvertError> {
     convert::node(object).map(|node| Some(Object::Node(node)))
 }
 
-/// Runs one kind's watcher until the store is closed.
+/// Runs one kind's watcher until the store is closed. After its first full list it
+/// counts `unlisted` down; the last kind listed tells the store it is synced.
 async fn watch_kind<K>(
     api: Api<K>,
     config: watcher::Config,
     mut tracker: KindTracker<K>,
     tx: &StoreSender,
+    unlisted: &AtomicUsize,
 ) -> Result<(), KubeSourceError>
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + DeserializeOwned + Send + 'static,
 {
     let mut events = watcher::watcher(api, config).default_backoff().boxed();
+    let mut was_listed = false;
     loop {
         let event = match events.next().await {
             None => {
@@ -173,7 +185,12 @@ where
             }
             Some(Ok(event)) => event,
         };
-        for update in tracker.step(event, SystemTime::now()) {
+        let listed = matches!(event, Event::InitDone) && !std::mem::replace(&mut was_listed, true);
+        let mut updates = tracker.step(event, SystemTime::now());
+        if listed && unlisted.fetch_sub(1, Ordering::SeqCst) == 1 {
+            updates.push(StoreUpdate::Synced);
+        }
+        for update in updates {
             if tx.send(update).await.is_err() {
                 debug!(origin = %tracker.origin, "store closed, stopping watch");
                 return Ok(());

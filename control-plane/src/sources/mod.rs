@@ -47,6 +47,15 @@ pub enum StoreUpdate {
         origin: Origin,
         object: Option<ObjectRef>,
     },
+    /// The origin's problems are now exactly these, each listed on its own even when
+    /// several name the same object (duplicates found by the store stay).
+    ReplaceProblems {
+        origin: Origin,
+        problems: Vec<(Option<ObjectRef>, String)>,
+    },
+    /// The source has sent everything of its first full read: from now on the store
+    /// holds the whole cluster, and agents may be served.
+    Synced,
 }
 
 /// Sending half of the store's update channel.

@@ -377,7 +377,7 @@ async fn controller_state(endpoint: String) -> anyhow::Result<String> {
         "\n=== Controller: ControllerQuery/ListNodes ({endpoint}) ==="
     )?;
     let nodes = query
-        .list_nodes(v1::ListNodesRequest {})
+        .list_nodes(v1::ListNodesRequest::default())
         .await?
         .into_inner();
     writeln!(
@@ -416,6 +416,7 @@ async fn controller_state(endpoint: String) -> anyhow::Result<String> {
         .get_service(v1::GetServiceRequest {
             namespace: SERVICE_NS.into(),
             name: SERVICE.into(),
+            ..Default::default()
         })
         .await?
         .into_inner();
@@ -453,7 +454,7 @@ async fn controller_state(endpoint: String) -> anyhow::Result<String> {
     }
 
     let problems = query
-        .list_source_problems(v1::ListSourceProblemsRequest {})
+        .list_source_problems(v1::ListSourceProblemsRequest::default())
         .await?
         .into_inner();
     writeln!(

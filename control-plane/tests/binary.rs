@@ -1,0 +1,188 @@
+//! The controller binary as operators run it: probes on the plain HTTP port, and SIGINT
+//! or SIGTERM closing agent streams and exiting within seconds.
+
+use std::{
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpStream},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use switchyard_proto::v1::{
+    self, NodeIdentity, NodeStateRequest, node_state_discovery_client::NodeStateDiscoveryClient,
+};
+use tokio_stream::wrappers::ReceiverStream;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+struct Controller {
+    child: Child,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    /// Everything the controller wrote to stderr, drained so it never blocks on a pipe.
+    log: Arc<Mutex<String>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start() -> Controller {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("cluster.yaml"),
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n---\n\
+         apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+         spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard-controller"))
+        .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+        .arg("--manifests")
+        .arg(dir.path())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = BufReader::new(child.stderr.take().unwrap());
+    let log = Arc::new(Mutex::new(String::new()));
+    let deadline = Instant::now() + WAIT;
+    let (grpc, http) = loop {
+        let mut line = String::new();
+        assert!(
+            stderr.read_line(&mut line).unwrap() > 0 && Instant::now() < deadline,
+            "the controller ended before saying where it listens: {}",
+            log.lock().unwrap()
+        );
+        log.lock().unwrap().push_str(&line);
+        if let Some(rest) = line.strip_prefix("switchyard-controller is serving on ") {
+            let grpc = rest.split(' ').next().unwrap().parse().unwrap();
+            let http = rest
+                .split("probes on http://")
+                .nth(1)
+                .and_then(|r| r.split('/').next())
+                .unwrap()
+                .parse()
+                .unwrap();
+            break (grpc, http);
+        }
+    };
+    let drained = log.clone();
+    std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = stderr.read_to_string(&mut rest);
+        drained.lock().unwrap().push_str(&rest);
+    });
+    Controller {
+        child,
+        grpc,
+        http,
+        log,
+        _dir: dir,
+    }
+}
+
+/// `GET path` on the plain HTTP port: the status code and body.
+fn get(address: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: controller\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response[9..12].parse().unwrap();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[test]
+fn probes_answer_on_the_plain_http_port() {
+    let controller = start();
+    assert_eq!(get(controller.http, "/healthz").0, 200);
+    let deadline = Instant::now() + WAIT;
+    while get(controller.http, "/readyz").0 != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "never ready: {}",
+            controller.log.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, body) = get(controller.http, "/metrics");
+    assert_eq!(status, 404);
+    assert_eq!(body, "the controller exports no metrics yet\n");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_and_sigterm_close_agent_streams_and_exit_within_seconds() {
+    use rustix::process::{Pid, Signal, kill_process};
+    for signal in [Signal::INT, Signal::TERM] {
+        let mut controller = start();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(NodeStateRequest {
+            node: Some(NodeIdentity {
+                node_name: "node-a".into(),
+                dataplane: v1::Dataplane::Iptables.into(),
+                agent_version: "test".into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut client = NodeStateDiscoveryClient::connect(format!("http://{}", controller.grpc))
+            .await
+            .unwrap();
+        let mut responses = client
+            .stream_node_state(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = tokio::time::timeout(WAIT, responses.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(first.resources.len(), 1);
+
+        // The agent keeps its stream open (it neither answers nor closes).
+        let pid = Pid::from_raw(controller.child.id() as i32).unwrap();
+        let sent = Instant::now();
+        kill_process(pid, signal).unwrap();
+        let ended = tokio::time::timeout(WAIT, responses.message())
+            .await
+            .unwrap();
+        match ended {
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+                assert!(status.message().contains("shutting down"), "{status:?}");
+            }
+            Ok(None) => {}
+            Ok(Some(response)) => panic!("{signal:?}: more state after the signal: {response:?}"),
+        }
+        let exit = loop {
+            if let Some(exit) = controller.child.try_wait().unwrap() {
+                break exit;
+            }
+            assert!(
+                sent.elapsed() < Duration::from_secs(5),
+                "{signal:?}: still running after {:?}: {}",
+                sent.elapsed(),
+                controller.log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(exit.success(), "{signal:?}: {exit:?}");
+        eprintln!("{signal:?}: exited {:?} after the signal", sent.elapsed());
+        drop(tx);
+    }
+}
