@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every switchyard test: formatting, lints, the Rust unit and integration tests
 # (including real packets through iptables rules in network namespaces, so it runs as
-# root), and the Python reflection-client checks against the real controller binary.
+# root), the quick side-by-side comparison (scripts/compare.sh --quick: its conformance
+# matrix must hold), and the Python reflection-client checks against the real controller
+# binary.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 cd "$SWITCHYARD_ROOT"
@@ -23,6 +25,8 @@ log "cargo clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 log "cargo test"
 cargo test --locked --workspace
+log "side by side, quick: the conformance matrix across iptables, IPVS and eBPF must hold (timings only reported)"
+"$SWITCHYARD_ROOT/scripts/compare.sh" --quick --out "$SWITCHYARD_CACHE/compare-quick"
 log "reflection clients (Python grpcio) against the controller binary"
 SWITCHYARD_CONTROLLER="$CARGO_TARGET_DIR/debug/switchyard-controller" \
 SWITCHYARD_EXAMPLES="$SWITCHYARD_ROOT/deploy/examples" \

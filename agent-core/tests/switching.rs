@@ -230,8 +230,17 @@ async fn a_changed_flag_moves_a_restarted_agent_and_an_unchanged_restart_moves_n
     } = r;
     drop(agent);
 
-    // Restarted with the same flag: resumes, writes nothing.
-    let applies = kernels.of(DataplaneKind::Iptables).apply_count();
+    // Restarted with the same flag: resumes, writes nothing. The dropped agent's last
+    // apply may still be finishing on a blocking thread: count once the count settles.
+    let mut applies = kernels.of(DataplaneKind::Iptables).apply_count();
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let now = kernels.of(DataplaneKind::Iptables).apply_count();
+        if now == applies {
+            break;
+        }
+        applies = now;
+    }
     let agent = start_agent(
         controller.endpoint(),
         NODE,
