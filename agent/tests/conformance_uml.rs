@@ -14,8 +14,8 @@ use switchyard_integration::{
 };
 
 #[test]
-fn iptables_and_ipvs_agree_with_each_other_and_the_controller_on_every_scenario() {
-    let guest = Guest::new().mem_mib(2048).timeout(Duration::from_secs(400));
+fn iptables_ipvs_and_ebpf_agree_with_each_other_and_the_controller_on_every_scenario() {
+    let guest = Guest::new().mem_mib(2048).timeout(Duration::from_secs(600));
     in_ipvs_kernel_with(guest, || {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -25,7 +25,7 @@ fn iptables_and_ipvs_agree_with_each_other_and_the_controller_on_every_scenario(
             .block_on(async {
                 let scenarios = conformance::scenarios();
                 let mut matrix = Matrix::default();
-                for dataplane in ["iptables", "ipvs"] {
+                for dataplane in ["iptables", "ipvs", "ebpf"] {
                     let pins = PinDir::new();
                     let (results, expected) =
                         conformance::run(agent(dataplane, &pins), &scenarios).await;

@@ -1,11 +1,14 @@
-//! Live dataplane switches involving IPVS, with real packets on a real IPVS kernel
-//! (user-mode Linux when the host has none): the `switchyard-agent` binary on
+//! Live dataplane switches involving IPVS — with iptables, and with eBPF — with real
+//! packets on a real IPVS kernel (user-mode Linux when the host has none): the `switchyard-agent` binary on
 //! `--dataplane auto`, a connection loop from a pod through a ClusterIP, the Node label
 //! flipped on disk. No connection may fail, and afterwards no object of the old dataplane
 //! may be left in the kernel.
 
+mod common;
+
 use std::{net::SocketAddr, time::Duration};
 
+use common::PinDir;
 use switchyard_integration::{
     e2e::{AgentSpec, Cluster, PATIENCE},
     uml::{Guest, in_ipvs_kernel_with},
@@ -31,6 +34,15 @@ fn agent() -> AgentSpec {
         "--disable-ipv6",
         "--drift-interval",
         "2s",
+    ])
+}
+
+/// [`agent`] balancing for a cgroup of the cluster's own and pinning under `pins`, so it
+/// can switch to eBPF too.
+fn agent_with_ebpf(pins: &PinDir) -> AgentSpec {
+    agent().cgroup("--cgroup-path").args([
+        "--bpffs".to_string(),
+        pins.path.display().to_string(),
     ])
 }
 
@@ -91,6 +103,36 @@ fn iptables_and_ipvs_switch_both_ways_under_traffic_without_a_failed_connection(
         let (iptables, ipvs) = objects(&cluster);
         assert!(iptables > 5);
         assert_eq!(ipvs, 0, "IPVS left nothing behind");
+
+        let stats = traffic.stop();
+        assert_eq!(stats.failed, 0, "{:?}", stats.failures);
+        assert!(stats.succeeded > 20, "{stats:?}");
+    });
+}
+
+#[test]
+fn ipvs_and_ebpf_switch_both_ways_under_traffic_without_a_failed_connection() {
+    run(async || {
+        let pins = PinDir::new();
+        let cluster = Cluster::start(agent_with_ebpf(&pins)).await;
+        let target: SocketAddr = "10.96.0.10:80".parse().unwrap();
+        let traffic = cluster
+            .pod()
+            .connection_loop(target, Duration::from_millis(20))
+            .unwrap();
+        assert!(traffic.wait_for_successes(10, PATIENCE));
+        switch(&cluster, "ipvs", v1::Dataplane::Ipvs).await;
+        assert!(pins.pins().is_empty(), "no eBPF before the label asks");
+
+        switch(&cluster, "ebpf", v1::Dataplane::Ebpf).await;
+        let (iptables, ipvs) = objects(&cluster);
+        assert_eq!((iptables, ipvs), (0, 0), "IPVS left nothing behind");
+        assert!(!pins.pins().is_empty(), "eBPF pinned its maps and links");
+
+        switch(&cluster, "ipvs", v1::Dataplane::Ipvs).await;
+        let (_, ipvs) = objects(&cluster);
+        assert!(ipvs > 10, "{ipvs} IPVS objects");
+        assert!(pins.pins().is_empty(), "eBPF left nothing behind: {:?}", pins.pins());
 
         let stats = traffic.stop();
         assert_eq!(stats.failed, 0, "{:?}", stats.failures);
