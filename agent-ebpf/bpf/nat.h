@@ -39,6 +39,10 @@
 #define SWY_TCP_ACK 0x10
 /* Not a verdict: the packet goes on to the next step. */
 #define SWY_CONTINUE (-2)
+/* Not a verdict: the entry program answers with reject(). Called from there, not from
+ * new_flow, so the two frames never stack: the three of them would pass the 512 bytes
+ * the verifier allows a call chain. */
+#define SWY_REJECT (-3)
 /* Ports tried for one source-NATed flow before it is dropped. */
 #define SWY_SNAT_TRIES 8
 
@@ -419,7 +423,7 @@ static __always_inline int forward_xlate(struct __sk_buff *skb, struct swy_flow 
 }
 
 /* A new flow to a Service address: choose, track, translate, send. TC_ACT_UNSPEC (-1)
- * when the packet is no Service's. */
+ * when the packet is no Service's, SWY_REJECT when it is to be answered with reject(). */
 static __noinline int new_flow(struct __sk_buff *skb, struct swy_flow *f)
 {
 	__u32 zero = 0;
@@ -458,7 +462,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct swy_flow *f)
 			return TC_ACT_SHOT;
 	}
 	if (outcome == SWY_VERDICT && n->c.svc.action == SWY_ACT_REJECT)
-		return reject(skb, f);
+		return SWY_REJECT;
 	if (outcome != SWY_CHOSEN)
 		return TC_ACT_SHOT;
 
@@ -487,6 +491,9 @@ static __noinline int new_flow(struct __sk_buff *skb, struct swy_flow *f)
 		__u32 span = config->snat_port_max - config->snat_port_min + 1;
 		__be16 snat_port = 0;
 		n->rev.flags = SWY_CT_F_SNAT;
+		/* Unrolled: Linux 6.1's verifier refuses a loop whose back-edge clang lays out
+		 * as a fall-through into the loop head ("back-edge from insn N to N+1"). */
+#pragma unroll
 		for (int i = 0; i < SWY_SNAT_TRIES; i++) {
 			__be16 candidate = bpf_htons(config->snat_port_min + (mix32(hash + i) % span));
 			ct_key_of(&n->rkey, n->c.backend.addr, node, n->c.backend.port, candidate,
@@ -543,6 +550,8 @@ int swy_tc_ingress(struct __sk_buff *skb)
 	if (ct && !syn)
 		return forward_xlate(skb, &f, ct);
 	verdict = new_flow(skb, &f);
+	if (verdict == SWY_REJECT)
+		return reject(skb, &f);
 	return verdict == TC_ACT_UNSPEC ? TC_ACT_OK : verdict;
 }
 
