@@ -33,11 +33,12 @@ use switchyard_proto::{format_version, v1};
 
 use crate::{
     abi::{
-        self, CidrData, Config, CtKey, MaglevKey, NodeAddrKey, SlotKey, VersionKey, VersionValue,
+        self, CidrData, Config, CtKey, MaglevKey, NodeAddrKey, SlotKey, SrcData, SrcValue,
+        VersionKey, VersionValue,
     },
     codec::{self, Dump, Installed, ReadBack},
     host,
-    loader::{self, Attach, LoadError},
+    loader::{self, Attach, Features, LoadError, TcAttachMode},
     maps::{self, MapOpError, Maps},
     render::{RenderConfig, RenderError, ServiceEntries, render_service},
 };
@@ -58,6 +59,8 @@ pub struct EbpfConfig {
     pub nodeport_addresses: Vec<IpNet>,
     /// Source ports of source-NATed flows (inclusive).
     pub snat_ports: (u16, u16),
+    /// How the tc programs attach (TCX where the kernel has it, by default).
+    pub tc_attach: TcAttachMode,
 }
 
 impl EbpfConfig {
@@ -67,6 +70,7 @@ impl EbpfConfig {
             render: RenderConfig::default(),
             nodeport_addresses: Vec::new(),
             snat_ports: DEFAULT_SNAT_PORTS,
+            tc_attach: TcAttachMode::Auto,
         }
     }
 }
@@ -101,6 +105,7 @@ pub struct EbpfDataplane {
     /// `sock_blackholes` as last written to `swy_config`.
     blackholes_written: Option<u32>,
     reused_links: bool,
+    features: Features,
 }
 
 fn map_error(e: MapOpError) -> DataplaneError {
@@ -115,13 +120,14 @@ impl EbpfDataplane {
     /// the programs unless the pinned links already run this build, and writes the
     /// node-wide maps. Service entries are left as they are.
     pub fn new(config: EbpfConfig) -> Result<Self, LoadError> {
-        let kernel = loader::open(&config.attach)?;
+        let kernel = loader::open(&config.attach, config.tc_attach)?;
         let mut dataplane = Self {
             config,
             maps: kernel.maps,
             state: None,
             blackholes_written: None,
             reused_links: kernel.reused_links,
+            features: kernel.features,
         };
         dataplane.sync_globals()?;
         Ok(dataplane)
@@ -130,6 +136,12 @@ impl EbpfDataplane {
     /// Whether the pinned links were found running this build and kept as they were.
     pub fn reused_links(&self) -> bool {
         self.reused_links
+    }
+
+    /// What the kernel offers and so which paths the dataplane took (tc attachment,
+    /// source of source-NAT addresses), found when it started.
+    pub fn features(&self) -> Features {
+        self.features
     }
 
     pub fn config(&self) -> &EbpfConfig {
@@ -163,8 +175,8 @@ impl EbpfDataplane {
         out
     }
 
-    /// Writes the node addresses node ports answer on, the cluster CIDRs and the
-    /// settings the programs read.
+    /// Writes the node addresses node ports answer on, the cluster CIDRs, the source
+    /// addresses of source NAT per device and the settings the programs read.
     pub fn sync_globals(&mut self) -> Result<(), LoadError> {
         let addrs = host::interface_addrs().map_err(|source| LoadError::Io {
             op: "getifaddrs",
@@ -218,7 +230,53 @@ impl EbpfDataplane {
         for key in &cidrs {
             maps::lpm_insert(&mut self.maps.cidrs, "swy_cidrs", key)?;
         }
+        self.sync_src_addrs()?;
         self.write_config(None)?;
+        Ok(())
+    }
+
+    /// Keeps `swy_src_addrs` equal to the node's devices' addresses (see
+    /// [`host::src_addrs`]). Written on every kernel; read only where `bpf_fib_lookup`
+    /// cannot name a source address.
+    fn sync_src_addrs(&mut self) -> Result<(), LoadError> {
+        let addrs = host::device_addrs().map_err(|source| LoadError::Io {
+            op: "getifaddrs",
+            path: "/".into(),
+            source,
+        })?;
+        let wanted: BTreeMap<(u32, SrcData), SrcValue> = host::src_addrs(&addrs)
+            .into_iter()
+            .map(|(key, addr)| {
+                let data = SrcData {
+                    ifindex: key.ifindex,
+                    addr: abi::addr(key.addr),
+                };
+                (
+                    (key.prefix_len, data),
+                    SrcValue {
+                        addr: abi::addr(addr),
+                    },
+                )
+            })
+            .collect();
+        let name = "swy_src_addrs";
+        let map = &mut self.maps.src_addrs;
+        let mut present = BTreeSet::new();
+        for key in maps::lpm_keys(map, name)? {
+            let id = (key.prefix_len(), key.data());
+            if wanted.contains_key(&id) {
+                present.insert(id);
+            } else {
+                maps::lpm_remove(map, name, &key)?;
+            }
+        }
+        for (id @ (prefix_len, data), value) in &wanted {
+            let key = aya::maps::lpm_trie::Key::new(*prefix_len, *data);
+            // A lookup of a present key finds that key's own entry.
+            if !present.contains(id) || map.get(&key, 0).ok().as_ref() != Some(value) {
+                maps::lpm_set(map, name, &key, value)?;
+            }
+        }
         Ok(())
     }
 
@@ -229,7 +287,11 @@ impl EbpfDataplane {
             sock_blackholes: blackholes.unwrap_or(current.sock_blackholes),
             snat_port_min: min,
             snat_port_max: max,
-            flags: 0,
+            flags: if self.features.fib_src {
+                abi::CFG_F_FIB_SRC
+            } else {
+                0
+            },
             pad: 0,
         };
         if config != current {

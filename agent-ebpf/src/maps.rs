@@ -13,7 +13,8 @@ use aya::{
 
 use crate::abi::{
     AffinityKey, AffinityValue, Backend, CidrData, Config, CtKey, CtValue, MaglevChunk, MaglevKey,
-    Meta, NodeAddrKey, RangeData, SlotKey, SvcKey, SvcValue, VersionKey, VersionValue,
+    Meta, NodeAddrKey, RangeData, SlotKey, SrcData, SrcValue, SvcKey, SvcValue, VersionKey,
+    VersionValue,
 };
 
 /// A map operation that failed, with the map and the operation named. Retryable as a
@@ -55,6 +56,7 @@ pub struct Maps {
     pub node_addrs: HashMap<MapData, NodeAddrKey, u32>,
     pub ranges: LpmTrie<MapData, RangeData, u8>,
     pub cidrs: LpmTrie<MapData, CidrData, u8>,
+    pub src_addrs: LpmTrie<MapData, SrcData, SrcValue>,
     pub versions: HashMap<MapData, VersionKey, VersionValue>,
     pub config: Array<MapData, Config>,
     pub meta: Array<MapData, Meta>,
@@ -141,6 +143,14 @@ impl Maps {
                 u8,
                 size_of::<Key<CidrData>>()
             ),
+            src_addrs: typed!(
+                ebpf,
+                "swy_src_addrs",
+                LpmTrie,
+                SrcData,
+                SrcValue,
+                size_of::<Key<SrcData>>()
+            ),
             versions: typed!(
                 ebpf,
                 "swy_versions",
@@ -223,8 +233,19 @@ pub fn lpm_insert<K: aya::Pod, T: BorrowMut<MapData>>(
         .map_err(op(name, "BPF_MAP_UPDATE_ELEM"))
 }
 
-pub fn lpm_remove<K: aya::Pod, T: BorrowMut<MapData>>(
-    map: &mut LpmTrie<T, K, u8>,
+/// Sets `key` of an LPM trie to `value`.
+pub fn lpm_set<K: aya::Pod, V: aya::Pod, T: BorrowMut<MapData>>(
+    map: &mut LpmTrie<T, K, V>,
+    name: &'static str,
+    key: &Key<K>,
+    value: &V,
+) -> Result<(), MapOpError> {
+    map.insert(key, value, 0)
+        .map_err(op(name, "BPF_MAP_UPDATE_ELEM"))
+}
+
+pub fn lpm_remove<K: aya::Pod, V: aya::Pod, T: BorrowMut<MapData>>(
+    map: &mut LpmTrie<T, K, V>,
     name: &'static str,
     key: &Key<K>,
 ) -> Result<(), MapOpError> {
@@ -234,8 +255,8 @@ pub fn lpm_remove<K: aya::Pod, T: BorrowMut<MapData>>(
     }
 }
 
-pub fn lpm_keys<K: aya::Pod, T: std::borrow::Borrow<MapData>>(
-    map: &LpmTrie<T, K, u8>,
+pub fn lpm_keys<K: aya::Pod, V: aya::Pod, T: std::borrow::Borrow<MapData>>(
+    map: &LpmTrie<T, K, V>,
     name: &'static str,
 ) -> Result<Vec<Key<K>>, MapOpError> {
     map.keys()
