@@ -38,7 +38,7 @@ use crate::{
     },
     codec::{self, Dump, Installed, ReadBack},
     host,
-    loader::{self, Attach, Features, LoadError, TcAttachMode},
+    loader::{self, Attach, Features, LoadError, SnatSource, TcAttachMode},
     maps::{self, MapOpError, Maps},
     render::{RenderConfig, RenderError, ServiceEntries, render_service},
 };
@@ -61,6 +61,9 @@ pub struct EbpfConfig {
     pub snat_ports: (u16, u16),
     /// How the tc programs attach (TCX where the kernel has it, by default).
     pub tc_attach: TcAttachMode,
+    /// Where source NAT takes the node's address from (`bpf_fib_lookup` where the
+    /// kernel names one, by default).
+    pub snat_source: SnatSource,
 }
 
 impl EbpfConfig {
@@ -71,6 +74,7 @@ impl EbpfConfig {
             nodeport_addresses: Vec::new(),
             snat_ports: DEFAULT_SNAT_PORTS,
             tc_attach: TcAttachMode::Auto,
+            snat_source: SnatSource::Auto,
         }
     }
 }
@@ -120,7 +124,7 @@ impl EbpfDataplane {
     /// the programs unless the pinned links already run this build, and writes the
     /// node-wide maps. Service entries are left as they are.
     pub fn new(config: EbpfConfig) -> Result<Self, LoadError> {
-        let kernel = loader::open(&config.attach, config.tc_attach)?;
+        let kernel = loader::open(&config.attach, config.tc_attach, config.snat_source)?;
         let mut dataplane = Self {
             config,
             maps: kernel.maps,

@@ -20,5 +20,5 @@ pub mod render;
 pub mod tc;
 
 pub use dataplane::{EbpfConfig, EbpfDataplane};
-pub use loader::{Attach, Features, TcAttachMode, TcMode};
+pub use loader::{Attach, Features, SnatSource, TcAttachMode, TcMode};
 pub use render::RenderConfig;

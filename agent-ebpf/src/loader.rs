@@ -23,8 +23,10 @@
 //! `bpf_redirect_neigh`), with the `sch_ingress` and `cls_bpf` modules where the kernel
 //! has no TCX (6.6). No kernel BTF is needed (the programs use no CO-RE); the object's
 //! own BTF is loaded (the socket-storage map requires it). Where `bpf_fib_lookup` cannot
-//! name a source address (`BPF_FIB_LOOKUP_SRC`, 6.7), source NAT takes the address the
-//! agent writes into `swy_src_addrs` per device ([`crate::host::src_addrs`]).
+//! name a source address (`BPF_FIB_LOOKUP_SRC`, 6.7; Debian's 6.1.176 has it by
+//! backport, so it is probed, not inferred from the version), source NAT takes the
+//! address the agent writes into `swy_src_addrs` per device
+//! ([`crate::host::src_addrs`]).
 
 use std::{
     fs, io,
@@ -95,6 +97,18 @@ pub enum TcAttachMode {
     Classic,
 }
 
+/// Where source NAT takes the node's address from (`--snat-source`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SnatSource {
+    /// `bpf_fib_lookup`'s source address where the kernel names one
+    /// (`BPF_FIB_LOOKUP_SRC`), the devices' addresses otherwise.
+    #[default]
+    Auto,
+    /// The out device's address from `swy_src_addrs`, even where `bpf_fib_lookup`
+    /// could name one.
+    Devices,
+}
+
 /// How the tc programs are attached on this node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TcMode {
@@ -109,9 +123,9 @@ pub enum TcMode {
 pub struct Features {
     /// How the tc programs are attached.
     pub tc: TcMode,
-    /// Whether `bpf_fib_lookup` names the source address of a route
-    /// (`BPF_FIB_LOOKUP_SRC`, Linux 6.7); without it source NAT takes the address in
-    /// `swy_src_addrs`.
+    /// Whether source NAT takes the source address `bpf_fib_lookup` names for the route
+    /// (`BPF_FIB_LOOKUP_SRC`: Linux 6.7, and some older kernels by backport); otherwise
+    /// it takes the out device's address in `swy_src_addrs`.
     pub fib_src: bool,
 }
 
@@ -356,7 +370,11 @@ fn kernel_has_fib_src(ebpf: &mut Ebpf) -> Result<bool, LoadError> {
 }
 
 /// Finds what the kernel offers and decides the paths, logging them.
-fn detect(ebpf: &mut Ebpf, wanted: TcAttachMode) -> Result<Features, LoadError> {
+fn detect(
+    ebpf: &mut Ebpf,
+    wanted: TcAttachMode,
+    snat_source: SnatSource,
+) -> Result<Features, LoadError> {
     let tcx = kernel_has_tcx()?;
     let tc = match (wanted, tcx) {
         (TcAttachMode::Auto | TcAttachMode::Tcx, true) => TcMode::Tcx,
@@ -368,7 +386,10 @@ fn detect(ebpf: &mut Ebpf, wanted: TcAttachMode) -> Result<Features, LoadError> 
             });
         }
     };
-    let fib_src = kernel_has_fib_src(ebpf)?;
+    let fib_src = match snat_source {
+        SnatSource::Auto => kernel_has_fib_src(ebpf)?,
+        SnatSource::Devices => false,
+    };
     match tc {
         TcMode::Tcx => tracing::info!("tc programs attach with TCX links"),
         TcMode::Classic if tcx => {
@@ -378,18 +399,24 @@ fn detect(ebpf: &mut Ebpf, wanted: TcAttachMode) -> Result<Features, LoadError> 
             "tc programs attach as cls_bpf filters on clsact: this kernel has no TCX (Linux 6.6)"
         ),
     }
-    if fib_src {
-        tracing::info!("source NAT takes the address bpf_fib_lookup names");
-    } else {
-        tracing::info!(
+    match (fib_src, snat_source) {
+        (true, _) => tracing::info!("source NAT takes the address bpf_fib_lookup names"),
+        (false, SnatSource::Devices) => tracing::info!(
+            "source NAT takes the out device's address from swy_src_addrs (--snat-source devices)"
+        ),
+        (false, SnatSource::Auto) => tracing::info!(
             "source NAT takes the out device's address from swy_src_addrs: bpf_fib_lookup has no BPF_FIB_LOOKUP_SRC (Linux 6.7)"
-        );
+        ),
     }
     Ok(Features { tc, fib_src })
 }
 
 /// Sets everything up (see the module docs) and returns the maps.
-pub fn open(attach: &Attach, tc_attach: TcAttachMode) -> Result<Kernel, LoadError> {
+pub fn open(
+    attach: &Attach,
+    tc_attach: TcAttachMode,
+    snat_source: SnatSource,
+) -> Result<Kernel, LoadError> {
     ensure_bpffs(&attach.bpffs)?;
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&attach.bpffs)
@@ -404,7 +431,7 @@ pub fn open(attach: &Attach, tc_attach: TcAttachMode) -> Result<Kernel, LoadErro
     let hash = object_hash();
     let same_build = meta.object_hash == hash;
     let mut reused = true;
-    let features = detect(&mut ebpf, tc_attach)?;
+    let features = detect(&mut ebpf, tc_attach, snat_source)?;
 
     let sock_pinned = SOCK_PROGRAMS
         .iter()
