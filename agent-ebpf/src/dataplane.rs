@@ -38,7 +38,7 @@ use crate::{
     },
     codec::{self, Dump, Installed, ReadBack},
     host,
-    loader::{self, Attach, Features, LoadError, SnatSource, TcAttachMode},
+    loader::{self, Attach, Features, LoadError, SnatSource, TcAttachMode, TcMode},
     maps::{self, MapOpError, Maps},
     render::{RenderConfig, RenderError, ServiceEntries, render_service},
 };
@@ -110,6 +110,9 @@ pub struct EbpfDataplane {
     blackholes_written: Option<u32>,
     reused_links: bool,
     features: Features,
+    /// Whether the paths taken were logged (at the first apply or read-back: agents
+    /// set up logging after they build their dataplane).
+    announced: bool,
 }
 
 fn map_error(e: MapOpError) -> DataplaneError {
@@ -132,6 +135,7 @@ impl EbpfDataplane {
             blackholes_written: None,
             reused_links: kernel.reused_links,
             features: kernel.features,
+            announced: false,
         };
         dataplane.sync_globals()?;
         Ok(dataplane)
@@ -146,6 +150,37 @@ impl EbpfDataplane {
     /// source of source-NAT addresses), found when it started.
     pub fn features(&self) -> Features {
         self.features
+    }
+
+    /// Logs, once, which paths the dataplane takes on this kernel and why.
+    fn announce(&mut self) {
+        if std::mem::replace(&mut self.announced, true) {
+            return;
+        }
+        let tc = match (self.features.tc, self.config.tc_attach) {
+            (TcMode::Tcx, _) => "TCX links",
+            (TcMode::Classic, TcAttachMode::Classic) => {
+                "cls_bpf filters on a clsact qdisc (--tc-attach classic)"
+            }
+            (TcMode::Classic, _) => {
+                "cls_bpf filters on a clsact qdisc (the kernel has no TCX, Linux 6.6)"
+            }
+        };
+        let snat = match (self.features.fib_src, self.config.snat_source) {
+            (true, _) => "the source bpf_fib_lookup names for the route",
+            (false, SnatSource::Devices) => {
+                "the out device's address from swy_src_addrs (--snat-source devices)"
+            }
+            (false, SnatSource::Auto) => {
+                "the out device's address from swy_src_addrs (bpf_fib_lookup has no BPF_FIB_LOOKUP_SRC, Linux 6.7)"
+            }
+        };
+        tracing::info!(
+            tc,
+            snat_source = snat,
+            reused_links = self.reused_links,
+            "eBPF dataplane attached"
+        );
     }
 
     pub fn config(&self) -> &EbpfConfig {
@@ -689,10 +724,12 @@ impl Dataplane for EbpfDataplane {
         desired: &Desired,
         change: &Change,
     ) -> Result<ApplyOutcome, DataplaneError> {
+        self.announce();
         self.sync(desired, change)
     }
 
     fn read_back(&mut self) -> Result<Programmed, DataplaneError> {
+        self.announce();
         let back = self.read().map_err(map_error)?;
         Ok(back
             .services

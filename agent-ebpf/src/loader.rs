@@ -369,7 +369,8 @@ fn kernel_has_fib_src(ebpf: &mut Ebpf) -> Result<bool, LoadError> {
     Ok(result.return_value == 1)
 }
 
-/// Finds what the kernel offers and decides the paths, logging them.
+/// Finds what the kernel offers and decides the paths (the dataplane logs them, once
+/// logging is set up).
 fn detect(
     ebpf: &mut Ebpf,
     wanted: TcAttachMode,
@@ -390,24 +391,6 @@ fn detect(
         SnatSource::Auto => kernel_has_fib_src(ebpf)?,
         SnatSource::Devices => false,
     };
-    match tc {
-        TcMode::Tcx => tracing::info!("tc programs attach with TCX links"),
-        TcMode::Classic if tcx => {
-            tracing::info!("tc programs attach as cls_bpf filters on clsact (--tc-attach classic)")
-        }
-        TcMode::Classic => tracing::info!(
-            "tc programs attach as cls_bpf filters on clsact: this kernel has no TCX (Linux 6.6)"
-        ),
-    }
-    match (fib_src, snat_source) {
-        (true, _) => tracing::info!("source NAT takes the address bpf_fib_lookup names"),
-        (false, SnatSource::Devices) => tracing::info!(
-            "source NAT takes the out device's address from swy_src_addrs (--snat-source devices)"
-        ),
-        (false, SnatSource::Auto) => tracing::info!(
-            "source NAT takes the out device's address from swy_src_addrs: bpf_fib_lookup has no BPF_FIB_LOOKUP_SRC (Linux 6.7)"
-        ),
-    }
     Ok(Features { tc, fib_src })
 }
 
