@@ -232,6 +232,15 @@ static __always_inline int flow_send(struct __sk_buff *skb, const struct swy_flo
 	return TC_ACT_OK;
 }
 
+/* swy_src_addrs' entry for `key`, if it is of the family (a device's IPv6 default, at
+ * prefix 32, also covers IPv4-mapped next hops). */
+static __always_inline struct swy_src_value *src_lookup(const struct swy_src_key *key, int v6)
+{
+	struct swy_src_value *src = bpf_map_lookup_elem(&swy_src_addrs, key);
+
+	return src && addr_is_v4(src->addr) != v6 ? src : 0;
+}
+
 /* The node address a source-NATed flow (already translated to its backend) leaves
  * with: bpf_fib_lookup's (SWY_CFG_F_FIB_SRC, Linux 6.7), else swy_src_addrs' for the
  * device and next hop of its route. 0, or -1 when there is none (the flow is dropped). */
@@ -257,9 +266,13 @@ static __always_inline int snat_source(struct __sk_buff *skb, const struct swy_f
 		addr_set_v4(key->addr, p.ipv4_dst);
 	else
 		addr_copy(key->addr, p.ipv6_dst);
-	struct swy_src_value *src = bpf_map_lookup_elem(&swy_src_addrs, key);
-	/* A device's IPv6 default (prefix 32) also covers IPv4-mapped next hops. */
-	if (!src || addr_is_v4(src->addr) == f->v6)
+	struct swy_src_value *src = src_lookup(key, f->v6);
+	if (!src) {
+		/* The device has no address of the family: the node's first one. */
+		key->ifindex = SWY_SRC_ANY_DEVICE;
+		src = src_lookup(key, f->v6);
+	}
+	if (!src)
 		return -1;
 	addr_copy(node, src->addr);
 	return 0;

@@ -192,8 +192,10 @@ struct swy_config {
  * Linux 6.7), as the kernel picks one for a route without a preferred source: by the
  * device the route leaves through and its next hop, the device's address whose subnet
  * holds the next hop (prefix 32 + 96 + p for IPv4, 32 + p for IPv6), else the device's
- * first address of the family (prefix 32 + 96 for IPv4, 32 for IPv6).
+ * first address of the family (prefix 32 + 96 for IPv4, 32 for IPv6), else the node's
+ * first one (the same under ifindex SWY_SRC_ANY_DEVICE).
  */
+#define SWY_SRC_ANY_DEVICE 0
 struct swy_src_key {
 	__u32 prefixlen; /* 32 (the ifindex, always whole) + bits of addr */
 	__u32 ifindex;

@@ -269,14 +269,15 @@ impl EbpfDataplane {
         for key in &cidrs {
             maps::lpm_insert(&mut self.maps.cidrs, "swy_cidrs", key)?;
         }
-        self.sync_src_addrs()?;
+        if !self.features.fib_src {
+            self.sync_src_addrs()?;
+        }
         self.write_config(None)?;
         Ok(())
     }
 
     /// Keeps `swy_src_addrs` equal to the node's devices' addresses (see
-    /// [`host::src_addrs`]). Written on every kernel; read only where `bpf_fib_lookup`
-    /// cannot name a source address.
+    /// [`host::src_addrs`]), where source NAT reads it (not `bpf_fib_lookup`'s source).
     fn sync_src_addrs(&mut self) -> Result<(), LoadError> {
         let addrs = host::device_addrs().map_err(|source| LoadError::Io {
             op: "getifaddrs",

@@ -103,13 +103,12 @@ pub struct DeviceAddr {
     pub ifindex: u32,
     pub addr: IpAddr,
     pub prefix_len: u8,
-    pub loopback: bool,
 }
 
 /// Every address of every device in this network namespace, in the kernel's order: a
 /// device's primary IPv4 addresses before its secondary ones.
 pub fn device_addrs() -> io::Result<Vec<DeviceAddr>> {
-    use nix::{ifaddrs::getifaddrs, net::if_::InterfaceFlags};
+    use nix::ifaddrs::getifaddrs;
     let mut out = Vec::new();
     for ifa in getifaddrs().map_err(io::Error::from)? {
         let (Some(address), Some(netmask)) = (ifa.address, ifa.netmask) else {
@@ -131,7 +130,6 @@ pub fn device_addrs() -> io::Result<Vec<DeviceAddr>> {
             ifindex,
             addr,
             prefix_len,
-            loopback: ifa.flags.contains(InterfaceFlags::IFF_LOOPBACK),
         });
     }
     Ok(out)
@@ -147,54 +145,69 @@ pub struct SrcKey {
     pub addr: IpAddr,
 }
 
+/// The ifindex of [`src_addrs`]' node-wide entries: no device has it.
+pub const SRC_ANY_DEVICE: u32 = 0;
+
 /// The source addresses of source-NATed flows by the device a route leaves through and
 /// its next hop (`swy_src_addrs`, for kernels whose `bpf_fib_lookup` cannot name a
 /// source), chosen as the kernel chooses for a route without a preferred source
 /// (`inet_select_addr`): the device's primary address whose subnet holds the next hop,
-/// else its first address of the family. Loopback devices and link-local addresses
-/// take no part; for IPv6 the first global address stands where IPv4 has the primary
-/// one (the kernel's RFC 6724 choice agrees on devices with one global address).
+/// else the device's first address of the family, else (a device without one, as
+/// unnumbered pod veths are) the node's first address of the family on any device in
+/// ifindex order, under [`SRC_ANY_DEVICE`]. Loopback (`127.0.0.0/8`, `::1`) and
+/// link-local addresses take no part, as their scope keeps the kernel from choosing
+/// them; for IPv6 the first global address stands where IPv4 has the primary one (the
+/// kernel's RFC 6724 choice agrees on devices with one global address).
 pub fn src_addrs(addrs: &[DeviceAddr]) -> BTreeMap<SrcKey, IpAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr};
+    let mut usable: Vec<&DeviceAddr> = addrs
+        .iter()
+        .filter(|a| match a.addr {
+            IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
+            IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
+        })
+        .collect();
+    // Device by device in ifindex order, each device's addresses in the kernel's order.
+    usable.sort_by_key(|a| a.ifindex);
     let mut out = BTreeMap::new();
-    for a in addrs.iter().filter(|a| !a.loopback) {
-        let (network, family_bits, default_addr) = match a.addr {
-            IpAddr::V4(v4) if !v4.is_link_local() => {
+    for a in usable {
+        let (network, family_bits, any) = match a.addr {
+            IpAddr::V4(v4) => {
                 let mask = u32::MAX
                     .checked_shl(32 - u32::from(a.prefix_len))
                     .unwrap_or(0);
-                let net = std::net::Ipv4Addr::from_bits(v4.to_bits() & mask);
                 (
-                    IpAddr::V4(net),
+                    IpAddr::V4(Ipv4Addr::from_bits(v4.to_bits() & mask)),
                     96,
-                    IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED),
                 )
             }
-            IpAddr::V6(v6) if !v6.is_unicast_link_local() && !v6.is_loopback() => {
+            IpAddr::V6(v6) => {
                 let mask = u128::MAX
                     .checked_shl(128 - u32::from(a.prefix_len))
                     .unwrap_or(0);
-                let net = std::net::Ipv6Addr::from_bits(v6.to_bits() & mask);
                 (
-                    IpAddr::V6(net),
+                    IpAddr::V6(Ipv6Addr::from_bits(v6.to_bits() & mask)),
                     0,
-                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                    IpAddr::V6(Ipv6Addr::UNSPECIFIED),
                 )
             }
-            _ => continue,
         };
         // The first address of a subnet is its primary one (secondaries follow it).
-        for key in [
-            SrcKey {
-                prefix_len: 32 + family_bits + u32::from(a.prefix_len),
-                ifindex: a.ifindex,
-                addr: network,
-            },
-            SrcKey {
-                prefix_len: 32 + family_bits,
-                ifindex: a.ifindex,
-                addr: default_addr,
-            },
+        for (ifindex, prefix_len, addr) in [
+            (
+                a.ifindex,
+                32 + family_bits + u32::from(a.prefix_len),
+                network,
+            ),
+            (a.ifindex, 32 + family_bits, any),
+            (SRC_ANY_DEVICE, 32 + family_bits, any),
         ] {
+            let key = SrcKey {
+                ifindex,
+                prefix_len,
+                addr,
+            };
             out.entry(key).or_insert(a.addr);
         }
     }
@@ -346,21 +359,22 @@ mod tests {
             ifindex,
             addr: net.addr(),
             prefix_len: net.prefix_len(),
-            loopback: device == "lo",
         }
     }
 
     #[test]
     fn source_nat_takes_the_primary_address_of_the_next_hop_s_subnet_else_the_first_one() {
         let addrs = [
+            // Kernel order is not ifindex order: eth1 (3) before eth0 (2).
+            dev("eth1", 3, "172.16.0.1/32"),
             dev("lo", 1, "127.0.0.1/8"),
+            dev("lo", 1, "::1/128"),
             dev("eth0", 2, "10.0.0.5/24"),
             dev("eth0", 2, "192.168.7.9/16"),
             // A secondary address of eth0's first subnet: never chosen.
             dev("eth0", 2, "10.0.0.6/24"),
             dev("eth0", 2, "fe80::1/64"),
             dev("eth0", 2, "fd00::5/64"),
-            dev("eth1", 3, "172.16.0.1/32"),
         ];
         let table: Vec<String> = src_addrs(&addrs)
             .into_iter()
@@ -369,6 +383,9 @@ mod tests {
         assert_eq!(
             table,
             [
+                // Devices without an address of the family: the node's first one.
+                "0/32 :: -> fd00::5",
+                "0/128 0.0.0.0 -> 10.0.0.5",
                 "2/32 :: -> fd00::5",
                 "2/96 fd00:: -> fd00::5",
                 "2/128 0.0.0.0 -> 10.0.0.5",
@@ -377,6 +394,17 @@ mod tests {
                 "3/128 0.0.0.0 -> 172.16.0.1",
                 "3/160 172.16.0.1 -> 172.16.0.1",
             ]
+        );
+        // An address on lo other than loopback ones counts, lo coming first.
+        let mut with_lo = addrs.to_vec();
+        with_lo.push(dev("lo", 1, "10.9.9.9/32"));
+        assert_eq!(
+            src_addrs(&with_lo)[&SrcKey {
+                ifindex: SRC_ANY_DEVICE,
+                prefix_len: 128,
+                addr: "0.0.0.0".parse().unwrap()
+            }],
+            "10.9.9.9".parse::<IpAddr>().unwrap()
         );
     }
 
