@@ -174,20 +174,16 @@ pub enum LoadError {
         #[source]
         source: Box<ProgramError>,
     },
-    /// A link (or a program) could not be pinned.
-    #[error("pinning the link of {program} at {path}: {detail}")]
+    /// A link (or, for a classic tc filter, the program) could not be pinned.
+    #[error("pinning {program} at {path}: {detail}")]
     Pin {
         program: &'static str,
         path: PathBuf,
         detail: String,
     },
-    /// A classic tc operation (qdisc, filter) failed.
-    #[error("{program}: {source}")]
-    Tc {
-        program: &'static str,
-        #[source]
-        source: TcError,
-    },
+    /// A classic tc operation (qdisc, filter) failed; it names the device and program.
+    #[error("classic tc attachment: {0}")]
+    Tc(#[from] TcError),
     /// The kernel lacks what was asked for.
     #[error("the kernel has no {feature}: {detail}")]
     Missing {
@@ -571,10 +567,7 @@ fn loaded_tc<'a>(
 }
 
 fn open_tc() -> Result<Tc, LoadError> {
-    Tc::open().map_err(|source| LoadError::Tc {
-        program: TC_INGRESS,
-        source,
-    })
+    Ok(Tc::open()?)
 }
 
 fn ifindex(device: &str) -> Result<u32, LoadError> {
@@ -602,12 +595,8 @@ fn attach_classic(
     pin: &Path,
     same_build: bool,
 ) -> Result<bool, LoadError> {
-    let tc_error = |source| LoadError::Tc {
-        program: name,
-        source,
-    };
     let index = ifindex(device)?;
-    let filter = tc.filter(index, device, hook).map_err(tc_error)?;
+    let filter = tc.filter(index, device, hook)?;
     if same_build
         && let Some(filter) = &filter
         && pinned_prog_id(pin) == Some(filter.prog_id)
@@ -615,10 +604,9 @@ fn attach_classic(
         return Ok(true);
     }
     let program = loaded_tc(ebpf, name)?;
-    tc.add_clsact(index, device).map_err(tc_error)?;
+    tc.add_clsact(index, device)?;
     let fd = program.fd().map_err(program_error("attach", name))?;
-    tc.attach(index, device, hook, fd.as_fd(), name, filter.is_some())
-        .map_err(tc_error)?;
+    tc.attach(index, device, hook, fd.as_fd(), name, filter.is_some())?;
     // bpffs refuses names with a dot (they are kept for its own files).
     let mut tmp = pin.as_os_str().to_owned();
     tmp.push("-new");
@@ -640,16 +628,9 @@ fn detach_classic(tc: &mut Tc, name: &str, pin: &Path) -> Result<(), LoadError> 
     if let Some((hook, device)) = parse_prog_pin(name)
         && let Ok(index) = nix::net::if_::if_nametoindex(device.as_str())
     {
-        let tc_error = |source| LoadError::Tc {
-            program: match hook {
-                Hook::Ingress => TC_INGRESS,
-                Hook::Egress => TC_EGRESS,
-            },
-            source,
-        };
-        let filter = tc.filter(index, &device, hook).map_err(tc_error)?;
+        let filter = tc.filter(index, &device, hook)?;
         if filter.is_some_and(|f| Some(f.prog_id) == pinned_prog_id(pin)) {
-            tc.detach(index, &device, hook).map_err(tc_error)?;
+            tc.detach(index, &device, hook)?;
         }
     }
     fs::remove_file(pin).map_err(io_error("unpin", pin))

@@ -72,25 +72,49 @@ pub struct Filter {
     pub name: String,
 }
 
-/// A failed tc operation, naming it. Not retryable by itself: the kernel refused (no
-/// `sch_ingress` or `cls_bpf`, another qdisc in the way) or the socket failed.
+/// A failed tc operation, naming it. Not retryable by itself: the kernel refused
+/// (another qdisc or filter in the way), lacks a part, or the socket failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TcError {
+    /// The kernel (or the socket) refused the operation.
     #[error("{operation}: {source}")]
     Io {
         operation: String,
         #[source]
         source: io::Error,
     },
+    /// The kernel's answer could not be decoded.
     #[error("{operation}: cannot decode the kernel's answer: {message}")]
     Decode { operation: String, message: String },
+    /// The kernel has no such qdisc or classifier (`ENOENT`): not built, or its module
+    /// not loadable.
+    #[error("{operation}: the kernel has no {kind} (module {module})")]
+    Unsupported {
+        operation: String,
+        kind: &'static str,
+        module: &'static str,
+    },
 }
 
 impl TcError {
     fn errno(&self) -> Option<i32> {
         match self {
             TcError::Io { source, .. } => source.raw_os_error(),
-            TcError::Decode { .. } => None,
+            TcError::Decode { .. } | TcError::Unsupported { .. } => None,
+        }
+    }
+
+    /// `self`, or [`TcError::Unsupported`] when the kernel answered `ENOENT`.
+    fn unsupported_if_enoent(self, kind: &'static str, module: &'static str) -> Self {
+        match self {
+            TcError::Io { operation, source } if source.raw_os_error() == Some(ENOENT) => {
+                TcError::Unsupported {
+                    operation,
+                    kind,
+                    module,
+                }
+            }
+            other => other,
         }
     }
 }
@@ -272,7 +296,7 @@ impl Tc {
         ) {
             Ok(_) => Ok(()),
             Err(e) if e.errno() == Some(EEXIST) => Ok(()),
-            Err(e) => Err(e),
+            Err(e) => Err(e.unsupported_if_enoent("clsact qdisc", "sch_ingress")),
         }
     }
 
@@ -316,7 +340,7 @@ impl Tc {
             NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
         };
         let message = filter_message(ifindex, hook, prog_fd.as_raw_fd() as u32, name);
-        self.request(
+        match self.request(
             RouteNetlinkMessage::NewTrafficFilter(message),
             flags,
             &format!(
@@ -324,8 +348,11 @@ impl Tc {
                 if replace { "replace" } else { "add" },
                 hook.name()
             ),
-        )
-        .map(|_| ())
+        ) {
+            Ok(_) => Ok(()),
+            Err(e) if !replace => Err(e.unsupported_if_enoent("bpf classifier", "cls_bpf")),
+            Err(e) => Err(e),
+        }
     }
 
     /// Deletes the agent's filter on `hook`; one already gone is no error.
@@ -385,6 +412,28 @@ mod tests {
         let ingress = filter_message(7, Hook::Ingress, 42, "swy_tc_ingress");
         assert_eq!(u32::from(ingress.header.parent), 0xffff_fff2);
         assert_eq!(u32::from(clsact_message(7).header.parent), 0xffff_fff1);
+    }
+
+    #[test]
+    fn a_kernel_without_the_qdisc_or_classifier_is_told_which_module_it_lacks() {
+        let enoent = TcError::Io {
+            operation: "tc qdisc add dev eth0 clsact".into(),
+            source: io::Error::from_raw_os_error(ENOENT),
+        };
+        assert_eq!(
+            enoent
+                .unsupported_if_enoent("clsact qdisc", "sch_ingress")
+                .to_string(),
+            "tc qdisc add dev eth0 clsact: the kernel has no clsact qdisc (module sch_ingress)"
+        );
+        let busy = TcError::Io {
+            operation: "x".into(),
+            source: io::Error::from_raw_os_error(EEXIST),
+        };
+        assert!(matches!(
+            busy.unsupported_if_enoent("clsact qdisc", "sch_ingress"),
+            TcError::Io { .. }
+        ));
     }
 
     #[test]
