@@ -562,9 +562,10 @@ fn the_paths_taken_follow_the_kernel_and_the_flags() {
 }
 
 /// The representative tests above in user-mode Linux 6.1 (Debian's `linux.uml`: no
-/// TCX, no kernel BTF, BPF interpreted), in one guest.
+/// TCX, no kernel BTF, BPF interpreted), in two guests that run side by side: what the
+/// kernel offers and the read-back here, the lifecycle of the attachments in the next.
 #[test]
-fn in_user_mode_linux_6_1_entries_read_back_and_restarts_upgrades_and_cleanup_work() {
+fn in_user_mode_linux_6_1_the_classic_path_is_taken_and_entries_read_back() {
     uml::always_in_guest(Guest::new().timeout(Duration::from_secs(600)), || {
         // Debian's 6.1.176 has BPF_FIB_LOOKUP_SRC by backport (and no TCX).
         assert_eq!(
@@ -575,6 +576,12 @@ fn in_user_mode_linux_6_1_entries_read_back_and_restarts_upgrades_and_cleanup_wo
             }
         );
         every_entry_kind_reads_back_exactly_as_rendered_and_a_second_full_sync_rewrites_nothing();
+    });
+}
+
+#[test]
+fn in_user_mode_linux_6_1_restarts_reuse_upgrades_replace_and_cleanup_removes_the_filters() {
+    uml::always_in_guest(Guest::new().timeout(Duration::from_secs(600)), || {
         restart_reuses_everything(TcAttachMode::Auto);
         another_build_takes_over(TcAttachMode::Auto);
         cleanup_detaches_everything(TcAttachMode::Auto);

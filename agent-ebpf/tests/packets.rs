@@ -461,12 +461,19 @@ fn ipv6_source_nat_takes_the_out_device_s_address_from_the_agent_s_table_alike()
 }
 
 /// The representative tests above in user-mode Linux 6.1 (Debian's `linux.uml`: classic
-/// tc filters, BPF interpreted), in one guest.
+/// tc filters, BPF interpreted), in two guests that run side by side: the socket level
+/// here, tc in the next.
 #[test]
-fn in_user_mode_linux_6_1_pods_rejects_node_ports_and_local_policy_behave_the_same() {
+fn in_user_mode_linux_6_1_pods_reach_cluster_ips_and_services_without_endpoints_refuse() {
     uml::always_in_guest(Guest::new().timeout(Duration::from_secs(600)), || {
         cluster_ips_balance_from_pods_and_the_node_and_getpeername_shows_the_service_address();
         a_service_without_endpoints_is_refused_at_once_from_pods_and_from_outside();
+    });
+}
+
+#[test]
+fn in_user_mode_linux_6_1_node_ports_from_outside_are_source_natted_or_kept_local() {
+    uml::always_in_guest(Guest::new().timeout(Duration::from_secs(600)), || {
         node_ports_and_external_ips_from_outside_are_source_natted_to_the_node();
         source_nat_takes_the_out_device_s_address_from_the_agent_s_table_alike();
         ipv6_source_nat_takes_the_out_device_s_address_from_the_agent_s_table_alike();
