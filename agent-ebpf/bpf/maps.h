@@ -34,6 +34,8 @@ SWY_MAP(BPF_MAP_TYPE_HASH, swy_node_addrs, struct swy_node_addr_key, __u32, 1024
 SWY_MAP(BPF_MAP_TYPE_LPM_TRIE, swy_ranges, struct swy_range_key, __u8, 65536,
 	BPF_F_NO_PREALLOC);
 SWY_MAP(BPF_MAP_TYPE_LPM_TRIE, swy_cidrs, struct swy_cidr_key, __u8, 64, BPF_F_NO_PREALLOC);
+SWY_MAP(BPF_MAP_TYPE_LPM_TRIE, swy_src_addrs, struct swy_src_key, struct swy_src_value, 4096,
+	BPF_F_NO_PREALLOC);
 SWY_MAP(BPF_MAP_TYPE_HASH, swy_versions, struct swy_version_key, struct swy_version_value,
 	65536, BPF_F_NO_PREALLOC);
 SWY_MAP(BPF_MAP_TYPE_ARRAY, swy_config, __u32, struct swy_config, 1, 0);

@@ -35,10 +35,16 @@
 #define BPF_FIB_LOOKUP_SRC (1U << 4)
 #endif
 
+#define SWY_EINVAL 22
+
 #define SWY_TCP_SYN 0x02
 #define SWY_TCP_ACK 0x10
 /* Not a verdict: the packet goes on to the next step. */
 #define SWY_CONTINUE (-2)
+/* Not a verdict: the entry program answers with reject(). Called from there, not from
+ * new_flow, so the two frames never stack: the three of them would pass the 512 bytes
+ * the verifier allows a call chain. */
+#define SWY_REJECT (-3)
 /* Ports tried for one source-NATed flow before it is dropped. */
 #define SWY_SNAT_TRIES 8
 
@@ -59,6 +65,7 @@ struct swy_new_flow {
 	struct swy_ct_value rev;
 	struct swy_ct_key fkey;
 	struct swy_ct_key rkey;
+	struct swy_src_key src;
 };
 
 struct swy_scratch {
@@ -186,47 +193,89 @@ static __always_inline int flow_set(struct __sk_buff *skb, struct swy_flow *f, i
 	return 0;
 }
 
-/* Routes the (translated) flow: with want_src, the node's source address for the way
- * there goes to src_out. Returns the bpf_fib_lookup result; *ifindex is the way out. */
+/* Routes the (translated) flow with bpf_fib_lookup(flags): afterwards p->ifindex is the
+ * way out, the destination field the next hop, and with BPF_FIB_LOOKUP_SRC the source
+ * field the node's address for the way there. Returns the lookup's result. */
 static __always_inline int flow_route(struct __sk_buff *skb, const struct swy_flow *f,
-				      int want_src, __be32 src_out[4], __u32 *ifindex)
+				      struct bpf_fib_lookup *p, __u32 flags)
 {
-	struct bpf_fib_lookup p = {};
-
-	p.ifindex = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
-	p.l4_protocol = f->proto;
-	p.sport = f->sport;
-	p.dport = f->dport;
+	__builtin_memset(p, 0, sizeof(*p));
+	p->ifindex = skb->ingress_ifindex ? skb->ingress_ifindex : skb->ifindex;
+	p->l4_protocol = f->proto;
+	p->sport = f->sport;
+	p->dport = f->dport;
 	if (!f->v6) {
-		p.family = AF_INET;
-		p.ipv4_src = f->src[3];
-		p.ipv4_dst = f->dst[3];
+		p->family = AF_INET;
+		p->ipv4_src = f->src[3];
+		p->ipv4_dst = f->dst[3];
 	} else {
-		p.family = AF_INET6;
-		addr_copy(p.ipv6_src, f->src);
-		addr_copy(p.ipv6_dst, f->dst);
+		p->family = AF_INET6;
+		addr_copy(p->ipv6_src, f->src);
+		addr_copy(p->ipv6_dst, f->dst);
 	}
-	int rc = bpf_fib_lookup(skb, &p, sizeof(p), want_src ? BPF_FIB_LOOKUP_SRC : 0);
-	*ifindex = p.ifindex;
-	if (want_src && src_out) {
-		if (!f->v6)
-			addr_set_v4(src_out, p.ipv4_src);
-		else
-			addr_copy(src_out, p.ipv6_src);
-	}
-	return rc;
+	return bpf_fib_lookup(skb, p, sizeof(*p), flags);
+}
+
+static __always_inline int route_found(int rc)
+{
+	return rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH;
 }
 
 /* Sends a translated packet on its way: redirected to the device the route names, or
  * up the stack when the destination is local or the route is not a plain forward. */
 static __always_inline int flow_send(struct __sk_buff *skb, const struct swy_flow *f)
 {
-	__u32 ifindex = 0;
-	int rc = flow_route(skb, f, 0, 0, &ifindex);
+	struct bpf_fib_lookup p;
 
-	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return bpf_redirect_neigh(ifindex, 0, 0, 0);
+	if (route_found(flow_route(skb, f, &p, 0)))
+		return bpf_redirect_neigh(p.ifindex, 0, 0, 0);
 	return TC_ACT_OK;
+}
+
+/* swy_src_addrs' entry for `key`, if it is of the family (a device's IPv6 default, at
+ * prefix 32, also covers IPv4-mapped next hops). */
+static __always_inline struct swy_src_value *src_lookup(const struct swy_src_key *key, int v6)
+{
+	struct swy_src_value *src = bpf_map_lookup_elem(&swy_src_addrs, key);
+
+	return src && addr_is_v4(src->addr) != v6 ? src : 0;
+}
+
+/* The node address a source-NATed flow (already translated to its backend) leaves
+ * with: bpf_fib_lookup's (SWY_CFG_F_FIB_SRC, Linux 6.7), else swy_src_addrs' for the
+ * device and next hop of its route. 0, or -1 when there is none (the flow is dropped). */
+static __always_inline int snat_source(struct __sk_buff *skb, const struct swy_flow *f,
+				       __u32 config_flags, struct swy_src_key *key,
+				       __be32 node[4])
+{
+	struct bpf_fib_lookup p;
+	int fib_src = config_flags & SWY_CFG_F_FIB_SRC;
+
+	if (!route_found(flow_route(skb, f, &p, fib_src ? BPF_FIB_LOOKUP_SRC : 0)))
+		return -1;
+	if (fib_src) {
+		if (!f->v6)
+			addr_set_v4(node, p.ipv4_src);
+		else
+			addr_copy(node, p.ipv6_src);
+		return 0;
+	}
+	key->prefixlen = 32 + 128;
+	key->ifindex = p.ifindex;
+	if (!f->v6)
+		addr_set_v4(key->addr, p.ipv4_dst);
+	else
+		addr_copy(key->addr, p.ipv6_dst);
+	struct swy_src_value *src = src_lookup(key, f->v6);
+	if (!src) {
+		/* The device has no address of the family: the node's first one. */
+		key->ifindex = SWY_SRC_ANY_DEVICE;
+		src = src_lookup(key, f->v6);
+	}
+	if (!src)
+		return -1;
+	addr_copy(node, src->addr);
+	return 0;
 }
 
 static __always_inline void ct_key_of(struct swy_ct_key *key, const __be32 src[4], const __be32 dst[4],
@@ -419,7 +468,7 @@ static __always_inline int forward_xlate(struct __sk_buff *skb, struct swy_flow 
 }
 
 /* A new flow to a Service address: choose, track, translate, send. TC_ACT_UNSPEC (-1)
- * when the packet is no Service's. */
+ * when the packet is no Service's, SWY_REJECT when it is to be answered with reject(). */
 static __noinline int new_flow(struct __sk_buff *skb, struct swy_flow *f)
 {
 	__u32 zero = 0;
@@ -458,7 +507,7 @@ static __noinline int new_flow(struct __sk_buff *skb, struct swy_flow *f)
 			return TC_ACT_SHOT;
 	}
 	if (outcome == SWY_VERDICT && n->c.svc.action == SWY_ACT_REJECT)
-		return reject(skb, f);
+		return SWY_REJECT;
 	if (outcome != SWY_CHOSEN)
 		return TC_ACT_SHOT;
 
@@ -477,16 +526,17 @@ static __noinline int new_flow(struct __sk_buff *skb, struct swy_flow *f)
 	if (flow_set(skb, f, 1, n->c.backend.addr, n->c.backend.port))
 		return TC_ACT_SHOT;
 	if (snat) {
-		__u32 ifindex = 0;
 		__be32 node[4] = {};
 		if (config->snat_port_max <= config->snat_port_min)
 			return TC_ACT_SHOT;
-		int rc = flow_route(skb, f, 1, node, &ifindex);
-		if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		if (snat_source(skb, f, config->flags, &n->src, node))
 			return TC_ACT_SHOT;
 		__u32 span = config->snat_port_max - config->snat_port_min + 1;
 		__be16 snat_port = 0;
 		n->rev.flags = SWY_CT_F_SNAT;
+		/* Unrolled: Linux 6.1's verifier refuses a loop whose back-edge clang lays out
+		 * as a fall-through into the loop head ("back-edge from insn N to N+1"). */
+#pragma unroll
 		for (int i = 0; i < SWY_SNAT_TRIES; i++) {
 			__be16 candidate = bpf_htons(config->snat_port_min + (mix32(hash + i) % span));
 			ct_key_of(&n->rkey, n->c.backend.addr, node, n->c.backend.port, candidate,
@@ -543,6 +593,8 @@ int swy_tc_ingress(struct __sk_buff *skb)
 	if (ct && !syn)
 		return forward_xlate(skb, &f, ct);
 	verdict = new_flow(skb, &f);
+	if (verdict == SWY_REJECT)
+		return reject(skb, &f);
 	return verdict == TC_ACT_UNSPEC ? TC_ACT_OK : verdict;
 }
 
@@ -554,4 +606,17 @@ int swy_tc_egress(struct __sk_buff *skb)
 	int verdict = tc_reply(skb, &f, &ct, 0);
 
 	return verdict == SWY_CONTINUE ? TC_ACT_OK : verdict;
+}
+
+/* Never attached: the agent runs it once (BPF_PROG_TEST_RUN) to learn whether
+ * bpf_fib_lookup knows BPF_FIB_LOOKUP_SRC (Linux 6.7; older kernels refuse the unknown
+ * flag with -EINVAL before looking anything up). 1 when it does. */
+SEC("classifier")
+int swy_probe_fib_src(struct __sk_buff *skb)
+{
+	struct bpf_fib_lookup p = {};
+
+	p.family = AF_INET;
+	p.ifindex = 1; /* loopback, in every network namespace */
+	return bpf_fib_lookup(skb, &p, sizeof(p), BPF_FIB_LOOKUP_SRC) != -SWY_EINVAL;
 }

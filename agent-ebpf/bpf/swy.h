@@ -175,12 +175,35 @@ struct swy_version_value {
 	__u32 flags;
 };
 
+/* bpf_fib_lookup names the source address of source-NATed flows (BPF_FIB_LOOKUP_SRC,
+ * Linux 6.7); without it, swy_src_addrs does. */
+#define SWY_CFG_F_FIB_SRC (1 << 0)
+
 struct swy_config {
 	__u32 sock_blackholes; /* socket-scope entries that reject or drop */
 	__u16 snat_port_min;
 	__u16 snat_port_max;
-	__u32 flags;
+	__u32 flags; /* SWY_CFG_F_* */
 	__u32 pad;
+};
+
+/*
+ * The source address of source-NATed flows where bpf_fib_lookup cannot name one (before
+ * Linux 6.7), as the kernel picks one for a route without a preferred source: by the
+ * device the route leaves through and its next hop, the device's address whose subnet
+ * holds the next hop (prefix 32 + 96 + p for IPv4, 32 + p for IPv6), else the device's
+ * first address of the family (prefix 32 + 96 for IPv4, 32 for IPv6), else the node's
+ * first one (the same under ifindex SWY_SRC_ANY_DEVICE).
+ */
+#define SWY_SRC_ANY_DEVICE 0
+struct swy_src_key {
+	__u32 prefixlen; /* 32 (the ifindex, always whole) + bits of addr */
+	__u32 ifindex;
+	__be32 addr[4];
+};
+
+struct swy_src_value {
+	__be32 addr[4];
 };
 
 struct swy_meta {
@@ -202,4 +225,6 @@ _Static_assert(sizeof(struct swy_range_key) == 24, "range key");
 _Static_assert(sizeof(struct swy_cidr_key) == 20, "cidr key");
 _Static_assert(sizeof(struct swy_version_value) == 16, "version value");
 _Static_assert(sizeof(struct swy_config) == 16, "config");
+_Static_assert(sizeof(struct swy_src_key) == 24, "src key");
+_Static_assert(sizeof(struct swy_src_value) == 16, "src value");
 _Static_assert(sizeof(struct swy_meta) == 16, "meta");

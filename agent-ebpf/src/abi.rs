@@ -36,6 +36,8 @@ pub const VERSION_F_DIRTY: u32 = 1 << 0;
 pub const CT_FORWARD: u8 = 0;
 pub const CT_REPLY: u8 = 1;
 pub const CT_F_SNAT: u8 = 1 << 0;
+/// `SWY_CFG_F_FIB_SRC`: `bpf_fib_lookup` names source-NAT addresses (Linux 6.7).
+pub const CFG_F_FIB_SRC: u32 = 1 << 0;
 
 /// An address as the maps hold it: four words whose bytes are the address in network
 /// order (IPv4-mapped for IPv4).
@@ -176,6 +178,20 @@ pub struct Config {
     pub pad: u32,
 }
 
+/// The data of a `swy_src_addrs` key (`struct swy_src_key` after its prefix length).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SrcData {
+    pub ifindex: u32,
+    pub addr: Addr,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SrcValue {
+    pub addr: Addr,
+}
+
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Meta {
@@ -265,6 +281,8 @@ unsafe impl aya::Pod for CidrData {}
 unsafe impl aya::Pod for VersionKey {}
 unsafe impl aya::Pod for VersionValue {}
 unsafe impl aya::Pod for Config {}
+unsafe impl aya::Pod for SrcData {}
+unsafe impl aya::Pod for SrcValue {}
 unsafe impl aya::Pod for Meta {}
 unsafe impl aya::Pod for CtKey {}
 unsafe impl aya::Pod for CtValue {}
@@ -290,6 +308,8 @@ mod tests {
         // LPM keys: the 4-byte prefix length aya adds, then the data.
         assert_eq!(size_of::<RangeData>() + 4, 24);
         assert_eq!(size_of::<CidrData>() + 4, 20);
+        assert_eq!(size_of::<SrcData>() + 4, 24);
+        assert_eq!(size_of::<SrcValue>(), 16);
         assert_eq!(size_of::<VersionKey>(), NAME_LEN);
         assert_eq!(size_of::<VersionValue>(), 16);
         assert_eq!(size_of::<Config>(), 16);

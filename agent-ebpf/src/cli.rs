@@ -14,7 +14,9 @@ use switchyard_agent_core::{
 };
 use switchyard_proto::{state::LbAlgorithm, v1};
 
-use crate::{Attach, EbpfConfig, EbpfDataplane, RenderConfig, host, loader, maglev};
+use crate::{
+    Attach, EbpfConfig, EbpfDataplane, RenderConfig, SnatSource, TcAttachMode, host, loader, maglev,
+};
 
 /// The eBPF dataplane's own flags.
 #[derive(Args, Clone, Debug, PartialEq, Eq)]
@@ -42,6 +44,49 @@ pub struct EbpfArgs {
     /// Source ports of source-NATed flows, `MIN-MAX`.
     #[arg(long, default_value = "61000-65535", value_parser = port_range)]
     pub snat_ports: (u16, u16),
+    /// How the tc programs attach: TCX links where the kernel has them (Linux 6.6) and
+    /// cls_bpf filters on a clsact qdisc otherwise (auto), or always one of them.
+    #[arg(long, value_enum, default_value_t = TcAttach::Auto)]
+    pub tc_attach: TcAttach,
+    /// Where source NAT takes the node's address: the source bpf_fib_lookup names for
+    /// the route where the kernel offers it (BPF_FIB_LOOKUP_SRC) and the out device's
+    /// address otherwise (auto), or always the out device's address (devices).
+    #[arg(long, value_enum, default_value_t = SnatFrom::Auto)]
+    pub snat_source: SnatFrom,
+}
+
+/// `--snat-source`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SnatFrom {
+    Auto,
+    Devices,
+}
+
+impl From<SnatFrom> for SnatSource {
+    fn from(source: SnatFrom) -> Self {
+        match source {
+            SnatFrom::Auto => SnatSource::Auto,
+            SnatFrom::Devices => SnatSource::Devices,
+        }
+    }
+}
+
+/// `--tc-attach`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum TcAttach {
+    Auto,
+    Tcx,
+    Classic,
+}
+
+impl From<TcAttach> for TcAttachMode {
+    fn from(mode: TcAttach) -> Self {
+        match mode {
+            TcAttach::Auto => TcAttachMode::Auto,
+            TcAttach::Tcx => TcAttachMode::Tcx,
+            TcAttach::Classic => TcAttachMode::Classic,
+        }
+    }
 }
 
 /// `--lb-algorithm`.
@@ -151,5 +196,7 @@ pub fn dataplane(proxy: &ProxyArgs, ebpf: &EbpfArgs) -> anyhow::Result<EbpfDatap
     };
     config.nodeport_addresses = proxy.nodeport_addresses.clone();
     config.snat_ports = ebpf.snat_ports;
+    config.tc_attach = ebpf.tc_attach.into();
+    config.snat_source = ebpf.snat_source.into();
     EbpfDataplane::new(config).context("setting up the eBPF programs and maps")
 }

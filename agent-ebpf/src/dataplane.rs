@@ -33,11 +33,12 @@ use switchyard_proto::{format_version, v1};
 
 use crate::{
     abi::{
-        self, CidrData, Config, CtKey, MaglevKey, NodeAddrKey, SlotKey, VersionKey, VersionValue,
+        self, CidrData, Config, CtKey, MaglevKey, NodeAddrKey, SlotKey, SrcData, SrcValue,
+        VersionKey, VersionValue,
     },
     codec::{self, Dump, Installed, ReadBack},
     host,
-    loader::{self, Attach, LoadError},
+    loader::{self, Attach, Features, LoadError, SnatSource, TcAttachMode, TcMode},
     maps::{self, MapOpError, Maps},
     render::{RenderConfig, RenderError, ServiceEntries, render_service},
 };
@@ -58,6 +59,11 @@ pub struct EbpfConfig {
     pub nodeport_addresses: Vec<IpNet>,
     /// Source ports of source-NATed flows (inclusive).
     pub snat_ports: (u16, u16),
+    /// How the tc programs attach (TCX where the kernel has it, by default).
+    pub tc_attach: TcAttachMode,
+    /// Where source NAT takes the node's address from (`bpf_fib_lookup` where the
+    /// kernel names one, by default).
+    pub snat_source: SnatSource,
 }
 
 impl EbpfConfig {
@@ -67,6 +73,8 @@ impl EbpfConfig {
             render: RenderConfig::default(),
             nodeport_addresses: Vec::new(),
             snat_ports: DEFAULT_SNAT_PORTS,
+            tc_attach: TcAttachMode::Auto,
+            snat_source: SnatSource::Auto,
         }
     }
 }
@@ -101,6 +109,10 @@ pub struct EbpfDataplane {
     /// `sock_blackholes` as last written to `swy_config`.
     blackholes_written: Option<u32>,
     reused_links: bool,
+    features: Features,
+    /// Whether the paths taken were logged (at the first apply or read-back: agents
+    /// set up logging after they build their dataplane).
+    announced: bool,
 }
 
 fn map_error(e: MapOpError) -> DataplaneError {
@@ -115,13 +127,15 @@ impl EbpfDataplane {
     /// the programs unless the pinned links already run this build, and writes the
     /// node-wide maps. Service entries are left as they are.
     pub fn new(config: EbpfConfig) -> Result<Self, LoadError> {
-        let kernel = loader::open(&config.attach)?;
+        let kernel = loader::open(&config.attach, config.tc_attach, config.snat_source)?;
         let mut dataplane = Self {
             config,
             maps: kernel.maps,
             state: None,
             blackholes_written: None,
             reused_links: kernel.reused_links,
+            features: kernel.features,
+            announced: false,
         };
         dataplane.sync_globals()?;
         Ok(dataplane)
@@ -130,6 +144,43 @@ impl EbpfDataplane {
     /// Whether the pinned links were found running this build and kept as they were.
     pub fn reused_links(&self) -> bool {
         self.reused_links
+    }
+
+    /// What the kernel offers and so which paths the dataplane took (tc attachment,
+    /// source of source-NAT addresses), found when it started.
+    pub fn features(&self) -> Features {
+        self.features
+    }
+
+    /// Logs, once, which paths the dataplane takes on this kernel and why.
+    fn announce(&mut self) {
+        if std::mem::replace(&mut self.announced, true) {
+            return;
+        }
+        let tc = match (self.features.tc, self.config.tc_attach) {
+            (TcMode::Tcx, _) => "TCX links",
+            (TcMode::Classic, TcAttachMode::Classic) => {
+                "cls_bpf filters on a clsact qdisc (--tc-attach classic)"
+            }
+            (TcMode::Classic, _) => {
+                "cls_bpf filters on a clsact qdisc (the kernel has no TCX, Linux 6.6)"
+            }
+        };
+        let snat = match (self.features.fib_src, self.config.snat_source) {
+            (true, _) => "the source bpf_fib_lookup names for the route",
+            (false, SnatSource::Devices) => {
+                "the out device's address from swy_src_addrs (--snat-source devices)"
+            }
+            (false, SnatSource::Auto) => {
+                "the out device's address from swy_src_addrs (bpf_fib_lookup has no BPF_FIB_LOOKUP_SRC, Linux 6.7)"
+            }
+        };
+        tracing::info!(
+            tc,
+            snat_source = snat,
+            reused_links = self.reused_links,
+            "eBPF dataplane attached"
+        );
     }
 
     pub fn config(&self) -> &EbpfConfig {
@@ -163,8 +214,8 @@ impl EbpfDataplane {
         out
     }
 
-    /// Writes the node addresses node ports answer on, the cluster CIDRs and the
-    /// settings the programs read.
+    /// Writes the node addresses node ports answer on, the cluster CIDRs, the source
+    /// addresses of source NAT per device and the settings the programs read.
     pub fn sync_globals(&mut self) -> Result<(), LoadError> {
         let addrs = host::interface_addrs().map_err(|source| LoadError::Io {
             op: "getifaddrs",
@@ -218,7 +269,54 @@ impl EbpfDataplane {
         for key in &cidrs {
             maps::lpm_insert(&mut self.maps.cidrs, "swy_cidrs", key)?;
         }
+        if !self.features.fib_src {
+            self.sync_src_addrs()?;
+        }
         self.write_config(None)?;
+        Ok(())
+    }
+
+    /// Keeps `swy_src_addrs` equal to the node's devices' addresses (see
+    /// [`host::src_addrs`]), where source NAT reads it (not `bpf_fib_lookup`'s source).
+    fn sync_src_addrs(&mut self) -> Result<(), LoadError> {
+        let addrs = host::device_addrs().map_err(|source| LoadError::Io {
+            op: "getifaddrs",
+            path: "/".into(),
+            source,
+        })?;
+        let wanted: BTreeMap<(u32, SrcData), SrcValue> = host::src_addrs(&addrs)
+            .into_iter()
+            .map(|(key, addr)| {
+                let data = SrcData {
+                    ifindex: key.ifindex,
+                    addr: abi::addr(key.addr),
+                };
+                (
+                    (key.prefix_len, data),
+                    SrcValue {
+                        addr: abi::addr(addr),
+                    },
+                )
+            })
+            .collect();
+        let name = "swy_src_addrs";
+        let map = &mut self.maps.src_addrs;
+        let mut present = BTreeSet::new();
+        for key in maps::lpm_keys(map, name)? {
+            let id = (key.prefix_len(), key.data());
+            if wanted.contains_key(&id) {
+                present.insert(id);
+            } else {
+                maps::lpm_remove(map, name, &key)?;
+            }
+        }
+        for (id @ (prefix_len, data), value) in &wanted {
+            let key = aya::maps::lpm_trie::Key::new(*prefix_len, *data);
+            // A lookup of a present key finds that key's own entry.
+            if !present.contains(id) || map.get(&key, 0).ok().as_ref() != Some(value) {
+                maps::lpm_set(map, name, &key, value)?;
+            }
+        }
         Ok(())
     }
 
@@ -229,7 +327,11 @@ impl EbpfDataplane {
             sock_blackholes: blackholes.unwrap_or(current.sock_blackholes),
             snat_port_min: min,
             snat_port_max: max,
-            flags: 0,
+            flags: if self.features.fib_src {
+                abi::CFG_F_FIB_SRC
+            } else {
+                0
+            },
             pad: 0,
         };
         if config != current {
@@ -623,10 +725,12 @@ impl Dataplane for EbpfDataplane {
         desired: &Desired,
         change: &Change,
     ) -> Result<ApplyOutcome, DataplaneError> {
+        self.announce();
         self.sync(desired, change)
     }
 
     fn read_back(&mut self) -> Result<Programmed, DataplaneError> {
+        self.announce();
         let back = self.read().map_err(map_error)?;
         Ok(back
             .services

@@ -4,7 +4,8 @@
 //!
 //! The pure parts are [`render`] (state → map entries, kube-proxy's decisions) and
 //! [`maglev`] (consistent-hashing tables); [`abi`] mirrors the C structs of `bpf/swy.h`;
-//! [`maps`] and [`loader`] own the kernel objects (maps, programs, links, pins).
+//! [`maps`] and [`loader`] own the kernel objects (maps, programs, links, pins), [`tc`]
+//! the classic tc filters of kernels without TCX.
 #![deny(unsafe_code)]
 
 pub mod abi;
@@ -16,7 +17,8 @@ pub mod loader;
 pub mod maglev;
 pub mod maps;
 pub mod render;
+pub mod tc;
 
 pub use dataplane::{EbpfConfig, EbpfDataplane};
-pub use loader::Attach;
+pub use loader::{Attach, Features, SnatSource, TcAttachMode, TcMode};
 pub use render::RenderConfig;

@@ -3,8 +3,20 @@
 //! The maps themselves (layout, sizes) are declared in `bpf/maps.h`; [`Maps::from_ebpf`]
 //! takes them from a loaded object and refuses pinned maps whose shape this build does
 //! not expect (a pin left by another version of the agent: `--cleanup` removes it).
+//!
+//! # Inserts refused for want of memory
+//! Since Linux 6.1 a hash map without preallocation takes its elements from a per-CPU
+//! cache that irq_work refills. Where irq_work has no interrupt of its own (user-mode
+//! Linux) it runs at the next timer tick, so a burst of inserts from user space finds
+//! the cache empty and the kernel answers `ENOMEM` though memory is plentiful.
+//! [`insert`] therefore retries an `ENOMEM` for up to [`ENOMEM_RETRY`]; a map truly
+//! out of memory still fails, that much later. Nothing changes where irq_work runs at
+//! once.
 
-use std::borrow::BorrowMut;
+use std::{
+    borrow::BorrowMut,
+    time::{Duration, Instant},
+};
 
 use aya::{
     Ebpf,
@@ -13,7 +25,8 @@ use aya::{
 
 use crate::abi::{
     AffinityKey, AffinityValue, Backend, CidrData, Config, CtKey, CtValue, MaglevChunk, MaglevKey,
-    Meta, NodeAddrKey, RangeData, SlotKey, SvcKey, SvcValue, VersionKey, VersionValue,
+    Meta, NodeAddrKey, RangeData, SlotKey, SrcData, SrcValue, SvcKey, SvcValue, VersionKey,
+    VersionValue,
 };
 
 /// A map operation that failed, with the map and the operation named. Retryable as a
@@ -55,6 +68,7 @@ pub struct Maps {
     pub node_addrs: HashMap<MapData, NodeAddrKey, u32>,
     pub ranges: LpmTrie<MapData, RangeData, u8>,
     pub cidrs: LpmTrie<MapData, CidrData, u8>,
+    pub src_addrs: LpmTrie<MapData, SrcData, SrcValue>,
     pub versions: HashMap<MapData, VersionKey, VersionValue>,
     pub config: Array<MapData, Config>,
     pub meta: Array<MapData, Meta>,
@@ -141,6 +155,14 @@ impl Maps {
                 u8,
                 size_of::<Key<CidrData>>()
             ),
+            src_addrs: typed!(
+                ebpf,
+                "swy_src_addrs",
+                LpmTrie,
+                SrcData,
+                SrcValue,
+                size_of::<Key<SrcData>>()
+            ),
             versions: typed!(
                 ebpf,
                 "swy_versions",
@@ -191,14 +213,36 @@ pub fn entries<K: aya::Pod, V: aya::Pod, T: std::borrow::Borrow<MapData>>(
     Ok(out)
 }
 
+/// How long [`insert`] retries an update the kernel refused with `ENOMEM` (see the
+/// module docs): many timer ticks of user-mode Linux (10 ms each).
+pub const ENOMEM_RETRY: Duration = Duration::from_secs(2);
+/// `ENOMEM`.
+const ENOMEM: i32 = 12;
+
+fn is_enomem(error: &MapError) -> bool {
+    matches!(error, MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(ENOMEM))
+}
+
+/// Inserts or replaces `key`; an `ENOMEM` is retried for up to [`ENOMEM_RETRY`].
 pub fn insert<K: aya::Pod, V: aya::Pod, T: BorrowMut<MapData>>(
     map: &mut HashMap<T, K, V>,
     name: &'static str,
     key: &K,
     value: &V,
 ) -> Result<(), MapOpError> {
-    map.insert(key, value, 0)
-        .map_err(op(name, "BPF_MAP_UPDATE_ELEM"))
+    let mut deadline = None;
+    loop {
+        match map.insert(key, value, 0) {
+            Err(e)
+                if is_enomem(&e)
+                    && *deadline.get_or_insert_with(|| Instant::now() + ENOMEM_RETRY)
+                        > Instant::now() =>
+            {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            result => return result.map_err(op(name, "BPF_MAP_UPDATE_ELEM")),
+        }
+    }
 }
 
 /// Deletes a key; a key already gone is not an error.
@@ -223,8 +267,19 @@ pub fn lpm_insert<K: aya::Pod, T: BorrowMut<MapData>>(
         .map_err(op(name, "BPF_MAP_UPDATE_ELEM"))
 }
 
-pub fn lpm_remove<K: aya::Pod, T: BorrowMut<MapData>>(
-    map: &mut LpmTrie<T, K, u8>,
+/// Sets `key` of an LPM trie to `value`.
+pub fn lpm_set<K: aya::Pod, V: aya::Pod, T: BorrowMut<MapData>>(
+    map: &mut LpmTrie<T, K, V>,
+    name: &'static str,
+    key: &Key<K>,
+    value: &V,
+) -> Result<(), MapOpError> {
+    map.insert(key, value, 0)
+        .map_err(op(name, "BPF_MAP_UPDATE_ELEM"))
+}
+
+pub fn lpm_remove<K: aya::Pod, V: aya::Pod, T: BorrowMut<MapData>>(
+    map: &mut LpmTrie<T, K, V>,
     name: &'static str,
     key: &Key<K>,
 ) -> Result<(), MapOpError> {
@@ -234,8 +289,8 @@ pub fn lpm_remove<K: aya::Pod, T: BorrowMut<MapData>>(
     }
 }
 
-pub fn lpm_keys<K: aya::Pod, T: std::borrow::Borrow<MapData>>(
-    map: &LpmTrie<T, K, u8>,
+pub fn lpm_keys<K: aya::Pod, V: aya::Pod, T: std::borrow::Borrow<MapData>>(
+    map: &LpmTrie<T, K, V>,
     name: &'static str,
 ) -> Result<Vec<Key<K>>, MapOpError> {
     map.keys()

@@ -1,6 +1,6 @@
 //! Maglev in the kernel: the tc program's own choice for a large set of synthetic flows,
 //! measured with `BPF_PROG_TEST_RUN` on the attached dataplane's maps, before and after
-//! one of N backends goes. Needs root and a kernel 6.7 or later.
+//! one of N backends goes. Needs root and a kernel 6.1 or later.
 
 mod common;
 
