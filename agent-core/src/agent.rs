@@ -274,7 +274,10 @@ where
     }))
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr in `format`, filtered by `RUST_LOG` (default `info`). Binaries call it
+/// first thing, so what building their dataplane logs is not lost; [`run_with`] calls it
+/// again, which keeps the subscriber already installed.
+pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Logs go to stderr, as kube-proxy's do; stdout stays free for what a command prints.

@@ -26,6 +26,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    switchyard_agent_core::agent::init_logging(args.agent.log_format);
     let runtime = tokio::runtime::Runtime::new()?;
     if args.dry_run {
         let desired =

@@ -27,6 +27,7 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    switchyard_agent_core::agent::init_logging(args.agent.log_format);
     let runtime = tokio::runtime::Runtime::new()?;
     let dataplane = cli::dataplane(&args.proxy, &args.netfilter);
     if args.dry_run {

@@ -119,6 +119,7 @@ impl Builder {
 
 fn main() -> anyhow::Result<()> {
     let mut args = Args::parse();
+    switchyard_agent_core::agent::init_logging(args.agent.log_format);
     let builder = Builder {
         proxy: args.proxy.clone(),
         netfilter: args.netfilter.clone(),
