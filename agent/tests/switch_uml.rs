@@ -40,10 +40,9 @@ fn agent() -> AgentSpec {
 /// [`agent`] balancing for a cgroup of the cluster's own and pinning under `pins`, so it
 /// can switch to eBPF too.
 fn agent_with_ebpf(pins: &PinDir) -> AgentSpec {
-    agent().cgroup("--cgroup-path").args([
-        "--bpffs".to_string(),
-        pins.path.display().to_string(),
-    ])
+    agent()
+        .cgroup("--cgroup-path")
+        .args(["--bpffs".to_string(), pins.path.display().to_string()])
 }
 
 /// What each netfilter dataplane owns in the node namespace: (iptables chains `SWY-`,
@@ -132,7 +131,11 @@ fn ipvs_and_ebpf_switch_both_ways_under_traffic_without_a_failed_connection() {
         switch(&cluster, "ipvs", v1::Dataplane::Ipvs).await;
         let (_, ipvs) = objects(&cluster);
         assert!(ipvs > 10, "{ipvs} IPVS objects");
-        assert!(pins.pins().is_empty(), "eBPF left nothing behind: {:?}", pins.pins());
+        assert!(
+            pins.pins().is_empty(),
+            "eBPF left nothing behind: {:?}",
+            pins.pins()
+        );
 
         let stats = traffic.stop();
         assert_eq!(stats.failed, 0, "{:?}", stats.failures);

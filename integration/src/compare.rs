@@ -85,8 +85,9 @@ pub struct ConformanceRun {
 /// What a [`Sample`] measured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Metric {
-    /// The first full sync after the agent starts: every Service into the kernel
-    /// (seconds, from the agent's `switchyard_sync_full_proxy_rules_duration_seconds`).
+    /// An agent started on an empty node, until every Service is in the kernel: the kernel
+    /// time of its applies (seconds, from the agent's
+    /// `switchyard_sync_proxy_rules_duration_seconds`).
     InitialSync,
     /// One Service's endpoints changed, the others in place (seconds, from
     /// `switchyard_sync_proxy_rules_duration_seconds`).

@@ -56,7 +56,7 @@ const SPECS: [Spec; 7] = [
         source: Source::Median(Metric::InitialSync),
         scale: Scale::Log,
         unit: Unit::Seconds,
-        axis: "first full sync, seconds (log scale)",
+        axis: "every Service into an empty node, seconds (log scale)",
         legend: SeriesLabelPosition::UpperLeft,
     },
     Spec {

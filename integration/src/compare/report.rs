@@ -225,7 +225,19 @@ fn method(out: &mut String) {
          In user-mode Linux the kernel has no BPF JIT, so eBPF programs are interpreted \
          there; its eBPF timings say more about the interpreter than about the dataplane. \
          The host kernel JIT-compiles them.\n\n\
-         The charts leave out what has no value, and their log scales cannot show zero.\n\n",
+         The charts leave out what has no value, and their log scales cannot show zero.\n\n\
+         Each cluster is the real controller reading a manifests folder, `switchyard-agent \
+         --dataplane <d>` in a node network namespace, and three backend namespaces; a pod \
+         is a client namespace whose probes run inside the cgroup the eBPF dataplane \
+         balances (the others ignore it). The Services besides the example cluster's have \
+         two remote endpoints each and sit in a file no measurement touches; the \
+         controller holds them all before the agent starts. The edit-to-first-packet probe \
+         loop runs every 5 ms; the node's ICMP rate limit is off, since Linux would \
+         otherwise answer a netfilter reject with silence after 6 in a row and the probe \
+         would wait out a retransmitted SYN (1 s). Its figure includes the manifests \
+         source's 50 ms debounce. The direct connection rate differs between dataplanes by \
+         itself: under iptables and IPVS the node runs netfilter conntrack on all \
+         traffic.\n\n",
     );
     for metric in Metric::ALL {
         let _ = writeln!(out, "- **{}**: {}", metric.title(), explanation(metric));
@@ -244,8 +256,9 @@ fn method(out: &mut String) {
 fn explanation(metric: Metric) -> &'static str {
     match metric {
         Metric::InitialSync => {
-            "the first full sync after the agent starts, every Service into the kernel (the \
-             agent's `switchyard_sync_full_proxy_rules_duration_seconds`)."
+            "an agent started on an empty node, until every Service is in the kernel: the \
+             kernel time of its applies, from the agent's `switchyard_sync_proxy_rules_duration_seconds` \
+             (the controller held the whole cluster before the agent started)."
         }
         Metric::Change => {
             "one Service's endpoints changed with the others in place (the agent's \
