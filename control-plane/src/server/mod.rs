@@ -81,6 +81,9 @@ impl ServerOptions {
     }
 }
 
+/// Longest a shutdown waits for agent streams to end before closing their connections.
+const STREAMS_CLOSE_WAIT: Duration = Duration::from_secs(1);
+
 /// Serves every controller service on `listener` until `shutdown` resolves; then every
 /// agent stream is closed with `UNAVAILABLE` and the server returns once connections
 /// have drained (callers bound that wait: an agent may not read its close).
@@ -125,6 +128,7 @@ pub async fn serve(
         .tls
         .as_ref()
         .map(|tls| AbortOnDrop(tls.watch(options.tls_poll)));
+    let open_streams = sessions.clone();
     let _janitor = AbortOnDrop(tokio::spawn(forget_stale_sessions(
         sessions,
         hub.generations,
@@ -155,6 +159,17 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming, async move {
             shutdown.await;
             stop.send_replace(true);
+            // The connections close once this returns. An agent that writes to its
+            // connection after the close (an ACK, a window update) reads a broken pipe
+            // instead of the UNAVAILABLE its stream was given, so first let every stream
+            // end and its status go out.
+            let deadline = tokio::time::Instant::now() + STREAMS_CLOSE_WAIT;
+            while open_streams.all().iter().any(|s| s.is_connected())
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         })
         .await
 }
