@@ -572,6 +572,20 @@ static __always_inline int tc_reply(struct __sk_buff *skb, struct swy_flow *f,
 	*ct = 0;
 	if (flow_parse(skb, f))
 		return TC_ACT_OK;
+	/* A connection arriving on the reverse of a tracked reply tuple (a client that
+	 * talked to a Service keeping its address now connecting to the backend itself
+	 * from the same port) ends the old flow: its reply entry would turn this
+	 * connection's answers into the Service's. Entries live until the LRU evicts them,
+	 * so without this a reused port meets a flow long closed. Only at ingress: on the
+	 * way out, a SYN with that tuple is the translated first packet of the very flow
+	 * the entry was just made for. */
+	if (ingress && f->proto == IPPROTO_TCP &&
+	    (f->tcp_flags & (SWY_TCP_SYN | SWY_TCP_ACK)) == SWY_TCP_SYN) {
+		ct_key_of(&key, f->dst, f->src, f->dport, f->sport, f->proto);
+		struct swy_ct_value *stale = bpf_map_lookup_elem(&swy_ct, &key);
+		if (stale && stale->dir == SWY_CT_REPLY)
+			bpf_map_delete_elem(&swy_ct, &key);
+	}
 	ct_key(&key, f);
 	*ct = bpf_map_lookup_elem(&swy_ct, &key);
 	if (*ct && (*ct)->dir == SWY_CT_REPLY)

@@ -20,7 +20,9 @@ use common::*;
 use switchyard_agent_core::dataplane::Desired;
 use switchyard_agent_ebpf::{SnatSource, abi, maps};
 use switchyard_integration::{
-    netns::{Netns, ProbeError, ProbeOptions, tcp_request_with, udp_request_with},
+    netns::{
+        Netns, ProbeError, ProbeOptions, tcp_request_from_port, tcp_request_with, udp_request_with,
+    },
     uml::{self, Guest},
 };
 use switchyard_proto::state::{LbAlgorithm, Protocol, ServiceState, TrafficPolicy};
@@ -286,6 +288,33 @@ fn external_traffic_policy_local_reaches_only_the_local_endpoint_and_keeps_the_c
     }
     let (backends, _) = spread(lab.pod().tcp(sa("10.201.0.1:30080"), 30, &quick()).unwrap());
     assert_eq!(backends.len(), 3, "pods on the node use every endpoint");
+}
+
+/// A client that reached a Service keeping its address (no source NAT, so the reply
+/// entry is keyed by the client's own port) and then connects to the backend itself
+/// from the same port must be answered by the backend: the old flow's entry must not
+/// turn the new connection's replies into the Service's (the client would reset them
+/// and time out). The conformance matrix met this as an occasional timeout.
+#[test]
+fn a_client_reusing_its_port_to_reach_a_backend_directly_is_not_taken_for_an_old_flow() {
+    let mut lab = Lab::start(3);
+    let mut want = Desired::new();
+    let mut s = web();
+    s.external_traffic_policy = TrafficPolicy::Local;
+    s.ports[0].node_port = Some(30080);
+    s.ports[0].local_endpoints = vec![ep("10.244.1.2", 8080, true)];
+    put(&mut want, s);
+    lab.apply(&want, &full());
+    let port = 45123;
+    let via_service =
+        tcp_request_from_port(lab.outside(), port, sa("10.201.0.1:30080"), &quick()).unwrap();
+    assert_eq!(
+        answer(&via_service),
+        ("backend-1".to_string(), CLIENT.parse().unwrap())
+    );
+    let direct = tcp_request_from_port(lab.outside(), port, sa("10.244.1.2:8080"), &quick())
+        .expect("the backend answers a direct connection from a port a Service flow used");
+    assert_eq!(answer(&direct).0, "backend-1");
 }
 
 #[test]

@@ -531,6 +531,8 @@ fn outcome(probe: &Probe, results: Vec<Result<String, ProbeError>>) -> Outcome {
     let mut refused = 0;
     let mut silent = 0;
     let mut other = BTreeSet::new();
+    // Kept for the report: which way the unanswered ones failed, and when.
+    let mut silences = Vec::new();
     for result in &results {
         match result {
             // "backend-1 from 10.201.0.2:53422"
@@ -542,7 +544,10 @@ fn outcome(probe: &Probe, results: Vec<Result<String, ProbeError>>) -> Outcome {
                 }
             }
             Err(e) if e.is_refused() => refused += 1,
-            Err(e) if e.is_timeout() || matches!(e, ProbeError::Unreachable { .. }) => silent += 1,
+            Err(e) if e.is_timeout() || matches!(e, ProbeError::Unreachable { .. }) => {
+                silent += 1;
+                silences.push(e.to_string());
+            }
             Err(e) => {
                 other.insert(e.to_string());
             }
@@ -562,7 +567,7 @@ fn outcome(probe: &Probe, results: Vec<Result<String, ProbeError>>) -> Outcome {
         (0, r, 0) if r == n => Outcome::Refused,
         (0, 0, s) if s == n => Outcome::NoAnswer,
         _ => Outcome::Mixed(format!(
-            "{} answered by {backends:?}, {refused} refused, {silent} unanswered, {other:?}",
+            "{} answered by {backends:?}, {refused} refused, {silent} unanswered {silences:?}, {other:?}",
             n - refused - silent - other.len()
         )),
     }

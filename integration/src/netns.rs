@@ -30,8 +30,9 @@ pub use backend::{Backend, READY_TIMEOUT, backend_binary};
 pub use echo::{EchoServer, HeldConnection};
 pub use probe::{
     ConnectionLoop, LoopStats, ProbeError, ProbeOptions, connect_rate_here, decode_result,
-    encode_result, request_loop, tcp_peer_here, tcp_request, tcp_request_here, tcp_request_with,
-    udp_request, udp_request_here, udp_request_with, udp_unconnected_here,
+    encode_result, request_loop, tcp_peer_here, tcp_request, tcp_request_from_port,
+    tcp_request_here, tcp_request_with, udp_request, udp_request_here, udp_request_with,
+    udp_unconnected_here,
 };
 pub use topology::{BackendNs, Topology, TopologyBuilder};
 

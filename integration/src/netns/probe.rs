@@ -176,12 +176,55 @@ pub fn udp_request_with(
     ns.run(|| udp_request_here(addr, options))?
 }
 
+/// [`tcp_request_with`] from a chosen local port: what a client reusing its port does
+/// (the kernel never reuses one this soon on its own).
+pub fn tcp_request_from_port(
+    ns: &Netns,
+    local_port: u16,
+    addr: SocketAddr,
+    options: &ProbeOptions,
+) -> Result<String, ProbeError> {
+    ns.run(|| {
+        let started = Instant::now();
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .map_err(|e| classify(e, "socket", addr, started))?;
+        socket
+            .set_reuse_address(true)
+            .map_err(|e| classify(e, "reuse", addr, started))?;
+        let local = match addr {
+            SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, local_port)),
+            SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, local_port)),
+        };
+        socket
+            .bind(&local.into())
+            .map_err(|e| classify(e, "bind", addr, started))?;
+        socket
+            .connect_timeout(&addr.into(), options.connect_timeout)
+            .map_err(|e| classify(e, "connect", addr, started))?;
+        exchange(socket.into(), addr, options, started)
+    })?
+}
+
 /// [`tcp_request_with`] on the calling thread's namespace (for a probe process, see
 /// `swy-probe`).
 pub fn tcp_request_here(addr: SocketAddr, options: &ProbeOptions) -> Result<String, ProbeError> {
     let started = Instant::now();
-    let mut stream = TcpStream::connect_timeout(&addr, options.connect_timeout)
+    let stream = TcpStream::connect_timeout(&addr, options.connect_timeout)
         .map_err(|e| classify(e, "connect", addr, started))?;
+    exchange(stream, addr, options, started)
+}
+
+/// The HTTP/1.0 request and its answer on a connected stream.
+fn exchange(
+    mut stream: TcpStream,
+    addr: SocketAddr,
+    options: &ProbeOptions,
+    started: Instant,
+) -> Result<String, ProbeError> {
     let io = |e, op| classify(e, op, addr, started);
     stream
         .set_read_timeout(Some(options.io_timeout))
