@@ -24,7 +24,8 @@ ensure_rust
 
 profile=release
 for arg in "$@"; do
-  [[ "$arg" == "--quick" ]] && profile=dev
+  # --help needs no optimised build (the release one takes minutes on 2 cores).
+  [[ "$arg" == "--quick" || "$arg" == "--help" || "$arg" == "-h" ]] && profile=dev
 done
 log "building switchyard-agent, swy-backend, swy-probe, switchyard-compare ($profile)"
 build=(cargo build --locked -p switchyard-agent -p switchyard-integration --bin switchyard-agent

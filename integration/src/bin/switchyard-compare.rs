@@ -31,7 +31,7 @@ use switchyard_integration::{
 
 /// Measures iptables, IPVS and eBPF side by side and writes a report.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+#[command(version)]
 struct Args {
     /// Small sizes and one short round (a few minutes, `dev` build): the conformance
     /// matrix must hold; the timings are indicative only.
