@@ -1,14 +1,16 @@
 //! The `switchyard-controller` binary: wires a source, the hub, the gRPC server and the
 //! probes' HTTP endpoint, and shuts them down on SIGINT or SIGTERM.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use clap::Parser;
 use switchyard_controller::{
     compute::{ComputeOptions, ProxyNameFilter},
     hub::Hub,
-    server::{self, ServerOptions, ServerTls, Sessions, TlsFiles, http, identity},
+    server::{
+        self, ControllerMetrics, ServerOptions, ServerTls, Sessions, TlsFiles, http, identity,
+    },
     sources::{kube::KubeSource, manifests::ManifestSource},
     telemetry::{self, LogFormat},
 };
@@ -132,6 +134,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (updates, updates_rx) = mpsc::channel(4096);
     let (hub, handle) = Hub::new(options, updates_rx);
     let sessions = Sessions::default();
+    let mut metrics = ControllerMetrics::new();
+    metrics.watch_problems(handle.problems.clone());
+    let metrics = Arc::new(metrics);
+    server_options.metrics = metrics.clone();
 
     let listener = TcpListener::bind(args.listen)
         .await
@@ -169,6 +175,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         http::Probes {
             source_ready: handle.ready.clone(),
             serving,
+            metrics,
         },
     ));
 

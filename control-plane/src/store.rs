@@ -58,6 +58,20 @@ pub struct ProblemsView {
 }
 
 impl ProblemsView {
+    /// How many problems [`ProblemsView::list`] would return, without copying them.
+    pub fn len(&self) -> usize {
+        self.sources.read().unwrap_or_else(|e| e.into_inner()).len()
+            + self
+                .annotations
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn list(&self) -> Vec<Problem> {
         let mut list: Vec<Problem> = self
             .sources

@@ -1,5 +1,5 @@
-//! The controller binary as operators run it: probes on the plain HTTP port, and SIGINT
-//! or SIGTERM closing agent streams and exiting within seconds.
+//! The controller binary as operators run it: probes and metrics on the plain HTTP port,
+//! and SIGINT or SIGTERM closing agent streams and exiting within seconds.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -39,6 +39,12 @@ fn start() -> Controller {
         "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n---\n\
          apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
          spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n",
+    )
+    .unwrap();
+    // A typo an operator makes: reported, counted in /metrics.
+    std::fs::write(
+        dir.path().join("typo.yaml"),
+        "apiVersion: v1\nkind: Servce\nmetadata: {name: api}\n",
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard-controller"))
@@ -105,6 +111,111 @@ fn get(address: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// The value of the sample `name` (with its labels) in a Prometheus text.
+fn sample(metrics: &str, name: &str) -> Option<f64> {
+    metrics.lines().find_map(|line| {
+        let (key, value) = line.rsplit_once(' ')?;
+        (key == name).then(|| value.parse().ok())?
+    })
+}
+
+/// Opens an agent stream naming `node`: the stream, or the status it was refused with.
+async fn open_stream(
+    controller: &Controller,
+    node: &str,
+) -> (
+    tokio::sync::mpsc::Sender<NodeStateRequest>,
+    Result<tonic::Streaming<v1::NodeStateResponse>, tonic::Status>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(NodeStateRequest {
+        node: Some(NodeIdentity {
+            node_name: node.into(),
+            dataplane: v1::Dataplane::Iptables.into(),
+            agent_version: "test".into(),
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut client = NodeStateDiscoveryClient::connect(format!("http://{}", controller.grpc))
+        .await
+        .unwrap();
+    let responses = client
+        .stream_node_state(ReceiverStream::new(rx))
+        .await
+        .map(tonic::Response::into_inner);
+    (tx, responses)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_streams_refusals_answers_and_source_problems() {
+    let controller = start();
+    let (tx, responses) = open_stream(&controller, "node-a").await;
+    let mut responses = responses.unwrap();
+    let first = tokio::time::timeout(WAIT, responses.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.resources.len(), 1);
+    tx.send(NodeStateRequest {
+        response_nonce: first.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (_refused_tx, refused) = open_stream(&controller, "Not_A_Node").await;
+    assert_eq!(
+        refused.unwrap_err().code(),
+        tonic::Code::InvalidArgument,
+        "a node name that is no DNS subdomain is refused"
+    );
+    let expected = [
+        ("switchyard_controller_streams_opened_total", 1.0),
+        ("switchyard_controller_agent_streams", 1.0),
+        ("switchyard_controller_resources_sent_total", 1.0),
+        ("switchyard_controller_answers_total", 1.0),
+        ("switchyard_controller_nacks_total", 0.0),
+        (
+            "switchyard_controller_streams_refused_total{reason=\"invalid_request\"}",
+            1.0,
+        ),
+        ("switchyard_controller_source_problems", 1.0),
+    ];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, metrics) = get(controller.http, "/metrics");
+        assert_eq!(status, 200);
+        let wrong: Vec<_> = expected
+            .iter()
+            .filter(|(name, value)| sample(&metrics, name) != Some(*value))
+            .collect();
+        if wrong.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{wrong:?} differ in\n{metrics}\n{}",
+            controller.log.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(tx);
+    let deadline = Instant::now() + WAIT;
+    while sample(
+        &get(controller.http, "/metrics").1,
+        "switchyard_controller_streams_closed_total{reason=\"agent_closed\"}",
+    ) != Some(1.0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the closed stream is never counted"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[test]
 fn probes_answer_on_the_plain_http_port() {
     let controller = start();
@@ -119,8 +230,8 @@ fn probes_answer_on_the_plain_http_port() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let (status, body) = get(controller.http, "/metrics");
-    assert_eq!(status, 404);
-    assert_eq!(body, "the controller exports no metrics yet\n");
+    assert_eq!(status, 200);
+    assert!(body.ends_with("# EOF\n"), "{body}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

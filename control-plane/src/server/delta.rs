@@ -42,6 +42,7 @@ use super::{
     identity::Access,
     limits::StreamSlots,
     listener::PeerInfo,
+    metrics::{Closing, Refusal, SharedMetrics},
     sessions::{Nack, Session, Sessions},
 };
 use crate::hub::{Changes, EncodedResource, Generation};
@@ -73,6 +74,7 @@ pub struct DeltaService {
     access: Access,
     slots: StreamSlots,
     shutdown: watch::Receiver<bool>,
+    metrics: SharedMetrics,
 }
 
 impl DeltaService {
@@ -85,6 +87,7 @@ impl DeltaService {
         access: Access,
         slots: StreamSlots,
         shutdown: watch::Receiver<bool>,
+        metrics: SharedMetrics,
     ) -> Self {
         Self {
             generations,
@@ -93,6 +96,7 @@ impl DeltaService {
             access,
             slots,
             shutdown,
+            metrics,
         }
     }
 }
@@ -200,11 +204,19 @@ impl NodeStateDiscovery for DeltaService {
     ) -> Result<Response<Self::StreamNodeStateStream>, Status> {
         let peer = PeerInfo::of(&request);
         let mut inbound = request.into_inner();
+        let refused = |why| self.metrics.stream_refused(why);
         let first = match tokio::time::timeout(IDENTIFY_TIMEOUT, inbound.message()).await {
             Ok(Ok(Some(first))) => first,
-            Ok(Ok(None)) => return Err(Status::cancelled("stream closed before naming a node")),
-            Ok(Err(status)) => return Err(status),
+            Ok(Ok(None)) => {
+                refused(Refusal::NoFirstMessage);
+                return Err(Status::cancelled("stream closed before naming a node"));
+            }
+            Ok(Err(status)) => {
+                refused(Refusal::NoFirstMessage);
+                return Err(status);
+            }
             Err(_) => {
+                refused(Refusal::NoFirstMessage);
                 return Err(Status::deadline_exceeded(
                     "no first message naming the node",
                 ));
@@ -217,15 +229,18 @@ impl NodeStateDiscovery for DeltaService {
         };
         let described = peer.describe();
         let Declared { identity, held } = identify(first).inspect_err(|status| {
+            refused(Refusal::InvalidRequest);
             tracing::warn!(peer = %described, message = status.message(), "refusing a stream");
         })?;
         let node = identity.node_name.clone();
         self.access
             .stream(peer.identity.as_deref(), &node)
             .inspect_err(|status| {
+                refused(Refusal::PermissionDenied);
                 tracing::warn!(%node, peer = %described, message = status.message(), "refusing a stream");
             })?;
         let slot = self.slots.try_take(peer.key()).ok_or_else(|| {
+            refused(Refusal::TooManyStreams);
             tracing::warn!(%node, peer = %described, "refusing a stream: too many from this peer");
             Status::resource_exhausted(format!(
                 "{described} already holds {} agent streams, the most this controller allows \
@@ -235,6 +250,7 @@ impl NodeStateDiscovery for DeltaService {
         })?;
         tracing::info!(%node, peer = %described, dataplane = ?identity.dataplane(), declared = held.len(), "agent connected");
         let session = self.sessions.open(identity, described, held);
+        self.metrics.stream_opened();
         let (tx, rx) = mpsc::channel(2);
         let stream = NodeStream {
             session,
@@ -242,6 +258,7 @@ impl NodeStateDiscovery for DeltaService {
             generations: self.generations.clone(),
             ready: self.ready.clone(),
             shutdown: self.shutdown.clone(),
+            metrics: self.metrics.clone(),
             _slot: slot,
             tx,
             in_flight: None,
@@ -269,6 +286,7 @@ struct NodeStream {
     generations: watch::Receiver<Arc<Generation>>,
     ready: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
+    metrics: SharedMetrics,
     /// This stream's place among its peer's streams, freed when it ends.
     _slot: super::limits::Slot,
     tx: mpsc::Sender<Result<EncodedNodeStateResponse, Status>>,
@@ -331,11 +349,11 @@ impl NodeStream {
     async fn run(mut self, mut inbound: Streaming<v1::NodeStateRequest>) {
         let mut superseded = self.session.superseded();
         let node = self.session.node.clone();
-        loop {
+        let closing = loop {
             if *self.shutdown.borrow() {
                 let status = Status::unavailable("the controller is shutting down");
                 let _ = self.tx.send(Err(status)).await;
-                break;
+                break Closing::Shutdown;
             }
             let ready = *self.ready.borrow_and_update();
             if self.in_flight.is_none() && ready {
@@ -343,7 +361,7 @@ impl NodeStream {
                 if let Some(response) = self.diff(&generation)
                     && self.tx.send(Ok(response)).await.is_err()
                 {
-                    break;
+                    break Closing::AgentClosed;
                 }
             }
             tokio::select! {
@@ -354,35 +372,36 @@ impl NodeStream {
                         "a newer stream for node {node} (from {by}) replaced this one"
                     ));
                     let _ = self.tx.send(Err(status)).await;
-                    break;
+                    break Closing::Superseded;
                 }
                 message = inbound.message() => match message {
                     Ok(Some(request)) => self.answer(request),
-                    Ok(None) => break,
+                    Ok(None) => break Closing::AgentClosed,
                     Err(status) => {
                         tracing::debug!(%node, %status, "stream from agent failed");
-                        break;
+                        break Closing::StreamError;
                     }
                 },
                 changed = self.generations.changed(), if self.in_flight.is_none() && ready => {
                     if changed.is_err() {
-                        break;
+                        break Closing::Shutdown;
                     }
                 }
                 changed = self.ready.changed(), if !ready => {
                     if changed.is_err() {
-                        break;
+                        break Closing::Shutdown;
                     }
                 }
                 changed = self.shutdown.changed() => {
                     if changed.is_err() {
-                        break;
+                        break Closing::Shutdown;
                     }
                 }
-                _ = self.tx.closed() => break,
+                _ = self.tx.closed() => break Closing::AgentClosed,
             }
-        }
-        tracing::info!(%node, "agent disconnected");
+        };
+        tracing::info!(%node, reason = ?closing, "agent disconnected");
+        self.metrics.stream_closed(closing);
         self.sessions.close(&self.session);
     }
 
@@ -486,6 +505,7 @@ impl NodeStream {
             protocol.resources_sent += upserts.len() as u64;
             protocol.removals_sent += removals.len() as u64;
         }
+        self.metrics.sent(upserts.len(), removals.len());
         let response = EncodedNodeStateResponse {
             system_version: generation.seq.to_string(),
             resources: upserts.iter().map(|r| r.bytes.clone()).collect(),
@@ -532,6 +552,7 @@ impl NodeStream {
         };
         let answer = read_answer(&sent, &request.errors);
         let rejected = &answer.rejected;
+        self.metrics.answered(!rejected.is_empty());
         let mut protocol = self.session.protocol();
         for (name, version) in in_flight.upserts {
             if rejected.contains(&*name) {

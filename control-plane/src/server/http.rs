@@ -5,9 +5,7 @@
 //! - `/readyz`: 200 once the source's first full read is published (agents then get a
 //!   whole cluster, never a half-listed one) and the gRPC server runs; 503 before, with
 //!   the reason.
-//! - `/metrics`: 404 for now. The controller exports no Prometheus metrics yet; the
-//!   fan-out metrics are a separate piece of work, and an endpoint that looks real but
-//!   says nothing would mislead.
+//! - `/metrics`: the Prometheus text of [`super::metrics::ControllerMetrics`].
 
 use std::{convert::Infallible, time::Duration};
 
@@ -16,6 +14,8 @@ use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, server::conn::http1};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+
+use super::metrics::SharedMetrics;
 
 /// How long a client may take to send its request headers (slow clients hold nothing).
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,6 +27,8 @@ pub struct Probes {
     pub source_ready: watch::Receiver<bool>,
     /// Whether the gRPC server is serving.
     pub serving: watch::Receiver<bool>,
+    /// What `/metrics` exports.
+    pub metrics: SharedMetrics,
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -38,12 +40,14 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         .expect("static headers are valid")
 }
 
-/// The answer to one request. Pure.
+/// The answer to one request; `metrics` gives the exposition text when asked for it.
+/// Pure but for `metrics`.
 pub fn answer(
     method: &Method,
     path: &str,
     source_ready: bool,
     serving: bool,
+    metrics: impl FnOnce() -> String,
 ) -> Response<Full<Bytes>> {
     if method != Method::GET && method != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "GET or HEAD only\n");
@@ -61,13 +65,17 @@ pub fn answer(
                 "not ready: the gRPC server is not serving\n",
             ),
         },
-        "/metrics" => text(
-            StatusCode::NOT_FOUND,
-            "the controller exports no metrics yet\n",
-        ),
+        "/metrics" => Response::builder()
+            .status(StatusCode::OK)
+            .header(
+                "Content-Type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from(metrics())))
+            .expect("static headers are valid"),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /healthz or /readyz\n",
+            "not found: try /healthz, /readyz or /metrics\n",
         ),
     }
 }
@@ -92,6 +100,7 @@ pub fn serve(listener: TcpListener, probes: Probes) -> JoinHandle<()> {
                         request.uri().path(),
                         *probes.source_ready.borrow(),
                         *probes.serving.borrow(),
+                        || probes.metrics.encode(),
                     );
                     async move { Ok::<_, Infallible>(response) }
                 });
@@ -122,11 +131,11 @@ mod tests {
             ("/readyz", false, true, 503),
             ("/readyz", true, false, 503),
             ("/readyz", true, true, 200),
-            ("/metrics", true, true, 404),
+            ("/metrics", false, false, 200),
             ("/other", true, true, 404),
         ];
         for (path, source_ready, serving, expected) in cases {
-            let response = answer(&get, path, source_ready, serving);
+            let response = answer(&get, path, source_ready, serving, String::new);
             assert_eq!(
                 response.status().as_u16(),
                 expected,
@@ -134,7 +143,7 @@ mod tests {
             );
         }
         assert_eq!(
-            answer(&Method::POST, "/healthz", true, true).status(),
+            answer(&Method::POST, "/healthz", true, true, String::new).status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
     }

@@ -16,11 +16,13 @@ pub mod http;
 pub mod identity;
 pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod query;
 pub mod sessions;
 pub mod tls;
 
 pub use identity::Access;
+pub use metrics::{ControllerMetrics, SharedMetrics};
 pub use sessions::Sessions;
 pub use tls::{ServerTls, TlsFiles};
 
@@ -54,6 +56,8 @@ pub struct ServerOptions {
     pub max_streams_per_peer: usize,
     /// How long a closed session of a node that is not in the cluster stays listed.
     pub session_grace: Duration,
+    /// Where the agent streams are counted (what `/metrics` exports).
+    pub metrics: SharedMetrics,
 }
 
 impl Default for ServerOptions {
@@ -64,6 +68,7 @@ impl Default for ServerOptions {
             access: Access::open(),
             max_streams_per_peer: 16,
             session_grace: Duration::from_secs(10 * 60),
+            metrics: SharedMetrics::default(),
         }
     }
 }
@@ -102,6 +107,7 @@ pub async fn serve(
         options.access.clone(),
         limits::StreamSlots::new(options.max_streams_per_peer),
         stopped,
+        options.metrics.clone(),
     );
     let query = query::QueryService::new(
         hub.generations.clone(),

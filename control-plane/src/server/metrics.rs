@@ -1,0 +1,259 @@
+//! The controller's Prometheus metrics, served as `/metrics` on the plain HTTP port
+//! (`--http-listen`), defined in this one place and passed to whoever records them (no
+//! globals), under `switchyard_controller_`: agent streams opened, refused (and why),
+//! closed (and why) and open now, answers and NACKs, resources sent, source problems.
+//! What an operator checks first when agents do not get their state, or a peer misbehaves.
+
+use std::sync::Arc;
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric, text::encode},
+    metrics::{counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::store::ProblemsView;
+
+/// Why a stream was refused before it started (the label `reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// The first message did not name a valid node, or declared too much.
+    InvalidRequest,
+    /// The client's certificate does not name the node it asked for.
+    PermissionDenied,
+    /// The peer already holds `--max-streams-per-peer` streams.
+    TooManyStreams,
+    /// No first message came in time, or the stream closed before one.
+    NoFirstMessage,
+}
+
+impl Refusal {
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::InvalidRequest => "invalid_request",
+            Refusal::PermissionDenied => "permission_denied",
+            Refusal::TooManyStreams => "too_many_streams",
+            Refusal::NoFirstMessage => "no_first_message",
+        }
+    }
+}
+
+/// Why a stream ended (the label `reason`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Closing {
+    /// The agent closed its side, or its connection went.
+    AgentClosed,
+    /// Reading from the agent failed.
+    StreamError,
+    /// A newer stream for the same node replaced it.
+    Superseded,
+    /// The controller is shutting down.
+    Shutdown,
+}
+
+impl Closing {
+    fn label(self) -> &'static str {
+        match self {
+            Closing::AgentClosed => "agent_closed",
+            Closing::StreamError => "stream_error",
+            Closing::Superseded => "superseded",
+            Closing::Shutdown => "shutdown",
+        }
+    }
+}
+
+type Labels = Vec<(&'static str, &'static str)>;
+
+/// The controller's metrics and the registry that exports them.
+#[derive(Debug)]
+pub struct ControllerMetrics {
+    registry: Registry,
+    streams_opened: Counter,
+    streams_refused: Family<Labels, Counter>,
+    streams_closed: Family<Labels, Counter>,
+    agent_streams: Gauge,
+    answers: Counter,
+    nacks: Counter,
+    resources_sent: Counter,
+    removals_sent: Counter,
+}
+
+impl Default for ControllerMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ControllerMetrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("switchyard_controller");
+        let metrics = Self {
+            streams_opened: Counter::default(),
+            streams_refused: Family::default(),
+            streams_closed: Family::default(),
+            agent_streams: Gauge::default(),
+            answers: Counter::default(),
+            nacks: Counter::default(),
+            resources_sent: Counter::default(),
+            removals_sent: Counter::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "streams_opened",
+            "Agent streams accepted",
+            metrics.streams_opened.clone(),
+        );
+        registry.register(
+            "streams_refused",
+            "Agent streams refused before they started, by reason",
+            metrics.streams_refused.clone(),
+        );
+        registry.register(
+            "streams_closed",
+            "Agent streams ended, by reason",
+            metrics.streams_closed.clone(),
+        );
+        registry.register(
+            "agent_streams",
+            "Agent streams open now (a node reconnecting holds two for a moment)",
+            metrics.agent_streams.clone(),
+        );
+        registry.register(
+            "answers",
+            "Answers (ACK or NACK) agents sent to responses",
+            metrics.answers.clone(),
+        );
+        registry.register(
+            "nacks",
+            "Answers that rejected at least one resource",
+            metrics.nacks.clone(),
+        );
+        registry.register(
+            "resources_sent",
+            "Services sent to agents (added or modified)",
+            metrics.resources_sent.clone(),
+        );
+        registry.register(
+            "removals_sent",
+            "Service removals sent to agents",
+            metrics.removals_sent.clone(),
+        );
+        Self {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Adds `switchyard_controller_source_problems`, read from `problems` at each scrape.
+    pub fn watch_problems(&mut self, problems: ProblemsView) {
+        self.registry
+            .register_collector(Box::new(ProblemsCollector(problems)));
+    }
+
+    pub fn stream_opened(&self) {
+        self.streams_opened.inc();
+        self.agent_streams.inc();
+    }
+
+    pub fn stream_refused(&self, why: Refusal) {
+        self.streams_refused
+            .get_or_create(&vec![("reason", why.label())])
+            .inc();
+    }
+
+    pub fn stream_closed(&self, why: Closing) {
+        self.agent_streams.dec();
+        self.streams_closed
+            .get_or_create(&vec![("reason", why.label())])
+            .inc();
+    }
+
+    /// An agent's answer to a response; `rejected` when it NACKed something.
+    pub fn answered(&self, rejected: bool) {
+        self.answers.inc();
+        if rejected {
+            self.nacks.inc();
+        }
+    }
+
+    pub fn sent(&self, resources: usize, removals: usize) {
+        self.resources_sent.inc_by(resources as u64);
+        self.removals_sent.inc_by(removals as u64);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Counts the source problems when scraped, so nothing has to keep a gauge in step.
+#[derive(Debug)]
+struct ProblemsCollector(ProblemsView);
+
+impl Collector for ProblemsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let count = ConstGauge::new(self.0.len() as i64);
+        let metric = encoder.encode_descriptor(
+            "source_problems",
+            "Objects or files the controller could not use, and notes on Services no node programs (as ListSourceProblems lists them)",
+            None,
+            count.metric_type(),
+        )?;
+        count.encode(metric)
+    }
+}
+
+/// Shared by the delta service and the HTTP endpoint.
+pub type SharedMetrics = Arc<ControllerMetrics>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line<'a>(text: &'a str, name: &str) -> Option<&'a str> {
+        text.lines().find(|l| l.starts_with(name))
+    }
+
+    #[test]
+    fn streams_are_counted_by_what_happened_to_them() {
+        let metrics = ControllerMetrics::new();
+        metrics.stream_opened();
+        metrics.stream_opened();
+        metrics.stream_closed(Closing::Superseded);
+        metrics.stream_refused(Refusal::PermissionDenied);
+        metrics.stream_refused(Refusal::PermissionDenied);
+        metrics.answered(false);
+        metrics.answered(true);
+        metrics.sent(3, 1);
+        let text = metrics.encode();
+        for expected in [
+            "switchyard_controller_streams_opened_total 2",
+            "switchyard_controller_agent_streams 1",
+            "switchyard_controller_streams_closed_total{reason=\"superseded\"} 1",
+            "switchyard_controller_streams_refused_total{reason=\"permission_denied\"} 2",
+            "switchyard_controller_answers_total 2",
+            "switchyard_controller_nacks_total 1",
+            "switchyard_controller_resources_sent_total 3",
+            "switchyard_controller_removals_sent_total 1",
+        ] {
+            assert!(text.lines().any(|l| l == expected), "{expected} in\n{text}");
+        }
+        assert!(line(&text, "switchyard_controller_source_problems").is_none());
+    }
+
+    #[test]
+    fn source_problems_are_read_when_scraped() {
+        let mut metrics = ControllerMetrics::new();
+        metrics.watch_problems(ProblemsView::default());
+        let text = metrics.encode();
+        assert_eq!(
+            line(&text, "switchyard_controller_source_problems"),
+            Some("switchyard_controller_source_problems 0"),
+            "{text}"
+        );
+    }
+}
