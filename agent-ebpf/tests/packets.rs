@@ -270,14 +270,21 @@ fn source_nat_takes_the_out_device_s_address_from_the_agent_s_table_alike() {
     source_natted_to_the_node(SnatSource::Devices);
 }
 
-#[test]
-fn external_traffic_policy_local_reaches_only_the_local_endpoint_and_keeps_the_client_address() {
-    let mut lab = Lab::start(3);
-    let mut want = Desired::new();
+/// `web` under `externalTrafficPolicy: Local` (backend 1 is the local endpoint) on node
+/// port 30080.
+fn web_local_on_node_port() -> ServiceState {
     let mut s = web();
     s.external_traffic_policy = TrafficPolicy::Local;
     s.ports[0].node_port = Some(30080);
     s.ports[0].local_endpoints = vec![ep("10.244.1.2", 8080, true)];
+    s
+}
+
+#[test]
+fn external_traffic_policy_local_reaches_only_the_local_endpoint_and_keeps_the_client_address() {
+    let mut lab = Lab::start(3);
+    let mut want = Desired::new();
+    let mut s = web_local_on_node_port();
     s.external_ips = vec!["10.202.0.10".parse().unwrap()];
     put(&mut want, s);
     lab.apply(&want, &full());
@@ -299,11 +306,7 @@ fn external_traffic_policy_local_reaches_only_the_local_endpoint_and_keeps_the_c
 fn a_client_reusing_its_port_to_reach_a_backend_directly_is_not_taken_for_an_old_flow() {
     let mut lab = Lab::start(3);
     let mut want = Desired::new();
-    let mut s = web();
-    s.external_traffic_policy = TrafficPolicy::Local;
-    s.ports[0].node_port = Some(30080);
-    s.ports[0].local_endpoints = vec![ep("10.244.1.2", 8080, true)];
-    put(&mut want, s);
+    put(&mut want, web_local_on_node_port());
     lab.apply(&want, &full());
     let port = 45123;
     let via_service =

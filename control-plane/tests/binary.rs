@@ -148,10 +148,15 @@ async fn open_stream(
     (tx, responses)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_streams_refusals_answers_and_source_problems() {
-    let controller = start();
-    let (tx, responses) = open_stream(&controller, "node-a").await;
+/// node-a's stream and its first response, which holds the one Service.
+async fn stream_of_node_a(
+    controller: &Controller,
+) -> (
+    tokio::sync::mpsc::Sender<NodeStateRequest>,
+    tonic::Streaming<v1::NodeStateResponse>,
+    v1::NodeStateResponse,
+) {
+    let (tx, responses) = open_stream(controller, "node-a").await;
     let mut responses = responses.unwrap();
     let first = tokio::time::timeout(WAIT, responses.message())
         .await
@@ -159,6 +164,13 @@ async fn metrics_count_streams_refusals_answers_and_source_problems() {
         .unwrap()
         .unwrap();
     assert_eq!(first.resources.len(), 1);
+    (tx, responses, first)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_streams_refusals_answers_and_source_problems() {
+    let controller = start();
+    let (tx, _responses, first) = stream_of_node_a(&controller).await;
     tx.send(NodeStateRequest {
         response_nonce: first.nonce.clone(),
         ..Default::default()
@@ -239,31 +251,7 @@ async fn sigint_and_sigterm_close_agent_streams_and_exit_within_seconds() {
     use rustix::process::{Pid, Signal, kill_process};
     for signal in [Signal::INT, Signal::TERM] {
         let mut controller = start();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        tx.send(NodeStateRequest {
-            node: Some(NodeIdentity {
-                node_name: "node-a".into(),
-                dataplane: v1::Dataplane::Iptables.into(),
-                agent_version: "test".into(),
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let mut client = NodeStateDiscoveryClient::connect(format!("http://{}", controller.grpc))
-            .await
-            .unwrap();
-        let mut responses = client
-            .stream_node_state(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        let first = tokio::time::timeout(WAIT, responses.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(first.resources.len(), 1);
+        let (tx, mut responses, _) = stream_of_node_a(&controller).await;
 
         // The agent keeps its stream open (it neither answers nor closes).
         let pid = Pid::from_raw(controller.child.id() as i32).unwrap();
