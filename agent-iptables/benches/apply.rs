@@ -139,9 +139,16 @@ fn main() {
                     (median(changes), read)
                 })
                 .unwrap();
+            let cleanup = ns
+                .run(|| {
+                    let start = Instant::now();
+                    dp.cleanup().unwrap();
+                    start.elapsed()
+                })
+                .unwrap();
             teardown(ns, backend);
             println!(
-                "{backend:?} n={n}: initial sync {initial:.2?} (iptables-restore alone {alone:.2?}; paired {:+.0}%; medians of {ROUNDS}), one-Service change median of 20 {one:.2?}, read back {read:.2?}",
+                "{backend:?} n={n}: initial sync {initial:.2?} (iptables-restore alone {alone:.2?}; paired {:+.0}%; medians of {ROUNDS}), one-Service change median of 20 {one:.2?}, read back {read:.2?}, cleanup {cleanup:.2?}",
                 100.0 * (ratio - 1.0)
             );
         }

@@ -706,6 +706,12 @@ impl IptablesDataplane {
                     continue;
                 }
                 input.push_str(&format!("*{table}\n"));
+                // As for a sync into a fresh table (render::write_restore_input): without
+                // a command naming no chain first, iptables-nft asks the kernel for each
+                // declared chain in turn, and removing 40,000 chains took minutes.
+                if self.backend == Backend::Nft {
+                    input.push_str("-L -n\n");
+                }
                 for chain in &chains {
                     input.push_str(&format!(":{chain} - [0:0]\n"));
                 }

@@ -144,8 +144,7 @@ pub fn layout() -> Layout {
         ],
         ipv6: true,
         ready: "10.96.1.1:80".parse().expect("an address"),
-        files: Vec::new(),
-        await_service: None,
+        ..Layout::example()
     }
 }
 

@@ -286,6 +286,8 @@ pub struct Cluster {
     state: tempfile::TempDir,
     /// The cgroup the agent balances for, when it balances per cgroup.
     pub cgroup: Option<Cgroup>,
+    /// How long the agent may take to forward at start, and to clean up.
+    patience: Duration,
 }
 
 /// What a [`Cluster`] lays out: the manifests, the backends and the ports each serves,
@@ -305,6 +307,9 @@ pub struct Layout {
     /// A Service (`namespace/name`) the controller must hold before the agent starts, so
     /// the agent's first sync is of the whole cluster.
     pub await_service: Option<String>,
+    /// How long the agent may take to forward after it starts, and to clean up
+    /// ([`PATIENCE`] unless a large cluster needs more).
+    pub patience: Duration,
 }
 
 impl Layout {
@@ -317,6 +322,7 @@ impl Layout {
             ready: "10.96.0.10:80".parse().expect("an address"),
             files: Vec::new(),
             await_service: None,
+            patience: PATIENCE,
         }
     }
 }
@@ -381,10 +387,11 @@ impl Cluster {
             manifests: manifests_dir,
             state,
             cgroup,
+            patience: layout.patience,
         };
         let ready = layout.ready;
         cluster
-            .eventually("the agent forwarding for a pod", |c| {
+            .eventually_within(layout.patience, "the agent forwarding for a pod", |c| {
                 c.pod().tcp(ready, &ProbeOptions::default()).is_ok()
             })
             .await;
@@ -460,8 +467,11 @@ impl Cluster {
                 .enable_all()
                 .build()?
                 .block_on(async {
-                    let mut client =
-                        AgentQueryClient::connect(format!("http://{AGENT_QUERY}")).await?;
+                    // An iptables node with 10,000 Services reads back about 12 MB of
+                    // kernel objects: more than the 4 MiB gRPC clients take by default.
+                    let mut client = AgentQueryClient::connect(format!("http://{AGENT_QUERY}"))
+                        .await?
+                        .max_decoding_message_size(256 << 20);
                     let state = client
                         .get_agent_state(GetAgentStateRequest {
                             include_kernel_objects: kernel_objects,
@@ -480,7 +490,7 @@ impl Cluster {
         let mut spec = self.spec.clone();
         spec.extra_args.push("--cleanup".into());
         let mut cleanup = spawn_agent(&self.topology, &spec, controller, self.state.path());
-        let deadline = Instant::now() + PATIENCE;
+        let deadline = Instant::now() + self.patience;
         loop {
             if let Some(status) = cleanup.try_wait()? {
                 return if status.success() {
@@ -495,7 +505,7 @@ impl Cluster {
             if Instant::now() > deadline {
                 return Err(NetnsError::io(
                     "agent --cleanup",
-                    std::io::Error::other("still running after 20 s"),
+                    std::io::Error::other(format!("still running after {:?}", self.patience)),
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -555,7 +565,17 @@ impl Cluster {
 
     /// Polls `check` every 100 ms until it holds; panics after [`PATIENCE`].
     pub async fn eventually(&self, what: &str, check: impl Fn(&Self) -> bool) {
-        let deadline = Instant::now() + PATIENCE;
+        self.eventually_within(PATIENCE, what, check).await;
+    }
+
+    /// [`Cluster::eventually`], panicking after `patience`.
+    pub async fn eventually_within(
+        &self,
+        patience: Duration,
+        what: &str,
+        check: impl Fn(&Self) -> bool,
+    ) {
+        let deadline = Instant::now() + patience;
         while !check(self) {
             assert!(Instant::now() < deadline, "timed out waiting for {what}");
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -164,6 +164,10 @@ pub fn layout(services: usize) -> Layout {
         manifests: manifests(&[1, 2, 3]),
         files,
         await_service: Some(await_service),
+        // An agent on iptables-legacy in user-mode Linux takes about a minute to sync
+        // 10,000 Services (each response of 256 rewrites the whole table), and as long
+        // to remove them.
+        patience: crate::e2e::PATIENCE + Duration::from_millis(12) * services as u32,
         ..Layout::example()
     }
 }
