@@ -7,7 +7,7 @@
 #       machine's kernel, iptables and eBPF (JIT). Writes DIR/report.md (default
 #       compare-report/), SVG charts and results.json beside it, and prints where.
 #       The full run (0, 1k and 10k Services, 3 interleaved rounds, release build) is a
-#       benchmark and takes about an hour on 2 cores; --quick (0 and 1k Services, one
+#       benchmark and took 45 minutes on 2 cores; --quick (0 and 1k Services, one
 #       short round, dev build) takes a few minutes and is part of scripts/test.sh.
 #       Exits 1 when the dataplanes disagree on a conformance scenario or a figure could
 #       not be taken; timings never fail it. --help: every flag.
