@@ -71,6 +71,18 @@ pub struct Sample {
     pub value: f64,
 }
 
+impl Sample {
+    pub fn new(dataplane: &str, services: usize, round: usize, metric: Metric, value: f64) -> Self {
+        Self {
+            dataplane: dataplane.into(),
+            services,
+            round,
+            metric,
+            value,
+        }
+    }
+}
+
 /// The conformance matrix run on one kernel.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct ConformanceRun {
@@ -307,13 +319,7 @@ mod tests {
     use super::*;
 
     fn sample(dataplane: &str, round: usize, metric: Metric, value: f64) -> Sample {
-        Sample {
-            dataplane: dataplane.into(),
-            services: 1000,
-            round,
-            metric,
-            value,
-        }
+        Sample::new(dataplane, 1000, round, metric, value)
     }
 
     #[test]

@@ -341,22 +341,6 @@ mod tests {
     use super::*;
     use crate::compare::Sample;
 
-    fn sample(
-        dataplane: &str,
-        services: usize,
-        round: usize,
-        metric: Metric,
-        value: f64,
-    ) -> Sample {
-        Sample {
-            dataplane: dataplane.into(),
-            services,
-            round,
-            metric,
-            value,
-        }
-    }
-
     fn run(dataplanes: &[&str], sizes: &[usize], samples: Vec<Sample>) -> KernelRun {
         KernelRun {
             name: "host".into(),
@@ -382,14 +366,14 @@ mod tests {
             for (s, services) in [0, 1000, 10_000].into_iter().enumerate() {
                 let scale = (1 + d + s * 10) as f64;
                 samples.extend([
-                    sample(dataplane, services, 0, Metric::InitialSync, 0.01 * scale),
-                    sample(dataplane, services, 0, Metric::Change, 0.001 * scale),
-                    sample(dataplane, services, 0, Metric::ReadBack, 0.002 * scale),
-                    sample(dataplane, services, 0, Metric::ClusterIpRate, 900.0),
-                    sample(dataplane, services, 0, Metric::DirectRate, 1000.0),
-                    sample(dataplane, services, 0, Metric::KernelObjects, 100.0 * scale),
-                    sample(dataplane, services, 0, Metric::AgentRss, 10.0 + scale),
-                    sample(dataplane, services, 0, Metric::ProgrammingLatency, 0.3),
+                    Sample::new(dataplane, services, 0, Metric::InitialSync, 0.01 * scale),
+                    Sample::new(dataplane, services, 0, Metric::Change, 0.001 * scale),
+                    Sample::new(dataplane, services, 0, Metric::ReadBack, 0.002 * scale),
+                    Sample::new(dataplane, services, 0, Metric::ClusterIpRate, 900.0),
+                    Sample::new(dataplane, services, 0, Metric::DirectRate, 1000.0),
+                    Sample::new(dataplane, services, 0, Metric::KernelObjects, 100.0 * scale),
+                    Sample::new(dataplane, services, 0, Metric::AgentRss, 10.0 + scale),
+                    Sample::new(dataplane, services, 0, Metric::ProgrammingLatency, 0.3),
                 ]);
             }
         }
@@ -450,11 +434,11 @@ mod tests {
             &["ebpf"],
             &[1000],
             vec![
-                sample("ebpf", 1000, 0, Metric::InitialSync, 1.0),
-                sample("ebpf", 1000, 0, Metric::AgentRss, 0.0),
-                sample("ebpf", 1000, 0, Metric::KernelObjects, 0.0),
-                sample("ebpf", 1000, 0, Metric::ClusterIpRate, 0.0),
-                sample("ebpf", 1000, 0, Metric::DirectRate, 0.0),
+                Sample::new("ebpf", 1000, 0, Metric::InitialSync, 1.0),
+                Sample::new("ebpf", 1000, 0, Metric::AgentRss, 0.0),
+                Sample::new("ebpf", 1000, 0, Metric::KernelObjects, 0.0),
+                Sample::new("ebpf", 1000, 0, Metric::ClusterIpRate, 0.0),
+                Sample::new("ebpf", 1000, 0, Metric::DirectRate, 0.0),
             ],
         );
         let charts = draw(&single, dir.path(), "single").unwrap();
@@ -468,10 +452,10 @@ mod tests {
             &["iptables", "ipvs"],
             &[0, 1000, 10_000],
             vec![
-                sample("iptables", 0, 0, Metric::KernelObjects, 0.0),
-                sample("iptables", 1000, 0, Metric::KernelObjects, 4000.0),
-                sample("ipvs", 0, 0, Metric::KernelObjects, 12.0),
-                sample("ipvs", 1000, 0, Metric::KernelObjects, 12.0),
+                Sample::new("iptables", 0, 0, Metric::KernelObjects, 0.0),
+                Sample::new("iptables", 1000, 0, Metric::KernelObjects, 4000.0),
+                Sample::new("ipvs", 0, 0, Metric::KernelObjects, 12.0),
+                Sample::new("ipvs", 1000, 0, Metric::KernelObjects, 12.0),
             ],
         );
         let charts = draw(&zeros, dir.path(), "zeros").unwrap();

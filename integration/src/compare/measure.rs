@@ -193,13 +193,7 @@ pub async fn measure(
     let mut cluster =
         Cluster::start_with(agent_spec(agent, dataplane, &bpffs), layout(services)).await;
     let mut measured = Measured::default();
-    let sample = |metric, value| Sample {
-        dataplane: dataplane.to_string(),
-        services,
-        round,
-        metric,
-        value,
-    };
+    let sample = |metric, value| Sample::new(dataplane, services, round, metric, value);
     let record =
         |measured: &mut Measured, what: &str, result: Result<Vec<(Metric, f64)>, String>| {
             match result {

@@ -296,22 +296,6 @@ mod tests {
     use super::*;
     use crate::compare::{Machine, Sample};
 
-    fn sample(
-        dataplane: &str,
-        services: usize,
-        round: usize,
-        metric: Metric,
-        value: f64,
-    ) -> Sample {
-        Sample {
-            dataplane: dataplane.into(),
-            services,
-            round,
-            metric,
-            value,
-        }
-    }
-
     const SUMMARY: &str = "conformance: 12 of 13 scenarios agree across iptables, ipvs and ebpf";
 
     fn comparison() -> Comparison {
@@ -323,13 +307,13 @@ mod tests {
             sizes: vec![0, 1000],
             rounds: 3,
             samples: vec![
-                sample("iptables", 1000, 0, Metric::InitialSync, 1.52),
-                sample("iptables", 1000, 1, Metric::InitialSync, 1.644),
-                sample("iptables", 1000, 2, Metric::InitialSync, 1.80),
-                sample("ebpf", 1000, 0, Metric::InitialSync, 0.00217),
-                sample("iptables", 1000, 0, Metric::ClusterIpRate, 9600.0),
-                sample("iptables", 1000, 0, Metric::DirectRate, 10000.0),
-                sample("iptables", 0, 0, Metric::KernelObjects, 12400.0),
+                Sample::new("iptables", 1000, 0, Metric::InitialSync, 1.52),
+                Sample::new("iptables", 1000, 1, Metric::InitialSync, 1.644),
+                Sample::new("iptables", 1000, 2, Metric::InitialSync, 1.80),
+                Sample::new("ebpf", 1000, 0, Metric::InitialSync, 0.00217),
+                Sample::new("iptables", 1000, 0, Metric::ClusterIpRate, 9600.0),
+                Sample::new("iptables", 1000, 0, Metric::DirectRate, 10000.0),
+                Sample::new("iptables", 0, 0, Metric::KernelObjects, 12400.0),
             ],
             conformance: Some(ConformanceRun {
                 summary: SUMMARY.into(),
@@ -346,7 +330,7 @@ mod tests {
             dataplanes: vec!["iptables".into(), "ipvs".into()],
             sizes: vec![0],
             rounds: 1,
-            samples: vec![sample("ipvs", 0, 0, Metric::AgentRss, 18.24)],
+            samples: vec![Sample::new("ipvs", 0, 0, Metric::AgentRss, 18.24)],
             conformance: None,
             errors: vec!["ipvs at 10k: the agent did not start".into()],
         };
