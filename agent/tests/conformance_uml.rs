@@ -31,18 +31,7 @@ fn iptables_ipvs_and_ebpf_agree_with_each_other_and_the_controller_on_every_scen
                         conformance::run(agent(dataplane, &pins), &scenarios).await;
                     matrix.add(dataplane, results, expected);
                 }
-                println!("{}\n{}", matrix.table(), matrix.summary());
-                let differences = matrix.differences();
-                assert!(
-                    differences.is_empty(),
-                    "{}\n{}",
-                    matrix.summary(),
-                    differences
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("\n")
-                );
+                matrix.assert_agreement();
             });
     });
 }

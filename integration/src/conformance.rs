@@ -692,6 +692,24 @@ impl Matrix {
             .collect()
     }
 
+    /// Prints the table and the summary; panics with the summary and every difference
+    /// unless every dataplane agrees with the expectation (what the conformance tests
+    /// assert).
+    pub fn assert_agreement(&self) {
+        println!("{}\n{}", self.table(), self.summary());
+        let differences = self.differences();
+        assert!(
+            differences.is_empty(),
+            "{}\n{}",
+            self.summary(),
+            differences
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+
     /// `conformance: X of Y scenarios agree across iptables, ipvs and ebpf`.
     pub fn summary(&self) -> String {
         let scenarios: BTreeSet<&String> = self.expected.keys().map(|(s, _)| s).collect();
@@ -760,6 +778,7 @@ mod tests {
             matrix.summary(),
             "conformance: 1 of 1 scenarios agree across iptables and ipvs"
         );
+        matrix.assert_agreement();
         matrix.add("ebpf", [(key, reached(&["backend-1"]))].into(), want);
         assert_eq!(
             matrix.summary(),
@@ -773,6 +792,11 @@ mod tests {
             differences[0]
         );
         assert!(matrix.table().contains("**backend-1**"));
+        let failed = std::panic::catch_unwind(|| matrix.assert_agreement())
+            .expect_err("a disagreement fails the assertion");
+        let message = failed.downcast_ref::<String>().expect("a formatted panic");
+        assert!(message.contains("0 of 1 scenarios agree"), "{message}");
+        assert!(message.contains("ebpf: backend-1;"), "{message}");
     }
 
     #[test]
