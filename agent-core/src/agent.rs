@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use crate::{
     cache::CacheFile,
     client::{self, ClientConfig, ClientTls, dataplane_name},
-    dataplane::{Dataplane, DataplaneError},
+    dataplane::{Dataplane, DataplaneError, Desired},
     drift::Drift,
     engine::Engine,
     health::{self, ProxyHealth},
@@ -297,6 +297,29 @@ async fn terminated() -> std::io::Result<()> {
         result = tokio::signal::ctrl_c() => result,
         _ = term.recv() => Ok(()),
     }
+}
+
+/// Renders this node's state (`--dry-run`), for [`main_with`].
+pub type DryRun<'a> = Box<dyn FnOnce(&Desired) -> anyhow::Result<String> + 'a>;
+
+/// What a one-dataplane agent binary's `main` does with its parsed flags: logging first
+/// (what the dataplane logs while it is built is kept), then with `dry_run` print what it
+/// renders this node's state, fetched from the controller, to and touch nothing;
+/// otherwise [`run`] over the dataplane `dataplane` builds.
+pub fn main_with<D: Dataplane>(
+    agent: AgentArgs,
+    dry_run: Option<DryRun<'_>>,
+    dataplane: impl FnOnce() -> anyhow::Result<D>,
+) -> anyhow::Result<()> {
+    init_logging(agent.log_format);
+    let runtime = tokio::runtime::Runtime::new()?;
+    if let Some(render) = dry_run {
+        let desired = runtime.block_on(desired_from_controller(&agent))?;
+        print!("{}", render(&desired)?);
+        return Ok(());
+    }
+    let dataplane = dataplane()?;
+    runtime.block_on(run(agent, dataplane))
 }
 
 /// Runs an agent over `dataplane` until Ctrl-C or SIGTERM. Exiting leaves the kernel as

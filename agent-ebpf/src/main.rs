@@ -2,7 +2,7 @@
 //! same as `switchyard-agent --dataplane ebpf`).
 
 use clap::Parser;
-use switchyard_agent_core::{AgentArgs, flags::ProxyArgs};
+use switchyard_agent_core::{AgentArgs, agent::main_with, dataplane::Desired, flags::ProxyArgs};
 use switchyard_agent_ebpf::cli::{self, EbpfArgs};
 
 /// Programs Service load balancing with eBPF: Service addresses are translated at
@@ -26,18 +26,15 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    switchyard_agent_core::agent::init_logging(args.agent.log_format);
-    let runtime = tokio::runtime::Runtime::new()?;
+    let (proxy, ebpf) = (&args.proxy, &args.ebpf);
     if args.dry_run {
-        let desired =
-            runtime.block_on(switchyard_agent_core::desired_from_controller(&args.agent))?;
-        print!("{}", cli::dry_run(&args.proxy, &args.ebpf, &desired));
-        return Ok(());
+        let render = |desired: &Desired| Ok(cli::dry_run(proxy, ebpf, desired));
+        return main_with(args.agent, Some(Box::new(render)), || {
+            cli::dataplane(proxy, ebpf)
+        });
     }
     if args.agent.cleanup {
-        let dataplane = cli::cleanup_dataplane(&args.ebpf);
-        return runtime.block_on(switchyard_agent_core::run(args.agent, dataplane));
+        return main_with(args.agent, None, || Ok(cli::cleanup_dataplane(ebpf)));
     }
-    let dataplane = cli::dataplane(&args.proxy, &args.ebpf)?;
-    runtime.block_on(switchyard_agent_core::run(args.agent, dataplane))
+    main_with(args.agent, None, || cli::dataplane(proxy, ebpf))
 }

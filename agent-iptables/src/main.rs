@@ -4,6 +4,8 @@
 use clap::Parser;
 use switchyard_agent_core::{
     AgentArgs,
+    agent::{DryRun, main_with},
+    dataplane::Desired,
     flags::{NetfilterArgs, ProxyArgs},
 };
 use switchyard_agent_iptables::cli;
@@ -27,14 +29,9 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    switchyard_agent_core::agent::init_logging(args.agent.log_format);
-    let runtime = tokio::runtime::Runtime::new()?;
-    let dataplane = cli::dataplane(&args.proxy, &args.netfilter);
-    if args.dry_run {
-        let desired =
-            runtime.block_on(switchyard_agent_core::desired_from_controller(&args.agent))?;
-        print!("{}", dataplane.dry_run(&desired));
-        return Ok(());
-    }
-    runtime.block_on(switchyard_agent_core::run(args.agent, dataplane))
+    let dataplane = || cli::dataplane(&args.proxy, &args.netfilter);
+    let dry_run: Option<DryRun> = args
+        .dry_run
+        .then(|| Box::new(|desired: &Desired| Ok(dataplane().dry_run(desired))) as DryRun);
+    main_with(args.agent, dry_run, || Ok(dataplane()))
 }
