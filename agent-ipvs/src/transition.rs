@@ -367,6 +367,20 @@ mod tests {
         mirror
     }
 
+    /// The transition of `default/web` from `old` to `new` on a kernel that holds
+    /// `kernel`.
+    fn web_moves(old: &ServicePlan, new: &ServicePlan, kernel: &Mirror) -> Transition {
+        plan_transition(
+            &[Move {
+                name: "default/web",
+                old: Some(old),
+                new: Some(new),
+            }],
+            kernel,
+            &mut Refs::of([old]),
+        )
+    }
+
     fn key(addr: &str, port: u16, protocol: Protocol) -> VsKey {
         VsKey {
             protocol,
@@ -448,15 +462,7 @@ mod tests {
     fn a_removed_udp_endpoint_is_deleted_at_once() {
         let old = web(&["10.244.1.2", "10.244.2.2"], Protocol::Udp);
         let new = web(&["10.244.1.2"], Protocol::Udp);
-        let t = plan_transition(
-            &[Move {
-                name: "default/web",
-                old: Some(&old),
-                new: Some(&new),
-            }],
-            &mirror_of(&[&old]),
-            &mut Refs::of([&old]),
-        );
+        let t = web_moves(&old, &new, &mirror_of(&[&old]));
         assert_eq!(
             t.ipvs_last,
             [(
@@ -473,15 +479,7 @@ mod tests {
     fn losing_every_endpoint_rejects_before_the_virtual_service_goes_and_keeps_the_vip() {
         let old = web(&["10.244.1.2"], Protocol::Tcp);
         let new = web(&[], Protocol::Tcp);
-        let t = plan_transition(
-            &[Move {
-                name: "default/web",
-                old: Some(&old),
-                new: Some(&new),
-            }],
-            &mirror_of(&[&old]),
-            &mut Refs::of([&old]),
-        );
+        let t = web_moves(&old, &new, &mirror_of(&[&old]));
         assert_eq!(t.element_adds.len(), 1);
         assert_eq!(t.element_adds[0].0.kind, SetKind::Reject);
         assert_eq!(
@@ -540,15 +538,7 @@ mod tests {
         let vs = key("10.96.0.10", 80, Protocol::Tcp);
         let lost: SocketAddr = "10.244.2.2:8080".parse().unwrap();
         mirror.record(&IpvsOp::DeleteReal(vs, lost));
-        let t = plan_transition(
-            &[Move {
-                name: "default/web",
-                old: Some(&plan),
-                new: Some(&plan),
-            }],
-            &mirror,
-            &mut Refs::of([&plan]),
-        );
+        let t = web_moves(&plan, &plan, &mirror);
         assert_eq!(
             t.ipvs_first,
             [("default/web".into(), IpvsOp::AddReal(vs, lost))]
@@ -559,15 +549,7 @@ mod tests {
     #[test]
     fn nothing_changes_for_an_unchanged_service() {
         let plan = web(&["10.244.1.2"], Protocol::Tcp);
-        let t = plan_transition(
-            &[Move {
-                name: "default/web",
-                old: Some(&plan),
-                new: Some(&plan),
-            }],
-            &mirror_of(&[&plan]),
-            &mut Refs::of([&plan]),
-        );
+        let t = web_moves(&plan, &plan, &mirror_of(&[&plan]));
         assert!(t.is_empty(), "{t:?}");
     }
 }
