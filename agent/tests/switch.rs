@@ -34,15 +34,6 @@ fn iptables_chains(cluster: &Cluster) -> usize {
     save.lines().filter(|l| l.starts_with(":SWY-")).count()
 }
 
-async fn switch(cluster: &Cluster, label: &str, to: v1::Dataplane) {
-    cluster.set_dataplane_label(Some(label));
-    cluster
-        .eventually(&format!("the agent on {label}"), |c| {
-            c.dataplane_in_force() == Some(to)
-        })
-        .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn iptables_and_ebpf_switch_both_ways_under_traffic_without_a_failed_connection() {
     let pins = PinDir::new();
@@ -58,12 +49,14 @@ async fn iptables_and_ebpf_switch_both_ways_under_traffic_without_a_failed_conne
         .unwrap();
     assert!(traffic.wait_for_successes(10, PATIENCE));
 
-    switch(&cluster, "ebpf", v1::Dataplane::Ebpf).await;
+    cluster.switch_dataplane("ebpf", v1::Dataplane::Ebpf).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(iptables_chains(&cluster), 0, "iptables left nothing behind");
     assert!(!pins.pins().is_empty(), "eBPF's maps and links are pinned");
 
-    switch(&cluster, "iptables", v1::Dataplane::Iptables).await;
+    cluster
+        .switch_dataplane("iptables", v1::Dataplane::Iptables)
+        .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(iptables_chains(&cluster) > 5);
     assert!(

@@ -68,13 +68,9 @@ fn objects(cluster: &Cluster) -> (usize, usize) {
     (iptables, ipvs_chains + services + sets + device)
 }
 
+/// Switches the node and lets the old dataplane's cleanup settle.
 async fn switch(cluster: &Cluster, label: &str, to: v1::Dataplane) {
-    cluster.set_dataplane_label(Some(label));
-    cluster
-        .eventually(&format!("the agent on {label}"), |c| {
-            c.dataplane_in_force() == Some(to)
-        })
-        .await;
+    cluster.switch_dataplane(label, to).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 

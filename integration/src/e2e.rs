@@ -593,6 +593,15 @@ impl Cluster {
 
     /// The dataplane the node's agent reports programming with, as the controller sees
     /// it.
+    /// Labels the Node for `label` and waits until its agent reports `to` in force.
+    pub async fn switch_dataplane(&self, label: &str, to: switchyard_proto::v1::Dataplane) {
+        self.set_dataplane_label(Some(label));
+        self.eventually(&format!("the agent on {label}"), |c| {
+            c.dataplane_in_force() == Some(to)
+        })
+        .await;
+    }
+
     pub fn dataplane_in_force(&self) -> Option<switchyard_proto::v1::Dataplane> {
         let controller = self.controller.as_ref()?;
         Some(controller.sessions.get(NODE)?.dataplanes().in_force)
