@@ -606,6 +606,13 @@ int swy_tc_ingress(struct __sk_buff *skb)
 	int syn = f.proto == IPPROTO_TCP && (f.tcp_flags & (SWY_TCP_SYN | SWY_TCP_ACK)) == SWY_TCP_SYN;
 	if (ct && !syn)
 		return forward_xlate(skb, &f, ct);
+	/* Mid-stream TCP that no entry here tracks is a flow someone else translated: one
+	 * netfilter or IPVS took before this node switched to eBPF, whose conntrack or IPVS
+	 * entry still holds its endpoint. Balancing it afresh would send the rest of the
+	 * connection to an endpoint that never saw its SYN (a reset); passing it on keeps
+	 * it where it is. */
+	if (!ct && f.proto == IPPROTO_TCP && !(f.tcp_flags & SWY_TCP_SYN))
+		return TC_ACT_OK;
 	verdict = new_flow(skb, &f);
 	if (verdict == SWY_REJECT)
 		return reject(skb, &f);

@@ -21,7 +21,8 @@ use switchyard_agent_core::dataplane::Desired;
 use switchyard_agent_ebpf::{SnatSource, abi, maps};
 use switchyard_integration::{
     netns::{
-        Netns, ProbeError, ProbeOptions, tcp_request_from_port, tcp_request_with, udp_request_with,
+        EchoServer, HeldConnection, Netns, ProbeError, ProbeOptions, tcp_request_from_port,
+        tcp_request_with, udp_request_with,
     },
     uml::{self, Guest},
 };
@@ -512,4 +513,56 @@ fn in_user_mode_linux_6_1_node_ports_from_outside_are_source_natted_or_kept_loca
         external_traffic_policy_local_reaches_only_the_local_endpoint_and_keeps_the_client_address(
         );
     });
+}
+
+#[test]
+fn a_connection_netfilter_translated_before_the_switch_keeps_its_endpoint() {
+    let mut lab = Lab::start(3);
+    let vip = sa("10.96.0.20:80");
+    // Backend 2 only answers the held connection: a packet balanced afresh to 1 or 3
+    // meets no listener and the connection is reset.
+    let backend_2 = &lab.topology.backends()[1];
+    let _echo = EchoServer::start(
+        backend_2.ns(),
+        "backend-2",
+        SocketAddr::new(backend_2.ip().into(), 9000),
+    )
+    .unwrap();
+    // What the node's previous dataplane did: netfilter sent this Service to backend 2.
+    lab.topology
+        .node()
+        .exec([
+            "iptables",
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-d",
+            "10.96.0.20/32",
+            "-p",
+            "tcp",
+            "--dport",
+            "80",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.244.2.2:9000",
+        ])
+        .unwrap();
+    let mut held = HeldConnection::open(lab.outside(), None, vip).unwrap();
+    assert_eq!(held.ask().unwrap(), "backend-2");
+
+    // The switch: eBPF now balances the Service, to the endpoints but backend 2.
+    let mut want = Desired::new();
+    put(
+        &mut want,
+        lab_service("held", "10.96.0.20", Protocol::Tcp, (80, 9000), &[1, 3]),
+    );
+    lab.apply(&want, &full());
+    for _ in 0..5 {
+        assert_eq!(
+            held.ask().expect("the held connection survives the switch"),
+            "backend-2"
+        );
+    }
 }
