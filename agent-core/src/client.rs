@@ -329,6 +329,7 @@ pub(crate) async fn handle_response<D: Dataplane>(
     engine: &Engine<D>,
     response: NodeStateResponse,
 ) -> NodeStateRequest {
+    let received = SystemTime::now();
     engine.health.queued_update();
     engine
         .health
@@ -359,15 +360,9 @@ pub(crate) async fn handle_response<D: Dataplane>(
                 }
             }));
             engine.health.updated();
-            if let Some(trigger) = response
-                .trigger_time
-                .and_then(|t| SystemTime::try_from(t).ok())
-                && let Ok(latency) = SystemTime::now().duration_since(trigger)
-            {
-                engine
-                    .metrics
-                    .network_programming_duration
-                    .observe(latency.as_secs_f64());
+            if let Some(kernel_done) = report.kernel_done {
+                let latency = Latency::of(&response, received, kernel_done);
+                latency.record(&engine.metrics, report.duration);
             }
             (report.applied, report.duration)
         }
@@ -404,6 +399,54 @@ pub(crate) async fn handle_response<D: Dataplane>(
     }
 }
 
+/// The points in time one response's change passed, for network programming latency
+/// and its stages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Latency {
+    /// The API change (or manifest edit) behind the response, if the controller knew it.
+    pub trigger: Option<SystemTime>,
+    /// When the controller sent the response.
+    pub sent: Option<SystemTime>,
+    pub received: SystemTime,
+    /// When the kernel held the change.
+    pub kernel_done: SystemTime,
+}
+
+impl Latency {
+    fn of(response: &NodeStateResponse, received: SystemTime, kernel_done: SystemTime) -> Self {
+        let time = |t: Option<prost_types::Timestamp>| t.and_then(|t| SystemTime::try_from(t).ok());
+        Self {
+            trigger: time(response.trigger_time),
+            sent: time(response.sent_time),
+            received,
+            kernel_done,
+        }
+    }
+
+    /// Observes the whole latency and its stages; `kernel` is the dataplane's part.
+    /// The agent's own part ends now (the ACK goes out next). A stage whose clock
+    /// went backwards (another machine's clock behind this one's) is left out.
+    fn record(&self, metrics: &crate::metrics::Metrics, kernel: Duration) {
+        use crate::metrics::Stage;
+        let span = |from: SystemTime, to: SystemTime| to.duration_since(from).ok();
+        if let Some(latency) = self.trigger.and_then(|t| span(t, self.kernel_done)) {
+            metrics
+                .network_programming_duration
+                .observe(latency.as_secs_f64());
+        }
+        if let Some(took) = self.trigger.zip(self.sent).and_then(|(t, s)| span(t, s)) {
+            metrics.observe_stage(Stage::Controller, took);
+        }
+        if let Some(took) = self.sent.and_then(|s| span(s, self.received)) {
+            metrics.observe_stage(Stage::Transport, took);
+        }
+        if let Some(took) = span(self.received, SystemTime::now()) {
+            metrics.observe_stage(Stage::Agent, took.saturating_sub(kernel));
+        }
+        metrics.observe_stage(Stage::Kernel, kernel);
+    }
+}
+
 /// The dataplane kinds' names, as used in default paths.
 pub fn dataplane_name(kind: v1::Dataplane) -> &'static str {
     match kind {
@@ -417,6 +460,63 @@ pub fn dataplane_name(kind: v1::Dataplane) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The count of one stage's bucket `le` in the exposition `text`.
+    fn bucket_count(text: &str, stage: &str, le: &str) -> u64 {
+        let series = "switchyard_network_programming_stage_duration_seconds_bucket{";
+        text.lines()
+            .find(|l| {
+                l.starts_with(series)
+                    && l.contains(&format!("le=\"{le}\""))
+                    && l.contains(&format!("stage=\"{stage}\""))
+            })
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no {stage} bucket le={le} in:\n{text}"))
+    }
+
+    #[test]
+    fn latency_is_split_into_controller_transport_agent_and_kernel_stages() {
+        let metrics = crate::metrics::Metrics::new();
+        let t0 = SystemTime::now() - Duration::from_millis(100);
+        Latency {
+            trigger: Some(t0),
+            sent: Some(t0 + Duration::from_millis(2)),
+            received: t0 + Duration::from_millis(3),
+            kernel_done: t0 + Duration::from_millis(10),
+        }
+        .record(&metrics, Duration::from_millis(6));
+        let text = metrics.encode();
+        // 2 ms in the controller, 1 ms in transport, 6 ms in the kernel (0.0016 < x ≤ 0.0032 …).
+        assert_eq!(bucket_count(&text, "controller", "0.0016"), 0);
+        assert_eq!(bucket_count(&text, "controller", "0.0032"), 1);
+        assert_eq!(bucket_count(&text, "transport", "0.0008"), 0);
+        assert_eq!(bucket_count(&text, "transport", "0.0016"), 1);
+        assert_eq!(bucket_count(&text, "kernel", "0.0032"), 0);
+        assert_eq!(bucket_count(&text, "kernel", "0.0064"), 1);
+        // The agent's part runs from receipt until now (~97 ms), less the kernel's 6 ms.
+        assert_eq!(bucket_count(&text, "agent", "0.0512"), 0);
+        assert_eq!(bucket_count(&text, "agent", "0.2048"), 1);
+        assert!(text.contains("switchyard_network_programming_duration_seconds_count 1"));
+    }
+
+    #[test]
+    fn a_clock_behind_the_senders_drops_that_stage_only() {
+        let metrics = crate::metrics::Metrics::new();
+        let now = SystemTime::now();
+        Latency {
+            trigger: None,
+            sent: Some(now + Duration::from_secs(5)),
+            received: now,
+            kernel_done: now,
+        }
+        .record(&metrics, Duration::from_millis(1));
+        let text = metrics.encode();
+        assert!(!text.contains("stage=\"transport\""), "{text}");
+        assert!(!text.contains("stage=\"controller\""), "{text}");
+        assert!(text.contains("stage=\"kernel\""), "{text}");
+        assert!(text.contains("switchyard_network_programming_duration_seconds_count 0"));
+    }
 
     #[test]
     fn backoff_grows_with_jitter_up_to_its_cap_and_resets() {

@@ -43,7 +43,10 @@ pub(crate) struct DeltaReport {
     pub failed: BTreeMap<String, String>,
     /// Resources now in force.
     pub applied: u32,
+    /// How long the dataplane's apply took.
     pub duration: Duration,
+    /// When the kernel held the change (the dataplane's apply returned).
+    pub kernel_done: Option<SystemTime>,
 }
 
 struct Authoritative {
@@ -310,6 +313,7 @@ impl<D: Dataplane> Engine<D> {
                 .await?
         };
         let duration = started.elapsed();
+        let kernel_done = SystemTime::now();
         let mut next = Arc::try_unwrap(next).unwrap_or_else(|shared| (*shared).clone());
         for name in outcome.failed.keys() {
             match previous.get(name) {
@@ -332,6 +336,7 @@ impl<D: Dataplane> Engine<D> {
             failed: outcome.failed,
             applied,
             duration,
+            kernel_done: Some(kernel_done),
         })
     }
 

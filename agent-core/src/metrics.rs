@@ -25,6 +25,12 @@ pub struct Metrics {
     /// `switchyard_network_programming_duration_seconds`: from the API change that caused
     /// a response (its `trigger_time`) to the kernel holding it.
     pub network_programming_duration: Histogram,
+    /// `switchyard_network_programming_stage_duration_seconds{stage}`: where that time
+    /// went, per response: `controller` (trigger → the controller sent it), `transport`
+    /// (sent → received here; across machines it includes their clock offset), `agent`
+    /// (agent-core's own work: received → ACK, less the kernel's part) and `kernel` (the
+    /// dataplane's apply).
+    pub network_programming_stage_duration: Family<Vec<(String, String)>, Histogram, fn() -> Histogram>,
     /// `switchyard_sync_proxy_rules_last_timestamp_seconds`: when the last apply succeeded.
     pub sync_proxy_rules_last_timestamp: Gauge<f64, AtomicU64>,
     /// `switchyard_drift_repairs_total`: resources re-programmed because the kernel drifted.
@@ -47,6 +53,32 @@ fn network_programming_buckets() -> Vec<f64> {
     buckets
 }
 
+/// Fine buckets for the stages of one change, which take microseconds to seconds:
+/// 50 µs … 26 s, doubling.
+fn stage_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 20))
+}
+
+/// The stages of network programming latency, as the `stage` label names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stage {
+    Controller,
+    Transport,
+    Agent,
+    Kernel,
+}
+
+impl Stage {
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Controller => "controller",
+            Stage::Transport => "transport",
+            Stage::Agent => "agent",
+            Stage::Kernel => "kernel",
+        }
+    }
+}
+
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -59,6 +91,10 @@ impl Metrics {
         let sync_proxy_rules_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let sync_full_proxy_rules_duration = Histogram::new(exponential_buckets(0.001, 2.0, 15));
         let network_programming_duration = Histogram::new(network_programming_buckets());
+        let network_programming_stage_duration =
+            Family::<Vec<(String, String)>, Histogram, fn() -> Histogram>::new_with_constructor(
+                stage_histogram,
+            );
         let sync_proxy_rules_last_timestamp = Gauge::<f64, AtomicU64>::default();
         let drift_repairs = Counter::default();
         let controller_connected = Gauge::default();
@@ -78,6 +114,11 @@ impl Metrics {
             "network_programming_duration_seconds",
             "From the API change that caused an update to the kernel holding it",
             network_programming_duration.clone(),
+        );
+        registry.register(
+            "network_programming_stage_duration_seconds",
+            "Network programming latency per stage: controller, transport, agent, kernel",
+            network_programming_stage_duration.clone(),
         );
         registry.register(
             "sync_proxy_rules_last_timestamp_seconds",
@@ -109,12 +150,20 @@ impl Metrics {
             sync_proxy_rules_duration,
             sync_full_proxy_rules_duration,
             network_programming_duration,
+            network_programming_stage_duration,
             sync_proxy_rules_last_timestamp,
             drift_repairs,
             controller_connected,
             dataplane_switches,
             dataplane_info,
         }
+    }
+
+    /// Records how long one change spent in `stage`.
+    pub fn observe_stage(&self, stage: Stage, took: std::time::Duration) {
+        self.network_programming_stage_duration
+            .get_or_create(&vec![("stage".to_string(), stage.name().to_string())])
+            .observe(took.as_secs_f64());
     }
 
     /// Marks `dataplane` as the one in force.
@@ -142,6 +191,7 @@ mod tests {
         let metrics = Metrics::new();
         metrics.drift_repairs.inc();
         metrics.sync_proxy_rules_duration.observe(0.01);
+        metrics.observe_stage(Stage::Kernel, std::time::Duration::from_micros(300));
         let text = metrics.encode();
         for name in [
             "switchyard_sync_proxy_rules_duration_seconds_bucket",
@@ -149,6 +199,7 @@ mod tests {
             "switchyard_network_programming_duration_seconds_sum",
             "switchyard_sync_proxy_rules_last_timestamp_seconds",
             "switchyard_drift_repairs_total 1",
+            "switchyard_network_programming_stage_duration_seconds_count{stage=\"kernel\"} 1",
             "switchyard_controller_connected 0",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");

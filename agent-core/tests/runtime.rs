@@ -59,6 +59,7 @@ impl FakeStream {
             trigger_time: Some(std::time::SystemTime::now().into()),
             node_being_deleted: false,
             dataplane: 0,
+            sent_time: Some(std::time::SystemTime::now().into()),
         };
         self.responses
             .send(Ok(response))
@@ -588,6 +589,10 @@ async fn healthz_livez_and_metrics_are_served_on_one_listener() {
     for name in [
         "switchyard_sync_proxy_rules_duration_seconds_count 1",
         "switchyard_network_programming_duration_seconds_count 1",
+        "switchyard_network_programming_stage_duration_seconds_count{stage=\"controller\"} 1",
+        "switchyard_network_programming_stage_duration_seconds_count{stage=\"transport\"} 1",
+        "switchyard_network_programming_stage_duration_seconds_count{stage=\"agent\"} 1",
+        "switchyard_network_programming_stage_duration_seconds_count{stage=\"kernel\"} 1",
         "switchyard_controller_connected 1",
         "switchyard_sync_proxy_rules_last_timestamp_seconds",
     ] {

@@ -514,6 +514,8 @@ impl NodeStream {
             trigger_time: trigger_time.map(Into::into),
             node_being_deleted: facts.being_deleted,
             dataplane: facts.dataplane.into(),
+            // Built the instant before it is queued for the agent.
+            sent_time: Some(SystemTime::now().into()),
         };
         self.in_flight = Some(InFlight {
             nonce,
