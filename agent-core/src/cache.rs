@@ -1,12 +1,14 @@
 //! The desired cache on disk, and how a restarted agent decides what it still holds.
 //!
-//! Entry point: [`CacheFile`] (store after every successful apply, load on start) and
+//! Entry point: [`CacheFile`] (a record after every successful apply, load on start) and
 //! [`reconcile`] (kernel read-back + cache → held state and declared versions).
 //!
 //! # Restart without flush or resend
 //! The file holds, per resource, the version and the encoded `v1::ServiceState` the
-//! kernel was last programmed from; it is replaced atomically (temporary file, fsync,
-//! rename) after every successful apply. On start the agent reads the kernel back and
+//! kernel was last programmed from. It is a log: each apply appends the records of the
+//! resources it changed and fsyncs before the agent acknowledges, so a change costs what
+//! it touches, not the node's Service count; once the log has grown to twice its
+//! compacted size it is rewritten whole, atomically (temporary file, fsync, rename). On start the agent reads the kernel back and
 //! loads the file. A resource is *held* (its state is known, nothing is rewritten) only
 //! when the kernel records the same version as the cache — or, for a dataplane that
 //! records no version, when its kernel objects are exactly what the cached state renders
@@ -24,6 +26,7 @@ use std::{
     fs,
     io::{self, Write},
     path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use prost::Message;
@@ -52,20 +55,66 @@ pub enum CacheError {
     },
 }
 
-/// The cache file of one dataplane's state directory.
+/// The cache file of one dataplane's state directory: a log of length-delimited
+/// `v1::Resource` records, each a Service's state (later records win) or, without a
+/// service, its removal. Shared by clones (one open file, one writer at a time).
 #[derive(Clone, Debug)]
 pub struct CacheFile {
     path: PathBuf,
+    log: Arc<Mutex<Log>>,
+    /// [`MIN_COMPACTION_BYTES`], smaller in tests.
+    min_compaction: u64,
 }
+
+/// The writing side of the log.
+#[derive(Debug, Default)]
+struct Log {
+    /// Open for appending since the last compaction by this process; `None` until the
+    /// first write, which compacts (so a log always starts from a whole state this
+    /// process wrote, never from a tail it did not).
+    file: Option<fs::File>,
+    /// Bytes in the file, and how many of them the last compaction wrote.
+    bytes: u64,
+    compacted: u64,
+}
+
+/// A log grows to this many times its compacted size (and at least
+/// [`MIN_COMPACTION_BYTES`]) before it is rewritten whole: compaction costs O(Services)
+/// once every O(Services) changes, so each change costs O(1) on average.
+const COMPACTION_RATIO: u64 = 2;
+const MIN_COMPACTION_BYTES: u64 = 256 * 1024;
 
 /// The version string a resource is declared with when its state is unknown.
 pub const UNKNOWN_VERSION: &str = "";
+
+fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CacheError {
+    let path = path.to_path_buf();
+    move |source| CacheError::Io {
+        operation,
+        path,
+        source,
+    }
+}
+
+/// The record of `name`: its state in `desired`, or its removal.
+fn encode_record(bytes: &mut Vec<u8>, name: &str, service: Option<&DesiredService>) {
+    let resource = v1::Resource {
+        name: name.to_string(),
+        version: service.map_or_else(String::new, |s| format_version(s.version)),
+        service: service.map(|s| s.state.as_ref().into()),
+    };
+    resource
+        .encode_length_delimited(bytes)
+        .expect("a Vec grows as needed");
+}
 
 impl CacheFile {
     /// The cache file inside `state_dir` (created on first store).
     pub fn in_dir(state_dir: &Path) -> Self {
         Self {
             path: state_dir.join("desired.pb"),
+            log: Arc::default(),
+            min_compaction: MIN_COMPACTION_BYTES,
         }
     }
 
@@ -73,39 +122,80 @@ impl CacheFile {
         &self.path
     }
 
-    /// Replaces the file with `desired`, atomically.
+    fn log(&self) -> std::sync::MutexGuard<'_, Log> {
+        self.log.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Replaces the file with `desired`, atomically (a new file, fsync, rename), and
+    /// keeps it open for [`CacheFile::record`].
     pub fn store(&self, desired: &Desired) -> Result<(), CacheError> {
-        let io = |operation, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| CacheError::Io {
-                operation,
-                path,
-                source,
-            }
-        };
+        let mut log = self.log();
+        self.compact(&mut log, desired)
+    }
+
+    fn compact(&self, log: &mut Log, desired: &Desired) -> Result<(), CacheError> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
-        fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+        fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
         let mut bytes = Vec::new();
         for (name, service) in desired {
-            let resource = v1::Resource {
-                name: name.clone(),
-                version: format_version(service.version),
-                service: Some((&service.state).into()),
-            };
-            resource
-                .encode_length_delimited(&mut bytes)
-                .expect("a Vec grows as needed");
+            encode_record(&mut bytes, name, Some(service));
         }
         let tmp = self.path.with_extension("pb.tmp");
-        let mut file = fs::File::create(&tmp).map_err(io("create", &tmp))?;
-        file.write_all(&bytes).map_err(io("write", &tmp))?;
-        file.sync_all().map_err(io("fsync", &tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io("rename to", &self.path))?;
+        let mut file = fs::File::create(&tmp).map_err(io_error("create", &tmp))?;
+        file.write_all(&bytes).map_err(io_error("write", &tmp))?;
+        file.sync_all().map_err(io_error("fsync", &tmp))?;
+        fs::rename(&tmp, &self.path).map_err(io_error("rename to", &self.path))?;
+        // The rename is durable once the directory is.
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error("fsync", dir))?;
+        let file = fs::OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(io_error("open for appending", &self.path))?;
+        *log = Log {
+            file: Some(file),
+            bytes: bytes.len() as u64,
+            compacted: bytes.len() as u64,
+        };
+        Ok(())
+    }
+
+    /// Records that the resources `names` now hold what `desired` says (absent: removed),
+    /// durably (appended and fsynced) before returning: O(the change), except for the
+    /// occasional compaction, which rewrites the file whole from `desired`.
+    pub fn record<'a>(
+        &self,
+        desired: &Desired,
+        names: impl IntoIterator<Item = &'a String>,
+    ) -> Result<(), CacheError> {
+        let mut log = self.log();
+        let limit = (log.compacted * COMPACTION_RATIO).max(self.min_compaction);
+        if log.file.is_none() || log.bytes > limit {
+            return self.compact(&mut log, desired);
+        }
+        let mut bytes = Vec::new();
+        for name in names {
+            encode_record(&mut bytes, name, desired.get(name));
+        }
+        let file = log.file.as_mut().expect("checked above");
+        let written = file
+            .write_all(&bytes)
+            .and_then(|()| file.sync_data())
+            .map_err(io_error("append to", &self.path));
+        if let Err(error) = written {
+            // A partial append must not be extended: the next record compacts.
+            log.file = None;
+            return Err(error);
+        }
+        log.bytes += bytes.len() as u64;
         Ok(())
     }
 
     /// What the file holds; empty when there is no file yet. Entries that do not convert
-    /// are dropped (their resources count as unknown).
+    /// are dropped (their resources count as unknown). A record cut short at the end (the
+    /// agent stopped while appending) is ignored: it was never acknowledged, and what it
+    /// named counts as unknown against the kernel's version.
     pub fn load(&self) -> Result<Desired, CacheError> {
         let bytes = match fs::read(&self.path) {
             Ok(bytes) => bytes,
@@ -121,22 +211,45 @@ impl CacheFile {
         let mut buf = bytes.as_slice();
         let mut desired = Desired::new();
         while !buf.is_empty() {
-            let resource = v1::Resource::decode_length_delimited(&mut buf).map_err(|source| {
-                CacheError::Corrupt {
-                    path: self.path.clone(),
-                    source,
+            let before = buf;
+            let resource = match v1::Resource::decode_length_delimited(&mut buf) {
+                Ok(resource) => resource,
+                Err(source) if is_cut_short(before) => {
+                    tracing::warn!(%source, bytes = before.len(), "ignoring a cache record cut short at the end");
+                    break;
                 }
-            })?;
+                Err(source) => {
+                    return Err(CacheError::Corrupt {
+                        path: self.path.clone(),
+                        source,
+                    });
+                }
+            };
+            if resource.service.is_none() {
+                desired.remove(&resource.name);
+                continue;
+            }
             match convert(&resource) {
                 Ok(service) => {
                     desired.insert(resource.name, service);
                 }
                 Err(error) => {
+                    desired.remove(&resource.name);
                     tracing::warn!(name = %resource.name, %error, "dropping a cache entry");
                 }
             }
         }
         Ok(desired)
+    }
+}
+
+/// Whether `tail` is one record whose length prefix promises more bytes than are left.
+fn is_cut_short(tail: &[u8]) -> bool {
+    let mut buf = tail;
+    match prost::encoding::decode_varint(&mut buf) {
+        Ok(length) => length > buf.len() as u64,
+        // The prefix itself is cut short.
+        Err(_) => tail.len() < 10,
     }
 }
 
@@ -157,7 +270,7 @@ pub fn convert(resource: &v1::Resource) -> Result<DesiredService, String> {
             state.key
         ));
     }
-    Ok(DesiredService { version, state })
+    Ok(DesiredService::new(version, state))
 }
 
 /// What a restarted agent holds.
@@ -221,10 +334,7 @@ mod tests {
             cluster_ips: vec!["10.96.0.1".into()],
             ..Default::default()
         };
-        DesiredService {
-            version,
-            state: ServiceState::try_from(&wire).unwrap(),
-        }
+        DesiredService::new(version, ServiceState::try_from(&wire).unwrap())
     }
 
     #[test]
@@ -240,6 +350,92 @@ mod tests {
         assert_eq!(cache.load().unwrap(), desired);
         cache.store(&Desired::new()).unwrap();
         assert_eq!(cache.load().unwrap(), Desired::new());
+    }
+
+    fn desired_of(entries: &[(&str, u64)]) -> Desired {
+        entries
+            .iter()
+            .map(|(n, v)| (n.to_string(), service(n, *v)))
+            .collect()
+    }
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn records_append_the_changed_resources_and_a_load_replays_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheFile::in_dir(dir.path());
+        let mut desired = desired_of(&[("a/x", 1), ("b/y", 2), ("c/z", 3)]);
+        // The first record of a process writes the whole state.
+        cache.record(&desired, &names(&["a/x"])).unwrap();
+        let compacted = fs::metadata(cache.path()).unwrap().len();
+        assert_eq!(cache.load().unwrap(), desired);
+
+        desired.insert("a/x".into(), service("a/x", 7));
+        desired.remove("b/y");
+        cache.record(&desired, &names(&["a/x", "b/y"])).unwrap();
+        let appended = fs::metadata(cache.path()).unwrap().len() - compacted;
+        assert!(
+            appended < compacted,
+            "two records ({appended} bytes) appended, not the whole state ({compacted})"
+        );
+        assert_eq!(cache.load().unwrap(), desired);
+        // Another process (a restarted agent) reads the same.
+        assert_eq!(CacheFile::in_dir(dir.path()).load().unwrap(), desired);
+    }
+
+    #[test]
+    fn the_log_is_compacted_once_it_outgrows_its_compacted_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheFile {
+            min_compaction: 4096,
+            ..CacheFile::in_dir(dir.path())
+        };
+        let mut desired = desired_of(&[("a/x", 1)]);
+        cache.store(&desired).unwrap();
+        let mut largest = 0;
+        for version in 2..500 {
+            desired.insert("a/x".into(), service("a/x", version));
+            cache.record(&desired, &names(&["a/x"])).unwrap();
+            largest = largest.max(fs::metadata(cache.path()).unwrap().len());
+        }
+        assert!(
+            largest <= 4096 + 1024,
+            "the log stays bounded: {largest} bytes"
+        );
+        assert_eq!(cache.load().unwrap(), desired);
+    }
+
+    #[test]
+    fn a_record_cut_short_at_the_end_is_ignored_and_corruption_elsewhere_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = CacheFile::in_dir(dir.path());
+        let mut desired = desired_of(&[("a/x", 1), ("b/y", 2)]);
+        cache.store(&desired).unwrap();
+        let whole = fs::read(cache.path()).unwrap();
+        desired.insert("a/x".into(), service("a/x", 9));
+        cache.record(&desired, &names(&["a/x"])).unwrap();
+        let with_record = fs::read(cache.path()).unwrap();
+
+        // The agent stopped halfway through appending: the last good state is read.
+        fs::write(cache.path(), &with_record[..with_record.len() - 3]).unwrap();
+        assert_eq!(
+            cache.load().unwrap(),
+            desired_of(&[("a/x", 1), ("b/y", 2)])
+        );
+        // A length prefix alone, cut short too.
+        let mut prefix_only = whole.clone();
+        prefix_only.push(0x80);
+        fs::write(cache.path(), &prefix_only).unwrap();
+        assert_eq!(cache.load().unwrap().len(), 2);
+
+        // Garbage that is not a short tail is corruption.
+        let mut garbage = whole;
+        garbage.extend_from_slice(&[0x05, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x02]);
+        fs::write(cache.path(), &garbage).unwrap();
+        assert!(matches!(cache.load(), Err(CacheError::Corrupt { .. })));
     }
 
     #[test]

@@ -2,22 +2,34 @@
 //! apply a change, read back what the kernel holds, say what a Service should look like
 //! in the kernel, and remove everything on request. Dataplanes add only kernel code.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use switchyard_proto::{
     state::{DataplaneKind, ServiceState},
     v1,
 };
 
-/// One Service the node must hold, with the version the controller sent for it.
+/// One Service the node must hold, with the version the controller sent for it. Cheap
+/// to clone: the state is shared.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DesiredService {
     pub version: u64,
-    pub state: ServiceState,
+    pub state: Arc<ServiceState>,
 }
 
-/// Everything the node must hold, by resource name (`namespace/name`).
-pub type Desired = BTreeMap<String, DesiredService>;
+impl DesiredService {
+    pub fn new(version: u64, state: ServiceState) -> Self {
+        Self {
+            version,
+            state: Arc::new(state),
+        }
+    }
+}
+
+/// Everything the node must hold, by resource name (`namespace/name`). A persistent
+/// map: a copy costs O(1) and a change O(log n), so the runtime keeps the previous
+/// state for readers and for rollback without copying the node's Services.
+pub type Desired = imbl::OrdMap<String, DesiredService>;
 
 /// What an apply must change.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

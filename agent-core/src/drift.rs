@@ -128,7 +128,7 @@ mod tests {
         };
         let state = ServiceState::try_from(&wire).unwrap();
         assert_eq!(state.key, ServiceKey::new(ns, n));
-        DesiredService { version, state }
+        DesiredService::new(version, state)
     }
 
     fn programmed(name: &str, service: &DesiredService) -> ProgrammedService {

@@ -4,8 +4,9 @@
 //! The desired cache holds exactly what the kernel was successfully programmed with, so
 //! the versions the agent declares on reconnect are the versions it applied.
 //!
-//! Cost: each delta copies the desired map once (readers keep the previous snapshot)
-//! and rewrites the cache file whole; both are linear in the node's Services.
+//! Cost: a delta costs what it changes, not the node's Service count: the desired map
+//! is persistent (readers keep the previous snapshot at O(1)), and the cache file takes
+//! an appended record per changed resource (see [`crate::cache`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -131,7 +132,7 @@ impl<D: Dataplane> Engine<D> {
             // unknown so the controller resends or removes it.
             None => Reconciled {
                 held: Desired::new(),
-                unknown: cached.into_keys().collect(),
+                unknown: cached.keys().cloned().collect(),
             },
         };
         tracing::info!(
@@ -331,7 +332,9 @@ impl<D: Dataplane> Engine<D> {
         let applied = u32::try_from(applied).unwrap_or(u32::MAX);
         let next = Arc::new(next);
         state.desired = next.clone();
-        self.committed(&next, duration, applied, false).await;
+        self.record(&next, change.upserted.iter().chain(&change.removed).cloned().collect())
+            .await;
+        self.committed(&next, duration, applied, false);
         Ok(DeltaReport {
             failed: outcome.failed,
             applied,
@@ -340,22 +343,19 @@ impl<D: Dataplane> Engine<D> {
         })
     }
 
-    /// Bookkeeping after the kernel took a change: cache file, view, metrics, health
-    /// checks.
-    async fn committed(
-        &self,
-        desired: &Arc<Desired>,
-        duration: Duration,
-        resources: u32,
-        full: bool,
-    ) {
+    /// Records in the cache file that `names` now hold what `desired` says.
+    async fn record(&self, desired: &Arc<Desired>, names: Vec<String>) {
         let cache = self.cache.clone();
         let snapshot = desired.clone();
-        match tokio::task::spawn_blocking(move || cache.store(&snapshot)).await {
+        match tokio::task::spawn_blocking(move || cache.record(&snapshot, &names)).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::warn!(%error, "cannot persist the desired cache"),
             Err(error) => tracing::warn!(%error, "persisting the desired cache panicked"),
         }
+    }
+
+    /// Bookkeeping after the kernel took a change: view, metrics, health checks.
+    fn committed(&self, desired: &Arc<Desired>, duration: Duration, resources: u32, full: bool) {
         let now = SystemTime::now();
         let histogram = if full {
             &self.metrics.sync_full_proxy_rules_duration
@@ -439,7 +439,8 @@ impl<D: Dataplane> Engine<D> {
         self.update_view(|v| v.drift_repairs += repaired);
         let resources = u32::try_from(repaired).unwrap_or(u32::MAX);
         drop(state);
-        self.committed(&desired, duration, resources, false).await;
+        // The desired state did not change: the cache file already holds it.
+        self.committed(&desired, duration, resources, false);
         Ok(drift)
     }
 
@@ -465,7 +466,7 @@ impl<D: Dataplane> Engine<D> {
         let resources =
             u32::try_from(desired.len().saturating_sub(outcome.failed.len())).unwrap_or(u32::MAX);
         drop(state);
-        self.committed(&desired, duration, resources, true).await;
+        self.committed(&desired, duration, resources, true);
         Ok(())
     }
 }

@@ -3,7 +3,7 @@
 //! ([`kitchen_sink`]), and the generated Services the benchmarks program
 //! ([`bench_services`]), so every dataplane is tested and measured on the same states.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, sync::Arc};
 
 use switchyard_proto::state::{
     EndpointState, PortState, Protocol, ServiceKey, ServiceState, TrafficPolicy,
@@ -64,10 +64,7 @@ pub fn service(ns_name: &str, cluster_ips: &[&str], ports: Vec<PortState>) -> Se
 
 /// `state` with the version the controller would give it.
 pub fn desired(state: ServiceState) -> DesiredService {
-    DesiredService {
-        version: version_of(&state),
-        state,
-    }
+    DesiredService::new(version_of(&state), state)
 }
 
 /// The version the controller gives `state`.
@@ -186,7 +183,7 @@ pub fn churn(want: &mut Desired, round: usize) -> &'static str {
     let entry = want
         .get_mut("bench/s7")
         .expect("bench/s7 of bench_services");
-    let endpoints = &mut entry.state.ports[0].cluster_endpoints;
+    let endpoints = &mut Arc::make_mut(&mut entry.state).ports[0].cluster_endpoints;
     if round.is_multiple_of(2) {
         endpoints.pop();
     } else {
@@ -229,7 +226,7 @@ mod tests {
     #[test]
     fn traffic_policies_pick_the_sets_and_empty_sets_are_told_apart_from_no_endpoints() {
         // One local endpoint in the cluster set, none in the local set.
-        let mut s = bench_services(1).remove("bench/s0").unwrap().state;
+        let mut s = (*bench_services(1).remove("bench/s0").unwrap().state).clone();
         let p = PortPolicy::new(&s, &s.ports[0], Family::V4);
         assert!(p.has_internal() && !p.externally_accessible && p.uses_cluster_endpoints);
         assert_eq!(p.internal_endpoints().len(), 2);

@@ -47,7 +47,7 @@ impl<D: Dataplane> v1::agent_query_server::AgentQuery for QueryService<D> {
             .map(|(name, service)| v1::Resource {
                 name: name.clone(),
                 version: format_version(service.version),
-                service: Some((&service.state).into()),
+                service: Some(service.state.as_ref().into()),
             })
             .collect();
         let effective = kernel

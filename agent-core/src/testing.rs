@@ -83,7 +83,7 @@ impl MemoryDataplane {
 
 /// The "kernel objects" a Service renders to in the in-memory notation.
 pub fn memory_objects(name: &str, service: &DesiredService) -> Vec<String> {
-    let wire = v1::ServiceState::from(&service.state);
+    let wire = v1::ServiceState::from(service.state.as_ref());
     let mut objects = vec![format!(
         "service {name} {}",
         format_version(service.version)

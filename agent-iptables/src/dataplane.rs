@@ -4,7 +4,10 @@
 //!
 //! It never touches a chain outside `SWY-`, except to add and remove its own jumps.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use switchyard_agent_core::{
     conntrack,
@@ -59,7 +62,7 @@ pub struct IptablesDataplane {
     /// What the kernel holds per Service, as last written (or read at startup).
     programmed: Option<BTreeMap<String, ServiceRules>>,
     /// The states last applied, to find UDP endpoints that went away.
-    states: BTreeMap<String, ServiceState>,
+    states: BTreeMap<String, Arc<ServiceState>>,
     /// A read-back found a jump from a built-in chain missing: the jumps it saw, so the
     /// next apply inserts the missing ones (and rewrites the shared chains whole).
     repair_jumps: Option<Saved>,
@@ -422,7 +425,7 @@ impl IptablesDataplane {
         if self.config.disable_conntrack {
             return;
         }
-        conntrack::flush(&self.runner, name, self.states.get(name), new);
+        conntrack::flush(&self.runner, name, self.states.get(name).map(Arc::as_ref), new);
     }
 
     /// A change that failed as a whole, retried one Service at a time (upserts first,
@@ -668,7 +671,8 @@ impl IptablesDataplane {
         }
         for name in &names {
             let new = desired.get(name).map(|s| &s.state);
-            self.flush_conntrack(name, new);
+            let new_state = new.map(Arc::as_ref);
+            self.flush_conntrack(name, new_state);
             match new {
                 Some(state) if !change.removed.contains(name) => {
                     self.states.insert(name.clone(), state.clone());

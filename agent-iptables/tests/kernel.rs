@@ -277,7 +277,8 @@ fn incremental_syncs_keep_shared_lines_of_other_services_and_recover_from_hand_e
         assert_in_sync(&mut dp, &want);
     }
     let mut api = web("10.96.0.30", &["10.244.0.9"]);
-    api.state.key = switchyard_proto::state::ServiceKey::new("ns", "api");
+    std::sync::Arc::make_mut(&mut api.state).key =
+        switchyard_proto::state::ServiceKey::new("ns", "api");
     api.version = version_of(&api.state);
     want.insert("ns/api".into(), api);
     dp.apply(&want, &upsert(&["ns/api"])).unwrap();

@@ -130,7 +130,7 @@ fn packets_reach_the_backend_and_empty_services_refuse(backend: Backend) {
     );
 
     // Endpoints appear: the same VIP now answers.
-    want.get_mut("ns/empty").unwrap().state.ports[0] = port(
+    std::sync::Arc::make_mut(&mut want.get_mut("ns/empty").unwrap().state).ports[0] = port(
         "http",
         Protocol::Tcp,
         80,

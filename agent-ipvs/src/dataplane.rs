@@ -10,6 +10,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -130,7 +131,7 @@ pub struct IpvsDataplane {
     /// When each draining real server started draining.
     draining_since: BTreeMap<(VsKey, SocketAddr), Instant>,
     /// The states last applied, to find UDP endpoints that went away.
-    states: BTreeMap<String, ServiceState>,
+    states: BTreeMap<String, Arc<ServiceState>>,
     /// Whether the device, sets, rules and sysctls were put in place since start.
     set_up: bool,
     /// The operations of the last apply, for tests and logs.
@@ -855,7 +856,12 @@ impl Dataplane for IpvsDataplane {
                 .filter(|_| new.is_some())
                 .map(|s| &s.state);
             if !self.config.disable_conntrack {
-                conntrack::flush(&self.runner, &name, self.states.get(&name), state);
+                conntrack::flush(
+                    &self.runner,
+                    &name,
+                    self.states.get(&name).map(Arc::as_ref),
+                    state.map(Arc::as_ref),
+                );
             }
             match state {
                 Some(state) => self.states.insert(name.clone(), state.clone()),

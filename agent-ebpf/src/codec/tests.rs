@@ -40,10 +40,7 @@ fn every_entry_kind_reads_back_as_it_was_rendered() {
         maglev_size: 1031,
         ..RenderConfig::default()
     };
-    let desired = DesiredService {
-        version: 7,
-        state: kitchen_sink(),
-    };
+    let desired = DesiredService::new(7, kitchen_sink());
     let rendered = render_service("shop/front", &desired, &cfg).unwrap();
     let revs: Vec<u32> = (0..rendered.sets.len() as u32).map(|i| 100 + i).collect();
     let encoded = encode(&rendered, 42, &revs, &vec![true; revs.len()]).unwrap();
@@ -65,10 +62,7 @@ fn every_entry_kind_reads_back_as_it_was_rendered() {
 
 #[test]
 fn a_dirty_service_has_no_version_and_a_missing_slot_shows() {
-    let desired = DesiredService {
-        version: 7,
-        state: kitchen_sink(),
-    };
+    let desired = DesiredService::new(7, kitchen_sink());
     let rendered = render_service("shop/front", &desired, &RenderConfig::default()).unwrap();
     let revs: Vec<u32> = (1..=rendered.sets.len() as u32).collect();
     let mut encoded = encode(&rendered, 9, &revs, &vec![true; revs.len()]).unwrap();
@@ -87,10 +81,7 @@ fn a_dirty_service_has_no_version_and_a_missing_slot_shows() {
 
 #[test]
 fn entries_and_ranges_of_no_recorded_service_are_orphans() {
-    let desired = DesiredService {
-        version: 7,
-        state: kitchen_sink(),
-    };
+    let desired = DesiredService::new(7, kitchen_sink());
     let rendered = render_service("shop/front", &desired, &RenderConfig::default()).unwrap();
     let revs: Vec<u32> = (1..=rendered.sets.len() as u32).collect();
     let encoded = encode(&rendered, 9, &revs, &vec![true; revs.len()]).unwrap();

@@ -32,7 +32,7 @@ fn web() -> ServiceState {
 }
 
 fn objects(state: ServiceState, cfg: &RenderConfig) -> Vec<String> {
-    let desired = DesiredService { version: 1, state };
+    let desired = DesiredService::new(1, state);
     render_service("ns/web", &desired, cfg)
         .unwrap()
         .objects()
@@ -346,10 +346,7 @@ fn entries_sharing_a_backend_list_share_one_set_and_keys_are_the_map_form() {
     let mut s = web();
     s.ports[0].node_port = Some(30080);
     s.external_ips = vec!["192.0.2.1".parse().unwrap()];
-    let desired = DesiredService {
-        version: 1,
-        state: s,
-    };
+    let desired = DesiredService::new(1, s);
     let out = render_service("ns/web", &desired, &RenderConfig::default()).unwrap();
     assert_eq!(out.sets.len(), 1, "{:#?}", out.sets);
     let cluster_ip = out
@@ -375,10 +372,7 @@ fn only_udp_backends_are_listed_for_conntrack_flushing() {
         53,
         vec![ep("10.244.3.2", 5353, false)],
     ));
-    let desired = DesiredService {
-        version: 1,
-        state: s,
-    };
+    let desired = DesiredService::new(1, s);
     let out = render_service("ns/web", &desired, &RenderConfig::default()).unwrap();
     assert_eq!(
         out.udp_backends(),
