@@ -421,10 +421,7 @@ mod tests {
 
         // The agent stopped halfway through appending: the last good state is read.
         fs::write(cache.path(), &with_record[..with_record.len() - 3]).unwrap();
-        assert_eq!(
-            cache.load().unwrap(),
-            desired_of(&[("a/x", 1), ("b/y", 2)])
-        );
+        assert_eq!(cache.load().unwrap(), desired_of(&[("a/x", 1), ("b/y", 2)]));
         // A length prefix alone, cut short too.
         let mut prefix_only = whole.clone();
         prefix_only.push(0x80);

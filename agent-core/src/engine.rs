@@ -332,8 +332,16 @@ impl<D: Dataplane> Engine<D> {
         let applied = u32::try_from(applied).unwrap_or(u32::MAX);
         let next = Arc::new(next);
         state.desired = next.clone();
-        self.record(&next, change.upserted.iter().chain(&change.removed).cloned().collect())
-            .await;
+        self.record(
+            &next,
+            change
+                .upserted
+                .iter()
+                .chain(&change.removed)
+                .cloned()
+                .collect(),
+        )
+        .await;
         self.committed(&next, duration, applied, false);
         Ok(DeltaReport {
             failed: outcome.failed,

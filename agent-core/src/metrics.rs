@@ -30,7 +30,8 @@ pub struct Metrics {
     /// (sent → received here; across machines it includes their clock offset), `agent`
     /// (agent-core's own work: received → ACK, less the kernel's part) and `kernel` (the
     /// dataplane's apply).
-    pub network_programming_stage_duration: Family<Vec<(String, String)>, Histogram, fn() -> Histogram>,
+    pub network_programming_stage_duration:
+        Family<Vec<(String, String)>, Histogram, fn() -> Histogram>,
     /// `switchyard_sync_proxy_rules_last_timestamp_seconds`: when the last apply succeeded.
     pub sync_proxy_rules_last_timestamp: Gauge<f64, AtomicU64>,
     /// `switchyard_drift_repairs_total`: resources re-programmed because the kernel drifted.

@@ -425,7 +425,12 @@ impl IptablesDataplane {
         if self.config.disable_conntrack {
             return;
         }
-        conntrack::flush(&self.runner, name, self.states.get(name).map(Arc::as_ref), new);
+        conntrack::flush(
+            &self.runner,
+            name,
+            self.states.get(name).map(Arc::as_ref),
+            new,
+        );
     }
 
     /// A change that failed as a whole, retried one Service at a time (upserts first,

@@ -99,7 +99,11 @@ impl Dataplane for Timed {
         let outcome = self.inner.apply(desired, change);
         let ended = SystemTime::now();
         let mut applies = self.applies.lock().unwrap_or_else(PoisonError::into_inner);
-        let names = change.to_write(desired).into_iter().cloned().collect::<Vec<_>>();
+        let names = change
+            .to_write(desired)
+            .into_iter()
+            .cloned()
+            .collect::<Vec<_>>();
         for name in &names {
             applies.held.insert(name.clone());
         }
@@ -220,10 +224,7 @@ async fn run(args: &Args, dataplane: &str, rate: f64) -> anyhow::Result<String> 
 
     let controller = TestController::start().await?;
     controller
-        .replace(
-            "bench",
-            fixtures::cluster(1, args.services, args.endpoints),
-        )
+        .replace("bench", fixtures::cluster(1, args.services, args.endpoints))
         .await;
     let state = tempfile::tempdir()?;
     let agent = Agent::start(

@@ -238,8 +238,9 @@ pub fn compute_node(
                 .get(key)
                 .into_iter()
                 .flat_map(|by_name| by_name.values())
-                .map(|slice| slice.as_ref());
-            let state = compute_service(service, slices, node, options)?;
+                .map(|slice| slice.as_ref())
+                .collect::<Vec<_>>();
+            let state = compute_service(service, slices.iter().copied(), node, options)?;
             Some((key.clone(), state))
         })
         .collect()

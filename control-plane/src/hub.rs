@@ -148,8 +148,9 @@ pub enum Changes {
 pub struct Generation {
     pub seq: u64,
     pub snapshot: Arc<ClusterSnapshot>,
-    /// Every Service of the snapshot by resource name.
-    services: HashMap<Arc<str>, Arc<ServiceEntry>>,
+    /// Every Service of the snapshot by resource name: a persistent map, so the next
+    /// generation copies it at O(1) and changes only what a batch touched.
+    services: imbl::HashMap<Arc<str>, Arc<ServiceEntry>>,
     /// The keys of `services`, sorted; built on first use and shared by every stream
     /// that diffs the whole generation.
     sorted_names: OnceLock<Arc<[Arc<str>]>>,
@@ -162,7 +163,7 @@ impl Generation {
         Self {
             seq: 0,
             snapshot: Arc::default(),
-            services: HashMap::default(),
+            services: imbl::HashMap::default(),
             sorted_names: OnceLock::new(),
             recent: VecDeque::new(),
             options: Arc::new(options),

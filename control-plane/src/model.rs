@@ -4,7 +4,7 @@
 //! Sources turn API objects into these types (see `convert`); anything that reaches
 //! here has already been validated, so the computation never fails.
 
-use std::{collections::BTreeMap, net::IpAddr, sync::Arc, time::SystemTime};
+use std::{net::IpAddr, sync::Arc, time::SystemTime};
 
 use ipnet::IpNet;
 pub use switchyard_proto::state::{
@@ -237,11 +237,12 @@ impl Object {
     }
 }
 
-/// An immutable view of the whole cluster, shared cheaply between tasks.
+/// An immutable view of the whole cluster, shared cheaply between tasks. Persistent
+/// maps: each generation is a copy of the last at O(1), changed at O(log n) per object.
 #[derive(Clone, Debug, Default)]
 pub struct ClusterSnapshot {
-    pub services: BTreeMap<ServiceKey, Arc<Service>>,
+    pub services: imbl::OrdMap<ServiceKey, Arc<Service>>,
     /// EndpointSlices grouped by the Service they belong to, then by slice name.
-    pub slices: BTreeMap<ServiceKey, BTreeMap<SliceKey, Arc<EndpointSlice>>>,
-    pub nodes: BTreeMap<String, Arc<Node>>,
+    pub slices: imbl::OrdMap<ServiceKey, imbl::OrdMap<SliceKey, Arc<EndpointSlice>>>,
+    pub nodes: imbl::OrdMap<String, Arc<Node>>,
 }

@@ -388,7 +388,10 @@ impl Store {
                     .and_then(|s| snapshot.slices.get_mut(s))
                     .and_then(|slices| slices.remove(&slice_key));
                 if let Some(service) = &old_service
-                    && snapshot.slices.get(service).is_some_and(BTreeMap::is_empty)
+                    && snapshot
+                        .slices
+                        .get(service)
+                        .is_some_and(imbl::OrdMap::is_empty)
                 {
                     snapshot.slices.remove(service);
                 }
