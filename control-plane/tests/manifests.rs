@@ -230,6 +230,49 @@ async fn the_source_reports_each_file_then_every_change_to_it() {
 }
 
 #[tokio::test]
+async fn a_finished_write_is_read_at_once_and_one_still_open_waits_for_its_writer() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().canonicalize().unwrap();
+    let web = root.join("web.yaml");
+    std::fs::write(&web, service(80)).unwrap();
+    let (tx, mut rx) = mpsc::channel(64);
+    // A quiet period far longer than the test waits: only a complete file is read early.
+    let source = tokio::spawn(source(&root).with_debounce(Duration::from_secs(30)).run(tx));
+    initial_read(&mut rx).await;
+
+    // Written and closed: read without waiting for the folder to stay quiet, and dated
+    // by the file's modification time.
+    std::fs::write(&web, service(81)).unwrap();
+    let modified = std::fs::metadata(&web).unwrap().modified().unwrap();
+    match next(&mut rx).await {
+        StoreUpdate::Replace { objects, at, .. } => {
+            assert_eq!(service_ports(&objects), [81]);
+            assert_eq!(
+                at, modified,
+                "the trigger time is the file's modification time"
+            );
+        }
+        other => panic!("expected the edit, got {other:?}"),
+    }
+
+    // Half written and still open: nothing is read until the writer closes the file.
+    let mut file = std::fs::File::create(&web).unwrap();
+    let text = service(82);
+    let (head, tail) = text.split_at(text.len() / 2);
+    file.write_all(head.as_bytes()).unwrap();
+    file.flush().unwrap();
+    assert_quiet(&mut rx).await;
+    file.write_all(tail.as_bytes()).unwrap();
+    drop(file);
+    match next(&mut rx).await {
+        StoreUpdate::Replace { objects, .. } => assert_eq!(service_ports(&objects), [82]),
+        other => panic!("expected the finished edit, got {other:?}"),
+    }
+    source.abort();
+}
+
+#[tokio::test]
 async fn a_file_truncated_then_written_withdraws_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().canonicalize().unwrap();

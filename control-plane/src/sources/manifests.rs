@@ -27,7 +27,7 @@ use std::{
 
 use notify::{
     EventKind, RecursiveMode, Watcher,
-    event::{AccessKind, AccessMode},
+    event::{AccessKind, AccessMode, CreateKind, ModifyKind},
 };
 use sha2::{Digest, Sha256};
 use tokio::{sync::mpsc, time::Instant};
@@ -43,9 +43,20 @@ pub mod scan;
 
 pub use parse::{DEFAULT_NAMESPACE, FileProblem, MAX_FILE_BYTES, Parsed, is_manifest, parse_file};
 
-/// How long the folder must stay quiet before changed files are read: long enough for
-/// an editor's write-then-rename, short enough to feel instant.
+/// How long the folder must stay quiet before changed files are read while a file may
+/// still be being written (modified, not yet closed by its writer): long enough for a
+/// writer that pauses between writes, short enough to feel instant.
 pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// How long the folder must stay quiet once every file a burst touched is complete
+/// (closed by its writer, or renamed into place): only long enough to gather the rest
+/// of the burst, so a finished edit is read within milliseconds of its last event.
+const COMPLETE_QUIET: Duration = Duration::from_millis(2);
+
+/// A file's modification time is the change's trigger time (what network programming
+/// latency is measured from) when it is at most this much older than the first event
+/// of the burst; older (a file moved in, keeping its time), the event's time is used.
+const MTIME_TRUST: Duration = Duration::from_secs(1);
 
 /// How long a file must read the same before a change that removes objects is acted on.
 pub const DEFAULT_SETTLE: Duration = Duration::from_secs(1);
@@ -93,8 +104,12 @@ enum Read {
     /// The path holds something that cannot be read (permissions, not a regular file,
     /// too large, a symlink loop): its message.
     Unreadable(String),
-    /// What the bytes hold.
-    Parsed { hash: [u8; 32], parsed: Parsed },
+    /// What the bytes hold, and when the file was last modified.
+    Parsed {
+        hash: [u8; 32],
+        parsed: Parsed,
+        modified: Option<SystemTime>,
+    },
 }
 
 /// Reads and parses `path` unless its bytes hash to `known`. Blocking.
@@ -108,6 +123,7 @@ fn read_file(path: &Path, known: Option<[u8; 32]>) -> Read {
             Read::Parsed {
                 hash,
                 parsed: parse_file(path, &contents),
+                modified: std::fs::metadata(path).and_then(|m| m.modified()).ok(),
             }
         }
         Err(e) if e.is_not_found() => Read::Gone,
@@ -246,7 +262,7 @@ impl Files {
                 let objects = state.held.clone();
                 return apply(state, &origin, objects, vec![(None, message)], at);
             }
-            Read::Parsed { hash, parsed } => {
+            Read::Parsed { hash, parsed, .. } => {
                 let keep_missing = parsed.has_file_problem();
                 let named: BTreeSet<&ObjectRef> = parsed
                     .problems
@@ -337,10 +353,21 @@ fn apply(
 struct Batch {
     paths: BTreeSet<PathBuf>,
     rescan: bool,
+    /// Files created or modified and not yet closed by their writer: the burst is read
+    /// once they are closed, or once the folder stays quiet for the debounce.
+    writing: BTreeSet<PathBuf>,
+    /// When the burst's first event arrived.
+    first_event_at: Option<SystemTime>,
 }
 
 impl Batch {
+    /// Whether every file the burst touched is complete: none is still open for writing.
+    fn complete(&self) -> bool {
+        self.writing.is_empty()
+    }
+
     fn add(&mut self, event: notify::Result<notify::Event>) {
+        self.first_event_at.get_or_insert_with(SystemTime::now);
         match event {
             Ok(event) => {
                 if event.need_rescan() {
@@ -352,6 +379,22 @@ impl Batch {
                     EventKind::Access(_) => false,
                     _ => true,
                 };
+                match event.kind {
+                    EventKind::Create(CreateKind::File | CreateKind::Any)
+                    | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Any) => {
+                        self.writing.extend(event.paths.iter().cloned());
+                    }
+                    // Closed by its writer, renamed into place (write-then-rename) or
+                    // gone: nothing more will be written to these paths.
+                    EventKind::Access(AccessKind::Close(AccessMode::Write))
+                    | EventKind::Modify(ModifyKind::Name(_))
+                    | EventKind::Remove(_) => {
+                        for path in &event.paths {
+                            self.writing.remove(path);
+                        }
+                    }
+                    _ => {}
+                }
                 if relevant {
                     self.paths.extend(event.paths);
                 }
@@ -458,7 +501,7 @@ impl ManifestSource {
                         continue;
                     }
                     for path in source.files.due(Instant::now()) {
-                        if !source.refresh(&path).await {
+                        if !source.refresh(&path, None).await {
                             return Ok(());
                         }
                     }
@@ -476,7 +519,17 @@ impl ManifestSource {
             let mut batch = Batch::default();
             batch.add(event);
             let deadline = Instant::now() + MAX_DEBOUNCE_DELAY;
-            while let Ok(Some(event)) = tokio::time::timeout(self.debounce, events.recv()).await {
+            loop {
+                // A burst whose files are all complete is read at once; one with a file
+                // still being written waits for the writer to close it or pause.
+                let quiet = if batch.complete() {
+                    COMPLETE_QUIET.min(self.debounce)
+                } else {
+                    self.debounce
+                };
+                let Ok(Some(event)) = tokio::time::timeout(quiet, events.recv()).await else {
+                    break;
+                };
                 batch.add(event);
                 if Instant::now() >= deadline {
                     break;
@@ -500,6 +553,22 @@ impl ManifestSource {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Err(ManifestError::Missing { dir }),
             Err(source) => Err(ManifestError::Read { dir, source }),
         }
+    }
+}
+
+/// When a change read from a file happened: its modification time, unless that is in
+/// the future or much older than the event that announced it.
+fn trigger_time(modified: Option<SystemTime>, event_at: SystemTime, now: SystemTime) -> SystemTime {
+    match modified {
+        Some(m)
+            if m <= now
+                && event_at
+                    .duration_since(m)
+                    .map_or(true, |age| age <= MTIME_TRUST) =>
+        {
+            m
+        }
+        _ => event_at,
     }
 }
 
@@ -548,8 +617,10 @@ impl Folder {
         self.tx.send(update).await.is_ok()
     }
 
-    /// Reads one file (off the executor) and sends what changed.
-    async fn refresh(&mut self, path: &Path) -> bool {
+    /// Reads one file (off the executor) and sends what changed. `event_at`: when the
+    /// file-system event that asked for the read arrived (`None` for a scan or a timer),
+    /// which with the file's modification time dates the change.
+    async fn refresh(&mut self, path: &Path, event_at: Option<SystemTime>) -> bool {
         let known = self.files.known_hash(path);
         let owned = path.to_owned();
         let read = tokio::task::spawn_blocking(move || read_file(&owned, known))
@@ -557,9 +628,14 @@ impl Folder {
             .unwrap_or_else(|e| {
                 Read::Unreadable(format!("{}: reading failed: {e}", path.display()))
             });
-        let updates = self
-            .files
-            .update(path, read, Instant::now(), SystemTime::now());
+        let now = SystemTime::now();
+        let at = match (&read, event_at) {
+            (Read::Parsed { modified, .. }, Some(event_at)) => {
+                trigger_time(*modified, event_at, now)
+            }
+            _ => now,
+        };
+        let updates = self.files.update(path, read, Instant::now(), at);
         for update in updates {
             if !self.send(update).await {
                 return false;
@@ -603,7 +679,7 @@ impl Folder {
             .filter(|p| !listed.contains(p) && !found.hides(p))
             .collect();
         for path in gone.iter().chain(&found.files) {
-            if !self.refresh(path).await {
+            if !self.refresh(path, None).await {
                 return false;
             }
         }
@@ -640,6 +716,7 @@ impl Folder {
             return true;
         }
         let dir = self.dir.clone();
+        let batch_at = batch.first_event_at.unwrap_or_else(SystemTime::now);
         let mut rescan = batch.rescan;
         let mut manifests = Vec::new();
         for path in batch.paths {
@@ -675,7 +752,7 @@ impl Folder {
             };
         }
         for path in manifests {
-            if !self.refresh(&path).await {
+            if !self.refresh(&path, Some(batch_at)).await {
                 return false;
             }
         }

@@ -15,6 +15,7 @@ fn read(path: &Path, text: &str) -> Read {
     Read::Parsed {
         hash: Sha256::digest(text.as_bytes()).into(),
         parsed: parse_file(path, text.as_bytes()),
+        modified: None,
     }
 }
 
@@ -260,4 +261,20 @@ fn a_syntax_error_after_good_documents_keeps_the_objects_it_may_hide() {
     assert_eq!(names(&updates), ["problems 1"]);
     assert_eq!(files.known[path].held.len(), 2);
     assert_eq!(files.next_due(), None, "nothing to remove");
+}
+
+#[test]
+fn a_change_is_dated_by_the_files_modification_time_unless_it_cannot_be_trusted() {
+    use std::time::{Duration, UNIX_EPOCH};
+    let t = |ms: u64| UNIX_EPOCH + Duration::from_millis(ms);
+    let (event, now) = (t(10_000), t(10_005));
+    // Written just before the event: the write is the trigger.
+    assert_eq!(super::trigger_time(Some(t(9_998)), event, now), t(9_998));
+    // No time, one in the future, or one older than a second before the event (a file
+    // moved in keeps its old time): the event is the trigger.
+    assert_eq!(super::trigger_time(None, event, now), event);
+    assert_eq!(super::trigger_time(Some(t(10_010)), event, now), event);
+    assert_eq!(super::trigger_time(Some(t(8_000)), event, now), event);
+    // Written after the event arrived (a second write in the burst): still trusted.
+    assert_eq!(super::trigger_time(Some(t(10_003)), event, now), t(10_003));
 }
