@@ -3,17 +3,21 @@
 //! feeds it) and the real agent runtime with each dataplane in turn.
 //!
 //! A change is one EndpointSlice of one Service getting a new endpoint, stamped with the
-//! time it happened (what the `endpoints.kubernetes.io/last-change-trigger-time`
-//! annotation carries), sent at a steady rate. Its latency runs from that stamp until
+//! time it happened, at a steady rate. With `--source api` (the default) it reaches the
+//! controller as a watch event would, carrying that time as the
+//! `endpoints.kubernetes.io/last-change-trigger-time` annotation does; with
+//! `--source manifests` it is a file of a manifests folder rewritten (one file per
+//! Service), so the latency includes the folder's watch, read and parse. Its latency runs from that stamp until
 //! the dataplane's apply naming the Service returns — measured exactly, by a wrapper
 //! around the dataplane. The split into stages (controller, transport, agent, kernel)
 //! comes from the agent's own `switchyard_network_programming_stage_duration_seconds`
 //! histogram, interpolated within its buckets as Prometheus' `histogram_quantile` does.
 //!
 //! `memory` is agent-core's in-memory dataplane (the floor: everything but the kernel);
-//! `iptables` and `ebpf` program this machine's kernel inside a network namespace and a
-//! cgroup of the benchmark's own. IPVS needs a kernel with IPVS (user-mode Linux here)
-//! and is not run by this binary.
+//! `iptables`, `ipvs` and `ebpf` program the kernel inside a network namespace (and, for
+//! eBPF, a cgroup) of the benchmark's own. Without IPVS in the running kernel the `ipvs`
+//! runs happen in a user-mode Linux guest: slower in every stage than the host, so
+//! compare its rows with each other, not with the host's.
 //!
 //! Lives in the agent crate, not in `integration`, because it links the agent runtime
 //! and its dataplanes, whose tests depend on `integration`.
@@ -38,7 +42,10 @@ use switchyard_agent_core::{
     },
     testing::MemoryDataplane,
 };
-use switchyard_controller::{model::Object, sources::StoreUpdate};
+use switchyard_controller::{
+    model::Object,
+    sources::{StoreUpdate, manifests::ManifestSource},
+};
 use switchyard_integration::{cgroup::Cgroup, controller::TestController, fixtures};
 
 #[derive(Debug, Parser)]
@@ -56,12 +63,54 @@ struct Args {
     /// How long each run sends changes.
     #[arg(long, default_value_t = 60)]
     seconds: u64,
-    /// Dataplanes to run: memory, iptables, ebpf.
-    #[arg(long, value_delimiter = ',', default_value = "memory,iptables,ebpf")]
+    /// Dataplanes to run: memory, iptables, ipvs, ebpf.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "memory,iptables,ipvs,ebpf"
+    )]
     dataplanes: Vec<String>,
+    /// Where changes come from: `api` (fed to the controller as watch events) or
+    /// `manifests` (files rewritten in a manifests folder the controller watches).
+    #[arg(long, value_enum, default_value_t = Source::Api)]
+    source: Source,
+    /// Print the rows only (how a guest's run reports to the host).
+    #[arg(long, hide = true)]
+    rows_only: bool,
     /// Passed by `cargo bench`.
     #[arg(long, hide = true)]
     bench: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Source {
+    Api,
+    Manifests,
+}
+
+/// Service `i` of the generated cluster and its one EndpointSlice, as a manifest file.
+fn manifest(i: usize, endpoints: &[std::net::IpAddr]) -> String {
+    let name = format!("svc-{i:05}");
+    let endpoints = endpoints
+        .iter()
+        .map(|ip| {
+            format!(r#"{{"addresses": ["{ip}"], "conditions": {{"ready": true}}, "nodeName": "node-0000"}}"#)
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"{{"apiVersion": "v1", "kind": "List", "items": [
+{{"apiVersion": "v1", "kind": "Service",
+  "metadata": {{"name": "{name}", "namespace": "default"}},
+  "spec": {{"clusterIP": "{ip}", "ports": [{{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}}]}}}},
+{{"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+  "metadata": {{"name": "{name}-1", "namespace": "default", "labels": {{"kubernetes.io/service-name": "{name}"}}}},
+  "addressType": "IPv4", "ports": [{{"name": "http", "protocol": "TCP", "port": 8080}}],
+  "endpoints": [{endpoints}]}}
+]}}
+"#,
+        ip = fixtures::ip(i as u32),
+    )
 }
 
 /// One apply the dataplane returned from: when it started and ended, and what it named.
@@ -141,38 +190,94 @@ struct DataplaneFlags {
     #[command(flatten)]
     netfilter: switchyard_agent_core::flags::NetfilterArgs,
     #[command(flatten)]
+    ipvs: switchyard_agent_ipvs::cli::IpvsArgs,
+    #[command(flatten)]
     ebpf: switchyard_agent_ebpf::cli::EbpfArgs,
 }
 
-/// What a kernel dataplane needs beside its flags, removed on drop.
-struct KernelScope {
-    _cgroup: Cgroup,
+/// What the eBPF dataplane needs beside its flags (a cgroup to balance for, a pin
+/// directory), removed on drop.
+struct EbpfScope {
+    cgroup: Cgroup,
     pins: tempfile::TempDir,
 }
 
-fn build(name: &str, scope: &KernelScope) -> anyhow::Result<Box<dyn Dataplane>> {
-    let pins = scope.pins.path().join("bpffs");
-    let flags = DataplaneFlags::try_parse_from([
-        "churn".into(),
-        "--cgroup-path".into(),
-        scope._cgroup.path().display().to_string(),
-        "--bpffs".into(),
-        pins.display().to_string(),
-        "--iptables-backend".into(),
-        "nft".into(),
-    ])?;
+fn build(name: &str, ebpf: Option<&EbpfScope>) -> anyhow::Result<Box<dyn Dataplane>> {
+    let mut argv = vec!["churn".to_string()];
+    if let Some(scope) = ebpf {
+        argv.extend([
+            "--cgroup-path".into(),
+            scope.cgroup.path().display().to_string(),
+            "--bpffs".into(),
+            scope.pins.path().join("bpffs").display().to_string(),
+        ]);
+    }
+    let flags = DataplaneFlags::try_parse_from(argv)?;
+    let dataplane_error = |e: DataplaneError| anyhow::anyhow!("{e}");
     Ok(match name {
         "memory" => Box::new(MemoryDataplane::default()),
         "iptables" => Box::new(switchyard_agent_iptables::cli::dataplane(
             &flags.proxy,
             &flags.netfilter,
         )),
+        "ipvs" => Box::new(
+            switchyard_agent_ipvs::cli::dataplane(&flags.proxy, &flags.netfilter, &flags.ipvs)
+                .map_err(dataplane_error)?,
+        ),
         "ebpf" => Box::new(switchyard_agent_ebpf::cli::dataplane(
             &flags.proxy,
             &flags.ebpf,
         )?),
-        other => bail!("unknown dataplane {other:?} (memory, iptables, ebpf)"),
+        other => bail!("unknown dataplane {other:?} (memory, iptables, ipvs, ebpf)"),
     })
+}
+
+/// Runs the `ipvs` rows in a user-mode Linux guest (this binary again, inside it) and
+/// returns what it printed.
+fn ipvs_in_guest(args: &Args) -> anyhow::Result<String> {
+    let per_run = args.seconds + 90;
+    let guest = switchyard_integration::uml::Guest::new()
+        .mem_mib(3072)
+        .timeout(Duration::from_secs(120 + per_run * args.rates.len() as u64));
+    let rates = args
+        .rates
+        .iter()
+        .map(f64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let exe = std::env::current_exe()?;
+    let output = guest.run(
+        &exe,
+        [
+            "--rows-only".to_string(),
+            "--source".into(),
+            format!("{:?}", args.source).to_lowercase(),
+            "--dataplanes".into(),
+            "ipvs".into(),
+            "--services".into(),
+            args.services.to_string(),
+            "--endpoints".into(),
+            args.endpoints.to_string(),
+            "--rates".into(),
+            rates,
+            "--seconds".into(),
+            args.seconds.to_string(),
+        ],
+    )?;
+    if !output.success() {
+        bail!(
+            "the ipvs run in user-mode Linux failed ({}):\n{}\n{}",
+            output.status,
+            output.stdout,
+            output.stderr
+        );
+    }
+    Ok(output
+        .stdout
+        .lines()
+        .map(|row| format!("{row}   (user-mode Linux)"))
+        .collect::<Vec<_>>()
+        .join("\n"))
 }
 
 fn main() -> anyhow::Result<()> {
@@ -192,15 +297,23 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    println!(
-        "{} Services × {} endpoints on one node; {} s per rate",
-        args.services, args.endpoints, args.seconds
-    );
-    println!(
-        "{:<9} {:>6} {:>7} {:>9} {:>9} {:>9}   stage p50 / p99 (ms): controller, transport, agent, kernel",
-        "dataplane", "rate/s", "changes", "p50 ms", "p99 ms", "max ms"
-    );
+    if !args.rows_only {
+        println!(
+            "{} Services × {} endpoints on one node; {} s per rate",
+            args.services, args.endpoints, args.seconds
+        );
+        println!(
+            "{:<9} {:>6} {:>7} {:>9} {:>9} {:>9}   stage p50 / p99 (ms): controller, transport, agent, kernel",
+            "dataplane", "rate/s", "changes", "p50 ms", "p99 ms", "max ms"
+        );
+    }
+    let guest_needed = !switchyard_integration::uml::in_guest()
+        && !switchyard_integration::uml::running_kernel_has_ipvs();
     for dataplane in &args.dataplanes {
+        if dataplane == "ipvs" && guest_needed {
+            println!("{}", ipvs_in_guest(&args)?);
+            continue;
+        }
         for &rate in &args.rates {
             let row = runtime.block_on(run(&args, dataplane, rate))?;
             println!("{row}");
@@ -211,21 +324,54 @@ fn main() -> anyhow::Result<()> {
 
 /// One dataplane at one rate: a fresh controller, agent and kernel state.
 async fn run(args: &Args, dataplane: &str, rate: f64) -> anyhow::Result<String> {
-    let scope = KernelScope {
-        _cgroup: Cgroup::create("churn")?,
-        pins: tempfile::tempdir()?,
+    let ebpf = match dataplane {
+        "ebpf" => Some(EbpfScope {
+            cgroup: Cgroup::create("churn")?,
+            pins: tempfile::tempdir()?,
+        }),
+        _ => None,
     };
     let applies = Arc::new(Mutex::new(Applies::default()));
-    let inner = build(dataplane, &scope)?;
+    let inner = build(dataplane, ebpf.as_ref())?;
     let timed = Timed {
         inner,
         applies: applies.clone(),
     };
 
-    let controller = TestController::start().await?;
-    controller
-        .replace("bench", fixtures::cluster(1, args.services, args.endpoints))
-        .await;
+    let folder = tempfile::tempdir()?;
+    let controller = match args.source {
+        Source::Api => {
+            let controller = TestController::start().await?;
+            controller
+                .replace("bench", fixtures::cluster(1, args.services, args.endpoints))
+                .await;
+            controller
+        }
+        Source::Manifests => {
+            std::fs::write(
+                folder.path().join("node.yaml"),
+                "apiVersion: v1\nkind: Node\nmetadata: {name: node-0000}\n",
+            )?;
+            for i in 0..args.services {
+                let endpoints: Vec<_> = (0..args.endpoints)
+                    .map(|e| fixtures::ip((1 << 20) + (i * args.endpoints + e) as u32))
+                    .collect();
+                std::fs::write(
+                    folder.path().join(format!("svc-{i:05}.json")),
+                    manifest(i, &endpoints),
+                )?;
+            }
+            let controller = TestController::start_unsynced(
+                tokio::net::TcpListener::bind("127.0.0.1:0").await?,
+                Default::default(),
+                TestController::server_options(),
+            )
+            .await?;
+            let source = ManifestSource::new(folder.path()).run(controller.updates.clone());
+            tokio::spawn(source);
+            controller
+        }
+    };
     let state = tempfile::tempdir()?;
     let agent = Agent::start(
         AgentOptions {
@@ -267,20 +413,29 @@ async fn run(args: &Args, dataplane: &str, rate: f64) -> anyhow::Result<String> 
         tick.tick().await;
         let service = k % args.services;
         let name = format!("svc-{service:05}");
-        let endpoints = (0..args.endpoints)
-            .map(|e| {
-                let i = (1 << 22) + (k * args.endpoints + e) as u32;
-                fixtures::endpoint(fixtures::ip(i), "node-0000")
-            })
+        let ips: Vec<_> = (0..args.endpoints)
+            .map(|e| fixtures::ip((1 << 22) + (k * args.endpoints + e) as u32))
             .collect();
         let at = SystemTime::now();
-        controller
-            .send(StoreUpdate::Upsert {
-                origin: "bench".into(),
-                object: Object::EndpointSlice(fixtures::slice(&name, endpoints)),
-                at,
-            })
-            .await;
+        match args.source {
+            Source::Api => {
+                let endpoints = ips
+                    .iter()
+                    .map(|ip| fixtures::endpoint(*ip, "node-0000"))
+                    .collect();
+                controller
+                    .send(StoreUpdate::Upsert {
+                        origin: "bench".into(),
+                        object: Object::EndpointSlice(fixtures::slice(&name, endpoints)),
+                        at,
+                    })
+                    .await;
+            }
+            Source::Manifests => std::fs::write(
+                folder.path().join(format!("{name}.json")),
+                manifest(service, &ips),
+            )?,
+        }
         made.push((format!("default/{name}"), at));
     }
     // Let the last changes land.
@@ -297,7 +452,7 @@ async fn run(args: &Args, dataplane: &str, rate: f64) -> anyhow::Result<String> 
     let after = agent.metrics_text();
     drop(agent);
     drop(controller);
-    let mut dataplane_left = build(dataplane, &scope)?;
+    let mut dataplane_left = build(dataplane, ebpf.as_ref())?;
     dataplane_left
         .cleanup()
         .map_err(|e| anyhow::anyhow!("cleaning up after {dataplane}: {e}"))?;

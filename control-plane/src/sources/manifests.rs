@@ -51,7 +51,7 @@ pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(50);
 /// How long the folder must stay quiet once every file a burst touched is complete
 /// (closed by its writer, or renamed into place): only long enough to gather the rest
 /// of the burst, so a finished edit is read within milliseconds of its last event.
-const COMPLETE_QUIET: Duration = Duration::from_millis(2);
+const COMPLETE_QUIET: Duration = Duration::from_millis(1);
 
 /// A file's modification time is the change's trigger time (what network programming
 /// latency is measured from) when it is at most this much older than the first event
@@ -179,11 +179,13 @@ impl Files {
         self.known.get(path).and_then(|s| s.hash)
     }
 
-    /// Known files under `root` (or `root` itself).
+    /// Known files under `root` (or `root` itself). Paths order by component, so they
+    /// are one range starting at `root`: O(log files + found), not a walk of every file.
     fn under(&self, root: &Path) -> Vec<PathBuf> {
         self.known
-            .keys()
-            .filter(|p| p.starts_with(root))
+            .range::<Path, _>((std::ops::Bound::Included(root), std::ops::Bound::Unbounded))
+            .map(|(p, _)| p)
+            .take_while(|p| p.starts_with(root))
             .cloned()
             .collect()
     }

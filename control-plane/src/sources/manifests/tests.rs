@@ -278,3 +278,28 @@ fn a_change_is_dated_by_the_files_modification_time_unless_it_cannot_be_trusted(
     // Written after the event arrived (a second write in the burst): still trusted.
     assert_eq!(super::trigger_time(Some(t(10_003)), event, now), t(10_003));
 }
+
+#[test]
+fn files_under_a_folder_are_its_own_and_not_a_siblings_with_the_same_prefix() {
+    let mut files = Files::new(Duration::from_secs(1));
+    for path in [
+        "/m/a.yaml",
+        "/m/b/x.yaml",
+        "/m/b/y/z.yaml",
+        "/m/b-c/w.yaml",
+        "/m/bb.yaml",
+    ] {
+        files.known.insert(path.into(), FileState::default());
+    }
+    let under = |root: &str| {
+        files
+            .under(Path::new(root))
+            .into_iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(under("/m/b"), ["/m/b/x.yaml", "/m/b/y/z.yaml"]);
+    assert_eq!(under("/m/a.yaml"), ["/m/a.yaml"]);
+    assert_eq!(under("/m").len(), 5);
+    assert!(under("/n").is_empty());
+}
