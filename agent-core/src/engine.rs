@@ -28,6 +28,17 @@ use crate::{
     switch::{DataplanePolicy, DataplaneRecord},
 };
 
+/// What an apply that the kernel took was, for the bookkeeping after it.
+#[derive(Clone, Copy, Debug)]
+enum Committed<'a> {
+    /// A delta naming these resources: only they can have changed.
+    Delta(&'a [String]),
+    /// A drift repair: the desired state is unchanged.
+    Repair,
+    /// A full sync: the desired state is unchanged.
+    FullSync,
+}
+
 /// When and how the last apply went, for the query API.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApplyTiming {
@@ -332,17 +343,14 @@ impl<D: Dataplane> Engine<D> {
         let applied = u32::try_from(applied).unwrap_or(u32::MAX);
         let next = Arc::new(next);
         state.desired = next.clone();
-        self.record(
-            &next,
-            change
-                .upserted
-                .iter()
-                .chain(&change.removed)
-                .cloned()
-                .collect(),
-        )
-        .await;
-        self.committed(&next, duration, applied, false);
+        let names: Vec<String> = change
+            .upserted
+            .iter()
+            .chain(&change.removed)
+            .cloned()
+            .collect();
+        self.record(&next, names.clone()).await;
+        self.committed(&next, duration, applied, Committed::Delta(&names));
         Ok(DeltaReport {
             failed: outcome.failed,
             applied,
@@ -363,7 +371,14 @@ impl<D: Dataplane> Engine<D> {
     }
 
     /// Bookkeeping after the kernel took a change: view, metrics, health checks.
-    fn committed(&self, desired: &Arc<Desired>, duration: Duration, resources: u32, full: bool) {
+    fn committed(
+        &self,
+        desired: &Arc<Desired>,
+        duration: Duration,
+        resources: u32,
+        what: Committed<'_>,
+    ) {
+        let full = matches!(what, Committed::FullSync);
         let now = SystemTime::now();
         let histogram = if full {
             &self.metrics.sync_full_proxy_rules_duration
@@ -385,7 +400,10 @@ impl<D: Dataplane> Engine<D> {
                 full_sync: full,
             });
         });
-        self.healthchecks.sync(desired);
+        match what {
+            Committed::Delta(names) => self.healthchecks.sync_changed(desired, names),
+            Committed::Repair | Committed::FullSync => self.healthchecks.sync(desired),
+        }
     }
 
     /// Reads the kernel back and compares it with the desired cache.
@@ -448,7 +466,7 @@ impl<D: Dataplane> Engine<D> {
         let resources = u32::try_from(repaired).unwrap_or(u32::MAX);
         drop(state);
         // The desired state did not change: the cache file already holds it.
-        self.committed(&desired, duration, resources, false);
+        self.committed(&desired, duration, resources, Committed::Repair);
         Ok(drift)
     }
 
@@ -474,7 +492,7 @@ impl<D: Dataplane> Engine<D> {
         let resources =
             u32::try_from(desired.len().saturating_sub(outcome.failed.len())).unwrap_or(u32::MAX);
         drop(state);
-        self.committed(&desired, duration, resources, true);
+        self.committed(&desired, duration, resources, Committed::FullSync);
         Ok(())
     }
 }

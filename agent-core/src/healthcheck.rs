@@ -51,6 +51,11 @@ pub fn health_check_port(service: &ServiceState) -> Option<u16> {
         .flatten()
 }
 
+/// The port a Service's health-check server needs and the count it reports, if any.
+fn wanted(service: &ServiceState) -> Option<(u16, usize)> {
+    health_check_port(service).map(|port| (port, local_endpoint_count(service)))
+}
+
 /// How many distinct IPs of ready local endpoints a Service has on this node.
 pub fn local_endpoint_count(service: &ServiceState) -> usize {
     service
@@ -96,10 +101,7 @@ impl HealthChecks {
     pub fn sync(&self, desired: &Desired) {
         let wanted: HashMap<ServiceKey, (u16, usize)> = desired
             .values()
-            .filter_map(|s| {
-                health_check_port(&s.state)
-                    .map(|port| (s.state.key.clone(), (port, local_endpoint_count(&s.state))))
-            })
+            .filter_map(|s| wanted(&s.state).map(|w| (s.state.key.clone(), w)))
             .collect();
         let mut servers = self.servers.lock().unwrap_or_else(PoisonError::into_inner);
         servers.retain(|key, instance| {
@@ -111,30 +113,66 @@ impl HealthChecks {
             }
             keep
         });
-        for (key, (port, count)) in wanted {
-            if let Some(instance) = servers.get(&key) {
-                instance.local_endpoints.store(count, Ordering::Relaxed);
-                continue;
-            }
-            let listener = match bind(port) {
-                Ok(listener) => listener,
-                Err(error) => {
-                    tracing::error!(service = %key, port, %error, "cannot open the health check node port");
-                    continue;
-                }
-            };
-            tracing::info!(service = %key, port, "opening health check");
-            let local_endpoints = Arc::new(AtomicUsize::new(count));
-            let server = http::serve(listener, self.handler(key.clone(), local_endpoints.clone()));
-            servers.insert(
-                key,
-                Instance {
-                    port,
-                    local_endpoints,
-                    _server: server,
-                },
-            );
+        for (key, want) in wanted {
+            self.serve(&mut servers, key, want);
         }
+    }
+
+    /// [`HealthChecks::sync`] for the resources `names` only (`namespace/name`; absent
+    /// from `desired`: removed), so a change costs what it touches. Must run inside a
+    /// tokio runtime.
+    pub fn sync_changed<'a>(&self, desired: &Desired, names: impl IntoIterator<Item = &'a String>) {
+        let mut servers = self.servers.lock().unwrap_or_else(PoisonError::into_inner);
+        for name in names {
+            let (key, want) = match desired.get(name) {
+                Some(s) => (s.state.key.clone(), wanted(&s.state)),
+                None => match name.split_once('/') {
+                    Some((namespace, n)) => (ServiceKey::new(namespace, n), None),
+                    None => continue,
+                },
+            };
+            if servers
+                .get(&key)
+                .is_some_and(|i| want.is_none_or(|(port, _)| port != i.port))
+                && let Some(instance) = servers.remove(&key)
+            {
+                tracing::info!(service = %key, port = instance.port, "closing health check");
+            }
+            if let Some(want) = want {
+                self.serve(&mut servers, key, want);
+            }
+        }
+    }
+
+    /// Updates the count of `key`'s server, opening it if it does not run yet.
+    fn serve(
+        &self,
+        servers: &mut HashMap<ServiceKey, Instance>,
+        key: ServiceKey,
+        (port, count): (u16, usize),
+    ) {
+        if let Some(instance) = servers.get(&key) {
+            instance.local_endpoints.store(count, Ordering::Relaxed);
+            return;
+        }
+        let listener = match bind(port) {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::error!(service = %key, port, %error, "cannot open the health check node port");
+                return;
+            }
+        };
+        tracing::info!(service = %key, port, "opening health check");
+        let local_endpoints = Arc::new(AtomicUsize::new(count));
+        let server = http::serve(listener, self.handler(key.clone(), local_endpoints.clone()));
+        servers.insert(
+            key,
+            Instance {
+                port,
+                local_endpoints,
+                _server: server,
+            },
+        );
     }
 
     /// Ports currently served, by Service.
@@ -169,6 +207,49 @@ impl HealthChecks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{desired, service};
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
+    fn local_lb(name: &str, port: u16) -> (String, crate::dataplane::DesiredService) {
+        let mut s = service(name, &["10.96.0.30"], vec![]);
+        s.external_traffic_policy = TrafficPolicy::Local;
+        s.health_check_node_port = Some(port);
+        (name.to_string(), desired(s))
+    }
+
+    #[tokio::test]
+    async fn a_change_opens_moves_and_closes_only_the_servers_of_the_services_it_names() {
+        let checks = HealthChecks::new(Arc::new(crate::health::ProxyHealth::new(
+            std::time::Duration::from_secs(60),
+        )));
+        let (a, b, moved) = (free_port(), free_port(), free_port());
+        let mut want = Desired::new();
+        want.extend([local_lb("shop/a", a), local_lb("shop/b", b)]);
+        checks.sync(&want);
+        let key = |n: &str| ServiceKey::new("shop", n);
+        assert_eq!(
+            checks.ports(),
+            HashMap::from([(key("a"), a), (key("b"), b)])
+        );
+
+        want.extend([local_lb("shop/a", moved)]);
+        checks.sync_changed(&want, &["shop/a".to_string()]);
+        assert_eq!(
+            checks.ports(),
+            HashMap::from([(key("a"), moved), (key("b"), b)])
+        );
+
+        want.remove("shop/b");
+        checks.sync_changed(&want, &["shop/b".to_string(), "shop/never".to_string()]);
+        assert_eq!(checks.ports(), HashMap::from([(key("a"), moved)]));
+    }
 
     #[test]
     fn the_body_has_kube_proxys_layout() {
