@@ -531,23 +531,11 @@ fn a_connection_netfilter_translated_before_the_switch_keeps_its_endpoint() {
     // What the node's previous dataplane did: netfilter sent this Service to backend 2.
     lab.topology
         .node()
-        .exec([
-            "iptables",
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-d",
-            "10.96.0.20/32",
-            "-p",
-            "tcp",
-            "--dport",
-            "80",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            "10.244.2.2:9000",
-        ])
+        .exec(
+            "iptables -t nat -A PREROUTING -d 10.96.0.20/32 -p tcp --dport 80 \
+             -j DNAT --to-destination 10.244.2.2:9000"
+                .split_whitespace(),
+        )
         .unwrap();
     let mut held = HeldConnection::open(lab.outside(), None, vip).unwrap();
     assert_eq!(held.ask().unwrap(), "backend-2");

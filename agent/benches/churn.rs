@@ -7,9 +7,9 @@
 //! controller as a watch event would, carrying that time as the
 //! `endpoints.kubernetes.io/last-change-trigger-time` annotation does; with
 //! `--source manifests` it is a file of a manifests folder rewritten (one file per
-//! Service), so the latency includes the folder's watch, read and parse. Its latency runs from that stamp until
-//! the dataplane's apply naming the Service returns — measured exactly, by a wrapper
-//! around the dataplane. The split into stages (controller, transport, agent, kernel)
+//! Service), so the latency includes the folder's watch, read and parse. A change's
+//! latency runs from that stamp until the dataplane's apply naming the Service returns —
+//! measured exactly, by a wrapper around the dataplane. The split into stages (controller, transport, agent, kernel)
 //! comes from the agent's own `switchyard_network_programming_stage_duration_seconds`
 //! histogram, interpolated within its buckets as Prometheus' `histogram_quantile` does.
 //!
