@@ -168,7 +168,7 @@ async fn stream_of_node_a(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn metrics_count_streams_refusals_answers_and_source_problems() {
+async fn metrics_count_streams_refusals_answers_bytes_timings_and_source_problems() {
     let controller = start();
     let (tx, _responses, first) = stream_of_node_a(&controller).await;
     tx.send(NodeStateRequest {
@@ -189,6 +189,9 @@ async fn metrics_count_streams_refusals_answers_and_source_problems() {
         ("switchyard_controller_resources_sent_total", 1.0),
         ("switchyard_controller_answers_total", 1.0),
         ("switchyard_controller_nacks_total", 0.0),
+        ("switchyard_controller_pending_services_count", 1.0),
+        ("switchyard_controller_response_build_seconds_count", 1.0),
+        ("switchyard_controller_change_to_ack_seconds_count", 1.0),
         (
             "switchyard_controller_streams_refused_total{reason=\"invalid_request\"}",
             1.0,
@@ -213,6 +216,11 @@ async fn metrics_count_streams_refusals_answers_and_source_problems() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let bytes = sample(
+        &get(controller.http, "/metrics").1,
+        "switchyard_controller_response_bytes_sent_total",
+    );
+    assert!(bytes.is_some_and(|b| b > 50.0), "{bytes:?}");
     drop(tx);
     let deadline = Instant::now() + WAIT;
     while sample(

@@ -42,7 +42,7 @@ use super::{
     identity::Access,
     limits::StreamSlots,
     listener::PeerInfo,
-    metrics::{Closing, Refusal, SharedMetrics},
+    metrics::{Closing, Refusal, Sent, SharedMetrics},
     sessions::{Nack, Session, Sessions},
 };
 use crate::hub::{Changes, EncodedResource, Generation};
@@ -278,6 +278,8 @@ struct InFlight {
     nonce: String,
     upserts: Vec<(Arc<str>, u64)>,
     removals: Vec<Arc<str>>,
+    /// The earliest change it carries, for the time from change to ACK.
+    trigger_time: Option<SystemTime>,
 }
 
 struct NodeStream {
@@ -334,6 +336,15 @@ impl Backlog {
             self.full_pass = None;
         }
         self.names.pop_first()
+    }
+
+    /// Services queued: the rest of a full pass, the names changed since, the removals.
+    fn len(&self) -> usize {
+        let full = self
+            .full_pass
+            .as_ref()
+            .map_or(0, |(names, next)| names.len().saturating_sub(*next));
+        full + self.names.len() + self.removals.len()
     }
 
     fn upserts_done(&self) -> bool {
@@ -436,7 +447,9 @@ impl NodeStream {
     /// everything it can. Upserts go out in chunks of [`MAX_RESOURCES_PER_RESPONSE`];
     /// removals wait until no upsert is left (make-before-break).
     fn diff(&mut self, generation: &Generation) -> Option<EncodedNodeStateResponse> {
+        let started = std::time::Instant::now();
         self.fold(generation);
+        let pending = self.backlog.len();
         let node = generation.node_context(&self.session.node);
         let mut protocol = self.session.protocol();
         let backlog = &mut self.backlog;
@@ -505,7 +518,6 @@ impl NodeStream {
             protocol.resources_sent += upserts.len() as u64;
             protocol.removals_sent += removals.len() as u64;
         }
-        self.metrics.sent(upserts.len(), removals.len());
         let response = EncodedNodeStateResponse {
             system_version: generation.seq.to_string(),
             resources: upserts.iter().map(|r| r.bytes.clone()).collect(),
@@ -517,6 +529,13 @@ impl NodeStream {
             // Built the instant before it is queued for the agent.
             sent_time: Some(SystemTime::now().into()),
         };
+        self.metrics.sent(Sent {
+            resources: upserts.len(),
+            removals: removals.len(),
+            bytes: prost::Message::encoded_len(&response),
+            pending,
+            build: started.elapsed(),
+        });
         self.in_flight = Some(InFlight {
             nonce,
             upserts: upserts
@@ -524,6 +543,7 @@ impl NodeStream {
                 .map(|r| (r.name.clone(), r.version))
                 .collect(),
             removals,
+            trigger_time,
         });
         Some(response)
     }
@@ -555,6 +575,12 @@ impl NodeStream {
         let answer = read_answer(&sent, &request.errors);
         let rejected = &answer.rejected;
         self.metrics.answered(!rejected.is_empty());
+        if let Some(since) = in_flight
+            .trigger_time
+            .and_then(|t| SystemTime::now().duration_since(t).ok())
+        {
+            self.metrics.change_answered(since);
+        }
         let mut protocol = self.session.protocol();
         for (name, version) in in_flight.upserts {
             if rejected.contains(&*name) {

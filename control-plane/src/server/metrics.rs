@@ -1,15 +1,23 @@
 //! The controller's Prometheus metrics, served as `/metrics` on the plain HTTP port
 //! (`--http-listen`), defined in this one place and passed to whoever records them (no
 //! globals), under `switchyard_controller_`: agent streams opened, refused (and why),
-//! closed (and why) and open now, answers and NACKs, resources sent, source problems.
-//! What an operator checks first when agents do not get their state, or a peer misbehaves.
+//! closed (and why) and open now, answers and NACKs, resources and bytes sent, the
+//! Services pending per node when a response is built, how long building one takes, the
+//! time from a change to each agent's ACK of it, source problems. What an operator checks
+//! first when agents do not get their state, lag behind, or a peer misbehaves.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric, text::encode},
-    metrics::{counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::ConstGauge,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::Registry,
 };
 
@@ -65,6 +73,19 @@ impl Closing {
 
 type Labels = Vec<(&'static str, &'static str)>;
 
+/// One response sent to an agent, for [`ControllerMetrics::sent`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub resources: usize,
+    pub removals: usize,
+    /// Encoded size.
+    pub bytes: usize,
+    /// Services queued for the node when it was built (those it carries included).
+    pub pending: usize,
+    /// Computing and encoding it.
+    pub build: Duration,
+}
+
 /// The controller's metrics and the registry that exports them.
 #[derive(Debug)]
 pub struct ControllerMetrics {
@@ -77,6 +98,10 @@ pub struct ControllerMetrics {
     nacks: Counter,
     resources_sent: Counter,
     removals_sent: Counter,
+    bytes_sent: Counter,
+    pending_services: Histogram,
+    response_build: Histogram,
+    change_to_ack: Histogram,
 }
 
 impl Default for ControllerMetrics {
@@ -97,6 +122,13 @@ impl ControllerMetrics {
             nacks: Counter::default(),
             resources_sent: Counter::default(),
             removals_sent: Counter::default(),
+            bytes_sent: Counter::default(),
+            // 1 … 32,768 Services, doubling.
+            pending_services: Histogram::new(exponential_buckets(1.0, 2.0, 16)),
+            // 10 µs … 10 s, doubling.
+            response_build: Histogram::new(exponential_buckets(0.000_01, 2.0, 21)),
+            // 100 µs … 100 s, doubling.
+            change_to_ack: Histogram::new(exponential_buckets(0.000_1, 2.0, 21)),
             registry: Registry::default(),
         };
         registry.register(
@@ -139,6 +171,26 @@ impl ControllerMetrics {
             "Service removals sent to agents",
             metrics.removals_sent.clone(),
         );
+        registry.register(
+            "response_bytes_sent",
+            "Encoded bytes of the responses sent to agents",
+            metrics.bytes_sent.clone(),
+        );
+        registry.register(
+            "pending_services",
+            "Services that may differ on a node, queued for it, when a response is built",
+            metrics.pending_services.clone(),
+        );
+        registry.register(
+            "response_build_seconds",
+            "Computing and encoding one response for one node",
+            metrics.response_build.clone(),
+        );
+        registry.register(
+            "change_to_ack_seconds",
+            "From the change a response carries (its trigger time) to the agent's answer to it",
+            metrics.change_to_ack.clone(),
+        );
         Self {
             registry,
             ..metrics
@@ -177,9 +229,18 @@ impl ControllerMetrics {
         }
     }
 
-    pub fn sent(&self, resources: usize, removals: usize) {
-        self.resources_sent.inc_by(resources as u64);
-        self.removals_sent.inc_by(removals as u64);
+    /// A response went out: what it carried, and how long building it took.
+    pub fn sent(&self, sent: Sent) {
+        self.resources_sent.inc_by(sent.resources as u64);
+        self.removals_sent.inc_by(sent.removals as u64);
+        self.bytes_sent.inc_by(sent.bytes as u64);
+        self.pending_services.observe(sent.pending as f64);
+        self.response_build.observe(sent.build.as_secs_f64());
+    }
+
+    /// An agent answered a response carrying a change made `since` ago.
+    pub fn change_answered(&self, since: Duration) {
+        self.change_to_ack.observe(since.as_secs_f64());
     }
 
     /// The Prometheus text exposition of every metric.
@@ -228,7 +289,14 @@ mod tests {
         metrics.stream_refused(Refusal::PermissionDenied);
         metrics.answered(false);
         metrics.answered(true);
-        metrics.sent(3, 1);
+        metrics.sent(Sent {
+            resources: 3,
+            removals: 1,
+            bytes: 420,
+            pending: 5,
+            build: Duration::from_micros(150),
+        });
+        metrics.change_answered(Duration::from_millis(3));
         let text = metrics.encode();
         for expected in [
             "switchyard_controller_streams_opened_total 2",
@@ -239,6 +307,13 @@ mod tests {
             "switchyard_controller_nacks_total 1",
             "switchyard_controller_resources_sent_total 3",
             "switchyard_controller_removals_sent_total 1",
+            "switchyard_controller_response_bytes_sent_total 420",
+            "switchyard_controller_pending_services_sum 5.0",
+            "switchyard_controller_pending_services_bucket{le=\"4.0\"} 0",
+            "switchyard_controller_pending_services_bucket{le=\"8.0\"} 1",
+            "switchyard_controller_response_build_seconds_count 1",
+            "switchyard_controller_change_to_ack_seconds_bucket{le=\"0.0016\"} 0",
+            "switchyard_controller_change_to_ack_seconds_bucket{le=\"0.0032\"} 1",
         ] {
             assert!(text.lines().any(|l| l == expected), "{expected} in\n{text}");
         }
