@@ -8,7 +8,8 @@
 //! kernel was last programmed from. It is a log: each apply appends the records of the
 //! resources it changed and fsyncs before the agent acknowledges, so a change costs what
 //! it touches, not the node's Service count; once the log has grown to twice its
-//! compacted size it is rewritten whole, atomically (temporary file, fsync, rename). On start the agent reads the kernel back and
+//! compacted size it is rewritten whole on a thread of its own, atomically (temporary
+//! file, fsync, rename; the records appended meanwhile go to the new file first). On start the agent reads the kernel back and
 //! loads the file. A resource is *held* (its state is known, nothing is rewritten) only
 //! when the kernel records the same version as the cache — or, for a dataplane that
 //! records no version, when its kernel objects are exactly what the cached state renders
@@ -76,6 +77,9 @@ struct Log {
     /// Bytes in the file, and how many of them the last compaction wrote.
     bytes: u64,
     compacted: u64,
+    /// While a compaction runs in the background: the records appended since the state
+    /// it writes, which go to the compacted file too before it replaces this one.
+    since_snapshot: Option<Vec<u8>>,
 }
 
 /// A log grows to this many times its compacted size (and at least
@@ -157,21 +161,86 @@ impl CacheFile {
             file: Some(file),
             bytes: bytes.len() as u64,
             compacted: bytes.len() as u64,
+            since_snapshot: None,
+        };
+        Ok(())
+    }
+
+    /// Starts rewriting the file from `snapshot` on a thread of its own, so no change
+    /// waits for the whole file: records appended meanwhile are kept and appended to the
+    /// new file before it replaces the old one, which stays whole until that rename.
+    fn compact_in_background(&self, log: &mut Log, snapshot: Desired) {
+        log.since_snapshot = Some(Vec::new());
+        let cache = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("cache-compaction".into())
+            .spawn(move || {
+                if let Err(error) = cache.finish_compaction(&snapshot) {
+                    tracing::warn!(%error, "compacting the desired cache failed; it keeps growing until the next try");
+                    cache.log().since_snapshot = None;
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::warn!(%error, "cannot start compacting the desired cache");
+            log.since_snapshot = None;
+        }
+    }
+
+    /// The background half of [`CacheFile::compact_in_background`].
+    fn finish_compaction(&self, snapshot: &Desired) -> Result<(), CacheError> {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        // Not the synchronous compaction's temporary file: that one may be written
+        // meanwhile (after a failed append), and must not be this thread's.
+        let tmp = self.path.with_extension("pb.compacting");
+        let mut bytes = Vec::new();
+        for (name, service) in snapshot {
+            encode_record(&mut bytes, name, Some(service));
+        }
+        let mut file = fs::File::create(&tmp).map_err(io_error("create", &tmp))?;
+        file.write_all(&bytes).map_err(io_error("write", &tmp))?;
+        file.sync_data().map_err(io_error("fsync", &tmp))?;
+        // Only the tail waits for appends to pause: the records made meanwhile.
+        let mut log = self.log();
+        let Some(since) = log.since_snapshot.take() else {
+            // A synchronous compaction replaced the file meanwhile: this one is stale.
+            drop(log);
+            let _ = fs::remove_file(&tmp);
+            return Ok(());
+        };
+        file.write_all(&since).map_err(io_error("write", &tmp))?;
+        file.sync_all().map_err(io_error("fsync", &tmp))?;
+        fs::rename(&tmp, &self.path).map_err(io_error("rename to", &self.path))?;
+        let size = (bytes.len() + since.len()) as u64;
+        // From here the new file is the cache; if it cannot be reopened, the next
+        // record compacts synchronously.
+        log.file = None;
+        fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_error("fsync", dir))?;
+        let file = fs::OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(io_error("open for appending", &self.path))?;
+        *log = Log {
+            file: Some(file),
+            bytes: size,
+            compacted: size,
+            since_snapshot: None,
         };
         Ok(())
     }
 
     /// Records that the resources `names` now hold what `desired` says (absent: removed),
-    /// durably (appended and fsynced) before returning: O(the change), except for the
-    /// occasional compaction, which rewrites the file whole from `desired`.
+    /// durably (appended and fsynced) before returning: O(the change). The first record
+    /// of a process writes the whole file; once the log has grown past its limit it is
+    /// rewritten from `desired` in the background.
     pub fn record<'a>(
         &self,
         desired: &Desired,
         names: impl IntoIterator<Item = &'a String>,
     ) -> Result<(), CacheError> {
         let mut log = self.log();
-        let limit = (log.compacted * COMPACTION_RATIO).max(self.min_compaction);
-        if log.file.is_none() || log.bytes > limit {
+        if log.file.is_none() {
             return self.compact(&mut log, desired);
         }
         let mut bytes = Vec::new();
@@ -189,7 +258,20 @@ impl CacheFile {
             return Err(error);
         }
         log.bytes += bytes.len() as u64;
+        let limit = (log.compacted * COMPACTION_RATIO).max(self.min_compaction);
+        if let Some(since) = log.since_snapshot.as_mut() {
+            since.extend_from_slice(&bytes);
+        } else if log.bytes > limit {
+            // `desired` already holds this record's changes.
+            self.compact_in_background(&mut log, desired.clone());
+        }
         Ok(())
+    }
+
+    /// Whether a background compaction is running (tests wait for it).
+    #[cfg(test)]
+    fn compacting(&self) -> bool {
+        self.log().since_snapshot.is_some()
     }
 
     /// What the file holds; empty when there is no file yet. Entries that do not convert
@@ -393,19 +475,31 @@ mod tests {
             min_compaction: 4096,
             ..CacheFile::in_dir(dir.path())
         };
-        let mut desired = desired_of(&[("a/x", 1)]);
+        let mut desired = desired_of(&[("a/x", 1), ("b/y", 1)]);
         cache.store(&desired).unwrap();
         let mut largest = 0;
         for version in 2..500 {
-            desired.insert("a/x".into(), service("a/x", version));
-            cache.record(&desired, &names(&["a/x"])).unwrap();
+            let name = if version % 2 == 0 { "a/x" } else { "b/y" };
+            desired.insert(name.into(), service(name, version));
+            cache.record(&desired, &names(&[name])).unwrap();
+            // Whole at every moment, compaction running or not.
+            assert_eq!(cache.load().unwrap(), desired, "after version {version}");
             largest = largest.max(fs::metadata(cache.path()).unwrap().len());
         }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while cache.compacting() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the compaction never ends"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
         assert!(
-            largest <= 4096 + 1024,
+            largest <= 2 * 4096 + 2048,
             "the log stays bounded: {largest} bytes"
         );
         assert_eq!(cache.load().unwrap(), desired);
+        assert!(fs::metadata(cache.path()).unwrap().len() < 4096);
     }
 
     #[test]
