@@ -100,6 +100,15 @@ fn io_error(operation: &'static str, path: &Path) -> impl FnOnce(io::Error) -> C
     }
 }
 
+/// The whole of `desired`, a record per resource.
+fn encode_all(desired: &Desired) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for (name, service) in desired {
+        encode_record(&mut bytes, name, Some(service));
+    }
+    bytes
+}
+
 /// The record of `name`: its state in `desired`, or its removal.
 fn encode_record(bytes: &mut Vec<u8>, name: &str, service: Option<&DesiredService>) {
     let resource = v1::Resource {
@@ -140,15 +149,23 @@ impl CacheFile {
     fn compact(&self, log: &mut Log, desired: &Desired) -> Result<(), CacheError> {
         let dir = self.path.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(io_error("create directory", dir))?;
-        let mut bytes = Vec::new();
-        for (name, service) in desired {
-            encode_record(&mut bytes, name, Some(service));
-        }
+        let bytes = encode_all(desired);
         let tmp = self.path.with_extension("pb.tmp");
         let mut file = fs::File::create(&tmp).map_err(io_error("create", &tmp))?;
         file.write_all(&bytes).map_err(io_error("write", &tmp))?;
         file.sync_all().map_err(io_error("fsync", &tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io_error("rename to", &self.path))?;
+        self.install(log, &tmp, bytes.len() as u64)
+    }
+
+    /// Renames the complete, fsynced `tmp` (of `size` bytes) over the file, makes the
+    /// rename durable and reopens the file for appending.
+    fn install(&self, log: &mut Log, tmp: &Path, size: u64) -> Result<(), CacheError> {
+        fs::rename(tmp, &self.path).map_err(io_error("rename to", &self.path))?;
+        // From here the new file is the cache; if it cannot be reopened, the next
+        // record compacts synchronously.
+        log.file = None;
+        log.since_snapshot = None;
+        let dir = self.path.parent().unwrap_or(Path::new("."));
         // The rename is durable once the directory is.
         fs::File::open(dir)
             .and_then(|d| d.sync_all())
@@ -159,8 +176,8 @@ impl CacheFile {
             .map_err(io_error("open for appending", &self.path))?;
         *log = Log {
             file: Some(file),
-            bytes: bytes.len() as u64,
-            compacted: bytes.len() as u64,
+            bytes: size,
+            compacted: size,
             since_snapshot: None,
         };
         Ok(())
@@ -188,14 +205,10 @@ impl CacheFile {
 
     /// The background half of [`CacheFile::compact_in_background`].
     fn finish_compaction(&self, snapshot: &Desired) -> Result<(), CacheError> {
-        let dir = self.path.parent().unwrap_or(Path::new("."));
         // Not the synchronous compaction's temporary file: that one may be written
         // meanwhile (after a failed append), and must not be this thread's.
         let tmp = self.path.with_extension("pb.compacting");
-        let mut bytes = Vec::new();
-        for (name, service) in snapshot {
-            encode_record(&mut bytes, name, Some(service));
-        }
+        let bytes = encode_all(snapshot);
         let mut file = fs::File::create(&tmp).map_err(io_error("create", &tmp))?;
         file.write_all(&bytes).map_err(io_error("write", &tmp))?;
         file.sync_data().map_err(io_error("fsync", &tmp))?;
@@ -209,25 +222,7 @@ impl CacheFile {
         };
         file.write_all(&since).map_err(io_error("write", &tmp))?;
         file.sync_all().map_err(io_error("fsync", &tmp))?;
-        fs::rename(&tmp, &self.path).map_err(io_error("rename to", &self.path))?;
-        let size = (bytes.len() + since.len()) as u64;
-        // From here the new file is the cache; if it cannot be reopened, the next
-        // record compacts synchronously.
-        log.file = None;
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_error("fsync", dir))?;
-        let file = fs::OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .map_err(io_error("open for appending", &self.path))?;
-        *log = Log {
-            file: Some(file),
-            bytes: size,
-            compacted: size,
-            since_snapshot: None,
-        };
-        Ok(())
+        self.install(&mut log, &tmp, (bytes.len() + since.len()) as u64)
     }
 
     /// Records that the resources `names` now hold what `desired` says (absent: removed),
