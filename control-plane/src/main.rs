@@ -164,6 +164,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             };
             tracing::info!("watching the Kubernetes API");
+            let source = source.with_watch_events(metrics.watch_events());
             tokio::spawn(async move { source.run(updates).await.map_err(anyhow::Error::from) })
         }
     };

@@ -18,7 +18,7 @@ use switchyard_controller::{
     model::{Object, ObjectKind, ObjectRef},
     sources::{
         Origin, StoreUpdate,
-        kube::{ENDPOINT_SLICE_ORIGIN, KubeSource, NODE_ORIGIN, SERVICE_ORIGIN},
+        kube::{ENDPOINT_SLICE_ORIGIN, KubeSource, NODE_ORIGIN, SERVICE_ORIGIN, WatchEvents},
     },
 };
 use tokio::{sync::mpsc, task::JoinHandle, time::timeout};
@@ -412,8 +412,20 @@ async fn initial_list_of_all_three_kinds_produces_one_replace_per_kind() {
     server.apply(service("db", "10.96.0.11"));
     server.apply(slice("web-abc", "web", "10.0.0.1"));
     server.apply(node("node-a", "zone-1"));
-    let mut harness = Harness::start(server).await;
+    let events = WatchEvents::default();
+    let counted = events.clone();
+    let mut harness = Harness::start_with(server, |s| s.with_watch_events(counted)).await;
     harness.wait_synced().await;
+    let count = |kind: &'static str, event: &'static str| {
+        events
+            .get_or_create(&vec![("kind", kind), ("event", event)])
+            .get()
+    };
+    assert_eq!(count("Service", "relist"), 1);
+    assert_eq!(count("Service", "listed"), 2);
+    assert_eq!(count("EndpointSlice", "listed"), 1);
+    assert_eq!(count("Node", "listed"), 1);
+    assert_eq!(count("Node", "apply"), 0);
 
     let view = &harness.view;
     assert_eq!(view.replaces(SERVICE_ORIGIN), 1);
@@ -446,7 +458,9 @@ async fn objects_added_modified_and_deleted_while_watching_end_up_right() {
     let server = FakeApiServer::start().await;
     server.apply(service("web", "10.96.0.10"));
     server.apply(node("node-a", "zone-1"));
-    let mut harness = Harness::start(server).await;
+    let events = WatchEvents::default();
+    let counted = events.clone();
+    let mut harness = Harness::start_with(server, |s| s.with_watch_events(counted)).await;
     harness.wait_synced().await;
     harness.wait_watches(3).await;
 
@@ -473,6 +487,16 @@ async fn objects_added_modified_and_deleted_while_watching_end_up_right() {
     let view = &harness.view;
     // Watched changes arrive one by one, never as a relist.
     assert_eq!(view.replaces(SERVICE_ORIGIN), 1);
+    let count = |kind: &'static str, event: &'static str| {
+        events
+            .get_or_create(&vec![("kind", kind), ("event", event)])
+            .get()
+    };
+    assert_eq!(count("Service", "relist"), 1);
+    assert_eq!(count("Service", "apply"), 2);
+    assert_eq!(count("Service", "delete"), 1);
+    assert_eq!(count("EndpointSlice", "delete"), 1);
+    assert_eq!(count("Node", "apply"), 2);
     let upserts = view
         .log
         .iter()

@@ -3,7 +3,8 @@
 //! globals), under `switchyard_controller_`: agent streams opened, refused (and why),
 //! closed (and why) and open now, answers and NACKs, resources and bytes sent, the
 //! Services pending per node when a response is built, how long building one takes, the
-//! time from a change to each agent's ACK of it, source problems. What an operator checks
+//! time from a change to each agent's ACK of it, the Kubernetes watches' events by kind,
+//! source problems. What an operator checks
 //! first when agents do not get their state, lag behind, or a peer misbehaves.
 
 use std::{sync::Arc, time::Duration};
@@ -21,7 +22,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::store::ProblemsView;
+use crate::{sources::kube::WatchEvents, store::ProblemsView};
 
 /// Why a stream was refused before it started (the label `reason`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -102,6 +103,7 @@ pub struct ControllerMetrics {
     pending_services: Histogram,
     response_build: Histogram,
     change_to_ack: Histogram,
+    watch_events: WatchEvents,
 }
 
 impl Default for ControllerMetrics {
@@ -129,6 +131,7 @@ impl ControllerMetrics {
             response_build: Histogram::new(exponential_buckets(0.000_01, 2.0, 21)),
             // 100 µs … 100 s, doubling.
             change_to_ack: Histogram::new(exponential_buckets(0.000_1, 2.0, 21)),
+            watch_events: WatchEvents::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -191,10 +194,20 @@ impl ControllerMetrics {
             "From the change a response carries (its trigger time) to the agent's answer to it",
             metrics.change_to_ack.clone(),
         );
+        registry.register(
+            "watch_events",
+            "Events the Kubernetes API watches delivered, by kind and event (relist, listed, apply, delete, expired, error)",
+            metrics.watch_events.clone(),
+        );
         Self {
             registry,
             ..metrics
         }
+    }
+
+    /// The counters the Kubernetes source counts its watch events into.
+    pub fn watch_events(&self) -> WatchEvents {
+        self.watch_events.clone()
     }
 
     /// Adds `switchyard_controller_source_problems`, read from `problems` at each scrape.
@@ -297,6 +310,10 @@ mod tests {
             build: Duration::from_micros(150),
         });
         metrics.change_answered(Duration::from_millis(3));
+        metrics
+            .watch_events()
+            .get_or_create(&vec![("kind", "Node"), ("event", "apply")])
+            .inc();
         let text = metrics.encode();
         for expected in [
             "switchyard_controller_streams_opened_total 2",
@@ -314,6 +331,7 @@ mod tests {
             "switchyard_controller_response_build_seconds_count 1",
             "switchyard_controller_change_to_ack_seconds_bucket{le=\"0.0016\"} 0",
             "switchyard_controller_change_to_ack_seconds_bucket{le=\"0.0032\"} 1",
+            "switchyard_controller_watch_events_total{kind=\"Node\",event=\"apply\"} 1",
         ] {
             assert!(text.lines().any(|l| l == expected), "{expected} in\n{text}");
         }

@@ -20,6 +20,7 @@ use kube::{
         watcher::{self, Event},
     },
 };
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
@@ -64,7 +65,15 @@ pub enum KubeSourceError {
 pub struct KubeSource {
     client: Client,
     skip_headless: bool,
+    events: WatchEvents,
 }
+
+/// Counts what each kind's watch saw, by `kind` (`Service`, `EndpointSlice`, `Node`) and
+/// `event`: `relist` (a full list began: the first, or after the watch fell out of the
+/// API server's history), `listed` (an object of a list), `apply`, `delete`, `expired`
+/// (`410 Gone`) and `error` (a failed list or watch, retried with backoff). Exported by
+/// the controller as `switchyard_controller_watch_events_total`.
+pub type WatchEvents = Family<Vec<(&'static str, &'static str)>, Counter>;
 
 impl KubeSource {
     /// Uses `client` as it is (tests point it at a fake API server).
@@ -72,7 +81,14 @@ impl KubeSource {
         Self {
             client,
             skip_headless: true,
+            events: WatchEvents::default(),
         }
+    }
+
+    /// Counts watch events into `events` (the controller's metrics hand theirs).
+    pub fn with_watch_events(mut self, events: WatchEvents) -> Self {
+        self.events = events;
+        self
     }
 
     /// Builds a client the way `kubectl` finds one: `KUBECONFIG` or `~/.kube/config`,
@@ -112,8 +128,12 @@ impl KubeSource {
             Api::<core::Service>::all(self.client.clone()),
             filtered.clone(),
             KindTracker::new(SERVICE_ORIGIN, ObjectKind::Service, convert_service),
-            &tx,
-            &unlisted,
+            Watch {
+                tx: &tx,
+                unlisted: &unlisted,
+                events: &self.events,
+                kind: "Service",
+            },
         );
         let slices = watch_kind(
             Api::<discovery::EndpointSlice>::all(self.client.clone()),
@@ -123,15 +143,23 @@ impl KubeSource {
                 ObjectKind::EndpointSlice,
                 convert_endpoint_slice,
             ),
-            &tx,
-            &unlisted,
+            Watch {
+                tx: &tx,
+                unlisted: &unlisted,
+                events: &self.events,
+                kind: "EndpointSlice",
+            },
         );
         let nodes = watch_kind(
             Api::<core::Node>::all(self.client.clone()),
             watcher::Config::default(),
             KindTracker::new(NODE_ORIGIN, ObjectKind::Node, convert_node),
-            &tx,
-            &unlisted,
+            Watch {
+                tx: &tx,
+                unlisted: &unlisted,
+                events: &self.events,
+                kind: "Node",
+            },
         );
         tokio::select! {
             () = tx.closed() => Ok(()),
@@ -154,14 +182,31 @@ fn convert_node(object: &core::Node) -> Result<Option<Object>, ConvertError> {
     convert::node(object).map(|node| Some(Object::Node(node)))
 }
 
+/// What one kind's watcher reports to, shared by the three.
+struct Watch<'a> {
+    tx: &'a StoreSender,
+    /// Kinds not listed yet: the last one listed tells the store it is synced.
+    unlisted: &'a AtomicUsize,
+    events: &'a WatchEvents,
+    /// The `kind` label.
+    kind: &'static str,
+}
+
+impl Watch<'_> {
+    fn count(&self, event: &'static str) {
+        self.events
+            .get_or_create(&vec![("kind", self.kind), ("event", event)])
+            .inc();
+    }
+}
+
 /// Runs one kind's watcher until the store is closed. After its first full list it
 /// counts `unlisted` down; the last kind listed tells the store it is synced.
 async fn watch_kind<K>(
     api: Api<K>,
     config: watcher::Config,
     mut tracker: KindTracker<K>,
-    tx: &StoreSender,
-    unlisted: &AtomicUsize,
+    watch: Watch<'_>,
 ) -> Result<(), KubeSourceError>
 where
     K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + DeserializeOwned + Send + 'static,
@@ -177,21 +222,30 @@ where
             }
             Some(Err(watcher::Error::WatchError(status))) if status.code == 410 => {
                 info!(origin = %tracker.origin, message = %status.message, "watch history expired, relisting");
+                watch.count("expired");
                 continue;
             }
             Some(Err(error)) => {
                 warn!(origin = %tracker.origin, %error, "watch failed, retrying with backoff");
+                watch.count("error");
                 continue;
             }
             Some(Ok(event)) => event,
         };
+        match &event {
+            Event::Init => watch.count("relist"),
+            Event::InitApply(_) => watch.count("listed"),
+            Event::InitDone => {}
+            Event::Apply(_) => watch.count("apply"),
+            Event::Delete(_) => watch.count("delete"),
+        }
         let listed = matches!(event, Event::InitDone) && !std::mem::replace(&mut was_listed, true);
         let mut updates = tracker.step(event, SystemTime::now());
-        if listed && unlisted.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if listed && watch.unlisted.fetch_sub(1, Ordering::SeqCst) == 1 {
             updates.push(StoreUpdate::Synced);
         }
         for update in updates {
-            if tx.send(update).await.is_err() {
+            if watch.tx.send(update).await.is_err() {
                 debug!(origin = %tracker.origin, "store closed, stopping watch");
                 return Ok(());
             }
