@@ -11,6 +11,7 @@ use std::{
     io::{self, Read},
     os::unix::fs::OpenOptionsExt,
     path::Path,
+    time::SystemTime,
 };
 
 /// Why a file could not be read.
@@ -59,6 +60,15 @@ pub fn kind_of(file_type: std::fs::FileType) -> &'static str {
 /// Reads the regular file at `path` (symlinks followed), at most `limit` bytes. Blocking:
 /// call it off the async executor.
 pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
+    read_regular_dated(path, limit).map(|(contents, _)| contents)
+}
+
+/// [`read_regular`], with the file's modification time from the same `fstat` (`None`
+/// where the filesystem keeps none).
+pub fn read_regular_dated(
+    path: &Path,
+    limit: u64,
+) -> Result<(Vec<u8>, Option<SystemTime>), ReadError> {
     let file = File::options()
         .read(true)
         // A FIFO opens at once instead of waiting for a writer; reads are not affected
@@ -78,7 +88,7 @@ pub fn read_regular(path: &Path, limit: u64) -> Result<Vec<u8>, ReadError> {
     if contents.len() as u64 > limit {
         return Err(ReadError::TooLarge { limit });
     }
-    Ok(contents)
+    Ok((contents, metadata.modified().ok()))
 }
 
 #[cfg(test)]
@@ -91,6 +101,8 @@ mod tests {
         let path = dir.path().join("a.yaml");
         std::fs::write(&path, "kind: Node\n").unwrap();
         assert_eq!(read_regular(&path, 100).unwrap(), b"kind: Node\n");
+        let (_, modified) = read_regular_dated(&path, 100).unwrap();
+        assert_eq!(modified, std::fs::metadata(&path).unwrap().modified().ok());
     }
 
     #[test]

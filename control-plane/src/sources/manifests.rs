@@ -114,8 +114,8 @@ enum Read {
 
 /// Reads and parses `path` unless its bytes hash to `known`. Blocking.
 fn read_file(path: &Path, known: Option<[u8; 32]>) -> Read {
-    match files::read_regular(path, MAX_FILE_BYTES) {
-        Ok(contents) => {
+    match files::read_regular_dated(path, MAX_FILE_BYTES) {
+        Ok((contents, modified)) => {
             let hash: [u8; 32] = Sha256::digest(&contents).into();
             if known == Some(hash) {
                 return Read::Unchanged;
@@ -123,7 +123,7 @@ fn read_file(path: &Path, known: Option<[u8; 32]>) -> Read {
             Read::Parsed {
                 hash,
                 parsed: parse_file(path, &contents),
-                modified: std::fs::metadata(path).and_then(|m| m.modified()).ok(),
+                modified,
             }
         }
         Err(e) if e.is_not_found() => Read::Gone,
