@@ -76,6 +76,13 @@ fn service_ref(name: &str) -> ObjectRef {
     object_ref(ObjectKind::Service, "default", name)
 }
 
+/// How many watch events of `kind` and `event` the source counted.
+fn counted(events: &WatchEvents, kind: &'static str, event: &'static str) -> u64 {
+    events
+        .get_or_create(&vec![("kind", kind), ("event", event)])
+        .get()
+}
+
 fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
 }
@@ -192,6 +199,15 @@ impl Harness {
             view: View::default(),
             source,
         }
+    }
+
+    /// [`Harness::start`] with the source counting its watch events into the returned
+    /// counters.
+    async fn start_counting(server: FakeApiServer) -> (Self, WatchEvents) {
+        let events = WatchEvents::default();
+        let counted = events.clone();
+        let harness = Self::start_with(server, |s| s.with_watch_events(counted)).await;
+        (harness, events)
     }
 
     /// Receives updates until `done` holds for the view; panics after [`WAIT`].
@@ -412,15 +428,9 @@ async fn initial_list_of_all_three_kinds_produces_one_replace_per_kind() {
     server.apply(service("db", "10.96.0.11"));
     server.apply(slice("web-abc", "web", "10.0.0.1"));
     server.apply(node("node-a", "zone-1"));
-    let events = WatchEvents::default();
-    let counted = events.clone();
-    let mut harness = Harness::start_with(server, |s| s.with_watch_events(counted)).await;
+    let (mut harness, events) = Harness::start_counting(server).await;
     harness.wait_synced().await;
-    let count = |kind: &'static str, event: &'static str| {
-        events
-            .get_or_create(&vec![("kind", kind), ("event", event)])
-            .get()
-    };
+    let count = |kind, event| counted(&events, kind, event);
     assert_eq!(count("Service", "relist"), 1);
     assert_eq!(count("Service", "listed"), 2);
     assert_eq!(count("EndpointSlice", "listed"), 1);
@@ -458,9 +468,7 @@ async fn objects_added_modified_and_deleted_while_watching_end_up_right() {
     let server = FakeApiServer::start().await;
     server.apply(service("web", "10.96.0.10"));
     server.apply(node("node-a", "zone-1"));
-    let events = WatchEvents::default();
-    let counted = events.clone();
-    let mut harness = Harness::start_with(server, |s| s.with_watch_events(counted)).await;
+    let (mut harness, events) = Harness::start_counting(server).await;
     harness.wait_synced().await;
     harness.wait_watches(3).await;
 
@@ -487,11 +495,7 @@ async fn objects_added_modified_and_deleted_while_watching_end_up_right() {
     let view = &harness.view;
     // Watched changes arrive one by one, never as a relist.
     assert_eq!(view.replaces(SERVICE_ORIGIN), 1);
-    let count = |kind: &'static str, event: &'static str| {
-        events
-            .get_or_create(&vec![("kind", kind), ("event", event)])
-            .get()
-    };
+    let count = |kind, event| counted(&events, kind, event);
     assert_eq!(count("Service", "relist"), 1);
     assert_eq!(count("Service", "apply"), 2);
     assert_eq!(count("Service", "delete"), 1);
