@@ -312,7 +312,7 @@ impl CacheFile {
                 }
                 Err(error) => {
                     desired.remove(&resource.name);
-                    tracing::warn!(name = %resource.name, %error, "dropping a cache entry");
+                    tracing::warn!(name = %switchyard_proto::names::quote_bounded(&resource.name), %error, "dropping a cache entry");
                 }
             }
         }
