@@ -4,8 +4,8 @@
 //! closed (and why) and open now, answers and NACKs, resources and bytes sent, the
 //! Services pending per node when a response is built, how long building one takes, the
 //! time from a change to each agent's ACK of it, the Kubernetes watches' events by kind,
-//! source problems. What an operator checks
-//! first when agents do not get their state, lag behind, or a peer misbehaves.
+//! source problems. What an operator checks first when agents do not get their state,
+//! lag behind, or a peer misbehaves.
 
 use std::{sync::Arc, time::Duration};
 
