@@ -37,6 +37,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ".switchyard.v1.NodeStateRequest",
             "crate::v1::NodeStateRequest",
         )
+        .extern_path(
+            ".switchyard.v1.EffectiveStateQuery",
+            "crate::v1::EffectiveStateQuery",
+        )
         .compile_fds(twin)?;
     Ok(())
 }

@@ -22,7 +22,9 @@
 //! handed to `Dataplane::apply` with a `Change` naming exactly them. The answer ACKs the
 //! nonce, or NACKs it with the conversion errors plus the resources the dataplane
 //! reported in `ApplyOutcome::failed`. If the dataplane fails as a whole, every resource
-//! of the response is NACKed with that error and the stream goes on.
+//! of the response is NACKed with that error and the stream goes on. A response that
+//! carries `effective_state_query` is a question instead: the client reads the kernel
+//! back and answers with one page of it (`query::report`), applying nothing.
 
 use std::{
     path::PathBuf,
@@ -294,6 +296,17 @@ async fn session<D: Dataplane>(
         let Some(response) = responses.message().await.map_err(ClientError::Stream)? else {
             return Ok(());
         };
+        if let Some(query) = &response.effective_state_query {
+            // A question, not a state change: nothing to apply, no nonce to answer.
+            let report = crate::query::report(engine, query).await;
+            let answer = NodeStateRequest {
+                dataplane_in_force: engine.kind().into(),
+                effective_state_report: Some(report),
+                ..Default::default()
+            };
+            tx.send(answer).await.map_err(|_| ClientError::Closed)?;
+            continue;
+        }
         engine.note_label(response.dataplane());
         let answer = handle_response(engine, response).await;
         tx.send(answer).await.map_err(|_| ClientError::Closed)?;

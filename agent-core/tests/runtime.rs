@@ -60,6 +60,7 @@ impl FakeStream {
             node_being_deleted: false,
             dataplane: 0,
             sent_time: Some(std::time::SystemTime::now().into()),
+            effective_state_query: None,
         };
         self.responses
             .send(Ok(response))

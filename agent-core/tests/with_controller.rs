@@ -1,6 +1,7 @@
 //! The agent runtime against the real switchyard controller (hub + delta server) on
 //! loopback, with the in-memory test dataplane: the protocol end to end, including the
-//! controller's 256-resource responses and its use of the declared versions.
+//! controller's 256-resource responses and its use of the declared versions, and the
+//! controller reading the node's kernel back through the agent's stream.
 
 use std::time::Duration;
 
@@ -10,6 +11,7 @@ use switchyard_agent_core::{
 };
 use switchyard_controller::model::Object;
 use switchyard_integration::{controller::TestController, fixtures};
+use switchyard_proto::v1::{self, controller_query_client::ControllerQueryClient};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -151,4 +153,130 @@ async fn a_node_being_deleted_fails_healthz_without_touching_the_kernel() {
     eventually("the node is live again", || agent.node_eligible()).await;
     assert!(healthz(&agent).await.contains(" 200 "));
     assert_eq!(kernel.apply_count(), applies);
+}
+
+/// Every page of `GetNodeEffectiveState` for `node`, asked of the controller.
+async fn effective_state_pages(
+    query: &mut ControllerQueryClient<tonic::transport::Channel>,
+    node: &str,
+    page_size: u32,
+) -> Result<Vec<v1::GetNodeEffectiveStateResponse>, tonic::Status> {
+    let mut pages = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = query
+            .get_node_effective_state(v1::GetNodeEffectiveStateRequest {
+                node_name: node.into(),
+                include_kernel_objects: true,
+                page_size,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        page_token = page.next_page_token.clone();
+        pages.push(page);
+        if page_token.is_empty() {
+            return Ok(pages);
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_controller_reads_a_nodes_kernel_back_over_the_agents_stream_in_pages() {
+    let Synced {
+        controller,
+        kernel,
+        agent,
+        ..
+    } = synced(300).await;
+    // Drift behind the agent's back: one Service gone from the kernel, one altered.
+    {
+        let mut kernel = kernel.lock();
+        kernel.programmed.remove("default/svc-00010");
+        let altered = kernel.programmed.get_mut("default/svc-00020").unwrap();
+        altered.kernel_objects.push("endpoint added by hand".into());
+    }
+    let applies = kernel.apply_count();
+    let mut query = ControllerQueryClient::connect(controller.endpoint())
+        .await
+        .unwrap();
+
+    let pages = effective_state_pages(&mut query, "node-0000", 128)
+        .await
+        .unwrap();
+    assert_eq!(pages.len(), 3);
+    let services: Vec<&v1::EffectiveService> = pages.iter().flat_map(|p| &p.effective).collect();
+    let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+    let expected: Vec<String> = (0..300)
+        .filter(|i| *i != 10)
+        .map(|i| format!("default/svc-{i:05}"))
+        .collect();
+    assert_eq!(
+        names, expected,
+        "every Service the kernel holds, once, in order"
+    );
+    // What the kernel holds, object for object.
+    let held = kernel.lock().programmed.clone();
+    for service in &services {
+        assert_eq!(service.kernel_objects, held[&service.name].kernel_objects);
+        assert!(!service.version.is_empty());
+    }
+    let drift: Vec<(&str, &str)> = pages
+        .iter()
+        .flat_map(|p| &p.drift)
+        .map(|d| (d.name.as_str(), d.kind.as_str()))
+        .collect();
+    assert_eq!(
+        drift,
+        [
+            ("default/svc-00010", "missing"),
+            ("default/svc-00020", "differs")
+        ]
+    );
+    for page in &pages {
+        assert_eq!(page.node_name, "node-0000");
+        assert_eq!(page.dataplane(), v1::Dataplane::Iptables);
+        assert!(page.read_at.is_some());
+        assert!(page.last_apply.is_some());
+    }
+    assert_eq!(kernel.apply_count(), applies, "a question changes nothing");
+
+    // The stream still carries changes after the questions.
+    controller
+        .replace("test", fixtures::cluster(1, 301, 1))
+        .await;
+    eventually("a new Service reaches the kernel", || {
+        kernel.versions().contains_key("default/svc-00300")
+    })
+    .await;
+
+    // An agent that cannot read its kernel says why, through the controller.
+    kernel.lock().fail_read_back = Some("netlink is on strike".into());
+    let error = effective_state_pages(&mut query, "node-0000", 0)
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), tonic::Code::Unavailable);
+    assert!(error.message().contains("netlink is on strike"), "{error}");
+
+    // No agent, no answer: said at once, not after a timeout.
+    let unavailable_at_once = |node: &'static str| {
+        let mut query = query.clone();
+        async move {
+            let started = std::time::Instant::now();
+            let error = effective_state_pages(&mut query, node, 0)
+                .await
+                .unwrap_err();
+            assert_eq!(error.code(), tonic::Code::Unavailable, "{node}: {error}");
+            assert!(error.message().contains("no agent of node"), "{error}");
+            assert!(started.elapsed() < Duration::from_secs(5));
+        }
+    };
+    unavailable_at_once("node-9999").await;
+    drop(agent);
+    let sessions = controller.sessions.clone();
+    eventually("the stream closes", || {
+        !sessions.get("node-0000").unwrap().is_connected()
+    })
+    .await;
+    unavailable_at_once("node-0000").await;
 }

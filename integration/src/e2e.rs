@@ -482,6 +482,45 @@ impl Cluster {
         })?
     }
 
+    /// `ControllerQuery/GetNodeEffectiveState` of the node, every page with kernel
+    /// objects: what the agent reads back, asked of the controller over its stream.
+    pub fn effective_state_from_controller(
+        &self,
+    ) -> anyhow::Result<Vec<switchyard_proto::v1::GetNodeEffectiveStateResponse>> {
+        use switchyard_proto::v1::{
+            GetNodeEffectiveStateRequest, controller_query_client::ControllerQueryClient,
+        };
+        let controller = self.controller.as_ref().expect("controller running");
+        let endpoint = controller.endpoint();
+        self.node().run(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    // A default client: each page fits its 4 MiB.
+                    let mut client = ControllerQueryClient::connect(endpoint).await?;
+                    let mut pages = Vec::new();
+                    let mut page_token = String::new();
+                    loop {
+                        let page = client
+                            .get_node_effective_state(GetNodeEffectiveStateRequest {
+                                node_name: NODE.into(),
+                                include_kernel_objects: true,
+                                page_size: 0,
+                                page_token,
+                            })
+                            .await?
+                            .into_inner();
+                        page_token = page.next_page_token.clone();
+                        pages.push(page);
+                        if page_token.is_empty() {
+                            return Ok(pages);
+                        }
+                    }
+                })
+        })?
+    }
+
     /// Stops the agent (SIGTERM), which leaves the kernel as it is, then runs the same
     /// binary with `--cleanup` and the same flags, which removes everything it made.
     pub fn stop_and_clean_up_agent(&mut self) -> Result<(), NetnsError> {
@@ -702,8 +741,9 @@ pub fn http_get(ns: &Netns, addr: SocketAddr) -> (String, String) {
 }
 
 /// ClusterIPs balance TCP (from the client and from the node) and UDP over every
-/// backend, a Service without endpoints refuses at once, and an endpoint removed on disk
-/// stops receiving traffic.
+/// backend, a Service without endpoints refuses at once, an endpoint removed on disk
+/// stops receiving traffic, and the controller shows the kernel objects the agent reads
+/// back on the node (`GetNodeEffectiveState`).
 pub async fn cluster_ips_balance_tcp_and_udp_and_follow_endpoint_changes(spec: AgentSpec) {
     let cluster = Cluster::start(spec).await;
     let all = set(&["backend-1", "backend-2", "backend-3"]);
@@ -736,6 +776,22 @@ pub async fn cluster_ips_balance_tcp_and_udp_and_follow_endpoint_changes(spec: A
             c.spread(c.pod(), "10.96.0.10", 80, 20, false).0 == set(&["backend-1", "backend-2"])
         })
         .await;
+
+    // The controller shows the node's kernel as the agent reads it on the node.
+    let pages = cluster.effective_state_from_controller().unwrap();
+    let local = cluster.agent_state(true).unwrap();
+    let remote: Vec<_> = pages.iter().flat_map(|p| p.effective.clone()).collect();
+    assert_eq!(
+        remote, local.effective,
+        "the node's kernel, via the controller"
+    );
+    assert!(
+        remote
+            .iter()
+            .any(|s| s.name == "default/web" && !s.kernel_objects.is_empty())
+    );
+    assert!(pages.iter().all(|p| p.drift.is_empty()), "{pages:?}");
+    assert_eq!(pages[0].dataplane, local.dataplane);
 }
 
 /// Node port and external IP of an `externalTrafficPolicy: Local` Service reach only the

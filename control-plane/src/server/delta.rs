@@ -18,9 +18,16 @@
 //!
 //! No stream receives anything before the source's first full read is published
 //! (readiness), so agents of a restarting controller never see a half-listed cluster.
+//!
+//! # Questions
+//! The query API may put a question to the agent over its stream ([`Session::ask`]):
+//! a response carrying only `effective_state_query`, which the agent answers with a
+//! report instead of an ACK. At most [`MAX_QUEUED_ASKS`](super::sessions::MAX_QUEUED_ASKS)
+//! wait to be forwarded and [`MAX_WAITING_ASKS`] for their answer; a report nobody waits
+//! for is dropped, and the 4 MiB bound on the agent's messages bounds each report.
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     pin::Pin,
     sync::Arc,
     time::{Duration, SystemTime},
@@ -34,7 +41,7 @@ use switchyard_proto::{
     state::ServiceKey,
     v1,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
@@ -43,7 +50,7 @@ use super::{
     limits::StreamSlots,
     listener::PeerInfo,
     metrics::{Closing, Refusal, Sent, SharedMetrics},
-    sessions::{Nack, Session, Sessions},
+    sessions::{Ask, Nack, Session, Sessions},
 };
 use crate::hub::{Changes, EncodedResource, Generation};
 
@@ -64,6 +71,9 @@ pub const MAX_AGENT_VERSION: usize = 128;
 pub const MAX_NACK_ERRORS: usize = 16;
 /// Most characters of one NACK error message kept.
 pub const MAX_NACK_MESSAGE: usize = 512;
+/// Most questions one stream waits on the agent's answers for; beyond, the oldest
+/// asker's wait is ended (it has given up by then: each waits 15 s at most).
+pub const MAX_WAITING_ASKS: usize = 16;
 
 /// Serves `NodeStateDiscovery` from the hub's generations.
 #[derive(Clone, Debug)]
@@ -249,7 +259,7 @@ impl NodeStateDiscovery for DeltaService {
             ))
         })?;
         tracing::info!(%node, peer = %described, dataplane = ?identity.dataplane(), declared = held.len(), "agent connected");
-        let session = self.sessions.open(identity, described, held);
+        let (session, asked) = self.sessions.open(identity, described, held);
         self.metrics.stream_opened();
         let (tx, rx) = mpsc::channel(2);
         let stream = NodeStream {
@@ -266,6 +276,9 @@ impl NodeStateDiscovery for DeltaService {
             seen: 0,
             nonces: 0,
             node_facts,
+            asked,
+            waiting: HashMap::new(),
+            asks: 0,
         };
         tokio::spawn(stream.run(inbound));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
@@ -301,6 +314,11 @@ struct NodeStream {
     /// What the last response said of the Node itself; an agent starts out taking its
     /// node as live and unlabelled.
     node_facts: NodeFacts,
+    /// Questions for the agent (`GetNodeEffectiveState`) to forward.
+    asked: mpsc::Receiver<Ask>,
+    /// Forwarded questions by id, until the agent answers or the asker gives up.
+    waiting: HashMap<u64, oneshot::Sender<v1::EffectiveStateReport>>,
+    asks: u64,
 }
 
 /// What every response says of the Node itself, beside its Services: a change of these
@@ -384,6 +402,12 @@ impl NodeStream {
                     ));
                     let _ = self.tx.send(Err(status)).await;
                     break Closing::Superseded;
+                }
+                Some(ask) = self.asked.recv() => {
+                    let question = self.forward(ask);
+                    if self.tx.send(Ok(question)).await.is_err() {
+                        break Closing::AgentClosed;
+                    }
                 }
                 message = inbound.message() => match message {
                     Ok(Some(request)) => self.answer(request),
@@ -528,6 +552,7 @@ impl NodeStream {
             dataplane: facts.dataplane.into(),
             // Built the instant before it is queued for the agent.
             sent_time: Some(SystemTime::now().into()),
+            effective_state_query: None,
         };
         self.metrics.sent(Sent {
             resources: upserts.len(),
@@ -548,12 +573,43 @@ impl NodeStream {
         Some(response)
     }
 
+    /// The response that puts `ask` to the agent: the question and the node facts as
+    /// last sent, nothing to apply, no nonce. Any in-flight response stays in flight.
+    fn forward(&mut self, mut ask: Ask) -> EncodedNodeStateResponse {
+        self.waiting.retain(|_, reply| !reply.is_closed());
+        if self.waiting.len() >= MAX_WAITING_ASKS
+            && let Some(oldest) = self.waiting.keys().min().copied()
+        {
+            self.waiting.remove(&oldest);
+        }
+        self.asks += 1;
+        ask.query.query_id = self.asks;
+        self.waiting.insert(self.asks, ask.reply);
+        EncodedNodeStateResponse {
+            node_being_deleted: self.node_facts.being_deleted,
+            dataplane: self.node_facts.dataplane.into(),
+            sent_time: Some(SystemTime::now().into()),
+            effective_state_query: Some(ask.query),
+            ..Default::default()
+        }
+    }
+
     /// Commits the in-flight response on ACK; on NACK commits all but the rejected
-    /// resources. Errors naming resources not in flight are ignored.
-    fn answer(&mut self, request: v1::NodeStateRequest) {
+    /// resources. Errors naming resources not in flight are ignored. A report answering
+    /// a question goes to whoever asked it, if they still wait.
+    fn answer(&mut self, mut request: v1::NodeStateRequest) {
         self.session
             .set_dataplane_in_force(request.dataplane_in_force());
         let node = &self.session.node;
+        if let Some(report) = request.effective_state_report.take() {
+            match self.waiting.remove(&report.query_id) {
+                Some(reply) => drop(reply.send(report)),
+                None => {
+                    tracing::debug!(%node, query = report.query_id, "ignoring a report nobody waits for")
+                }
+            }
+            return;
+        }
         let Some(in_flight) = self
             .in_flight
             .take_if(|f| f.nonce == request.response_nonce)

@@ -1,5 +1,6 @@
 //! The `ControllerQuery` service: nodes, their desired and acknowledged state, one
-//! Service across nodes, and source problems, for people and scripts.
+//! Service across nodes, source problems, and a node's kernel as its agent reads it
+//! back (asked over the agent's stream), for people and scripts.
 //!
 //! # Cost
 //! A query must not be able to take the controller down. Every list is paginated (see
@@ -13,7 +14,7 @@ use std::{
     collections::BTreeSet,
     ops::{Bound, RangeBounds},
     sync::{Arc, Weak},
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use prost::Message;
@@ -28,7 +29,7 @@ use tonic::{Request, Response, Status};
 use super::{
     identity::Access,
     listener::PeerInfo,
-    sessions::{Session, Sessions, StateHasher, state_version},
+    sessions::{AskError, Session, Sessions, StateHasher, state_version},
 };
 use crate::{
     hub::{EncodedResource, Generation},
@@ -425,8 +426,90 @@ fn list_source_problems(
     }
 }
 
+/// How long `GetNodeEffectiveState` waits for the agent's answer (it reads the whole
+/// kernel: about a second for iptables-save at 10,000 Services).
+pub const EFFECTIVE_STATE_WAIT: Duration = Duration::from_secs(15);
+
+/// The answer to `GetNodeEffectiveState` from the agent's report.
+fn effective_state_response(
+    session: &Session,
+    report: v1::EffectiveStateReport,
+) -> Result<v1::GetNodeEffectiveStateResponse, Status> {
+    if !report.error.is_empty() {
+        return Err(Status::unavailable(format!(
+            "the agent of node {} answered: {}",
+            session.node,
+            names::escape_bounded(&report.error, 1024)
+        )));
+    }
+    Ok(v1::GetNodeEffectiveStateResponse {
+        node_name: session.node.clone(),
+        dataplane: report.dataplane,
+        peer: session.peer.clone(),
+        read_at: report.read_at,
+        effective: report.effective,
+        drift: report.drift,
+        last_apply: report.last_apply,
+        drift_repairs: report.drift_repairs,
+        next_page_token: report.next_page_token,
+    })
+}
+
 #[tonic::async_trait]
 impl ControllerQuery for QueryService {
+    async fn get_node_effective_state(
+        &self,
+        request: Request<v1::GetNodeEffectiveStateRequest>,
+    ) -> Result<Response<v1::GetNodeEffectiveStateResponse>, Status> {
+        // The kernel's objects are the operators' to read, not even the node's own.
+        self.access.query(
+            PeerInfo::of(&request).identity.as_deref(),
+            "GetNodeEffectiveState",
+        )?;
+        let request = request.into_inner();
+        let node = request.node_name;
+        names::dns1123_subdomain(&node).map_err(|reason| {
+            Status::invalid_argument(format!("node_name {} {reason}", quote_bounded(&node)))
+        })?;
+        // Checked here, as for every paged method; the agent reads it as a name.
+        let page = PageRequest::new(request.page_size, request.page_token, 500, 5000)?;
+        let session = self
+            .sessions
+            .get(&node)
+            .filter(|s| s.is_connected())
+            .ok_or_else(|| {
+                Status::unavailable(format!(
+                    "no agent of node {node} is connected to this controller"
+                ))
+            })?;
+        let answer = session
+            .ask(v1::EffectiveStateQuery {
+                query_id: 0,
+                include_kernel_objects: request.include_kernel_objects,
+                page_size: page.size as u32,
+                page_token: page.after.unwrap_or_default(),
+            })
+            .map_err(|error| match error {
+                AskError::Busy => Status::resource_exhausted(format!("node {node}: {error}")),
+                AskError::Closed => Status::unavailable(format!("node {node}: {error}")),
+            })?;
+        let report = match tokio::time::timeout(EFFECTIVE_STATE_WAIT, answer).await {
+            Ok(Ok(report)) => report,
+            Ok(Err(_)) => {
+                return Err(Status::unavailable(format!(
+                    "the stream of node {node} ended before its agent answered"
+                )));
+            }
+            Err(_) => {
+                return Err(Status::deadline_exceeded(format!(
+                    "the agent of node {node} did not answer within {EFFECTIVE_STATE_WAIT:?} \
+                     (agents older than this controller do not answer at all)"
+                )));
+            }
+        };
+        effective_state_response(&session, report).map(Response::new)
+    }
+
     async fn list_nodes(
         &self,
         request: Request<v1::ListNodesRequest>,

@@ -20,10 +20,29 @@ use std::{
 
 use sha2::{Digest, Sha256};
 use switchyard_proto::{format_version, v1};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 
 /// Most closed sessions of nodes outside the cluster kept at once; the oldest go first.
 pub const MAX_FORGETTABLE: usize = 4096;
+/// Most questions queued for one agent's stream; more are refused at once.
+pub const MAX_QUEUED_ASKS: usize = 4;
+
+/// A question for a node's agent, asked over its stream (`GetNodeEffectiveState`), and
+/// where the answer goes. The stream sets `query_id`.
+#[derive(Debug)]
+pub struct Ask {
+    pub query: v1::EffectiveStateQuery,
+    pub reply: oneshot::Sender<v1::EffectiveStateReport>,
+}
+
+/// Why a question could not be put to an agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum AskError {
+    #[error("the agent's stream has closed")]
+    Closed,
+    #[error("the agent already has {MAX_QUEUED_ASKS} questions queued")]
+    Busy,
+}
 
 /// The last NACK an agent sent (bounded by the stream before it gets here).
 #[derive(Clone, Debug)]
@@ -106,6 +125,8 @@ pub struct Session {
     dataplanes: Mutex<Dataplanes>,
     /// Set to the newer stream's peer when a newer stream for the same node takes over.
     superseded: watch::Sender<Option<String>>,
+    /// Questions for the agent, forwarded by the stream's task.
+    asks: mpsc::Sender<Ask>,
 }
 
 /// A node's dataplane as its agent reports it and as its label asks for it.
@@ -149,6 +170,22 @@ impl Session {
         self.connected.load(Ordering::Acquire)
     }
 
+    /// Puts `query` to the agent over its stream; the receiver resolves with its answer,
+    /// or fails when the stream ends first.
+    pub fn ask(
+        &self,
+        query: v1::EffectiveStateQuery,
+    ) -> Result<oneshot::Receiver<v1::EffectiveStateReport>, AskError> {
+        let (reply, answer) = oneshot::channel();
+        self.asks
+            .try_send(Ask { query, reply })
+            .map_err(|error| match error {
+                mpsc::error::TrySendError::Full(_) => AskError::Busy,
+                mpsc::error::TrySendError::Closed(_) => AskError::Closed,
+            })?;
+        Ok(answer)
+    }
+
     /// Resolves with the new stream's peer once a newer stream takes this node over.
     pub fn superseded(&self) -> watch::Receiver<Option<String>> {
         self.superseded.subscribe()
@@ -173,13 +210,15 @@ impl Sessions {
     }
 
     /// Registers a new stream for a node; an older connected stream for the same node is
-    /// told to close.
+    /// told to close. The receiver holds the questions put to the agent
+    /// ([`Session::ask`]), for the stream to forward.
     pub fn open(
         &self,
         identity: v1::NodeIdentity,
         peer: String,
         acked: foldhash::HashMap<Arc<str>, u64>,
-    ) -> Arc<Session> {
+    ) -> (Arc<Session>, mpsc::Receiver<Ask>) {
+        let (asks, asked) = mpsc::channel(MAX_QUEUED_ASKS);
         let mut inner = self.inner();
         inner.next_id += 1;
         let node = identity.node_name.clone();
@@ -200,11 +239,12 @@ impl Sessions {
                 wanted: v1::Dataplane::Unspecified,
             }),
             superseded: watch::Sender::new(None),
+            asks,
         });
         if let Some(old) = inner.by_node.insert(node, session.clone()) {
             old.superseded.send_replace(Some(peer));
         }
-        session
+        (session, asked)
     }
 
     /// Marks a stream closed and drops what it declared and acknowledged, keeping a
@@ -295,7 +335,7 @@ mod tests {
     #[test]
     fn a_closed_session_keeps_a_summary_and_drops_what_the_peer_declared() {
         let sessions = Sessions::default();
-        let session = sessions.open(identity("node-a"), "peer".into(), declared(10_000));
+        let (session, _asked) = sessions.open(identity("node-a"), "peer".into(), declared(10_000));
         let expected = state_version(
             session
                 .protocol()
@@ -321,7 +361,7 @@ mod tests {
     fn closed_sessions_of_nodes_outside_the_cluster_are_forgotten_after_the_grace_period() {
         let sessions = Sessions::default();
         for node in ["gone", "member", "live"] {
-            let session = sessions.open(identity(node), "peer".into(), declared(1));
+            let (session, _asked) = sessions.open(identity(node), "peer".into(), declared(1));
             if node != "live" {
                 sessions.close(&session);
             }
@@ -348,7 +388,8 @@ mod tests {
     fn no_more_than_the_cap_of_forgettable_sessions_is_kept() {
         let sessions = Sessions::default();
         for i in 0..MAX_FORGETTABLE + 10 {
-            let session = sessions.open(identity(&format!("n{i}")), "peer".into(), declared(0));
+            let (session, _asked) =
+                sessions.open(identity(&format!("n{i}")), "peer".into(), declared(0));
             sessions.close(&session);
         }
         let forgotten =
@@ -360,7 +401,7 @@ mod tests {
     #[test]
     fn a_newer_stream_supersedes_the_older_one() {
         let sessions = Sessions::default();
-        let old = sessions.open(identity("node-a"), "old".into(), declared(0));
+        let (old, _asked) = sessions.open(identity("node-a"), "old".into(), declared(0));
         let superseded = old.superseded();
         sessions.open(identity("node-a"), "new".into(), declared(0));
         assert_eq!(superseded.borrow().as_deref(), Some("new"));

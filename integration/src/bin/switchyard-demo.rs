@@ -226,7 +226,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     print!("{controller_view}");
     let agent_view = topology.node().run(|| block_on(agent_state()))??;
     print!("{agent_view}");
-    let objects = topology.node().run(|| block_on(kernel_objects()))??;
+    let endpoint = controller.endpoint();
+    let objects = topology
+        .node()
+        .run(|| block_on(kernel_objects(endpoint)))??;
     print!("{objects}");
     print!("{}", traffic(&topology, args.requests));
 
@@ -235,6 +238,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!(
             "the controller and the agent listen inside the node namespace; for grpcurl:\n  \
              ip netns exec {ns} grpcurl -plaintext {controller} switchyard.v1.ControllerQuery/ListNodes\n  \
+             ip netns exec {ns} grpcurl -plaintext -d '{{\"node_name\":\"{NODE}\"}}' {controller} switchyard.v1.ControllerQuery/GetNodeEffectiveState\n  \
              ip netns exec {ns} grpcurl -plaintext {AGENT_QUERY} switchyard.v1.AgentQuery/GetAgentState\n  \
              ip netns exec {client} curl -s http://{CLUSTER_IP}/\n\
              edit a file in {examples} or {demo} and the agent follows within a second",
@@ -527,17 +531,21 @@ async fn agent_state() -> anyhow::Result<String> {
 
 /// The demo Service's kernel objects, as the agent reads them back (iptables rules,
 /// IPVS virtual services and set elements, …): `GetAgentState` with kernel objects.
-async fn kernel_objects() -> anyhow::Result<String> {
-    let mut query = AgentQueryClient::connect(format!("http://{AGENT_QUERY}")).await?;
+async fn kernel_objects(controller: String) -> anyhow::Result<String> {
+    // Asked of the controller, which relays the question to the agent over its stream.
+    let mut query = ControllerQueryClient::connect(controller).await?;
     let state = query
-        .get_agent_state(v1::GetAgentStateRequest {
+        .get_node_effective_state(v1::GetNodeEffectiveStateRequest {
+            node_name: NODE.into(),
             include_kernel_objects: true,
+            page_size: 5000,
+            page_token: String::new(),
         })
         .await?
         .into_inner();
     let name = format!("{SERVICE_NS}/{SERVICE}");
     let mut out = format!(
-        "\n=== The kernel objects of {name}, read back by the {} agent ===\n",
+        "\n=== Controller: ControllerQuery/GetNodeEffectiveState {NODE}: the kernel objects of {name}, read back by the {} agent ===\n",
         dataplane(state.dataplane)
     );
     let objects = state
