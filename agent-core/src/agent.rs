@@ -80,6 +80,11 @@ pub struct AgentArgs {
     /// Log line format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// OTLP/gRPC endpoint for trace export (e.g. http://otel-collector:4317): each
+    /// change the controller traces gets this agent's apply and kernel spans. None: no
+    /// export.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
 }
 
 impl AgentArgs {
@@ -349,6 +354,8 @@ pub async fn run_with<D: Dataplane>(
             .to_string_lossy()
             .into_owned(),
     };
+    let _traces = crate::telemetry::init(args.otlp_endpoint.as_deref(), &node_name)
+        .context("setting up trace export (--otlp-endpoint)")?;
     let state_dir = args
         .state_dir
         .unwrap_or_else(|| default_state_dir(state_name));

@@ -43,7 +43,7 @@ use tonic::{
     transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
 };
 
-use crate::{cache::convert, dataplane::Dataplane, engine::Engine};
+use crate::{cache::convert, dataplane::Dataplane, engine::Engine, telemetry};
 
 /// Why one stream ended. Always retryable: the client backs off and reconnects.
 #[derive(Debug, thiserror::Error)]
@@ -361,6 +361,7 @@ pub(crate) async fn handle_response<D: Dataplane>(
             }
         }
     }
+    let mut kernel = None;
     let (applied, duration) = match engine
         .apply_delta(upserts, response.removed_resources.clone())
         .await
@@ -376,6 +377,7 @@ pub(crate) async fn handle_response<D: Dataplane>(
             if let Some(kernel_done) = report.kernel_done {
                 let latency = Latency::of(&response, received, kernel_done);
                 latency.record(&engine.metrics, report.duration);
+                kernel = Some((kernel_done, report.duration));
             }
             (report.applied, report.duration)
         }
@@ -399,6 +401,15 @@ pub(crate) async fn handle_response<D: Dataplane>(
         tracing::debug!(nonce = %response.nonce, applied, "ACK");
     } else {
         tracing::warn!(nonce = %response.nonce, rejected = errors.len(), "NACK");
+    }
+    if let Some(parent) = telemetry::parent(&response) {
+        let applied = telemetry::Applied {
+            received,
+            kernel,
+            resources: applied,
+            rejected: errors.len(),
+        };
+        telemetry::apply_spans(&parent, applied);
     }
     NodeStateRequest {
         response_nonce: response.nonce,

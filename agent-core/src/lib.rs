@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod netfilter;
 pub mod query;
 pub mod switch;
+pub mod telemetry;
 pub mod testing;
 
 pub use agent::{Agent, AgentArgs, AgentOptions, LogFormat, desired_from_controller, run};

@@ -60,7 +60,7 @@ impl FakeStream {
             node_being_deleted: false,
             dataplane: 0,
             sent_time: Some(std::time::SystemTime::now().into()),
-            effective_state_query: None,
+            ..Default::default()
         };
         self.responses
             .send(Ok(response))

@@ -14,6 +14,11 @@ use std::{
 };
 
 use bytes::Bytes;
+use opentelemetry::{
+    Context, KeyValue,
+    global::{BoxedSpan, BoxedTracer},
+    trace::{Span as _, SpanContext, SpanKind, TraceContextExt as _, Tracer as _},
+};
 // Seeded and several times faster than SipHash on short keys such as resource names:
 // these maps are hit once per node and Service during a sync.
 use foldhash::{HashMap, HashSet, HashSetExt};
@@ -129,6 +134,8 @@ pub struct ChangeRecord {
     pub services: HashSet<Arc<str>>,
     pub nodes: HashSet<String>,
     pub trigger_time: Option<SystemTime>,
+    /// The change's trace span (`switchyard.change`), when traces are exported.
+    pub trace: Option<SpanContext>,
 }
 
 /// What changed between a stream's last generation and the current one.
@@ -138,9 +145,13 @@ pub enum Changes {
     Services {
         services: HashSet<Arc<str>>,
         trigger_time: Option<SystemTime>,
+        trace: Option<SpanContext>,
     },
     /// Anything may differ: the node itself changed, or the stream is too far behind.
-    All { trigger_time: Option<SystemTime> },
+    All {
+        trigger_time: Option<SystemTime>,
+        trace: Option<SpanContext>,
+    },
 }
 
 /// The desired state of every node at one point in time.
@@ -225,23 +236,36 @@ impl Generation {
             return Changes::Services {
                 services: HashSet::new(),
                 trigger_time: None,
+                trace: None,
             };
         }
         let covered = self.recent.front().is_some_and(|r| r.seq <= seq + 1);
         let newer = self.recent.iter().filter(|r| r.seq > seq);
         let trigger_time = newer.clone().filter_map(|r| r.trigger_time).min();
+        // The earliest traced change: the one the node has waited for longest.
+        let trace = newer.clone().find_map(|r| r.trace.clone());
         if !covered || seq == 0 || newer.clone().any(|r| r.nodes.contains(node)) {
-            return Changes::All { trigger_time };
+            return Changes::All {
+                trigger_time,
+                trace,
+            };
         }
         let services = newer.flat_map(|r| r.services.iter().cloned()).collect();
         Changes::Services {
             services,
             trigger_time,
+            trace,
         }
     }
 
-    /// The next generation after `touched` changed the snapshot.
-    fn next(&self, snapshot: &ClusterSnapshot, touched: Touched) -> Self {
+    /// The next generation after `touched` changed the snapshot; `trace` is the
+    /// change's span, if traced.
+    fn next(
+        &self,
+        snapshot: &ClusterSnapshot,
+        touched: Touched,
+        trace: Option<SpanContext>,
+    ) -> Self {
         let mut services = self.services.clone();
         let mut touched_names = HashSet::with_capacity(touched.services.len());
         for key in &touched.services {
@@ -275,6 +299,7 @@ impl Generation {
             services: touched_names,
             nodes: touched.nodes.into_iter().collect(),
             trigger_time: touched.trigger_time,
+            trace,
         }));
         Self {
             seq,
@@ -328,8 +353,10 @@ impl Hub {
 
     /// Runs until every source has dropped its sender.
     pub async fn run(mut self) {
+        let tracer = opentelemetry::global::tracer("switchyard-controller");
         let mut batch = Vec::new();
         while self.updates.recv_many(&mut batch, 4096).await > 0 {
+            let received = SystemTime::now();
             let synced = batch.iter().any(|u| matches!(u, StoreUpdate::Synced));
             let touched = self.store.apply(batch.drain(..));
             if touched.is_empty() {
@@ -338,17 +365,73 @@ impl Hub {
                 }
                 continue;
             }
-            let next = self.publish.borrow().next(self.store.snapshot(), touched);
+            let change = ChangeSpan::start(&tracer, &touched, received);
+            let next = self.publish.borrow().next(
+                self.store.snapshot(),
+                touched,
+                change.as_ref().map(ChangeSpan::context),
+            );
             tracing::debug!(
                 generation = next.seq,
                 services = next.services.len(),
                 "published"
             );
+            if let Some(change) = change {
+                change.published(&tracer, received, next.seq);
+            }
             self.publish.send_replace(Arc::new(next));
             if synced {
                 self.ready.send_replace(true);
             }
         }
+    }
+}
+
+/// The root span of one traced change, `switchyard.change`: from the change's trigger
+/// (the API event or manifest edit; the hub's receipt when unknown) to the generation
+/// holding it. Each node's `switchyard.node_update` joins it as a child, and the agent's
+/// spans join those.
+struct ChangeSpan {
+    span: BoxedSpan,
+}
+
+impl ChangeSpan {
+    /// `None` when no trace exporter is installed (the global tracer is a no-op).
+    fn start(tracer: &BoxedTracer, touched: &Touched, received: SystemTime) -> Option<Self> {
+        let start = touched
+            .trigger_time
+            .filter(|t| *t <= received)
+            .unwrap_or(received);
+        let span = tracer
+            .span_builder("switchyard.change")
+            .with_kind(SpanKind::Internal)
+            .with_start_time(start)
+            .with_attributes([
+                KeyValue::new("switchyard.services", touched.services.len() as i64),
+                KeyValue::new("switchyard.nodes", touched.nodes.len() as i64),
+                KeyValue::new("switchyard.trigger_known", touched.trigger_time.is_some()),
+            ])
+            .start(tracer);
+        span.span_context().is_valid().then_some(Self { span })
+    }
+
+    fn context(&self) -> SpanContext {
+        self.span.span_context().clone()
+    }
+
+    /// Records `switchyard.snapshot` (receipt → generation built) and ends the change.
+    fn published(mut self, tracer: &BoxedTracer, received: SystemTime, seq: u64) {
+        let parent = Context::new().with_remote_span_context(self.context());
+        let mut snapshot = tracer
+            .span_builder("switchyard.snapshot")
+            .with_start_time(received)
+            .with_attributes([KeyValue::new("switchyard.generation", seq as i64)])
+            .start_with_context(tracer, &parent);
+        let now = SystemTime::now();
+        snapshot.end_with_timestamp(now);
+        self.span
+            .set_attribute(KeyValue::new("switchyard.generation", seq as i64));
+        self.span.end_with_timestamp(now);
     }
 }
 
@@ -420,7 +503,7 @@ mod tests {
             objects,
             at: UNIX_EPOCH,
         }]);
-        previous.next(store.snapshot(), touched)
+        previous.next(store.snapshot(), touched, None)
     }
 
     fn cluster_ips(generation: &Generation, node: &str) -> Vec<String> {
@@ -500,14 +583,16 @@ mod tests {
             g2.changes_since(1, "node-a"),
             Changes::Services {
                 services: HashSet::from_iter([key]),
-                trigger_time: Some(UNIX_EPOCH)
+                trigger_time: Some(UNIX_EPOCH),
+                trace: None,
             }
         );
         assert_eq!(
             g2.changes_since(2, "node-a"),
             Changes::Services {
                 services: HashSet::new(),
-                trigger_time: None
+                trigger_time: None,
+                trace: None,
             }
         );
         assert!(

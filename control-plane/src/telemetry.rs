@@ -1,5 +1,7 @@
 //! Logging and tracing setup: `tracing` to stderr (text or JSON), plus OpenTelemetry
-//! export over OTLP/gRPC when an endpoint is configured.
+//! export over OTLP/gRPC when an endpoint is configured: then each change is traced
+//! (`switchyard.change` → `snapshot`, and per node `node_update` → `compute`, continued
+//! by the agent's spans) and the global tracer provider exports it.
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{SpanExporter, WithExportConfig};
@@ -16,6 +18,17 @@ pub enum LogFormat {
 /// Keeps the exporter alive; flushes pending spans on drop.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports every span ended so far now, rather than at the next batch.
+    pub fn flush(&self) {
+        if let Some(provider) = &self.provider
+            && let Err(error) = provider.force_flush()
+        {
+            tracing::warn!(%error, "exporting OpenTelemetry spans failed");
+        }
+    }
 }
 
 impl Drop for Telemetry {
@@ -62,6 +75,10 @@ pub fn init(
         }
         None => None,
     };
+    if let Some(provider) = &provider {
+        // The spans of each change (hub, node streams) come from the global tracer.
+        opentelemetry::global::set_tracer_provider(provider.clone());
+    }
     let otel = provider
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer(service)));

@@ -34,6 +34,13 @@ use std::{
 };
 
 use futures::Stream;
+use opentelemetry::{
+    Context, KeyValue,
+    global::BoxedSpan,
+    propagation::TextMapPropagator as _,
+    trace::{self, Span as _, SpanContext, SpanKind, TraceContextExt as _, Tracer as _},
+};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
 use switchyard_proto::{
     encoded::{EncodedNodeStateResponse, node_state_discovery_server::NodeStateDiscovery},
     names::{self, escape_bounded, quote_bounded},
@@ -293,6 +300,67 @@ struct InFlight {
     removals: Vec<Arc<str>>,
     /// The earliest change it carries, for the time from change to ACK.
     trigger_time: Option<SystemTime>,
+    /// Its span when the change is traced; ends with the answer.
+    span: Option<NodeUpdateSpan>,
+}
+
+/// `switchyard.node_update`: one response to one node, from the start of its
+/// computation to the agent's answer, a child of the change's `switchyard.change`.
+/// Its first child, `switchyard.compute`, is the per-node diff and encoding; the agent's
+/// spans join it through the response's `trace_context`.
+#[derive(Debug)]
+struct NodeUpdateSpan {
+    span: BoxedSpan,
+}
+
+impl NodeUpdateSpan {
+    fn start(
+        change: SpanContext,
+        node: &str,
+        nonce: &str,
+        upserts: usize,
+        removals: usize,
+        computing_since: std::time::Instant,
+    ) -> Self {
+        let tracer = opentelemetry::global::tracer("switchyard-controller");
+        let started = SystemTime::now() - computing_since.elapsed();
+        let parent = Context::new().with_remote_span_context(change);
+        let span = tracer
+            .span_builder("switchyard.node_update")
+            .with_kind(SpanKind::Producer)
+            .with_start_time(started)
+            .with_attributes([
+                KeyValue::new("switchyard.node", node.to_owned()),
+                KeyValue::new("switchyard.nonce", nonce.to_owned()),
+                KeyValue::new("switchyard.upserts", upserts as i64),
+                KeyValue::new("switchyard.removals", removals as i64),
+            ])
+            .start_with_context(&tracer, &parent);
+        let parent = Context::new().with_remote_span_context(span.span_context().clone());
+        tracer
+            .span_builder("switchyard.compute")
+            .with_start_time(started)
+            .start_with_context(&tracer, &parent)
+            .end();
+        Self { span }
+    }
+
+    /// The W3C Trace Context headers that make the agent's spans its children.
+    fn propagation(&self) -> HashMap<String, String> {
+        let mut headers = HashMap::new();
+        let cx = Context::new().with_remote_span_context(self.span.span_context().clone());
+        TraceContextPropagator::new().inject_context(&cx, &mut headers);
+        headers
+    }
+
+    fn answered(mut self, rejected: usize) {
+        self.span
+            .set_attribute(KeyValue::new("switchyard.rejected", rejected as i64));
+        if rejected > 0 {
+            self.span.set_status(trace::Status::error("NACK"));
+        }
+        self.span.end();
+    }
 }
 
 struct NodeStream {
@@ -342,6 +410,8 @@ struct Backlog {
     removals: BTreeSet<Arc<str>>,
     /// The earliest change the backlog carries.
     trigger_time: Option<SystemTime>,
+    /// The span of the earliest traced change it carries.
+    trace: Option<SpanContext>,
 }
 
 impl Backlog {
@@ -445,25 +515,32 @@ impl NodeStream {
         let changes = generation.changes_since(self.seen, &self.session.node);
         self.seen = generation.seq;
         let backlog = &mut self.backlog;
-        let trigger_time = match changes {
+        let (trigger_time, trace) = match changes {
             Changes::Services {
                 services,
                 trigger_time,
+                trace,
             } => {
                 backlog.names.extend(services);
-                trigger_time
+                (trigger_time, trace)
             }
-            Changes::All { trigger_time } => {
+            Changes::All {
+                trigger_time,
+                trace,
+            } => {
                 backlog.full_pass = Some((generation.sorted_names(), 0));
                 // Whatever the node holds that the cluster no longer has must go too.
                 let protocol = self.session.protocol();
                 let gone = protocol.acked.keys().filter(|n| !generation.contains(n));
                 backlog.names.extend(gone.cloned());
-                trigger_time
+                (trigger_time, trace)
             }
         };
         if let Some(t) = trigger_time {
             backlog.trigger_time = Some(backlog.trigger_time.map_or(t, |b| b.min(t)));
+        }
+        if backlog.trace.is_none() {
+            backlog.trace = trace;
         }
     }
 
@@ -526,10 +603,10 @@ impl NodeStream {
         drop(protocol);
         self.node_facts = facts;
 
-        let trigger_time = if backlog.upserts_done() && backlog.removals.is_empty() {
-            backlog.trigger_time.take()
+        let (trigger_time, trace) = if backlog.upserts_done() && backlog.removals.is_empty() {
+            (backlog.trigger_time.take(), backlog.trace.take())
         } else {
-            backlog.trigger_time
+            (backlog.trigger_time, backlog.trace.clone())
         };
         let by_name = |a: &Arc<EncodedResource>, b: &Arc<EncodedResource>| a.name.cmp(&b.name);
         added.sort_by(by_name);
@@ -542,6 +619,16 @@ impl NodeStream {
             protocol.resources_sent += upserts.len() as u64;
             protocol.removals_sent += removals.len() as u64;
         }
+        let span = trace.map(|change| {
+            NodeUpdateSpan::start(
+                change,
+                &self.session.node,
+                &nonce,
+                upserts.len(),
+                removals.len(),
+                started,
+            )
+        });
         let response = EncodedNodeStateResponse {
             system_version: generation.seq.to_string(),
             resources: upserts.iter().map(|r| r.bytes.clone()).collect(),
@@ -553,6 +640,10 @@ impl NodeStream {
             // Built the instant before it is queued for the agent.
             sent_time: Some(SystemTime::now().into()),
             effective_state_query: None,
+            trace_context: span
+                .as_ref()
+                .map(NodeUpdateSpan::propagation)
+                .unwrap_or_default(),
         };
         self.metrics.sent(Sent {
             resources: upserts.len(),
@@ -569,6 +660,7 @@ impl NodeStream {
                 .collect(),
             removals,
             trigger_time,
+            span,
         });
         Some(response)
     }
@@ -631,6 +723,9 @@ impl NodeStream {
         let answer = read_answer(&sent, &request.errors);
         let rejected = &answer.rejected;
         self.metrics.answered(!rejected.is_empty());
+        if let Some(span) = in_flight.span {
+            span.answered(rejected.len());
+        }
         if let Some(since) = in_flight
             .trigger_time
             .and_then(|t| SystemTime::now().duration_since(t).ok())
