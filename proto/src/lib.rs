@@ -28,3 +28,11 @@ pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/switchyard_descriptor.bin"));
 
 pub use state::{format_version, parse_version, resource_version, version_hash};
+
+/// Trailer a controller replica sets (value [`RECONNECT_ELSEWHERE`]) on the
+/// `UNAVAILABLE` status that ends an agent's stream to move it to another replica
+/// (load balancing across replicas): the agent reconnects at once to another controller
+/// of its list, resuming with the versions it holds.
+pub const RECONNECT_METADATA: &str = "switchyard-reconnect";
+/// The value of [`RECONNECT_METADATA`].
+pub const RECONNECT_ELSEWHERE: &str = "elsewhere";
