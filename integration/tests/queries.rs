@@ -241,3 +241,56 @@ async fn agent_streams_keep_flowing_while_a_heavy_query_runs() {
         "the change took {latency:?} while the query took {query_took:?}"
     );
 }
+
+/// `ListNodes` answers a node that holds exactly the desired state from what its stream
+/// keeps (no pass over the node's Services); what it says must be what the full
+/// computation of `GetNodeState` says, in sync and after a change is acknowledged.
+#[tokio::test]
+async fn list_nodes_says_of_an_in_sync_node_what_the_full_computation_says() {
+    let controller = TestController::start().await.unwrap();
+    let mut objects = fixtures::cluster(3, 300, 3);
+    controller.replace("cluster", objects.clone()).await;
+    let mut agent = SimAgent::connect(&controller.endpoint(), "node-0001", HashMap::new())
+        .await
+        .unwrap();
+    let mut acked = 0;
+    while acked < 300 {
+        acked += agent.sync(WAIT).await.unwrap().resources.len();
+    }
+    let query = query(&controller).await;
+    let compare = |mut query: ControllerQueryClient<Channel>| async move {
+        let listed = query
+            .list_nodes(v1::ListNodesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .nodes
+            .into_iter()
+            .find(|n| n.node_name == "node-0001")
+            .unwrap();
+        let full = query
+            .get_node_state(v1::GetNodeStateRequest {
+                node_name: "node-0001".into(),
+                page_size: 1,
+                page_token: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap();
+        assert_eq!(listed, full);
+        assert_eq!(listed.pending_changes, 0);
+        assert_eq!(listed.desired_version, listed.acked_version);
+        listed
+    };
+    let before = compare(query.clone()).await;
+
+    // One Service removed and one endpoint moved: acknowledged, then listed alike.
+    objects.retain(|o| !matches!(o, Object::Service(s) if s.key.name == "svc-00007"));
+    controller.replace("cluster", objects).await;
+    agent.sync(WAIT).await.unwrap();
+    let after = compare(query.clone()).await;
+    assert_ne!(after.desired_version, before.desired_version);
+    assert_eq!(after.services, 299);
+}

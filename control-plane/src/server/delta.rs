@@ -588,6 +588,8 @@ impl NodeStream {
                 .map_or(v1::Dataplane::Unspecified, |d| d.to_wire()),
         };
         self.session.set_dataplane_wanted(facts.dataplane);
+        protocol.pending = backlog.len() + added.len() + modified.len() + removals.len();
+        protocol.generation = generation.seq;
         if added.is_empty() && modified.is_empty() && removals.is_empty() {
             if protocol.nacked.is_empty() {
                 protocol.out_of_sync_since = None;
@@ -738,15 +740,16 @@ impl NodeStream {
                 protocol.nacked.insert(name, version);
             } else {
                 protocol.nacked.remove(&name);
-                protocol.acked.insert(name, version);
+                protocol.ack(name, version);
             }
         }
         for name in in_flight.removals {
             if !rejected.contains(&*name) {
                 protocol.nacked.remove(&name);
-                protocol.acked.remove(&name);
+                protocol.unack(&name);
             }
         }
+        protocol.pending = self.backlog.len();
         if rejected.is_empty() {
             tracing::debug!(%node, nonce = %in_flight.nonce, "ACK");
         } else {

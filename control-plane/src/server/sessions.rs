@@ -18,7 +18,6 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use sha2::{Digest, Sha256};
 use switchyard_proto::{format_version, v1};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -58,8 +57,15 @@ pub struct Nack {
 #[derive(Debug, Default)]
 pub struct NodeProtocol {
     /// Resource name → version the agent holds, as acknowledged (or declared on connect).
-    /// Emptied when the stream closes.
+    /// Emptied when the stream closes. Changed through [`NodeProtocol::ack`] and
+    /// [`NodeProtocol::unack`], which keep `acked_hash` with it.
     pub acked: foldhash::HashMap<Arc<str>, u64>,
+    /// [`StateHash`] of `acked`.
+    pub acked_hash: StateHash,
+    /// Services queued for the node or in flight to it, as its stream last counted them.
+    pub pending: usize,
+    /// The generation whose changes the stream last took in (with `pending`).
+    pub generation: u64,
     /// Versions the agent rejected; not resent until the desired version moves on.
     /// Emptied when the stream closes.
     pub nacked: foldhash::HashMap<Arc<str>, u64>,
@@ -73,6 +79,23 @@ pub struct NodeProtocol {
     pub closed: Option<Closed>,
 }
 
+impl NodeProtocol {
+    /// Records that the agent holds `version` of `name`.
+    pub fn ack(&mut self, name: Arc<str>, version: u64) {
+        self.acked_hash.add(&name, version);
+        if let Some(old) = self.acked.insert(name.clone(), version) {
+            self.acked_hash.remove(&name, old);
+        }
+    }
+
+    /// Records that the agent no longer holds `name`.
+    pub fn unack(&mut self, name: &str) {
+        if let Some(old) = self.acked.remove(name) {
+            self.acked_hash.remove(name, old);
+        }
+    }
+}
+
 /// What a closed stream leaves behind.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Closed {
@@ -82,31 +105,39 @@ pub struct Closed {
     pub acked_resources: usize,
 }
 
-/// A version for a whole set of resources: hash of the sorted `name=version` lines.
+/// A version for a whole set of resources: [`StateHash`] of its `name`/`version` pairs.
 pub fn state_version<'a>(resources: impl IntoIterator<Item = (&'a str, u64)>) -> String {
-    let mut pairs: Vec<_> = resources.into_iter().collect();
-    pairs.sort_unstable();
-    let mut hash = StateHasher::default();
-    for (name, version) in pairs {
+    let mut hash = StateHash::default();
+    for (name, version) in resources {
         hash.add(name, version);
     }
-    hash.finish()
+    hash.version()
 }
 
-/// [`state_version`] over pairs that already come in name order, without collecting them.
-#[derive(Default)]
-pub struct StateHasher(Sha256);
+/// The version of a set of resources that follows each change in O(1): the wrapping sum
+/// of a hash of every `name`/`version` pair, so adding or removing a resource is one
+/// addition or subtraction, the order does not matter, and equal sets give equal
+/// versions in every replica (fixed seed). What the query API shows as `desired_version`
+/// and `acked_version`; a stream keeps its node's acknowledged one up to date.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StateHash(u64);
 
-impl StateHasher {
-    pub fn add(&mut self, name: &str, version: u64) {
-        self.0.update(format!("{name}={version:016x}\n"));
+impl StateHash {
+    fn term(name: &str, version: u64) -> u64 {
+        use std::hash::BuildHasher;
+        foldhash::quality::FixedState::with_seed(0x7377_7974_6172_6473).hash_one((name, version))
     }
 
-    pub fn finish(self) -> String {
-        let digest = self.0.finalize();
-        format_version(u64::from_be_bytes(
-            digest[..8].try_into().expect("32-byte digest"),
-        ))
+    pub fn add(&mut self, name: &str, version: u64) {
+        self.0 = self.0.wrapping_add(Self::term(name, version));
+    }
+
+    pub fn remove(&mut self, name: &str, version: u64) {
+        self.0 = self.0.wrapping_sub(Self::term(name, version));
+    }
+
+    pub fn version(&self) -> String {
+        format_version(self.0)
     }
 }
 
@@ -231,6 +262,12 @@ impl Sessions {
             connected_since: SystemTime::now(),
             connected: AtomicBool::new(true),
             protocol: Mutex::new(NodeProtocol {
+                acked_hash: acked
+                    .iter()
+                    .fold(StateHash::default(), |mut hash, (name, version)| {
+                        hash.add(name, *version);
+                        hash
+                    }),
                 acked,
                 ..Default::default()
             }),
@@ -251,14 +288,16 @@ impl Sessions {
     /// summary for the query API until the node reconnects.
     pub fn close(&self, session: &Session) {
         let mut protocol = session.protocol();
-        let acked_version = state_version(protocol.acked.iter().map(|(n, v)| (&**n, *v)));
+        let acked_version = protocol.acked_hash.version();
         protocol.closed = Some(Closed {
             at: SystemTime::now(),
             acked_version,
             acked_resources: protocol.acked.len(),
         });
         protocol.acked = Default::default();
+        protocol.acked_hash = StateHash::default();
         protocol.nacked = Default::default();
+        protocol.pending = 0;
         session.connected.store(false, Ordering::Release);
     }
 

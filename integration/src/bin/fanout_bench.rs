@@ -182,6 +182,44 @@ async fn agent(
     Ok(())
 }
 
+/// Times `ListNodes` over every page (500 nodes each) with every agent in sync, three
+/// times, and checks it lists them all.
+async fn list_nodes(endpoint: &str, agents: usize) -> anyhow::Result<()> {
+    let mut query =
+        v1::controller_query_client::ControllerQueryClient::connect(endpoint.to_owned())
+            .await?
+            .max_decoding_message_size(64 << 20);
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let (mut listed, mut page_token) = (0, String::new());
+        loop {
+            let page = query
+                .list_nodes(v1::ListNodesRequest {
+                    page_size: 500,
+                    page_token,
+                })
+                .await?
+                .into_inner();
+            listed += page.nodes.iter().filter(|n| n.connected).count();
+            page_token = page.next_page_token;
+            if page_token.is_empty() {
+                break;
+            }
+        }
+        times.push(started.elapsed());
+        if listed != agents {
+            bail!("ListNodes listed {listed} connected nodes, not {agents}");
+        }
+    }
+    times.sort();
+    println!(
+        "ListNodes, all {agents} nodes in pages of 500: median {:.1?} (of 3; min {:.1?})",
+        times[1], times[0]
+    );
+    Ok(())
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -288,6 +326,7 @@ async fn driver(args: Args) -> anyhow::Result<()> {
         args.changes
     );
     println!("bytes per node per change (gRPC payload): {mean_bytes:.0} B");
+    list_nodes(&format!("http://{address}"), args.agents).await?;
     writeln!(to_child, "rss")?;
     let rss = lines.recv().await.context("controller exited")?;
     let mut fields = rss.split_whitespace().skip(1);
