@@ -2,8 +2,9 @@
 # Runs every switchyard test: formatting, lints, the Rust unit and integration tests
 # (including real packets through iptables rules in network namespaces, so it runs as
 # root), the quick side-by-side comparison (scripts/compare.sh --quick: its conformance
-# matrix must hold), and the Python reflection-client checks against the real controller
-# binary.
+# matrix must hold), the Python reflection-client checks against the real controller
+# binary, and the deploy checks (every kustomization rendered and validated offline
+# against the Kubernetes schemas, flags against the binaries' --help, the Containerfile).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 cd "$SWITCHYARD_ROOT"
@@ -18,6 +19,8 @@ ensure_debian_packages iproute2 iptables nftables conntrack socat user-mode-linu
 ensure_debian_packages clang libbpf-dev linux-libc-dev
 ensure_rust
 ensure_python_clients
+# `kubectl kustomize` renders deploy/kubernetes for the deploy tests (Rust and Python).
+ensure_kubectl
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -27,7 +30,8 @@ log "cargo test"
 cargo test --locked --workspace
 log "side by side, quick: the conformance matrix across iptables, IPVS and eBPF must hold (timings only reported)"
 "$SWITCHYARD_ROOT/scripts/compare.sh" --quick --out "$SWITCHYARD_CACHE/compare-quick"
-log "reflection clients (Python grpcio) against the controller binary"
+log "Python: reflection clients (grpcio) against the controller binary; the deploy manifests and Containerfile"
 SWITCHYARD_CONTROLLER="$CARGO_TARGET_DIR/debug/switchyard-controller" \
+SWITCHYARD_AGENT="$CARGO_TARGET_DIR/debug/switchyard-agent" \
 SWITCHYARD_EXAMPLES="$SWITCHYARD_ROOT/deploy/examples" \
   "$VENV/bin/python" -m pytest -q -p no:cacheprovider integration/python

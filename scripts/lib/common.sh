@@ -33,10 +33,18 @@ ensure_rust() {
   fi
 }
 
+# kubectl, to render the kustomize base and overlays in deploy/kubernetes: Debian's
+# kubernetes-client (kubectl 1.20, kustomize v2.0.3) only when none is on PATH.
+ensure_kubectl() {
+  command -v kubectl >/dev/null || ensure_debian_packages kubernetes-client
+}
+
 # Python test clients in a venv of their own, reinstalled only when the list changes.
 ensure_python_clients() {
   ensure_debian_packages python3 python3-venv
-  local wanted="grpcio==1.85.1 grpcio-reflection==1.85.1 protobuf pytest==9.2.0"
+  # kubernetes-validate ships the Kubernetes OpenAPI schemas: the deploy manifests are
+  # validated offline against them (integration/python/test_deploy.py).
+  local wanted="grpcio==1.85.1 grpcio-reflection==1.85.1 protobuf pytest==9.2.0 kubernetes-validate==1.37.0"
   if [[ ! -x "$VENV/bin/python" || "$(cat "$VENV/.wanted" 2>/dev/null)" != "$wanted" ]]; then
     log "installing Python test clients into $VENV"
     python3 -m venv "$VENV"
