@@ -20,7 +20,9 @@ use tokio::net::TcpListener;
 
 use crate::{
     cache::CacheFile,
-    client::{self, ClientConfig, ClientTls, dataplane_name},
+    client::{
+        self, ClientConfig, ClientTls, ControllerOrder, CurrentController, Rotation, dataplane_name,
+    },
     dataplane::{Dataplane, DataplaneError, Desired},
     drift::Drift,
     engine::Engine,
@@ -42,9 +44,17 @@ pub enum LogFormat {
 /// The flags every agent shares; `#[command(flatten)]` them into the binary's own.
 #[derive(Args, Clone, Debug)]
 pub struct AgentArgs {
-    /// The controller's gRPC address; https:// for TLS (then --ca is needed).
-    #[arg(long, default_value = "http://127.0.0.1:9740")]
-    pub controller: String,
+    /// The controllers' gRPC addresses: one, or several replicas, comma-separated or
+    /// repeated (--controller a,b --controller c); https:// for TLS (then --ca is
+    /// needed, and every address must be https://). Tried in a random order; the agent
+    /// moves to the next when one fails, drops its stream or sheds it.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:9740",
+        value_name = "URL"
+    )]
+    pub controller: Vec<String>,
     /// CA certificates (PEM) that sign the controller's certificate (https:// only).
     #[arg(long, value_name = "FILE")]
     pub ca: Option<PathBuf>,
@@ -88,6 +98,19 @@ pub struct AgentArgs {
 }
 
 impl AgentArgs {
+    /// The controller addresses `--controller` lists, trimmed, in the order given.
+    pub fn controllers(&self) -> Vec<String> {
+        client::controller_list(&self.controller.join(","))
+    }
+
+    /// Checks `--controller` against the TLS flags: every address must fit them, and
+    /// all must agree on TLS (all `https://` or none).
+    pub fn check_controllers(&self) -> Result<Vec<String>, client::ClientError> {
+        let controllers = self.controllers();
+        self.tls().check_all(&controllers)?;
+        Ok(controllers)
+    }
+
     /// The TLS files the flags name.
     pub fn tls(&self) -> ClientTls {
         ClientTls {
@@ -101,6 +124,8 @@ impl AgentArgs {
 /// Everything the runtime needs, resolved from [`AgentArgs`].
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
+    /// The controllers' gRPC addresses, comma-separated: one, or several replicas, which
+    /// the client tries in a shuffled order ([`client`]'s rules).
     pub controller: String,
     /// TLS to the controller; empty for a plain `http://` address.
     pub tls: ClientTls,
@@ -120,6 +145,7 @@ pub struct AgentOptions {
 pub struct Agent<D> {
     engine: Arc<Engine<D>>,
     health: Arc<ProxyHealth>,
+    controller: CurrentController,
     query_addr: SocketAddr,
     http_addr: SocketAddr,
     _tasks: Vec<AbortOnDrop>,
@@ -130,6 +156,24 @@ impl<D: Dataplane> Agent<D> {
     /// listeners are bound by the caller.
     pub async fn start(
         options: AgentOptions,
+        dataplane: D,
+        query_listener: TcpListener,
+        http_listener: TcpListener,
+    ) -> std::io::Result<Self> {
+        Self::start_with_order(
+            options,
+            ControllerOrder::Shuffled,
+            dataplane,
+            query_listener,
+            http_listener,
+        )
+        .await
+    }
+
+    /// [`Agent::start`], trying the controllers in `order`.
+    pub(crate) async fn start_with_order(
+        options: AgentOptions,
+        order: ControllerOrder,
         dataplane: D,
         query_listener: TcpListener,
         http_listener: TcpListener,
@@ -148,6 +192,8 @@ impl<D: Dataplane> Agent<D> {
             healthchecks,
         )
         .await;
+        let rotation = Rotation::in_order(client::controller_list(&options.controller), order);
+        let controller = CurrentController::new(rotation.current());
         let mut tasks = vec![
             health::serve(http_listener, health.clone(), metrics),
             query::serve(
@@ -155,18 +201,19 @@ impl<D: Dataplane> Agent<D> {
                 QueryService::new(
                     engine.clone(),
                     options.node_name.clone(),
-                    options.controller.clone(),
+                    controller.clone(),
                 ),
             )
             .await,
             AbortOnDrop(tokio::spawn(client::run(
                 engine.clone(),
                 ClientConfig {
-                    controller: options.controller.clone(),
                     node_name: options.node_name.clone(),
                     agent_version: options.agent_version.clone(),
                     tls: options.tls.clone(),
                 },
+                rotation,
+                controller.clone(),
             ))),
         ];
         if !options.drift_interval.is_zero() {
@@ -202,6 +249,7 @@ impl<D: Dataplane> Agent<D> {
         Ok(Self {
             engine,
             health,
+            controller,
             query_addr,
             http_addr,
             _tasks: tasks,
@@ -221,6 +269,11 @@ impl<D: Dataplane> Agent<D> {
     /// Whether a stream to the controller is up.
     pub fn connected(&self) -> bool {
         self.engine.view().connected
+    }
+
+    /// The controller the agent is connected to now, or tried last.
+    pub fn controller(&self) -> String {
+        self.controller.get()
     }
 
     /// Checks for drift now and repairs it; returns what was found.
@@ -343,10 +396,11 @@ pub async fn run_with<D: Dataplane>(
     state_name: &str,
 ) -> anyhow::Result<()> {
     use anyhow::Context;
+    // Flags that cannot work are refused before anything else.
+    let controllers = args.check_controllers()?;
     init_logging(args.log_format);
     let kind = dataplane.kind();
     let tls = args.tls();
-    tls.check(&args.controller)?;
     let node_name = match args.node_name {
         Some(name) => name,
         None => hostname::get()
@@ -369,7 +423,7 @@ pub async fn run_with<D: Dataplane>(
         .await
         .with_context(|| format!("binding /healthz to {}", args.healthz_listen))?;
     let options = AgentOptions {
-        controller: args.controller,
+        controller: controllers.join(","),
         tls,
         node_name,
         state_dir,
@@ -391,30 +445,62 @@ pub async fn run_with<D: Dataplane>(
     Ok(())
 }
 
-/// What the controller says this node must hold, for a binary's `--dry-run`: asks the
+/// What the controller says this node must hold, for a binary's `--dry-run`: asks a
 /// controller's query API (`GetNodeState`, every page) for `--node-name`'s state, with
-/// the agent's TLS flags (a node certificate may read its own node). Touches nothing.
+/// the agent's TLS flags (a node certificate may read its own node). Tries the
+/// controllers of `--controller` in the order given until one answers. Touches nothing.
 pub async fn desired_from_controller(
     args: &AgentArgs,
 ) -> anyhow::Result<crate::dataplane::Desired> {
     use anyhow::Context;
-    use switchyard_proto::v1::{self, controller_query_client::ControllerQueryClient};
     let node = args
         .node_name
         .clone()
         .context("--dry-run needs --node-name (or NODE_NAME)")?;
+    let controllers = args.check_controllers()?;
     let tls = args.tls();
-    tls.check(&args.controller)?;
-    let channel = client::connect(&args.controller, &tls)
+    let mut failures = Vec::new();
+    for controller in &controllers {
+        match node_state_from(controller, &tls, &node).await {
+            Ok(desired) => return Ok(desired),
+            Err(error) => {
+                tracing::warn!(%controller, error = format!("{error:#}"), "no answer; trying the next controller");
+                failures.push((controller, error));
+            }
+        }
+    }
+    if failures.len() == 1 {
+        let (_, error) = failures.remove(0);
+        return Err(error);
+    }
+    let failures: Vec<String> = failures
+        .iter()
+        .map(|(controller, error)| format!("{controller}: {error:#}"))
+        .collect();
+    anyhow::bail!(
+        "no controller answered for node {node}: {}",
+        failures.join("; ")
+    )
+}
+
+/// Node `node`'s state, every page of it, from the controller at `controller`.
+async fn node_state_from(
+    controller: &str,
+    tls: &ClientTls,
+    node: &str,
+) -> anyhow::Result<crate::dataplane::Desired> {
+    use anyhow::Context;
+    use switchyard_proto::v1::{self, controller_query_client::ControllerQueryClient};
+    let channel = client::connect(controller, tls)
         .await
-        .with_context(|| format!("connecting to the controller at {}", args.controller))?;
+        .with_context(|| format!("connecting to the controller at {controller}"))?;
     let mut query = ControllerQueryClient::new(channel).max_decoding_message_size(16 << 20);
     let mut desired = crate::dataplane::Desired::new();
     let mut page_token = String::new();
     loop {
         let page = query
             .get_node_state(v1::GetNodeStateRequest {
-                node_name: node.clone(),
+                node_name: node.to_owned(),
                 page_size: 0,
                 page_token,
             })
@@ -460,4 +546,119 @@ async fn cleanup<D: Dataplane>(
     }
     tracing::info!(dataplane = dataplane_name(kind), "cleaned up");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::MemoryDataplane;
+
+    #[derive(clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentArgs,
+    }
+
+    fn parse(flags: &[&str]) -> Result<AgentArgs, clap::Error> {
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("agent").chain(flags.iter().copied())).map(|c| c.agent)
+    }
+
+    #[test]
+    fn controller_takes_a_comma_separated_list_repeated_and_defaults_to_the_local_one() {
+        let cases: [(&[&str], &[&str]); 5] = [
+            (&[], &["http://127.0.0.1:9740"]),
+            (&["--controller", "http://a:9740"], &["http://a:9740"]),
+            (
+                &[
+                    "--controller",
+                    "http://a,http://b",
+                    "--controller",
+                    "http://c",
+                ],
+                &["http://a", "http://b", "http://c"],
+            ),
+            (
+                &["--controller=http://a", "--controller=http://b"],
+                &["http://a", "http://b"],
+            ),
+            (
+                &["--controller", "http://a, http://b"],
+                &["http://a", "http://b"],
+            ),
+        ];
+        for (flags, expected) in cases {
+            let args = parse(flags).unwrap();
+            assert_eq!(args.controllers(), expected, "{flags:?}");
+            assert_eq!(args.check_controllers().unwrap(), expected, "{flags:?}");
+        }
+    }
+
+    #[test]
+    fn controllers_that_disagree_on_tls_or_do_not_fit_the_tls_flags_are_refused() {
+        let cases: [(&[&str], Option<&str>); 6] = [
+            (
+                &["--controller", "https://a,https://b", "--ca", "ca.pem"],
+                None,
+            ),
+            (
+                &["--controller", "https://a,http://b", "--ca", "ca.pem"],
+                Some("the controllers disagree on TLS: https://a is https:// but http://b is not"),
+            ),
+            (
+                &["--controller", "http://a", "--controller", "https://b"],
+                Some("disagree on TLS"),
+            ),
+            (
+                &["--controller", "https://a,https://b"],
+                Some("an https:// controller needs --ca"),
+            ),
+            (
+                &["--controller", "http://a,http://b", "--ca", "ca.pem"],
+                Some("need an https:// controller address"),
+            ),
+            (
+                &["--controller", "http://a,,http://b"],
+                Some("an empty controller address"),
+            ),
+        ];
+        for (flags, problem) in cases {
+            let args = parse(flags).unwrap();
+            match (args.check_controllers(), problem) {
+                (Ok(_), None) => {}
+                (Err(error), Some(problem)) => {
+                    assert!(error.to_string().contains(problem), "{flags:?}: {error}")
+                }
+                (result, _) => panic!("{flags:?}: {result:?}"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn an_agent_refuses_to_start_or_dry_run_with_controllers_that_disagree_on_tls() {
+        let args = parse(&[
+            "--controller",
+            "https://a:9740,http://b:9740",
+            "--ca",
+            "ca.pem",
+            "--node-name",
+            "node-a",
+            // Nothing may be bound: the check comes first.
+            "--query-listen",
+            "192.0.2.1:1",
+        ])
+        .unwrap();
+        let error = run(args.clone(), MemoryDataplane::default())
+            .await
+            .unwrap_err();
+        assert!(
+            format!("{error:#}").contains("disagree on TLS"),
+            "{error:#}"
+        );
+        let error = desired_from_controller(&args).await.unwrap_err();
+        assert!(
+            format!("{error:#}").contains("disagree on TLS"),
+            "{error:#}"
+        );
+    }
 }

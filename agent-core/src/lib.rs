@@ -1,11 +1,11 @@
 //! What every switchyard agent shares; the dataplane crates add only kernel code.
 //!
 //! Entry point: [`run`] (or [`Agent::start`]) with an [`AgentArgs`] and a
-//! [`dataplane::Dataplane`] implementation. The runtime streams the node's state from the
-//! controller ([`client`]), keeps the desired cache on disk ([`cache`]), repairs drift
-//! ([`drift`]), serves the local query API ([`query`]), `/healthz`, `/livez` and
-//! `/metrics` ([`health`], [`metrics`]) and the Services' health-check node ports
-//! ([`healthcheck`]).
+//! [`dataplane::Dataplane`] implementation. The runtime streams the node's state from a
+//! controller, failing over between the replicas it lists ([`client`]), keeps the
+//! desired cache on disk ([`cache`]), repairs drift ([`drift`]), serves the local query
+//! API ([`query`]), `/healthz`, `/livez` and `/metrics` ([`health`], [`metrics`]) and the
+//! Services' health-check node ports ([`healthcheck`]).
 #![forbid(unsafe_code)]
 
 pub mod agent;

@@ -40,6 +40,10 @@ pub struct Metrics {
     pub drift_repairs: Counter,
     /// `switchyard_controller_connected`: 1 while a stream to the controller is up.
     pub controller_connected: Gauge,
+    /// `switchyard_controller_switches_total{reason}`: times the agent moved on from a
+    /// controller to the next of its list (the same one when it lists only one), by why:
+    /// [`SwitchReason`].
+    pub controller_switches: Family<Vec<(String, String)>, Counter>,
     /// `switchyard_dataplane_switches_total{to, result}`: live switches tried, by the
     /// dataplane switched to and `switched`, `failed` or `unsupported`.
     pub dataplane_switches: Family<Vec<(String, String)>, Counter>,
@@ -70,6 +74,28 @@ fn stage_histogram() -> Histogram {
         })
         .filter(|b| (0.000_02..=30.0).contains(b));
     Histogram::new(buckets)
+}
+
+/// Why the agent moved on from a controller, as the `reason` label of
+/// `switchyard_controller_switches_total` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SwitchReason {
+    /// A stream that was up ended: the controller closed it, failed or went away.
+    Lost,
+    /// No stream came up: connecting or opening the stream failed, or was refused.
+    ConnectFailed,
+    /// The controller moved the agent to another replica (load shedding).
+    Shed,
+}
+
+impl SwitchReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            SwitchReason::Lost => "lost",
+            SwitchReason::ConnectFailed => "connect_failed",
+            SwitchReason::Shed => "shed",
+        }
+    }
 }
 
 /// The stages of network programming latency, as the `stage` label names them.
@@ -109,6 +135,7 @@ impl Metrics {
         let sync_proxy_rules_last_timestamp = Gauge::<f64, AtomicU64>::default();
         let drift_repairs = Counter::default();
         let controller_connected = Gauge::default();
+        let controller_switches = Family::<Vec<(String, String)>, Counter>::default();
         let dataplane_switches = Family::<Vec<(String, String)>, Counter>::default();
         let dataplane_info = Family::<Vec<(String, String)>, Gauge>::default();
         registry.register(
@@ -147,6 +174,12 @@ impl Metrics {
             controller_connected.clone(),
         );
         registry.register(
+            "controller_switches",
+            "Times the agent moved on from a controller to the next of its list, by reason: \
+             lost, connect_failed, shed",
+            controller_switches.clone(),
+        );
+        registry.register(
             "dataplane_switches",
             "Live dataplane switches tried, by target dataplane and result",
             dataplane_switches.clone(),
@@ -165,6 +198,7 @@ impl Metrics {
             sync_proxy_rules_last_timestamp,
             drift_repairs,
             controller_connected,
+            controller_switches,
             dataplane_switches,
             dataplane_info,
         }
@@ -175,6 +209,13 @@ impl Metrics {
         self.network_programming_stage_duration
             .get_or_create(&vec![("stage".to_string(), stage.name().to_string())])
             .observe(took.as_secs_f64());
+    }
+
+    /// Counts one move from a controller to the next of the list.
+    pub fn controller_switched(&self, reason: SwitchReason) {
+        self.controller_switches
+            .get_or_create(&vec![("reason".to_string(), reason.name().to_string())])
+            .inc();
     }
 
     /// Marks `dataplane` as the one in force.
@@ -203,6 +244,7 @@ mod tests {
         metrics.drift_repairs.inc();
         metrics.sync_proxy_rules_duration.observe(0.01);
         metrics.observe_stage(Stage::Kernel, std::time::Duration::from_micros(300));
+        metrics.controller_switched(SwitchReason::Shed);
         let text = metrics.encode();
         for name in [
             "switchyard_sync_proxy_rules_duration_seconds_bucket",
@@ -212,6 +254,7 @@ mod tests {
             "switchyard_drift_repairs_total 1",
             "switchyard_network_programming_stage_duration_seconds_count{stage=\"kernel\"} 1",
             "switchyard_controller_connected 0",
+            "switchyard_controller_switches_total{reason=\"shed\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }

@@ -14,6 +14,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 use crate::{
+    client::CurrentController,
     dataplane::{Dataplane, Programmed, ProgrammedService},
     drift::Drift,
     engine::{ApplyTiming, Engine},
@@ -24,11 +25,16 @@ use crate::{
 pub struct QueryService<D> {
     engine: Arc<Engine<D>>,
     node_name: String,
-    controller: String,
+    /// The controller the stream client is on now, or tried last.
+    controller: CurrentController,
 }
 
 impl<D: Dataplane> QueryService<D> {
-    pub(crate) fn new(engine: Arc<Engine<D>>, node_name: String, controller: String) -> Self {
+    pub(crate) fn new(
+        engine: Arc<Engine<D>>,
+        node_name: String,
+        controller: CurrentController,
+    ) -> Self {
         Self {
             engine,
             node_name,
@@ -68,7 +74,7 @@ impl<D: Dataplane> v1::agent_query_server::AgentQuery for QueryService<D> {
         Ok(Response::new(v1::GetAgentStateResponse {
             node_name: self.node_name.clone(),
             dataplane: self.engine.kind().into(),
-            controller: self.controller.clone(),
+            controller: self.controller.get(),
             connected: view.connected,
             desired,
             effective,

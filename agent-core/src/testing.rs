@@ -173,6 +173,8 @@ impl Dataplane for MemoryDataplane {
 /// Starts an agent for `node` over a [`MemoryDataplane`] on `kernel`, both listeners on
 /// `127.0.0.1:0`, periodic drift checks and full syncs out of the way (tests trigger
 /// them with [`crate::Agent::repair_drift`] and [`crate::Agent::full_sync`]).
+/// `controller` is one address or several, comma-separated, tried in a shuffled order as
+/// an agent does; [`start_memory_agent_in_order`] keeps the order given.
 pub async fn start_memory_agent(
     controller: String,
     node: &str,
@@ -185,6 +187,28 @@ pub async fn start_memory_agent(
         MemoryDataplane::new(kernel.clone()),
         None,
         state_dir,
+    )
+    .await
+}
+
+/// [`start_memory_agent`] over several controllers tried in the order given, not
+/// shuffled: the test decides which one the agent tries first.
+pub async fn start_memory_agent_in_order(
+    controllers: &[String],
+    node: &str,
+    kernel: &MemoryKernel,
+    state_dir: &std::path::Path,
+) -> crate::Agent<MemoryDataplane> {
+    start(
+        options(
+            controllers.join(","),
+            Default::default(),
+            node,
+            None,
+            state_dir,
+        ),
+        crate::client::ControllerOrder::AsGiven,
+        MemoryDataplane::new(kernel.clone()),
     )
     .await
 }
@@ -237,7 +261,23 @@ pub async fn start_agent_tls<D: Dataplane>(
     policy: Option<crate::switch::DataplanePolicy>,
     state_dir: &std::path::Path,
 ) -> crate::Agent<D> {
-    let options = crate::AgentOptions {
+    start(
+        options(controller, tls, node, policy, state_dir),
+        crate::client::ControllerOrder::Shuffled,
+        dataplane,
+    )
+    .await
+}
+
+/// The options every test agent runs with.
+fn options(
+    controller: String,
+    tls: crate::client::ClientTls,
+    node: &str,
+    policy: Option<crate::switch::DataplanePolicy>,
+    state_dir: &std::path::Path,
+) -> crate::AgentOptions {
+    crate::AgentOptions {
         controller,
         tls,
         node_name: node.into(),
@@ -246,10 +286,18 @@ pub async fn start_agent_tls<D: Dataplane>(
         full_sync_period: std::time::Duration::ZERO,
         agent_version: "test".into(),
         policy,
-    };
+    }
+}
+
+async fn start<D: Dataplane>(
+    options: crate::AgentOptions,
+    order: crate::client::ControllerOrder,
+    dataplane: D,
+) -> crate::Agent<D> {
     let listener = || tokio::net::TcpListener::bind("127.0.0.1:0");
-    crate::Agent::start(
+    crate::Agent::start_with_order(
         options,
+        order,
         dataplane,
         listener().await.expect("bind a loopback port"),
         listener().await.expect("bind a loopback port"),
