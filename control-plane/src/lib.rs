@@ -8,6 +8,7 @@
 
 pub mod compute;
 pub mod convert;
+pub mod coordination;
 pub mod files;
 pub mod hub;
 pub mod model;

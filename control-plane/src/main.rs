@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Parser;
 use switchyard_controller::{
     compute::{ComputeOptions, ProxyNameFilter},
+    coordination,
     hub::Hub,
     server::{
         self, ControllerMetrics, ServerOptions, ServerTls, Sessions, TlsFiles, http, identity,
@@ -66,6 +67,38 @@ struct Args {
     /// unlabelled Services and those labelled "switchyard".
     #[arg(long, value_name = "NAME")]
     proxy_name: Option<String>,
+    /// etcd endpoints (comma-separated): run as one of several replicas, coordinated
+    /// through etcd (session registry, load balancing, a leader). Without: alone.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        env = "SWITCHYARD_ETCD_ENDPOINTS",
+        value_name = "URL"
+    )]
+    etcd_endpoints: Vec<String>,
+    /// CA certificates (PEM) that sign etcd's certificate: connect to etcd over TLS.
+    #[arg(long, value_name = "FILE")]
+    etcd_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for etcd; needs --etcd-key and --etcd-ca.
+    #[arg(long, requires_all = ["etcd_key", "etcd_ca"], value_name = "FILE")]
+    etcd_cert: Option<PathBuf>,
+    /// The private key of --etcd-cert (PEM).
+    #[arg(long, requires = "etcd_cert", value_name = "FILE")]
+    etcd_key: Option<PathBuf>,
+    /// Where in etcd the replicas keep their keys.
+    #[arg(long, default_value = "/switchyard", value_name = "PREFIX")]
+    etcd_prefix: String,
+    /// The replicas' lease: how long a dead replica's sessions stay registered and its
+    /// leadership lasts.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    etcd_lease_ttl: Duration,
+    /// This replica's name among the replicas [default: $POD_NAME, else the host name].
+    #[arg(long, env = "POD_NAME", value_name = "NAME")]
+    replica_name: Option<String>,
+    /// The address agents reach this replica at, as the registry shows it [default:
+    /// --listen].
+    #[arg(long, value_name = "HOST:PORT")]
+    advertise_address: Option<String>,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// OTLP/gRPC endpoint for trace export (e.g. http://otel-collector:4317); none: no export.
@@ -130,12 +163,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         server_options = server_options.with_tls(tls, &args.operator_group);
     }
     let tls_on = server_options.tls.is_some();
+    let coordination = etcd_options(&args)?.map(|etcd| {
+        let coordination = coordination::Coordination::new(etcd.options.replica.clone());
+        server_options.coordination = Some(coordination.clone());
+        (etcd, coordination)
+    });
 
     let (updates, updates_rx) = mpsc::channel(4096);
     let (hub, handle) = Hub::new(options, updates_rx);
     let sessions = Sessions::default();
     let mut metrics = ControllerMetrics::new();
     metrics.watch_problems(handle.problems.clone());
+    let coordination_metrics = metrics.coordination();
     let metrics = Arc::new(metrics);
     server_options.metrics = metrics.clone();
 
@@ -180,6 +219,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     ));
 
+    let (leave_tx, leave) = watch::channel(false);
+    let _coordination = match coordination {
+        Some((etcd, coordination)) => {
+            let etcd = coordination::EtcdOptions {
+                advertise: etcd.advertise.unwrap_or_else(|| address.to_string()),
+                ..etcd.options
+            };
+            Some(AbortOnDrop(tokio::spawn(coordination::run(
+                etcd,
+                coordination,
+                sessions.clone(),
+                handle.generations.clone(),
+                coordination_metrics,
+                leave,
+            ))))
+        }
+        None => None,
+    };
     tracing::info!(%address, tls = tls_on, %http_address, "serving agents and queries");
     let (grpcurl, scheme) = if tls_on {
         (
@@ -209,6 +266,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         signal = &mut signals => signal.context("waiting for SIGINT or SIGTERM")?,
     };
     tracing::info!(signal, "shutting down: closing agent streams");
+    leave_tx.send_replace(true);
     serving_tx.send_replace(false);
     let _ = stop_tx.send(());
     match tokio::time::timeout(SHUTDOWN_GRACE, server).await {
@@ -219,6 +277,53 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+/// The etcd flags, resolved; `None` without `--etcd-endpoints`.
+struct Etcd {
+    options: coordination::EtcdOptions,
+    /// `--advertise-address`; the listen address when not given.
+    advertise: Option<String>,
+}
+
+fn etcd_options(args: &Args) -> anyhow::Result<Option<Etcd>> {
+    let endpoints: Vec<String> = args
+        .etcd_endpoints
+        .iter()
+        .map(|e| e.trim().to_owned())
+        .filter(|e| !e.is_empty())
+        .collect();
+    if endpoints.is_empty() {
+        return Ok(None);
+    }
+    let replica = match &args.replica_name {
+        Some(name) => name.clone(),
+        None => hostname::get()
+            .context("reading the host name (set --replica-name or POD_NAME)")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    switchyard_proto::names::dns1123_subdomain(&replica)
+        .map_err(|reason| anyhow::anyhow!("--replica-name {replica:?} {reason}"))?;
+    if args.etcd_lease_ttl < Duration::from_secs(2) {
+        anyhow::bail!("--etcd-lease-ttl must be at least 2s (etcd counts in seconds)");
+    }
+    let tls = args.etcd_ca.clone().map(|ca| coordination::EtcdTls {
+        ca,
+        cert: args.etcd_cert.clone(),
+        key: args.etcd_key.clone(),
+    });
+    Ok(Some(Etcd {
+        options: coordination::EtcdOptions {
+            endpoints,
+            tls,
+            replica,
+            advertise: String::new(),
+            prefix: args.etcd_prefix.trim_end_matches('/').to_owned(),
+            lease_ttl: args.etcd_lease_ttl,
+        },
+        advertise: args.advertise_address.clone(),
+    }))
 }
 
 /// Aborts a task when dropped.

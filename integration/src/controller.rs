@@ -10,7 +10,15 @@ use switchyard_controller::{
     server::{self, ServerOptions, Sessions},
     sources::{StoreSender, StoreUpdate},
 };
-use tokio::{net::TcpListener, sync::oneshot, task::JoinHandle};
+use switchyard_controller::{
+    coordination::{Coordination, EtcdOptions},
+    server::metrics::CoordinationMetrics,
+};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+    task::JoinHandle,
+};
 
 /// A running controller; shuts down when dropped.
 pub struct TestController {
@@ -21,6 +29,11 @@ pub struct TestController {
     pub sessions: Sessions,
     shutdown: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
+    /// A replica's coordination through etcd; aborted when dropped, as a crash leaves it
+    /// (the lease expires rather than being revoked).
+    coordination: Option<(JoinHandle<()>, watch::Sender<bool>)>,
+    /// A replica's view of the registry and its leadership.
+    pub replica: Option<Coordination>,
 }
 
 impl TestController {
@@ -92,7 +105,62 @@ impl TestController {
             sessions,
             shutdown: Some(shutdown),
             server,
+            coordination: None,
+            replica: None,
         })
+    }
+
+    /// A controller replica coordinated through the etcd at `etcd` as `replica`, with a
+    /// lease of `lease_ttl`. Dropping it is a crash: its streams end, its lease expires.
+    pub async fn start_replica(
+        etcd: &str,
+        replica: &str,
+        lease_ttl: std::time::Duration,
+    ) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_replica_on(listener, etcd, replica, lease_ttl).await
+    }
+
+    /// [`TestController::start_replica`] on a listener bound elsewhere.
+    pub async fn start_replica_on(
+        listener: TcpListener,
+        etcd: &str,
+        replica: &str,
+        lease_ttl: std::time::Duration,
+    ) -> anyhow::Result<Self> {
+        let coordination = Coordination::new(replica);
+        let mut server = Self::server_options();
+        server.coordination = Some(coordination.clone());
+        let mut controller =
+            Self::start_with_server(listener, ComputeOptions::default(), server).await?;
+        let options = EtcdOptions {
+            endpoints: vec![etcd.to_owned()],
+            tls: None,
+            replica: replica.to_owned(),
+            advertise: controller.address.to_string(),
+            prefix: "/switchyard".into(),
+            lease_ttl,
+        };
+        let (stop, stopped) = watch::channel(false);
+        controller.replica = Some(coordination.clone());
+        let task = tokio::spawn(switchyard_controller::coordination::run(
+            options,
+            coordination,
+            controller.sessions.clone(),
+            controller.hub.generations.clone(),
+            CoordinationMetrics::default(),
+            stopped,
+        ));
+        controller.coordination = Some((task, stop));
+        Ok(controller)
+    }
+
+    /// Leaves the replicas as a graceful shutdown does: the lease is revoked.
+    pub async fn leave(&mut self) {
+        if let Some((task, stop)) = self.coordination.take() {
+            stop.send_replace(true);
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+        }
     }
 
     pub fn endpoint(&self) -> String {
@@ -132,6 +200,9 @@ impl TestController {
 
 impl Drop for TestController {
     fn drop(&mut self) {
+        if let Some((task, _)) = self.coordination.take() {
+            task.abort();
+        }
         if let Some(stop) = self.shutdown.take() {
             let _ = stop.send(());
         }

@@ -13,6 +13,7 @@ pub mod compare;
 pub mod conformance;
 pub mod controller;
 pub mod e2e;
+pub mod etcd;
 pub mod fixtures;
 pub mod netns;
 pub mod pki;

@@ -448,6 +448,7 @@ impl NodeStream {
     async fn run(mut self, mut inbound: Streaming<v1::NodeStateRequest>) {
         let mut superseded = self.session.superseded();
         let node = self.session.node.clone();
+        let shed = self.session.clone();
         let closing = loop {
             if *self.shutdown.borrow() {
                 let status = Status::unavailable("the controller is shutting down");
@@ -472,6 +473,18 @@ impl NodeStream {
                     ));
                     let _ = self.tx.send(Err(status)).await;
                     break Closing::Superseded;
+                }
+                _ = shed.shed_requested() => {
+                    tracing::info!(%node, "moving the agent to another replica");
+                    let mut status = Status::unavailable(
+                        "this controller replica sheds streams to even the load: reconnect to another",
+                    );
+                    status.metadata_mut().insert(
+                        switchyard_proto::RECONNECT_METADATA,
+                        switchyard_proto::RECONNECT_ELSEWHERE.parse().expect("ASCII"),
+                    );
+                    let _ = self.tx.send(Err(status)).await;
+                    break Closing::Shed;
                 }
                 Some(ask) = self.asked.recv() => {
                     let question = self.forward(ask);

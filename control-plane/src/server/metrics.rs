@@ -59,6 +59,8 @@ pub enum Closing {
     Superseded,
     /// The controller is shutting down.
     Shutdown,
+    /// This replica moved the agent to another one to even the load (`--etcd-endpoints`).
+    Shed,
 }
 
 impl Closing {
@@ -68,6 +70,7 @@ impl Closing {
             Closing::StreamError => "stream_error",
             Closing::Superseded => "superseded",
             Closing::Shutdown => "shutdown",
+            Closing::Shed => "shed",
         }
     }
 }
@@ -104,6 +107,24 @@ pub struct ControllerMetrics {
     response_build: Histogram,
     change_to_ack: Histogram,
     watch_events: WatchEvents,
+    coordination: CoordinationMetrics,
+}
+
+/// What replicas coordinated through etcd report (`--etcd-endpoints`); all zero without.
+#[derive(Clone, Debug, Default)]
+pub struct CoordinationMetrics {
+    /// 1 while this replica holds its etcd lease.
+    pub etcd_up: Gauge,
+    /// 1 while this replica is the leader.
+    pub leader: Gauge,
+    /// Live replicas, as registered in etcd.
+    pub replicas: Gauge,
+    /// Agent sessions registered in etcd, every replica's.
+    pub registered_sessions: Gauge,
+    /// Times this replica became leader.
+    pub leaderships: Counter,
+    /// Times the connection to etcd was lost.
+    pub etcd_losses: Counter,
 }
 
 impl Default for ControllerMetrics {
@@ -132,6 +153,7 @@ impl ControllerMetrics {
             // 100 µs … 100 s, doubling.
             change_to_ack: Histogram::new(exponential_buckets(0.000_1, 2.0, 21)),
             watch_events: WatchEvents::default(),
+            coordination: CoordinationMetrics::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -199,10 +221,46 @@ impl ControllerMetrics {
             "Events the Kubernetes API watches delivered, by kind and event (relist, listed, apply, delete, expired, error)",
             metrics.watch_events.clone(),
         );
+        let coordination = &metrics.coordination;
+        registry.register(
+            "etcd_up",
+            "1 while this replica holds its etcd lease (--etcd-endpoints)",
+            coordination.etcd_up.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica is the leader of the replicas",
+            coordination.leader.clone(),
+        );
+        registry.register(
+            "replicas",
+            "Live controller replicas registered in etcd",
+            coordination.replicas.clone(),
+        );
+        registry.register(
+            "registered_sessions",
+            "Agent sessions registered in etcd, every replica's",
+            coordination.registered_sessions.clone(),
+        );
+        registry.register(
+            "leaderships",
+            "Times this replica became the leader",
+            coordination.leaderships.clone(),
+        );
+        registry.register(
+            "etcd_losses",
+            "Times this replica lost its etcd lease or connection",
+            coordination.etcd_losses.clone(),
+        );
         Self {
             registry,
             ..metrics
         }
+    }
+
+    /// The gauges and counters of the replicas' coordination.
+    pub fn coordination(&self) -> CoordinationMetrics {
+        self.coordination.clone()
     }
 
     /// The counters the Kubernetes source counts its watch events into.

@@ -58,6 +58,9 @@ pub struct ServerOptions {
     pub session_grace: Duration,
     /// Where the agent streams are counted (what `/metrics` exports).
     pub metrics: SharedMetrics,
+    /// With replicas (`--etcd-endpoints`): the registry the query API answers every
+    /// replica's nodes from.
+    pub coordination: Option<crate::coordination::Coordination>,
 }
 
 impl Default for ServerOptions {
@@ -69,6 +72,7 @@ impl Default for ServerOptions {
             max_streams_per_peer: 16,
             session_grace: Duration::from_secs(10 * 60),
             metrics: SharedMetrics::default(),
+            coordination: None,
         }
     }
 }
@@ -114,7 +118,8 @@ pub async fn serve(
         sessions.clone(),
         hub.problems,
         options.access.clone(),
-    );
+    )
+    .with_coordination(options.coordination.clone());
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health

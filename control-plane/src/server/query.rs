@@ -32,6 +32,7 @@ use super::{
     sessions::{AskError, Session, Sessions, state_version},
 };
 use crate::{
+    coordination::Coordination,
     hub::{EncodedResource, Generation},
     model::ServiceKey,
     store::ProblemsView,
@@ -48,6 +49,8 @@ pub struct QueryService {
     sessions: Sessions,
     problems: ProblemsView,
     access: Access,
+    /// The registry of every replica's sessions, with replicas (`--etcd-endpoints`).
+    coordination: Option<Coordination>,
 }
 
 impl QueryService {
@@ -62,15 +65,89 @@ impl QueryService {
             sessions,
             problems,
             access,
+            coordination: None,
         }
+    }
+
+    /// Answers for every replica's nodes from `coordination`'s registry.
+    pub fn with_coordination(mut self, coordination: Option<Coordination>) -> Self {
+        self.coordination = coordination;
+        self
     }
 }
 
 /// Nodes in the cluster and nodes with an agent, in name order.
-fn node_names(generation: &Generation, sessions: &Sessions) -> BTreeSet<String> {
+fn node_names(
+    generation: &Generation,
+    sessions: &Sessions,
+    coordination: Option<&Coordination>,
+) -> BTreeSet<String> {
     let mut names: BTreeSet<String> = generation.snapshot.nodes.keys().cloned().collect();
     names.extend(sessions.all().into_iter().map(|s| s.node.clone()));
+    if let Some(coordination) = coordination {
+        names.extend(coordination.registered_nodes());
+    }
     names
+}
+
+/// A node's status as the replica serving it registered it, when that is another
+/// replica (or this one's registry is all there is): its lag grown since it was
+/// written, and marked possibly stale while etcd is unreachable.
+fn registered_status(
+    coordination: &Coordination,
+    node: &str,
+    generation: &Generation,
+) -> Option<v1::NodeStatus> {
+    let (record, stale) = coordination.registered(node)?;
+    let mut status = record.status?;
+    if status.replica == coordination.replica && !stale {
+        // This replica's own record of a stream that just closed here.
+        return None;
+    }
+    status.node_name = node.to_owned();
+    status.in_cluster = generation.snapshot.nodes.contains_key(node);
+    if status.pending_changes > 0
+        && let Some(written) = record.written.and_then(|t| SystemTime::try_from(t).ok())
+    {
+        let since = SystemTime::now()
+            .duration_since(written)
+            .unwrap_or_default();
+        let lag = status
+            .lag
+            .and_then(|l| Duration::try_from(l).ok())
+            .unwrap_or_default();
+        status.lag = (lag + since).try_into().ok();
+    }
+    status.possibly_stale = stale;
+    Some(status)
+}
+
+/// A node's status as this replica can tell: its own connected stream (cheap when in
+/// sync); else the session another replica registered; else the full computation (a
+/// stream closed here, or no agent anywhere). `desired` is the node's desired state,
+/// computed only when needed.
+fn status_of(
+    node: &str,
+    generation: &Generation,
+    sessions: &Sessions,
+    coordination: Option<&Coordination>,
+    desired: impl FnOnce() -> Vec<Arc<EncodedResource>>,
+) -> v1::NodeStatus {
+    let session = sessions.get(node);
+    if let Some(live) = session.as_deref().filter(|s| s.is_connected()) {
+        let mut status = in_sync_status(node, generation, live)
+            .unwrap_or_else(|| node_status(node, generation, Some(live), &desired()));
+        if let Some(coordination) = coordination {
+            status.replica = coordination.replica.clone();
+        }
+        return status;
+    }
+    if let Some(status) = coordination.and_then(|c| registered_status(c, node, generation)) {
+        return status;
+    }
+    let mut status = node_status(node, generation, session.as_deref(), &desired());
+    status.possibly_stale = coordination.is_some_and(|c| !c.view().etcd_up);
+    status
 }
 
 /// How many items a page holds and where it starts.
@@ -275,22 +352,31 @@ fn in_sync_status(
     generation: &Generation,
     session: &Session,
 ) -> Option<v1::NodeStatus> {
-    if !session.is_connected() {
-        return None;
-    }
+    let (status, in_sync) = summary(node, generation, session);
+    in_sync.then_some(status)
+}
+
+/// What a replica registers in etcd for one of its connected nodes, from what the
+/// stream keeps (no pass over the node's Services): in sync, as [`in_sync_status`];
+/// otherwise without `desired_version`, with the changes queued, in flight or rejected
+/// as `pending_changes` and the lag so far.
+pub fn registry_status(node: &str, generation: &Generation, session: &Session) -> v1::NodeStatus {
+    summary(node, generation, session).0
+}
+
+/// The cheap status of a node's session, and whether the node is in sync.
+fn summary(node: &str, generation: &Generation, session: &Session) -> (v1::NodeStatus, bool) {
     let protocol = session.protocol();
-    let in_sync = protocol.generation == generation.seq
+    let in_sync = session.is_connected()
+        && protocol.generation == generation.seq
         && protocol.pending == 0
         && protocol.nacked.is_empty()
         && protocol.closed.is_none();
-    if !in_sync {
-        return None;
-    }
-    let version = protocol.acked_hash.version();
-    Some(v1::NodeStatus {
+    let acked_version = protocol.acked_hash.version();
+    let mut status = v1::NodeStatus {
         node_name: node.to_string(),
         in_cluster: generation.snapshot.nodes.contains_key(node),
-        connected: true,
+        connected: session.is_connected(),
         dataplane: session.dataplanes().in_force.into(),
         dataplane_wanted: generation
             .snapshot
@@ -302,11 +388,7 @@ fn in_sync_status(
         agent_version: session.identity.agent_version.clone(),
         peer: session.peer.clone(),
         connected_since: Some(session.connected_since.into()),
-        desired_version: version.clone(),
-        acked_version: version,
         services: protocol.acked.len() as u32,
-        pending_changes: 0,
-        lag: None,
         last_nack: protocol.last_nack.as_ref().map(|n| v1::Nack {
             nonce: n.nonce.clone(),
             time: Some(n.time.into()),
@@ -314,16 +396,33 @@ fn in_sync_status(
         }),
         resources_sent: protocol.resources_sent,
         removals_sent: protocol.removals_sent,
-    })
+        ..Default::default()
+    };
+    if in_sync {
+        status.desired_version = acked_version.clone();
+    } else {
+        status.pending_changes = (protocol.pending + protocol.nacked.len()).max(1) as u32;
+        let since = protocol
+            .out_of_sync_since
+            .unwrap_or(session.connected_since);
+        status.lag = SystemTime::now()
+            .duration_since(since)
+            .unwrap_or_default()
+            .try_into()
+            .ok();
+    }
+    status.acked_version = acked_version;
+    (status, in_sync)
 }
 
 fn list_nodes(
     generation: &Generation,
     sessions: &Sessions,
+    coordination: Option<&Coordination>,
     page: PageRequest,
     caller: &Caller,
 ) -> Result<v1::ListNodesResponse, Status> {
-    let names = node_names(generation, sessions);
+    let names = node_names(generation, sessions, coordination);
     let mut out = Page::new(page.size);
     for node in names.range::<str, _>(page.range()) {
         caller.gone()?;
@@ -331,18 +430,9 @@ fn list_nodes(
             out.more = true;
             break;
         }
-        let session = sessions.get(node);
-        let status = session
-            .as_deref()
-            .and_then(|s| in_sync_status(node, generation, s))
-            .unwrap_or_else(|| {
-                node_status(
-                    node,
-                    generation,
-                    session.as_deref(),
-                    &desired(generation, node),
-                )
-            });
+        let status = status_of(node, generation, sessions, coordination, || {
+            desired(generation, node)
+        });
         if !out.push(node, status) {
             break;
         }
@@ -355,14 +445,21 @@ fn list_nodes(
 
 fn get_node_state(
     generation: &Generation,
-    session: Option<&Session>,
+    sessions: &Sessions,
+    coordination: Option<&Coordination>,
     node: &str,
     page: PageRequest,
     caller: &Caller,
 ) -> Result<v1::GetNodeStateResponse, Status> {
     let desired = desired(generation, node);
     caller.gone()?;
-    let status = node_status(node, generation, session, &desired);
+    let session = sessions.get(node).filter(|s| s.is_connected());
+    let session = session.as_deref();
+    let mut status = status_of(node, generation, sessions, coordination, || desired.clone());
+    if status.desired_version.is_empty() {
+        // Another replica registered it out of sync: the desired state is computed here.
+        status.desired_version = state_version(desired.iter().map(|r| (&*r.name, r.version)));
+    }
     let mut out = Page::new(page.size);
     let start = match &page.after {
         Some(after) => desired.partition_point(|r| *r.name <= **after),
@@ -405,7 +502,7 @@ fn get_service(
     caller: &Caller,
 ) -> Result<v1::GetServiceResponse, Status> {
     let name = key.to_string();
-    let names = node_names(generation, sessions);
+    let names = node_names(generation, sessions, None);
     let mut out = Page::new(page.size);
     for node in names.range::<str, _>(page.range()) {
         caller.gone()?;
@@ -572,8 +669,11 @@ impl ControllerQuery for QueryService {
         let page = PageRequest::new(request.page_size, request.page_token, 100, 500)?;
         let generation = self.generations.borrow().clone();
         let sessions = self.sessions.clone();
-        let response =
-            blocking(move |caller| list_nodes(&generation, &sessions, page, &caller)).await?;
+        let coordination = self.coordination.clone();
+        let response = blocking(move |caller| {
+            list_nodes(&generation, &sessions, coordination.as_ref(), page, &caller)
+        })
+        .await?;
         Ok(Response::new(response))
     }
 
@@ -590,14 +690,27 @@ impl ControllerQuery for QueryService {
         self.access.query_node(peer.identity.as_deref(), &node)?;
         let page = PageRequest::new(request.page_size, request.page_token, 500, 5000)?;
         let generation = self.generations.borrow().clone();
-        let session = self.sessions.get(&node);
-        if !generation.snapshot.nodes.contains_key(&node) && session.is_none() {
+        let known = self.sessions.get(&node).is_some()
+            || self
+                .coordination
+                .as_ref()
+                .is_some_and(|c| c.registered(&node).is_some());
+        if !generation.snapshot.nodes.contains_key(&node) && !known {
             return Err(Status::not_found(format!(
                 "node {node} is neither in the cluster nor connected"
             )));
         }
+        let sessions = self.sessions.clone();
+        let coordination = self.coordination.clone();
         let response = blocking(move |caller| {
-            get_node_state(&generation, session.as_deref(), &node, page, &caller)
+            get_node_state(
+                &generation,
+                &sessions,
+                coordination.as_ref(),
+                &node,
+                page,
+                &caller,
+            )
         })
         .await?;
         Ok(Response::new(response))

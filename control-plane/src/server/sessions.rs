@@ -19,7 +19,7 @@ use std::{
 };
 
 use switchyard_proto::{format_version, v1};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, mpsc, oneshot, watch};
 
 /// Most closed sessions of nodes outside the cluster kept at once; the oldest go first.
 pub const MAX_FORGETTABLE: usize = 4096;
@@ -158,6 +158,8 @@ pub struct Session {
     superseded: watch::Sender<Option<String>>,
     /// Questions for the agent, forwarded by the stream's task.
     asks: mpsc::Sender<Ask>,
+    /// Notified to end the stream so the agent moves to another replica.
+    shed: Notify,
 }
 
 /// A node's dataplane as its agent reports it and as its label asks for it.
@@ -215,6 +217,17 @@ impl Session {
                 mpsc::error::TrySendError::Closed(_) => AskError::Closed,
             })?;
         Ok(answer)
+    }
+
+    /// Ends the stream with `UNAVAILABLE` and the reconnect-elsewhere trailer, so the
+    /// agent moves to another replica (load balancing).
+    pub fn shed(&self) {
+        self.shed.notify_one();
+    }
+
+    /// Resolves once [`Session::shed`] was called.
+    pub async fn shed_requested(&self) {
+        self.shed.notified().await
     }
 
     /// Resolves with the new stream's peer once a newer stream takes this node over.
@@ -277,6 +290,7 @@ impl Sessions {
             }),
             superseded: watch::Sender::new(None),
             asks,
+            shed: Notify::new(),
         });
         if let Some(old) = inner.by_node.insert(node, session.clone()) {
             old.superseded.send_replace(Some(peer));

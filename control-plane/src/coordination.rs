@@ -1,0 +1,634 @@
+//! Controller replicas coordinated through etcd (`--etcd-endpoints`): every replica
+//! watches the API and serves any node; etcd holds only coordination.
+//!
+//! # Keys (under `--etcd-prefix`, default `/switchyard`)
+//! - `replicas/<replica>` → the address agents reach it at, under the replica's lease:
+//!   membership, for balancing.
+//! - `sessions/<node>` → a [`v1::RegisteredSession`] written by the replica serving that
+//!   node's agent, under its lease: `ListNodes` and `GetNodeState` on any replica show
+//!   every node with its replica, and a dead replica's records expire with its lease. A
+//!   closed stream's record is deleted only while it is still this replica's (a
+//!   transaction comparing the key's lease), so a node that moved on keeps its new one.
+//! - `leader/…` → etcd's election ([`run`] campaigns with the lease). The leader holds a
+//!   [`Fence`]: its key's creation revision; an action taken as leader first checks, in
+//!   a transaction, that the key still exists with that revision, so a leader paused past
+//!   its lease (another has been elected since) cannot act.
+//!
+//! # Losing etcd
+//! Streams and queries go on: the registry stays as last read, marked possibly stale in
+//! every answer built from it, and this replica's own sessions are answered live.
+//! [`run`] reconnects with backoff, takes a new lease and writes everything again.
+//!
+//! # Even load
+//! With `total` sessions registered over `replicas` live replicas, a replica holding
+//! more than `ceil(total / replicas) + 1` streams sheds the excess, at most
+//! [`SHED_PER_ROUND`] per [`BALANCE_EVERY`], youngest streams first, with the status
+//! that sends the agent to another controller of its list ([`to_shed`]). The slack of
+//! one keeps two replicas from trading a stream back and forth.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::{Duration, SystemTime},
+};
+
+use anyhow::{Context, bail};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
+use prost::Message;
+use switchyard_proto::v1;
+use tokio::sync::watch;
+
+use crate::{
+    hub::Generation,
+    server::{
+        metrics::CoordinationMetrics,
+        query::registry_status,
+        sessions::{Session, Sessions},
+    },
+};
+
+/// Most streams one balancing round sheds.
+pub const SHED_PER_ROUND: usize = 5;
+/// How often a replica checks whether it holds more than its share.
+pub const BALANCE_EVERY: Duration = Duration::from_secs(2);
+/// How often this replica's changed sessions are written to etcd.
+pub const PUBLISH_EVERY: Duration = Duration::from_millis(500);
+/// Most operations per etcd transaction (etcd's default `--max-txn-ops` is 128).
+const OPS_PER_TXN: usize = 100;
+
+/// How to reach etcd and who this replica is.
+#[derive(Clone, Debug)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    pub tls: Option<EtcdTls>,
+    /// This replica's name (`--replica-name`): unique among replicas.
+    pub replica: String,
+    /// Where agents reach this replica, as the registry shows it.
+    pub advertise: String,
+    pub prefix: String,
+    /// The lease's time to live: how long a dead replica's records and leadership last.
+    pub lease_ttl: Duration,
+}
+
+/// TLS to etcd: its CA, and a client certificate when etcd asks for one.
+#[derive(Clone, Debug)]
+pub struct EtcdTls {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// What this replica last read from etcd: the other replicas' sessions, the replicas,
+/// the leader. Shared with the query API.
+#[derive(Clone, Debug, Default)]
+pub struct RegistryView {
+    /// Whether this replica holds a live lease now; when not, the rest is as last read.
+    pub etcd_up: bool,
+    /// Replica name → the address agents reach it at.
+    pub replicas: BTreeMap<String, String>,
+    /// Node → its session as the serving replica registered it.
+    pub sessions: BTreeMap<String, v1::RegisteredSession>,
+    /// The leader replica, if one is elected.
+    pub leader: Option<String>,
+    /// Election keys by creation revision (the lowest leads) and the revision by key.
+    election: BTreeMap<i64, String>,
+    election_keys: HashMap<Vec<u8>, i64>,
+}
+
+/// The leader's proof of leadership: its election key and that key's creation revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub key: Vec<u8>,
+    pub revision: i64,
+}
+
+/// This replica's handle on the coordination: its name, the registry view, its
+/// leadership. Cloned into the query API.
+#[derive(Clone, Debug)]
+pub struct Coordination {
+    pub replica: String,
+    view: Arc<RwLock<RegistryView>>,
+    fence: Arc<RwLock<Option<Fence>>>,
+}
+
+impl Coordination {
+    pub fn new(replica: impl Into<String>) -> Self {
+        Self {
+            replica: replica.into(),
+            view: Arc::default(),
+            fence: Arc::default(),
+        }
+    }
+
+    /// The registry as last read.
+    pub fn view(&self) -> RegistryView {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// One node's registered session, if any replica registered it.
+    pub fn registered(&self, node: &str) -> Option<(v1::RegisteredSession, bool)> {
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        view.sessions
+            .get(node)
+            .map(|record| (record.clone(), !view.etcd_up))
+    }
+
+    /// Nodes any replica registered.
+    pub fn registered_nodes(&self) -> Vec<String> {
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        view.sessions.keys().cloned().collect()
+    }
+
+    /// This replica's leadership, if it leads now.
+    pub fn fence(&self) -> Option<Fence> {
+        self.fence.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut RegistryView)) {
+        f(&mut self.view.write().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    fn set_fence(&self, fence: Option<Fence>) {
+        *self.fence.write().unwrap_or_else(|e| e.into_inner()) = fence;
+    }
+}
+
+impl RegistryView {
+    /// Takes in one key as etcd holds it (a put), under `prefix`.
+    fn put(&mut self, prefix: &str, key: &[u8], value: &[u8], create_revision: i64) {
+        let Some(rest) = std::str::from_utf8(key)
+            .ok()
+            .and_then(|k| k.strip_prefix(prefix))
+        else {
+            return;
+        };
+        if let Some(replica) = rest.strip_prefix("/replicas/") {
+            let address = String::from_utf8_lossy(value).into_owned();
+            self.replicas.insert(replica.to_owned(), address);
+        } else if let Some(node) = rest.strip_prefix("/sessions/") {
+            match v1::RegisteredSession::decode(value) {
+                Ok(record) => {
+                    self.sessions.insert(node.to_owned(), record);
+                }
+                Err(error) => tracing::warn!(
+                    node = %switchyard_proto::names::quote_bounded(node),
+                    %error,
+                    "ignoring a session record that does not decode"
+                ),
+            }
+        } else if rest.starts_with("/leader/") {
+            let replica = String::from_utf8_lossy(value).into_owned();
+            if let Some(old) = self.election_keys.insert(key.to_vec(), create_revision) {
+                self.election.remove(&old);
+            }
+            self.election.insert(create_revision, replica);
+            self.leader = self.election.values().next().cloned();
+        }
+    }
+
+    /// Takes in the deletion of one key.
+    fn delete(&mut self, prefix: &str, key: &[u8]) {
+        let Some(rest) = std::str::from_utf8(key)
+            .ok()
+            .and_then(|k| k.strip_prefix(prefix))
+        else {
+            return;
+        };
+        if let Some(replica) = rest.strip_prefix("/replicas/") {
+            self.replicas.remove(replica);
+        } else if let Some(node) = rest.strip_prefix("/sessions/") {
+            self.sessions.remove(node);
+        } else if let Some(revision) = self.election_keys.remove(key) {
+            self.election.remove(&revision);
+            self.leader = self.election.values().next().cloned();
+        }
+    }
+}
+
+/// How many of its `local` streams a replica sheds this round so that none holds more
+/// than `ceil(total / replicas) + 1`: at most `step`. Pure.
+pub fn to_shed(local: usize, total: usize, replicas: usize, step: usize) -> usize {
+    if replicas <= 1 {
+        return 0;
+    }
+    let share = total.max(local).div_ceil(replicas) + 1;
+    local.saturating_sub(share).min(step)
+}
+
+/// Runs the coordination until the process ends: connect, lease, register, watch,
+/// campaign, publish this replica's sessions, balance; on any failure, mark the registry
+/// stale and start over with backoff.
+///
+/// When `stop` turns true (a graceful shutdown) the lease is revoked, so this replica's
+/// records and leadership go at once instead of after the lease's time to live.
+pub async fn run(
+    options: EtcdOptions,
+    coordination: Coordination,
+    sessions: Sessions,
+    generations: watch::Receiver<Arc<Generation>>,
+    metrics: CoordinationMetrics,
+    stop: watch::Receiver<bool>,
+) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let started = std::time::Instant::now();
+        let mut round = Round {
+            options: &options,
+            coordination: &coordination,
+            sessions: &sessions,
+            generations: &generations,
+            metrics: &metrics,
+            published: HashMap::new(),
+            stop: stop.clone(),
+        };
+        let Err(error) = round.run().await else {
+            tracing::info!("left the replicas: lease revoked");
+            return;
+        };
+        coordination.set_fence(None);
+        coordination.update(|view| view.etcd_up = false);
+        metrics.etcd_up.set(0);
+        metrics.leader.set(0);
+        metrics.etcd_losses.inc();
+        if started.elapsed() > Duration::from_secs(30) {
+            delay = Duration::from_millis(200);
+        }
+        tracing::warn!(error = %format!("{error:#}"), retry_in = ?delay, "etcd coordination lost; serving on, the registry is possibly stale");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One connection's worth of coordination; returns only with why it ended.
+struct Round<'a> {
+    options: &'a EtcdOptions,
+    coordination: &'a Coordination,
+    sessions: &'a Sessions,
+    generations: &'a watch::Receiver<Arc<Generation>>,
+    metrics: &'a CoordinationMetrics,
+    /// Node → the status bytes this round last wrote for it.
+    published: HashMap<String, Vec<u8>>,
+    stop: watch::Receiver<bool>,
+}
+
+impl Round<'_> {
+    async fn connect(&self) -> anyhow::Result<Client> {
+        let mut connect = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        if let Some(tls) = &self.options.tls {
+            let read = |path: &PathBuf| {
+                std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+            };
+            let mut config = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(read(&tls.ca)?));
+            if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+                config = config.identity(etcd_client::Identity::from_pem(read(cert)?, read(key)?));
+            }
+            connect = connect.with_tls(config);
+        }
+        Client::connect(&self.options.endpoints, Some(connect))
+            .await
+            .with_context(|| format!("connecting to etcd at {}", self.options.endpoints.join(",")))
+    }
+
+    async fn run(&mut self) -> anyhow::Result<()> {
+        let prefix = self.options.prefix.as_str();
+        let mut client = self.connect().await?;
+        let ttl = self.options.lease_ttl.as_secs().max(2) as i64;
+        let lease = client
+            .lease_grant(ttl, None)
+            .await
+            .context("granting a lease")?
+            .id();
+        let (mut keeper, mut alive) = client.lease_keep_alive(lease).await?;
+        let with_lease = || Some(PutOptions::new().with_lease(lease));
+        let replica = &self.coordination.replica;
+        client
+            .put(
+                format!("{prefix}/replicas/{replica}"),
+                self.options.advertise.clone(),
+                with_lease(),
+            )
+            .await
+            .context("registering this replica")?;
+        let everything = client
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .context("reading the registry")?;
+        let revision = everything.header().map_or(0, |h| h.revision());
+        let mut view = RegistryView {
+            etcd_up: true,
+            ..Default::default()
+        };
+        for kv in everything.kvs() {
+            view.put(prefix, kv.key(), kv.value(), kv.create_revision());
+        }
+        self.show(view);
+        let mut watch = client
+            .watch(
+                prefix,
+                Some(
+                    WatchOptions::new()
+                        .with_prefix()
+                        .with_start_revision(revision + 1),
+                ),
+            )
+            .await
+            .context("watching the registry")?;
+        tracing::info!(%replica, lease, endpoints = %self.options.endpoints.join(","), "coordinating through etcd");
+        let campaign = tokio::spawn(campaign(
+            client.clone(),
+            format!("{prefix}/leader"),
+            replica.clone(),
+            lease,
+            self.coordination.clone(),
+            self.metrics.clone(),
+        ));
+        let _campaign = AbortOnDrop(campaign);
+
+        let mut keepalive = tokio::time::interval(self.options.lease_ttl / 3);
+        let mut publish = tokio::time::interval(PUBLISH_EVERY);
+        let mut balance = tokio::time::interval(BALANCE_EVERY);
+        loop {
+            if *self.stop.borrow() {
+                client
+                    .lease_revoke(lease)
+                    .await
+                    .context("revoking the lease")?;
+                return Ok(());
+            }
+            tokio::select! {
+                // A dropped sender never stops the coordination (the branch just stays idle).
+                Ok(()) = self.stop.changed() => {}
+                _ = keepalive.tick() => keeper.keep_alive().await.context("keeping the lease alive")?,
+                answer = alive.message() => match answer.context("keeping the lease alive")? {
+                    Some(answer) if answer.ttl() > 0 => {}
+                    _ => bail!("the lease expired"),
+                },
+                message = watch.message() => {
+                    let Some(message) = message.context("watching the registry")? else {
+                        bail!("the registry watch ended");
+                    };
+                    if message.canceled() {
+                        bail!("the registry watch was cancelled: {}", message.cancel_reason());
+                    }
+                    self.coordination.update(|view| {
+                        for event in message.events() {
+                            let Some(kv) = event.kv() else { continue };
+                            match event.event_type() {
+                                etcd_client::EventType::Put => {
+                                    view.put(prefix, kv.key(), kv.value(), kv.create_revision())
+                                }
+                                etcd_client::EventType::Delete => view.delete(prefix, kv.key()),
+                            }
+                        }
+                    });
+                    self.count();
+                }
+                _ = publish.tick() => self.publish(&mut client, lease).await?,
+                _ = balance.tick() => self.balance(),
+            }
+        }
+    }
+
+    fn show(&self, view: RegistryView) {
+        self.coordination.update(|shown| *shown = view);
+        self.metrics.etcd_up.set(1);
+        self.count();
+    }
+
+    fn count(&self) {
+        let view = self
+            .coordination
+            .view
+            .read()
+            .unwrap_or_else(|e| e.into_inner());
+        self.metrics.replicas.set(view.replicas.len() as i64);
+        self.metrics
+            .registered_sessions
+            .set(view.sessions.len() as i64);
+    }
+
+    /// Writes the sessions of this replica whose status changed, and deletes the
+    /// records of streams that closed here while the record is still this replica's.
+    async fn publish(&mut self, client: &mut Client, lease: i64) -> anyhow::Result<()> {
+        let prefix = &self.options.prefix;
+        let generation = self.generations.borrow().clone();
+        let now = SystemTime::now();
+        let mut ops = Vec::new();
+        let mut live = HashSet::new();
+        for session in self.sessions.all() {
+            if !session.is_connected() {
+                continue;
+            }
+            let mut status = registry_status(&session.node, &generation, &session);
+            status.replica = self.coordination.replica.clone();
+            let bytes = status.encode_to_vec();
+            live.insert(session.node.clone());
+            if self.published.get(&session.node) == Some(&bytes) {
+                continue;
+            }
+            let record = v1::RegisteredSession {
+                status: Some(status),
+                written: Some(now.into()),
+            };
+            let key = format!("{prefix}/sessions/{}", session.node);
+            let put = TxnOp::put(
+                key,
+                record.encode_to_vec(),
+                Some(PutOptions::new().with_lease(lease)),
+            );
+            ops.push((session.node.clone(), Some(bytes), vec![put], Vec::new()));
+        }
+        let closed: Vec<String> = self
+            .published
+            .keys()
+            .filter(|node| !live.contains(*node))
+            .cloned()
+            .collect();
+        for node in closed {
+            let key = format!("{prefix}/sessions/{node}");
+            let mine = Compare::lease(key.clone(), CompareOp::Equal, lease);
+            ops.push((node, None, vec![TxnOp::delete(key, None)], vec![mine]));
+        }
+        for batch in ops.chunks(OPS_PER_TXN) {
+            // Puts of this replica's own records always apply; a delete only if the
+            // record is still under this replica's lease (one transaction per delete).
+            let puts: Vec<TxnOp> = batch
+                .iter()
+                .filter(|(_, bytes, _, _)| bytes.is_some())
+                .flat_map(|(_, _, op, _)| op.clone())
+                .collect();
+            if !puts.is_empty() {
+                client
+                    .txn(Txn::new().and_then(puts))
+                    .await
+                    .context("writing session records")?;
+            }
+            for (_, _, delete, compares) in batch.iter().filter(|(_, b, _, _)| b.is_none()) {
+                client
+                    .txn(Txn::new().when(compares.clone()).and_then(delete.clone()))
+                    .await
+                    .context("deleting a session record")?;
+            }
+            for (node, bytes, _, _) in batch {
+                match bytes {
+                    Some(bytes) => self.published.insert(node.clone(), bytes.clone()),
+                    None => self.published.remove(node),
+                };
+            }
+        }
+        Ok(())
+    }
+
+    /// Sheds streams above this replica's share (see the module docs).
+    fn balance(&self) {
+        let view = self.coordination.view();
+        if !view.etcd_up {
+            return;
+        }
+        let mut local: Vec<Arc<Session>> = self
+            .sessions
+            .all()
+            .into_iter()
+            .filter(|s| s.is_connected())
+            .collect();
+        let shed = to_shed(
+            local.len(),
+            view.sessions.len(),
+            view.replicas.len(),
+            SHED_PER_ROUND,
+        );
+        if shed == 0 {
+            return;
+        }
+        local.sort_by_key(|s| std::cmp::Reverse(s.connected_since));
+        tracing::info!(
+            shed,
+            local = local.len(),
+            registered = view.sessions.len(),
+            replicas = view.replicas.len(),
+            "shedding streams to even the load across replicas"
+        );
+        for session in local.iter().take(shed) {
+            session.shed();
+        }
+    }
+}
+
+/// Campaigns for leadership with `lease` until elected, then holds the [`Fence`] until
+/// the round (and so the lease) ends.
+async fn campaign(
+    mut client: Client,
+    name: String,
+    replica: String,
+    lease: i64,
+    coordination: Coordination,
+    metrics: CoordinationMetrics,
+) {
+    match client.campaign(name, replica.clone(), lease).await {
+        Ok(elected) => {
+            let Some(leader) = elected.leader() else {
+                tracing::warn!("etcd answered the campaign without a leader key");
+                return;
+            };
+            let fence = Fence {
+                key: leader.key().to_vec(),
+                revision: leader.rev(),
+            };
+            tracing::info!(%replica, revision = fence.revision, "this replica leads");
+            coordination.set_fence(Some(fence));
+            metrics.leader.set(1);
+            metrics.leaderships.inc();
+        }
+        Err(error) => tracing::warn!(%error, "campaigning for leadership failed"),
+    }
+}
+
+/// Whether `fence` still holds: its election key exists with its creation revision.
+/// A leader checks it right before each action it takes as leader.
+pub async fn still_leader(client: &mut Client, fence: &Fence) -> anyhow::Result<bool> {
+    let check = Compare::create_revision(fence.key.clone(), CompareOp::Equal, fence.revision);
+    let answer = client.txn(Txn::new().when([check])).await?;
+    Ok(answer.succeeded())
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_sheds_only_what_it_holds_above_an_even_share_and_a_few_at_a_time() {
+        // (local, total, replicas) → shed, with at most 5 per round.
+        let cases = [
+            ((90, 90, 1), 0), // alone: nothing to shed
+            ((90, 90, 2), 5), // a second replica joined: share 46, shed 5 now
+            ((47, 90, 2), 1), // one above share + slack
+            ((46, 90, 2), 0), // at share + slack
+            ((30, 90, 3), 0), // even
+            ((31, 90, 3), 0), // within the slack of one
+            ((33, 90, 3), 2), // share 30 + 1
+            ((10, 3, 3), 5),  // the registry lags behind this replica's own count
+            ((0, 0, 3), 0),
+        ];
+        for ((local, total, replicas), shed) in cases {
+            assert_eq!(
+                to_shed(local, total, replicas, SHED_PER_ROUND),
+                shed,
+                "{local} of {total} over {replicas}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_view_follows_puts_and_deletes_and_the_earliest_candidate_leads() {
+        let mut view = RegistryView::default();
+        let record = v1::RegisteredSession {
+            status: Some(v1::NodeStatus {
+                node_name: "node-a".into(),
+                replica: "r1".into(),
+                ..Default::default()
+            }),
+            written: None,
+        };
+        view.put("/sy", b"/sy/replicas/r1", b"10.0.0.1:9740", 5);
+        view.put("/sy", b"/sy/sessions/node-a", &record.encode_to_vec(), 6);
+        view.put("/sy", b"/sy/leader/694d", b"r2", 9);
+        view.put("/sy", b"/sy/leader/694c", b"r1", 7);
+        view.put("/other/sessions/node-b", b"/other/sessions/node-b", b"", 8);
+        assert_eq!(view.replicas["r1"], "10.0.0.1:9740");
+        assert_eq!(view.sessions["node-a"], record);
+        assert_eq!(
+            view.sessions.len(),
+            1,
+            "keys outside the prefix are not ours"
+        );
+        assert_eq!(view.leader.as_deref(), Some("r1"));
+
+        view.delete("/sy", b"/sy/leader/694c");
+        assert_eq!(
+            view.leader.as_deref(),
+            Some("r2"),
+            "the next candidate leads"
+        );
+        view.delete("/sy", b"/sy/sessions/node-a");
+        view.delete("/sy", b"/sy/replicas/r1");
+        assert!(view.sessions.is_empty() && view.replicas.is_empty());
+        // A record that does not decode is skipped, not trusted.
+        view.put("/sy", b"/sy/sessions/node-c", b"\xff\xff", 10);
+        assert!(view.sessions.is_empty());
+    }
+}
