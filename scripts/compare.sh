@@ -16,6 +16,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 cd "$SWITCHYARD_ROOT"
 
 ensure_debian_packages ca-certificates gcc libc6-dev pkg-config
+# The controller's etcd client (etcd-client) compiles etcd's protos with protoc at build
+# time, with the well-known types from libprotobuf-dev.
+ensure_debian_packages protobuf-compiler libprotobuf-dev
 # Namespaces, both netfilter dataplanes' tools, conntrack, user-mode Linux (with kmod
 # for its modules), nsenter (util-linux); the eBPF programs' compiler and headers.
 ensure_debian_packages iproute2 iptables nftables conntrack user-mode-linux kmod ipset ipvsadm \

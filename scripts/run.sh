@@ -17,6 +17,9 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 cd "$SWITCHYARD_ROOT"
 
 ensure_debian_packages ca-certificates gcc libc6-dev pkg-config
+# The controller's etcd client (etcd-client) compiles etcd's protos with protoc at build
+# time, with the well-known types from libprotobuf-dev.
+ensure_debian_packages protobuf-compiler libprotobuf-dev
 # Building the eBPF agent (cargo build -p switchyard-agent-ebpf) compiles its programs
 # with clang (-target bpf) against libbpf's and the kernel's headers.
 ensure_debian_packages clang libbpf-dev linux-libc-dev

@@ -10,6 +10,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib/common.sh"
 cd "$SWITCHYARD_ROOT"
 
 ensure_debian_packages ca-certificates gcc libc6-dev pkg-config
+# The controller's etcd client (etcd-client) compiles etcd's protos with protoc at build
+# time, with the well-known types from libprotobuf-dev.
+ensure_debian_packages protobuf-compiler libprotobuf-dev
+# Controller replicas are tested against a real etcd started on loopback.
+ensure_debian_packages etcd-server
 # Real-kernel tests: namespaces, iptables (nft and legacy), nft to inspect rule handles,
 # conntrack, a socat backend, IPVS and ipset in user-mode Linux; nsenter (util-linux)
 # starts agents and probes in a namespace without hiding the cgroup2 mount.
