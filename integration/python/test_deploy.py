@@ -49,6 +49,15 @@ TOOL_PACKAGES.update(
 )
 
 
+# What the build scripts of crates in the binaries' dependency tree need from Debian.
+BUILD_PACKAGES = {
+    # build.rs: clang -target bpf, with libbpf's bpf_helpers.h and the kernel UAPI headers.
+    "switchyard-agent-ebpf": {"clang", "libbpf-dev", "linux-libc-dev"},
+    # build.rs: protoc on etcd's protos, with the well-known types.
+    "etcd-client": {"protobuf-compiler", "libprotobuf-dev"},
+}
+
+
 # ---------------------------------------------------------------- rendering and reading
 
 
@@ -222,7 +231,7 @@ def test_the_controller_may_read_three_kinds_and_write_only_node_events():
     # Events about cluster-scoped Nodes are recorded in `default`.
     assert events["metadata"]["namespace"] == "default"
     assert events["rules"] == [
-        {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]}
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create"]}
     ]
     roles = objects("base", "ClusterRole") + objects("base", "Role")
     assert sorted(r["metadata"]["name"] for r in roles) == [
@@ -456,6 +465,40 @@ def test_the_containerfile_builds_and_copies_real_workspace_binaries():
     assert f"VERSION={workspace_version()}" in [rest for keyword, rest in runtime if keyword == "ARG"]
 
 
+def stage_packages(stage):
+    """The Debian packages a stage's `apt-get install` lines install."""
+    packages = set()
+    for keyword, rest in stage[2]:
+        if keyword != "RUN":
+            continue
+        for command in re.split(r"&&|;", rest):
+            words = command.split()
+            if "apt-get" in words and "install" in words:
+                after = words[words.index("install") + 1 :]
+                packages |= {w for w in after if not w.startswith("-")}
+    return packages
+
+
+def test_the_builder_installs_what_the_build_scripts_need():
+    stages = containerfile_stages()
+    command = next(rest for keyword, rest in stages[0][2] if keyword == "RUN" and "cargo build" in rest)
+    packages = re.findall(r"(?:-p|--package)[ =]([\w-]+)", command)
+    tree = subprocess.run(
+        ["cargo", "tree", "--locked", "-e", "normal,build", "--prefix", "none", "-f", "{p}"]
+        + [arg for p in packages for arg in ("-p", p)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert tree.returncode == 0, tree.stderr
+    crates = {line.split()[0] for line in tree.stdout.splitlines() if line.strip()}
+    assert "switchyard-agent-ebpf" in crates, "the image's binaries link the eBPF dataplane"
+    installed = stage_packages(stages[0])
+    for crate, needed in BUILD_PACKAGES.items():
+        if crate in crates:
+            assert needed <= installed, f"{crate}'s build needs {sorted(needed - installed)} in the builder"
+
+
 def build_targets(builds):
     return {b for command in builds for b in re.findall(r"--bin[ =]([\w-]+)", command)}
 
@@ -541,16 +584,7 @@ def programs_the_agent_runs():
 
 
 def runtime_packages():
-    packages = set()
-    for keyword, rest in containerfile_stages()[-1][2]:
-        if keyword != "RUN":
-            continue
-        for command in re.split(r"&&|;", rest):
-            words = command.split()
-            if "apt-get" in words and "install" in words:
-                after = words[words.index("install") + 1 :]
-                packages |= {w for w in after if not w.startswith("-")}
-    return packages
+    return stage_packages(containerfile_stages()[-1])
 
 
 def test_the_runtime_stage_installs_every_program_the_agent_runs():
