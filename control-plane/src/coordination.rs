@@ -24,7 +24,10 @@
 //! more than `ceil(total / replicas) + 1` streams sheds the excess, at most
 //! [`SHED_PER_ROUND`] per [`BALANCE_EVERY`], youngest streams first, with the status
 //! that sends the agent to another controller of its list ([`to_shed`]). The slack of
-//! one keeps two replicas from trading a stream back and forth.
+//! one keeps two replicas from trading a stream back and forth. A replica sheds only
+//! once it has been above its share for longer than the lease: a crashed replica stays
+//! registered until its lease expires, and in that time the survivors, which took its
+//! agents, would otherwise count it as live and shed those agents again.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -49,6 +52,8 @@ use crate::{
         sessions::{Session, Sessions},
     },
 };
+
+pub mod events;
 
 /// Most streams one balancing round sheds.
 pub const SHED_PER_ROUND: usize = 5;
@@ -224,6 +229,9 @@ pub fn to_shed(local: usize, total: usize, replicas: usize, step: usize) -> usiz
 ///
 /// When `stop` turns true (a graceful shutdown) the lease is revoked, so this replica's
 /// records and leadership go at once instead of after the lease's time to live.
+///
+/// While it leads, a replica given a `reporter` (the Kubernetes source's API client)
+/// reports agents' trouble as Events on their Nodes ([`events`]).
 pub async fn run(
     options: EtcdOptions,
     coordination: Coordination,
@@ -231,6 +239,7 @@ pub async fn run(
     generations: watch::Receiver<Arc<Generation>>,
     metrics: CoordinationMetrics,
     stop: watch::Receiver<bool>,
+    reporter: Option<events::Reporter>,
 ) {
     let mut delay = Duration::from_millis(200);
     loop {
@@ -243,6 +252,8 @@ pub async fn run(
             metrics: &metrics,
             published: HashMap::new(),
             stop: stop.clone(),
+            reporter: reporter.as_ref(),
+            over_share_since: None,
         };
         let Err(error) = round.run().await else {
             tracing::info!("left the replicas: lease revoked");
@@ -272,6 +283,9 @@ struct Round<'a> {
     /// Node → the status bytes this round last wrote for it.
     published: HashMap<String, Vec<u8>>,
     stop: watch::Receiver<bool>,
+    reporter: Option<&'a events::Reporter>,
+    /// Since when this replica has held more than its share, if it does.
+    over_share_since: Option<std::time::Instant>,
 }
 
 impl Round<'_> {
@@ -353,6 +367,10 @@ impl Round<'_> {
         let mut keepalive = tokio::time::interval(self.options.lease_ttl / 3);
         let mut publish = tokio::time::interval(PUBLISH_EVERY);
         let mut balance = tokio::time::interval(BALANCE_EVERY);
+        let mut report = tokio::time::interval(
+            self.reporter
+                .map_or(Duration::from_secs(3600), |r| r.options.every),
+        );
         loop {
             if *self.stop.borrow() {
                 client
@@ -391,6 +409,7 @@ impl Round<'_> {
                 }
                 _ = publish.tick() => self.publish(&mut client, lease).await?,
                 _ = balance.tick() => self.balance(),
+                _ = report.tick() => self.report(&mut client).await,
             }
         }
     }
@@ -485,10 +504,35 @@ impl Round<'_> {
         Ok(())
     }
 
+    /// As leader, reports what is new as Events (see [`events`]).
+    async fn report(&self, client: &mut Client) {
+        let (Some(reporter), Some(fence)) = (self.reporter, self.coordination.fence()) else {
+            return;
+        };
+        let cluster = self
+            .generations
+            .borrow()
+            .snapshot
+            .nodes
+            .keys()
+            .cloned()
+            .collect();
+        let sessions = self.coordination.view().sessions;
+        match reporter.pass(client, &fence, &cluster, &sessions).await {
+            Ok(created) => {
+                self.metrics.events.inc_by(created as u64);
+            }
+            Err(error) => {
+                tracing::warn!(error = %format!("{error:#}"), "reporting Events as leader failed")
+            }
+        }
+    }
+
     /// Sheds streams above this replica's share (see the module docs).
-    fn balance(&self) {
+    fn balance(&mut self) {
         let view = self.coordination.view();
         if !view.etcd_up {
+            self.over_share_since = None;
             return;
         }
         let mut local: Vec<Arc<Session>> = self
@@ -504,6 +548,13 @@ impl Round<'_> {
             SHED_PER_ROUND,
         );
         if shed == 0 {
+            self.over_share_since = None;
+            return;
+        }
+        let since = *self
+            .over_share_since
+            .get_or_insert_with(std::time::Instant::now);
+        if since.elapsed() < self.options.lease_ttl + BALANCE_EVERY {
             return;
         }
         local.sort_by_key(|s| std::cmp::Reverse(s.connected_since));

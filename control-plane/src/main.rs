@@ -95,6 +95,14 @@ struct Args {
     /// This replica's name among the replicas [default: $POD_NAME, else the host name].
     #[arg(long, env = "POD_NAME", value_name = "NAME")]
     replica_name: Option<String>,
+    /// With replicas and --source kubernetes: the leader reports an Event on a Node whose
+    /// agent has had no stream on any replica for this long.
+    #[arg(long, default_value = "2m", value_parser = humantime::parse_duration)]
+    event_disconnected_after: Duration,
+    /// With replicas and --source kubernetes: the leader reports an Event on a Node whose
+    /// agent has been behind the desired state for this long (a NACK is reported at once).
+    #[arg(long, default_value = "1m", value_parser = humantime::parse_duration)]
+    event_lagging_after: Duration,
     /// The address agents reach this replica at, as the registry shows it [default:
     /// --listen].
     #[arg(long, value_name = "HOST:PORT")]
@@ -188,6 +196,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let http_address = http_listener.local_addr()?;
 
     let mut signals = Box::pin(terminated());
+    let mut api_client = None;
     let source = match args.source {
         Source::Manifests => {
             let source = ManifestSource::new(&args.manifests);
@@ -204,6 +213,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             };
             tracing::info!("watching the Kubernetes API");
             let source = source.with_watch_events(metrics.watch_events());
+            api_client = Some(source.client());
             tokio::spawn(async move { source.run(updates).await.map_err(anyhow::Error::from) })
         }
     };
@@ -226,6 +236,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 advertise: etcd.advertise.unwrap_or_else(|| address.to_string()),
                 ..etcd.options
             };
+            // Only a cluster has Nodes to report on.
+            let reporter = api_client.map(|api| coordination::events::Reporter {
+                api,
+                options: coordination::events::EventOptions {
+                    disconnected_after: args.event_disconnected_after,
+                    lagging_after: args.event_lagging_after,
+                    ..Default::default()
+                },
+                prefix: etcd.prefix.clone(),
+                replica: etcd.replica.clone(),
+            });
             Some(AbortOnDrop(tokio::spawn(coordination::run(
                 etcd,
                 coordination,
@@ -233,6 +254,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 handle.generations.clone(),
                 coordination_metrics,
                 leave,
+                reporter,
             ))))
         }
         None => None,

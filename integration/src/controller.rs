@@ -11,7 +11,7 @@ use switchyard_controller::{
     sources::{StoreSender, StoreUpdate},
 };
 use switchyard_controller::{
-    coordination::{Coordination, EtcdOptions},
+    coordination::{Coordination, EtcdOptions, events::Reporter},
     server::metrics::CoordinationMetrics,
 };
 use tokio::{
@@ -118,15 +118,17 @@ impl TestController {
         lease_ttl: std::time::Duration,
     ) -> anyhow::Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
-        Self::start_replica_on(listener, etcd, replica, lease_ttl).await
+        Self::start_replica_on(listener, etcd, replica, lease_ttl, None).await
     }
 
-    /// [`TestController::start_replica`] on a listener bound elsewhere.
+    /// [`TestController::start_replica`] on a listener bound elsewhere; as leader it
+    /// reports Events through `reporter`, if given.
     pub async fn start_replica_on(
         listener: TcpListener,
         etcd: &str,
         replica: &str,
         lease_ttl: std::time::Duration,
+        reporter: Option<Reporter>,
     ) -> anyhow::Result<Self> {
         let coordination = Coordination::new(replica);
         let mut server = Self::server_options();
@@ -150,6 +152,7 @@ impl TestController {
             controller.hub.generations.clone(),
             CoordinationMetrics::default(),
             stopped,
+            reporter,
         ));
         controller.coordination = Some((task, stop));
         Ok(controller)

@@ -64,6 +64,7 @@ async fn all_agree(replicas: &[&TestController], expected: &HashMap<String, Stri
         let listed = list(replica).await;
         for (node, serving) in expected {
             let Some(status) = listed.get(node) else {
+                eprintln!("not yet: a replica does not list {node}");
                 return false;
             };
             if !status.connected
@@ -72,6 +73,7 @@ async fn all_agree(replicas: &[&TestController], expected: &HashMap<String, Stri
                 || status.possibly_stale
                 || status.acked_version != status.desired_version
             {
+                eprintln!("not yet: {node} (expected on {serving}): {status:?}");
                 return false;
             }
         }
@@ -333,7 +335,7 @@ async fn a_joining_replica_takes_its_share_of_the_streams() {
 
     // r1 joins on the address the agents know.
     let listener = tokio::net::TcpListener::bind(r1_address).await.unwrap();
-    let r1 = TestController::start_replica_on(listener, &etcd.endpoint(), "r1", LEASE)
+    let r1 = TestController::start_replica_on(listener, &etcd.endpoint(), "r1", LEASE, None)
         .await
         .unwrap();
     r1.replace("cluster", objects.clone()).await;
@@ -433,4 +435,148 @@ async fn etcd_down_for_twenty_seconds_loses_nothing_and_the_registry_recovers() 
     for agent in &agents {
         assert_eq!(agent.held.len(), 20 - changes, "{}", agent.node);
     }
+}
+
+#[allow(
+    dead_code,
+    reason = "the controller tests' fake API server, used here for Events only"
+)]
+#[path = "../../control-plane/tests/support/fake_apiserver.rs"]
+mod fake_apiserver;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_alone_reports_node_events_once_even_across_a_leader_change() {
+    use switchyard_controller::coordination::events::{EventOptions, Reporter};
+    let etcd = Etcd::start().unwrap();
+    let api = fake_apiserver::FakeApiServer::start().await;
+    let objects = fixtures::cluster(3, 5, 1);
+    let options = EventOptions {
+        disconnected_after: Duration::from_secs(1),
+        lagging_after: Duration::from_secs(60),
+        every: Duration::from_millis(300),
+    };
+    let mut all = Vec::new();
+    for name in ["r0", "r1"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let reporter = Reporter {
+            api: api.client(),
+            options,
+            prefix: "/switchyard".into(),
+            replica: name.into(),
+        };
+        let replica = TestController::start_replica_on(
+            listener,
+            &etcd.endpoint(),
+            name,
+            LEASE,
+            Some(reporter),
+        )
+        .await
+        .unwrap();
+        replica.replace("cluster", objects.clone()).await;
+        all.push(replica);
+    }
+    let leader = |all: &[TestController]| {
+        all.iter()
+            .position(|r| r.replica.as_ref().unwrap().fence().is_some())
+    };
+    let deadline = Instant::now() + WAIT;
+    while leader(&all).is_none() {
+        assert!(Instant::now() < deadline, "no leader");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = leader(&all).unwrap();
+    let follower = 1 - first;
+    // node-0000's agent, on the follower, rejects a Service; node-0001 and node-0002
+    // have no agent at all.
+    let mut agent = SimAgent::connect(&all[follower].endpoint(), "node-0000", HashMap::new())
+        .await
+        .unwrap();
+    let response = agent.next(WAIT).await.unwrap();
+    let rejected = response.resources[0].name.clone();
+    agent
+        .nack(
+            &response.nonce,
+            vec![v1::ResourceError {
+                resource_name: rejected.clone(),
+                message: "no such port".into(),
+            }],
+        )
+        .await
+        .unwrap();
+
+    let reasons = |api: &fake_apiserver::FakeApiServer| -> Vec<(String, String)> {
+        let mut seen: Vec<(String, String)> = api
+            .events()
+            .iter()
+            .map(|e| {
+                (
+                    e["involvedObject"]["name"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_owned(),
+                    e["reason"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect();
+        seen.sort();
+        seen
+    };
+    let expected: Vec<(String, String)> = [
+        ("node-0000", "SwitchyardChangeRejected"),
+        ("node-0001", "SwitchyardAgentDisconnected"),
+        ("node-0002", "SwitchyardAgentDisconnected"),
+    ]
+    .map(|(n, r)| (n.to_owned(), r.to_owned()))
+    .into();
+    let deadline = Instant::now() + WAIT;
+    while reasons(&api) != expected {
+        assert!(Instant::now() < deadline, "Events: {:?}", reasons(&api));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let leader_name = format!("r{first}");
+    for event in api.events() {
+        assert_eq!(event["type"], "Warning");
+        assert_eq!(event["involvedObject"]["kind"], "Node");
+        assert_eq!(
+            event["reportingInstance"],
+            leader_name.as_str(),
+            "the leader reports"
+        );
+        if event["reason"] == "SwitchyardChangeRejected" {
+            let message = event["message"].as_str().unwrap();
+            assert!(
+                message.contains(&rejected) && message.contains("no such port"),
+                "{message}"
+            );
+        }
+    }
+
+    // The leader crashes; the follower leads within the lease and, with every case
+    // still there, repeats none of them.
+    all.remove(first);
+    let deadline = Instant::now() + LEASE + Duration::from_secs(3);
+    while leader(&all).is_none() {
+        assert!(Instant::now() < deadline, "no new leader within the lease");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(options.every * 10).await;
+    assert_eq!(reasons(&api), expected, "nothing reported twice");
+    // A new case is still reported, by the new leader: node-0000's agent goes away.
+    drop(agent);
+    let deadline = Instant::now() + WAIT;
+    while reasons(&api).len() < 4 {
+        assert!(Instant::now() < deadline, "Events: {:?}", reasons(&api));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let newest = api
+        .events()
+        .into_iter()
+        .find(|e| {
+            e["involvedObject"]["name"] == "node-0000"
+                && e["reason"] == "SwitchyardAgentDisconnected"
+        })
+        .expect("node-0000's disconnection reported");
+    assert_eq!(newest["reportingInstance"], format!("r{follower}").as_str());
+    assert_eq!(api.events().len(), 4);
 }

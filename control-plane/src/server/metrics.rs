@@ -125,6 +125,8 @@ pub struct CoordinationMetrics {
     pub leaderships: Counter,
     /// Times the connection to etcd was lost.
     pub etcd_losses: Counter,
+    /// Events the leader created on Nodes.
+    pub events: Counter,
 }
 
 impl Default for ControllerMetrics {
@@ -251,6 +253,11 @@ impl ControllerMetrics {
             "etcd_losses",
             "Times this replica lost its etcd lease or connection",
             coordination.etcd_losses.clone(),
+        );
+        registry.register(
+            "node_events",
+            "Events this replica created on Nodes as leader (NACKs, disconnected or lagging agents)",
+            coordination.events.clone(),
         );
         Self {
             registry,

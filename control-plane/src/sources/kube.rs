@@ -91,6 +91,11 @@ impl KubeSource {
         self
     }
 
+    /// The API client it watches with (the leader also reports Events through it).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
     /// Builds a client the way `kubectl` finds one: `KUBECONFIG` or `~/.kube/config`,
     /// else the in-cluster service account.
     pub async fn try_default() -> Result<Self, KubeSourceError> {

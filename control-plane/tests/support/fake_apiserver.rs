@@ -147,6 +147,8 @@ struct State {
     requests: Vec<String>,
     snapshots: HashMap<u64, Snapshot>,
     next_id: u64,
+    /// Created Events by (namespace, name), in creation order of their names.
+    events: BTreeMap<(String, String), Value>,
 }
 
 struct Shared {
@@ -330,6 +332,15 @@ impl FakeApiServer {
     }
 
     /// The current (latest) resourceVersion.
+    /// Every Event created, in name order.
+    #[allow(
+        dead_code,
+        reason = "used by integration/tests/replicas.rs, which includes this file"
+    )]
+    pub fn events(&self) -> Vec<Value> {
+        self.shared.lock().events.values().cloned().collect()
+    }
+
     pub fn resource_version(&self) -> u64 {
         self.shared.lock().rv
     }
@@ -461,6 +472,16 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
         .lock()
         .requests
         .push(format!("{} {}", request.method(), uri));
+    if request.method() == Method::POST
+        && let Some(namespace) = uri
+            .path()
+            .strip_prefix("/api/v1/namespaces/")
+            .and_then(|rest| rest.strip_suffix("/events"))
+            .filter(|ns| !ns.contains('/'))
+    {
+        let namespace = namespace.to_owned();
+        return create_event(shared, &namespace, request).await;
+    }
     if request.method() != Method::GET {
         return status(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -510,6 +531,45 @@ async fn handle(shared: &Arc<Shared>, request: Request<Incoming>) -> Response<Bo
     } else {
         list(shared, filter, &query)
     }
+}
+
+/// Creates an Event as the API server does: `409` when the name is taken.
+async fn create_event(
+    shared: &Arc<Shared>,
+    namespace: &str,
+    request: Request<Incoming>,
+) -> Response<Body> {
+    let Ok(body) = request.into_body().collect().await else {
+        return status(StatusCode::BAD_REQUEST, "BadRequest", "unreadable body");
+    };
+    let Ok(mut event) = serde_json::from_slice::<Value>(&body.to_bytes()) else {
+        return status(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the body is not JSON",
+        );
+    };
+    let Some(name) = event["metadata"]["name"].as_str().map(str::to_owned) else {
+        return status(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "Invalid",
+            "metadata.name: Required value",
+        );
+    };
+    let mut state = shared.lock();
+    let key = (namespace.to_owned(), name.clone());
+    if state.events.contains_key(&key) {
+        return status(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            &format!("events \"{name}\" already exists"),
+        );
+    }
+    state.rv += 1;
+    event["metadata"]["namespace"] = json!(namespace);
+    event["metadata"]["resourceVersion"] = json!(state.rv.to_string());
+    state.events.insert(key, event.clone());
+    json_response(StatusCode::CREATED, &event)
 }
 
 /// Which objects a request is about.
