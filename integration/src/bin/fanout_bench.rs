@@ -1,10 +1,13 @@
 //! Controller fan-out benchmark: K simulated agents over loopback gRPC, N Services × E
-//! endpoints. Reports initial sync time to all agents, time until all agents ACK one
-//! endpoint change (p50/p99), bytes per node per change, and the controller's peak RSS.
+//! endpoints, on R controller replicas. Reports initial sync time to all agents, time
+//! until all agents ACK one endpoint change (p50/p99), bytes per node per change, each
+//! replica's peak RSS, and how long `ListNodes` over every node takes.
 //!
-//! The controller (hub + gRPC server, fed directly through the source channel) runs in
-//! a child process so its memory is measured alone. The agents decode only names,
-//! versions and nonces, so the 2-core machine spends its time in the controller.
+//! Each replica (hub + gRPC server, fed directly through the source channel) runs in a
+//! child process so its memory is measured alone; with `--replicas` above 1 they
+//! coordinate through a real etcd this process starts on loopback, and agent `n` streams
+//! from replica `n % R`. The agents decode only names, versions and nonces, so the
+//! 2-core machine spends its time in the controllers.
 
 use std::{
     io::{BufRead, BufReader, Write},
@@ -37,9 +40,15 @@ struct Args {
     /// Endpoint changes to time, one at a time.
     #[arg(long, default_value_t = 50)]
     changes: usize,
+    /// Controller replicas, coordinated through etcd when more than one.
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
     /// Internal: run as the controller child process.
     #[arg(long, hide = true)]
     child: bool,
+    /// Internal: the child is this replica, coordinated through this etcd.
+    #[arg(long, hide = true, num_args = 2, value_names = ["NAME", "ETCD"])]
+    replica: Vec<String>,
 }
 
 /// `NodeStateResponse` without the Service bodies: resources stay undecoded bytes.
@@ -69,7 +78,10 @@ fn main() -> anyhow::Result<()> {
 /// `change` line on stdin, answering on stdout.
 async fn child(args: Args) -> anyhow::Result<()> {
     rlimit::increase_nofile_limit(65_536)?;
-    let controller = TestController::start().await?;
+    let controller = match &args.replica[..] {
+        [name, etcd] => TestController::start_replica(etcd, name, Duration::from_secs(10)).await?,
+        _ => TestController::start().await?,
+    };
     let mut objects = fixtures::cluster(args.agents, args.services, args.endpoints);
     let loaded = Instant::now();
     controller.replace("bench", objects.clone()).await;
@@ -220,49 +232,99 @@ async fn list_nodes(endpoint: &str, agents: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn replicas_len(replicas: usize) -> usize {
+    replicas.max(1)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// One controller child process and its stdout lines.
+struct Replica {
+    child: std::process::Child,
+    to_child: std::process::ChildStdin,
+    lines: mpsc::UnboundedReceiver<String>,
+    address: String,
+}
+
+impl Replica {
+    async fn spawn(args: &Args, replica: Option<(&str, &str)>) -> anyhow::Result<(Self, String)> {
+        let mut command = Command::new(std::env::current_exe()?);
+        command
+            .args(["--child", "--agents", &args.agents.to_string()])
+            .args([
+                "--services",
+                &args.services.to_string(),
+                "--endpoints",
+                &args.endpoints.to_string(),
+            ]);
+        if let Some((name, etcd)) = replica {
+            command.args(["--replica", name, etcd]);
+        }
+        let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        let to_child = child.stdin.take().context("child stdin")?;
+        let (lines_tx, mut lines) = mpsc::unbounded_channel();
+        let stdout = child.stdout.take().context("child stdout")?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let ready = lines.recv().await.context("controller exited")?;
+        let mut words = ready.split_whitespace().skip(1);
+        let address = words.next().context("address")?.to_string();
+        let loaded = words.next().unwrap_or("?").to_string();
+        Ok((
+            Self {
+                child,
+                to_child,
+                lines,
+                address,
+            },
+            loaded,
+        ))
+    }
+
+    async fn ask(&mut self, line: &str) -> anyhow::Result<String> {
+        writeln!(self.to_child, "{line}")?;
+        self.lines.recv().await.context("controller exited")
+    }
+}
+
 async fn driver(args: Args) -> anyhow::Result<()> {
     rlimit::increase_nofile_limit(65_536)?;
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["--child", "--agents", &args.agents.to_string()])
-        .args([
-            "--services",
-            &args.services.to_string(),
-            "--endpoints",
-            &args.endpoints.to_string(),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()?;
-    let mut to_child = child.stdin.take().context("child stdin")?;
-    let (lines_tx, mut lines) = mpsc::unbounded_channel();
-    let stdout = child.stdout.take().context("child stdout")?;
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let ready = lines.recv().await.context("controller exited")?;
-    let mut words = ready.split_whitespace().skip(1);
-    let address = words.next().context("address")?.to_string();
+    let etcd = if args.replicas > 1 {
+        Some(switchyard_integration::etcd::Etcd::start()?)
+    } else {
+        None
+    };
+    let mut replicas = Vec::new();
+    let mut loaded = Vec::new();
+    for r in 0..args.replicas.max(1) {
+        let name = format!("r{r}");
+        let endpoint = etcd.as_ref().map(|e| e.endpoint());
+        let (replica, took) =
+            Replica::spawn(&args, endpoint.as_deref().map(|e| (name.as_str(), e))).await?;
+        replicas.push(replica);
+        loaded.push(took);
+    }
     println!(
-        "cluster: {} nodes, {} services x {} endpoints; controller loaded it in {}",
+        "cluster: {} nodes, {} services x {} endpoints; {} replica(s) loaded it in {}",
         args.agents,
         args.services,
         args.endpoints,
-        words.next().unwrap_or("?")
+        replicas.len(),
+        loaded.join(", ")
     );
 
     let (report, mut reports) = mpsc::unbounded_channel();
     let connected = Arc::new(Barrier::new(args.agents + 1));
     let (stop, stopped) = watch::channel(());
     for n in 0..args.agents {
-        let endpoint = format!("http://{address}");
+        let endpoint = format!("http://{}", replicas[n % replicas.len()].address);
         let (report, connected, mut stopped) = (report.clone(), connected.clone(), stopped.clone());
         tokio::spawn(async move {
             tokio::select! {
@@ -299,8 +361,13 @@ async fn driver(args: Args) -> anyhow::Result<()> {
     let mut bytes_per_node = Vec::new();
     for i in 0..args.changes {
         let sent = Instant::now();
-        writeln!(to_child, "change {i}")?;
-        lines.recv().await.context("controller exited")?;
+        // Every replica watches the same API: each applies the change.
+        for replica in &mut replicas {
+            writeln!(replica.to_child, "change {i}")?;
+        }
+        for replica in &mut replicas {
+            replica.lines.recv().await.context("controller exited")?;
+        }
         let mut acked = 0;
         while acked < args.agents {
             let received = tokio::time::timeout(Duration::from_secs(60), reports.recv())
@@ -326,22 +393,29 @@ async fn driver(args: Args) -> anyhow::Result<()> {
         args.changes
     );
     println!("bytes per node per change (gRPC payload): {mean_bytes:.0} B");
-    list_nodes(&format!("http://{address}"), args.agents).await?;
-    writeln!(to_child, "rss")?;
-    let rss = lines.recv().await.context("controller exited")?;
-    let mut fields = rss.split_whitespace().skip(1);
-    let kib: u64 = fields.next().context("rss")?.parse()?;
-    let (user, system) = (fields.next().unwrap_or("?"), fields.next().unwrap_or("?"));
-    println!(
-        "controller peak RSS: {:.0} MiB ({:.2} MiB per agent); CPU over the whole run: {user} s user, {system} s system",
-        kib as f64 / 1024.0,
-        kib as f64 / 1024.0 / args.agents as f64
-    );
+    // Every replica lists every node (with replicas, most from the etcd registry).
+    for replica in &replicas {
+        list_nodes(&format!("http://{}", replica.address), args.agents).await?;
+    }
+    for (r, replica) in replicas.iter_mut().enumerate() {
+        let rss = replica.ask("rss").await?;
+        let mut fields = rss.split_whitespace().skip(1);
+        let kib: u64 = fields.next().context("rss")?.parse()?;
+        let (user, system) = (fields.next().unwrap_or("?"), fields.next().unwrap_or("?"));
+        let served = args.agents.div_ceil(replicas_len(args.replicas)) as f64;
+        println!(
+            "replica r{r} peak RSS: {:.0} MiB ({:.2} MiB per agent it serves); CPU over the whole run: {user} s user, {system} s system",
+            kib as f64 / 1024.0,
+            kib as f64 / 1024.0 / served
+        );
+    }
     // Agents first, so none reports the controller going away as an error.
     drop(stop);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    drop(to_child);
-    child.kill().ok();
-    child.wait()?;
+    for mut replica in replicas {
+        drop(replica.to_child);
+        replica.child.kill().ok();
+        replica.child.wait()?;
+    }
     Ok(())
 }
