@@ -23,6 +23,12 @@
 //! - `default/edge` LoadBalancer 10.96.0.13, external IP 10.202.0.10, node port 30080,
 //!   `externalTrafficPolicy: Local`, health-check node port 32100;
 //! - `default/sticky` 10.96.0.14:80 with ClientIP affinity.
+//!
+//! A cluster runs one controller by default, or several replicas coordinated through
+//! etcd ([`Layout::replicas`]): each in-process, listening on the node's loopback, fed
+//! by the same manifests folder, and every one of them listed in the agent's
+//! `--controller`. [`Cluster::crash_replica`] drops one as a crash leaves it, and
+//! [`Cluster::join_replica`] starts one on an address the agent already lists.
 
 use std::{
     collections::BTreeSet,
@@ -34,6 +40,7 @@ use std::{
 };
 
 use switchyard_controller::{compute::ComputeOptions, sources::manifests::ManifestSource};
+use tokio::task::AbortHandle;
 
 use crate::{
     cgroup::Cgroup,
@@ -275,11 +282,84 @@ pub struct NodeStream {
     pub removals_sent: u64,
 }
 
-/// Everything one scenario runs: namespaces, backends, controller, agent.
+/// One controller replica of a [`Cluster`] laid out with [`Layout::replicas`]: a
+/// [`TestController`] coordinated through etcd, listening on the node's loopback and
+/// fed by the cluster's manifests folder. Dropping it is a crash: its streams break, its
+/// manifests source stops, and its lease is left to expire.
+pub struct Replica {
+    /// Its `--replica-name`.
+    pub name: String,
+    pub controller: TestController,
+    source: AbortHandle,
+}
+
+impl Replica {
+    /// Whether the node's agent streams from this replica now.
+    pub fn serves_node(&self) -> bool {
+        self.controller
+            .sessions
+            .get(NODE)
+            .is_some_and(|session| session.is_connected())
+    }
+
+    /// Where the agent reaches it (one entry of its `--controller`).
+    pub fn endpoint(&self) -> String {
+        self.controller.endpoint()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.source.abort();
+    }
+}
+
+/// Controller replicas coordinated through etcd, in place of the one controller.
+#[derive(Clone, Debug)]
+pub struct Replicas {
+    /// etcd's client URL (e.g. [`crate::etcd::Etcd::endpoint`]).
+    pub etcd: String,
+    /// The replicas the cluster starts with, by name.
+    pub names: Vec<String>,
+    /// Their lease's time to live: how long a crashed replica stays registered.
+    pub lease: Duration,
+    /// Addresses on the node's loopback that the agent lists after the replicas' but
+    /// where nothing listens yet, for [`Cluster::join_replica`].
+    pub spare: usize,
+}
+
+impl Replicas {
+    /// `names` through the etcd at `etcd`, with a 3 s lease and no spare address.
+    pub fn new(etcd: impl Into<String>, names: &[&str]) -> Self {
+        Self {
+            etcd: etcd.into(),
+            names: names.iter().map(|n| n.to_string()).collect(),
+            lease: Duration::from_secs(3),
+            spare: 0,
+        }
+    }
+
+    /// Lists `n` more addresses to the agent, dead until a replica joins on them.
+    pub fn spare(mut self, n: usize) -> Self {
+        self.spare = n;
+        self
+    }
+}
+
+/// Everything one scenario runs: namespaces, backends, controller (or replicas), agent.
 pub struct Cluster {
     pub topology: Topology,
     _backends: Vec<Backend>,
+    /// The one controller; `None` with [`Layout::replicas`] (see [`Cluster::replicas`]).
     pub controller: Option<TestController>,
+    /// The live replicas, with [`Layout::replicas`].
+    replicas: Vec<Replica>,
+    /// How the replicas coordinate, for [`Cluster::join_replica`].
+    coordination: Option<Replicas>,
+    /// Addresses the agent lists where no replica runs yet.
+    spare: Vec<SocketAddr>,
+    /// The agent's `--controller`, fixed at start: every address it may use.
+    controllers: String,
     agent: NsChild,
     spec: AgentSpec,
     pub manifests: tempfile::TempDir,
@@ -310,6 +390,8 @@ pub struct Layout {
     /// How long the agent may take to forward after it starts, and to clean up
     /// ([`PATIENCE`] unless a large cluster needs more).
     pub patience: Duration,
+    /// Controller replicas through etcd instead of the one controller (`None`).
+    pub replicas: Option<Replicas>,
 }
 
 impl Layout {
@@ -323,6 +405,7 @@ impl Layout {
             files: Vec::new(),
             await_service: None,
             patience: PATIENCE,
+            replicas: None,
         }
     }
 }
@@ -369,19 +452,74 @@ impl Cluster {
                 .args([flag.clone(), cgroup.path().display().to_string()]),
             _ => spec,
         };
-        let controller = start_controller(&topology, manifests_dir.path(), 0).await;
+        let (controller, replicas, spare) = match &layout.replicas {
+            None => (
+                Some(start_controller(&topology, manifests_dir.path(), 0).await),
+                Vec::new(),
+                Vec::new(),
+            ),
+            Some(coordination) => {
+                let mut replicas = Vec::new();
+                for name in &coordination.names {
+                    replicas.push(
+                        start_replica(&topology, manifests_dir.path(), coordination, name, 0).await,
+                    );
+                }
+                let spare = (0..coordination.spare)
+                    .map(|_| {
+                        topology
+                            .node()
+                            .tcp_listener(SocketAddr::from(([127, 0, 0, 1], 0)))
+                            .and_then(|l| {
+                                l.local_addr()
+                                    .map_err(|e| NetnsError::io("spare replica address", e))
+                            })
+                            .unwrap()
+                    })
+                    .collect();
+                (None, replicas, spare)
+            }
+        };
+        let hubs: Vec<&TestController> = controller
+            .iter()
+            .chain(replicas.iter().map(|r| &r.controller))
+            .collect();
         if let Some(service) = &layout.await_service {
-            let mut generations = controller.hub.generations.clone();
-            tokio::time::timeout(PATIENCE * 6, generations.wait_for(|g| g.contains(service)))
-                .await
-                .unwrap_or_else(|_| panic!("the controller never held {service}"))
-                .expect("the hub runs");
+            for hub in &hubs {
+                let mut generations = hub.hub.generations.clone();
+                tokio::time::timeout(PATIENCE * 6, generations.wait_for(|g| g.contains(service)))
+                    .await
+                    .unwrap_or_else(|_| panic!("the controller never held {service}"))
+                    .expect("the hub runs");
+            }
         }
-        let agent = spawn_agent(&topology, &spec, &controller, state.path());
+        if !replicas.is_empty() {
+            // Every replica computes from the same folder: none may serve the agent a
+            // partial cluster.
+            let deadline = Instant::now() + PATIENCE;
+            while !same_names(&replicas) {
+                assert!(
+                    Instant::now() < deadline,
+                    "the replicas never held the same Services"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        let controllers = hubs
+            .iter()
+            .map(|c| c.endpoint())
+            .chain(spare.iter().map(|a: &SocketAddr| format!("http://{a}")))
+            .collect::<Vec<_>>()
+            .join(",");
+        let agent = spawn_agent(&topology, &spec, &controllers, state.path());
         let cluster = Self {
             topology,
             _backends: backends,
-            controller: Some(controller),
+            controller,
+            replicas,
+            coordination: layout.replicas.clone(),
+            spare,
+            controllers,
             agent,
             spec,
             manifests: manifests_dir,
@@ -525,10 +663,9 @@ impl Cluster {
     /// binary with `--cleanup` and the same flags, which removes everything it made.
     pub fn stop_and_clean_up_agent(&mut self) -> Result<(), NetnsError> {
         self.agent.terminate(Duration::from_secs(5))?;
-        let controller = self.controller.as_ref().expect("controller running");
         let mut spec = self.spec.clone();
         spec.extra_args.push("--cleanup".into());
-        let mut cleanup = spawn_agent(&self.topology, &spec, controller, self.state.path());
+        let mut cleanup = spawn_agent(&self.topology, &spec, &self.controllers, self.state.path());
         let deadline = Instant::now() + self.patience;
         loop {
             if let Some(status) = cleanup.try_wait()? {
@@ -554,8 +691,96 @@ impl Cluster {
     /// Stops the agent (SIGTERM) and starts a new one over the same state directory.
     pub fn restart_agent(&mut self) {
         self.agent.terminate(Duration::from_secs(5)).unwrap();
-        let controller = self.controller.as_ref().expect("controller running");
-        self.agent = spawn_agent(&self.topology, &self.spec, controller, self.state.path());
+        self.agent = spawn_agent(
+            &self.topology,
+            &self.spec,
+            &self.controllers,
+            self.state.path(),
+        );
+    }
+
+    /// The live replicas, in the order started (with [`Layout::replicas`]).
+    pub fn replicas(&self) -> &[Replica] {
+        &self.replicas
+    }
+
+    /// The replica named `name`, if it runs.
+    pub fn replica(&self, name: &str) -> Option<&Replica> {
+        self.replicas.iter().find(|r| r.name == name)
+    }
+
+    /// The replica the node's agent streams from now, by its own sessions.
+    pub fn serving_replica(&self) -> Option<&Replica> {
+        self.replicas.iter().find(|r| r.serves_node())
+    }
+
+    /// Crashes the replica named `name`: dropped, its streams break and its lease is
+    /// left to expire. Panics if no such replica runs.
+    pub fn crash_replica(&mut self, name: &str) {
+        let at = self
+            .replicas
+            .iter()
+            .position(|r| r.name == name)
+            .unwrap_or_else(|| panic!("no replica {name} runs"));
+        drop(self.replicas.remove(at));
+    }
+
+    /// Starts replica `name` on the next spare address (one the agent lists but where
+    /// nothing listened) and waits until it holds the Services the other replicas hold.
+    pub async fn join_replica(&mut self, name: &str) -> &Replica {
+        let coordination = self
+            .coordination
+            .clone()
+            .expect("a cluster laid out with replicas");
+        assert!(!self.spare.is_empty(), "no spare address left to join on");
+        let address = self.spare.remove(0);
+        let replica = start_replica(
+            &self.topology,
+            self.manifests.path(),
+            &coordination,
+            name,
+            address.port(),
+        )
+        .await;
+        self.replicas.push(replica);
+        let deadline = Instant::now() + PATIENCE;
+        while !same_names(&self.replicas) {
+            assert!(
+                Instant::now() < deadline,
+                "{name} never held what the other replicas hold"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.replicas.last().expect("just pushed")
+    }
+
+    /// [`NODE`] as `replica`'s `ControllerQuery/ListNodes` shows it (asked from the node
+    /// namespace, where the replica listens); `None` if it does not list the node.
+    pub fn listed_node(
+        &self,
+        replica: &Replica,
+    ) -> anyhow::Result<Option<switchyard_proto::v1::NodeStatus>> {
+        use switchyard_proto::v1::{
+            ListNodesRequest, controller_query_client::ControllerQueryClient,
+        };
+        let endpoint = replica.endpoint();
+        self.node().run(move || {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let mut client = ControllerQueryClient::connect(endpoint).await?;
+                    let nodes = client
+                        .list_nodes(ListNodesRequest {
+                            page_size: 500,
+                            page_token: String::new(),
+                        })
+                        .await?
+                        .into_inner()
+                        .nodes;
+                    Ok(nodes.into_iter().find(|n| n.node_name == NODE))
+                })
+        })?
     }
 
     pub fn client(&self) -> &Netns {
@@ -658,6 +883,53 @@ impl Cluster {
 /// The controller (in-process), listening on the node's own loopback where the agent
 /// looks for it (`port` 0: any), fed by a manifests source on `dir`.
 pub async fn start_controller(topology: &Topology, dir: &Path, port: u16) -> TestController {
+    let listener = node_listener(topology, port).await;
+    let controller = TestController::start_on(listener, ComputeOptions::default())
+        .await
+        .unwrap();
+    tokio::spawn(ManifestSource::new(dir).run(controller.updates.clone()));
+    controller
+}
+
+/// A controller replica named `name` like [`start_controller`]'s controller, coordinated
+/// through `coordination`'s etcd (the replica's etcd client runs in this process, in the
+/// host namespace, and reaches etcd there).
+pub async fn start_replica(
+    topology: &Topology,
+    dir: &Path,
+    coordination: &Replicas,
+    name: &str,
+    port: u16,
+) -> Replica {
+    let listener = node_listener(topology, port).await;
+    let controller = TestController::start_replica_on(
+        listener,
+        &coordination.etcd,
+        name,
+        coordination.lease,
+        None,
+    )
+    .await
+    .unwrap();
+    let source = tokio::spawn(ManifestSource::new(dir).run(controller.updates.clone()));
+    Replica {
+        name: name.to_owned(),
+        controller,
+        source: source.abort_handle(),
+    }
+}
+
+/// Whether every replica's hub holds the same Services, at least one.
+fn same_names(replicas: &[Replica]) -> bool {
+    let names: Vec<_> = replicas
+        .iter()
+        .map(|r| r.controller.hub.generations.borrow().sorted_names())
+        .collect();
+    names.first().is_some_and(|first| !first.is_empty()) && names.windows(2).all(|w| w[0] == w[1])
+}
+
+/// A listener on the node namespace's loopback (`port` 0: any).
+async fn node_listener(topology: &Topology, port: u16) -> tokio::net::TcpListener {
     // A controller just dropped on `port` may hold its listener until its aborted task
     // is next polled: retry for a moment rather than race it.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -675,25 +947,15 @@ pub async fn start_controller(topology: &Topology, dir: &Path, port: u16) -> Tes
         }
     };
     listener.set_nonblocking(true).unwrap();
-    let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-    let controller = TestController::start_on(listener, ComputeOptions::default())
-        .await
-        .unwrap();
-    tokio::spawn(ManifestSource::new(dir).run(controller.updates.clone()));
-    controller
+    tokio::net::TcpListener::from_std(listener).unwrap()
 }
 
 /// The agent binary inside the node namespace.
-fn spawn_agent(
-    topology: &Topology,
-    spec: &AgentSpec,
-    controller: &TestController,
-    state: &Path,
-) -> NsChild {
+fn spawn_agent(topology: &Topology, spec: &AgentSpec, controllers: &str, state: &Path) -> NsChild {
     let mut argv: Vec<OsString> = vec![
         spec.binary.clone().into(),
         "--controller".into(),
-        controller.endpoint().into(),
+        controllers.into(),
         "--node-name".into(),
         NODE.into(),
         "--state-dir".into(),
