@@ -262,7 +262,10 @@ impl Replica {
         if let Some((name, etcd)) = replica {
             command.args(["--replica", name, etcd]);
         }
-        let mut child = command.stdin(Stdio::piped()).stdout(Stdio::piped()).spawn()?;
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
         let to_child = child.stdin.take().context("child stdin")?;
         let (lines_tx, mut lines) = mpsc::unbounded_channel();
         let stdout = child.stdout.take().context("child stdout")?;
@@ -409,9 +412,10 @@ async fn driver(args: Args) -> anyhow::Result<()> {
             kib as f64 / 1024.0 / served
         );
     }
-    // Agents first, so none reports the controller going away as an error.
+    // Agents first, so none reports the controller going away as an error (thousands
+    // of agent tasks take a moment to see the stop on two cores).
     drop(stop);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
     for mut replica in replicas {
         drop(replica.to_child);
         replica.child.kill().ok();
