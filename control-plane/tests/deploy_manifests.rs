@@ -11,7 +11,7 @@
 use std::{path::Path, process::Command};
 
 use k8s_openapi::api::{
-    apps::v1::{DaemonSet, Deployment},
+    apps::v1::{DaemonSet, Deployment, StatefulSet},
     core::v1 as core,
     policy::v1::PodDisruptionBudget,
     rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
@@ -19,11 +19,12 @@ use k8s_openapi::api::{
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// The kustomizations `kubectl apply -k` is pointed at.
-const KUSTOMIZATIONS: [&str; 4] = [
+const KUSTOMIZATIONS: [&str; 5] = [
     "base",
     "overlays/single-controller",
     "overlays/mtls",
     "overlays/node-pools",
+    "overlays/controller-replicas",
 ];
 
 /// `doc` parsed as `T` and written back.
@@ -85,6 +86,7 @@ fn every_manifest_parses_as_its_kind() {
             let roundtrip = match kind.as_str() {
                 "DaemonSet" => roundtrip::<DaemonSet>(doc),
                 "Deployment" => roundtrip::<Deployment>(doc),
+                "StatefulSet" => roundtrip::<StatefulSet>(doc),
                 "PodDisruptionBudget" => roundtrip::<PodDisruptionBudget>(doc),
                 "ConfigMap" => roundtrip::<core::ConfigMap>(doc),
                 "Service" => roundtrip::<core::Service>(doc),

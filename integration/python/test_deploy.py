@@ -7,9 +7,10 @@ in strict mode (an unknown field fails), for every release in SCHEMA_VERSIONS. T
 images carry the workspace's version and never `latest`; every container has readiness
 and liveness probes on the port its binary serves them on, and resource requests and
 limits; every flag a container passes exists in that binary's `--help` (the real binaries:
-SWITCHYARD_CONTROLLER and SWITCHYARD_AGENT, which scripts/test.sh sets) and every $(VAR)
-it uses is defined; the RBAC, the mTLS wiring and the node pools are what their comments
-say. deploy/container/Containerfile cannot be built here (no container engine), so it is
+SWITCHYARD_CONTROLLER and SWITCHYARD_AGENT, which scripts/test.sh sets; etcd's against
+Debian's etcd-server) and every $(VAR) it uses is defined; the RBAC, the mTLS wiring, the
+node pools and the controller replicas with their etcd are what their comments say.
+deploy/container/Containerfile cannot be built here (no container engine), so it is
 checked statically: it builds and copies real workspace binaries, and its runtime stage
 installs every tool the agent runs.
 """
@@ -29,7 +30,8 @@ from kubernetes_validate import utils as kubernetes_validate
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
 CONTAINERFILE = ROOT / "deploy" / "container" / "Containerfile"
-KUSTOMIZATIONS = ["base", "overlays/single-controller", "overlays/mtls", "overlays/node-pools"]
+REPLICAS = "overlays/controller-replicas"
+KUSTOMIZATIONS = ["base", "overlays/single-controller", "overlays/mtls", "overlays/node-pools", REPLICAS]
 # Current Kubernetes releases whose schemas kubernetes-validate 1.37.0 ships.
 SCHEMA_VERSIONS = ["1.34", "1.35", "1.36", "1.37"]
 IMAGE = "ghcr.io/switchyard-io/switchyard"
@@ -37,6 +39,15 @@ BINARIES = {
     "switchyard-controller": os.environ.get("SWITCHYARD_CONTROLLER"),
     "switchyard-agent": os.environ.get("SWITCHYARD_AGENT"),
 }
+# The other images a kustomization may run, each with the program its containers run and
+# the form of a release tag. etcd: registry.k8s.io/etcd's `3.5.21-0` or quay.io's `v3.5.21`.
+OTHER_IMAGES = {
+    "registry.k8s.io/etcd": ("etcd", r"3\.\d+\.\d+-\d+"),
+    "quay.io/coreos/etcd": ("etcd", r"v3\.\d+\.\d+"),
+}
+# Where a program that is not a switchyard binary serves its probes: the flag naming
+# the URLs it listens on.
+OTHER_PROBE_FLAGS = {"etcd": ("--listen-metrics-urls", "--listen-client-urls")}
 # The Debian (bookworm) package that installs each program the agent runs.
 TOOL_PACKAGES = {"conntrack": "conntrack", "ipset": "ipset", "modprobe": "kmod"}
 TOOL_PACKAGES.update(
@@ -115,6 +126,23 @@ def flags(container):
     return found
 
 
+def split_image(image):
+    """(name, tag) of an image reference; the tag is "" when it has none."""
+    name, _, tag = image.rpartition(":")
+    if "/" in tag or not name:  # a registry port, not a tag
+        return image, ""
+    return name, tag
+
+
+def is_switchyard(container):
+    return split_image(container.get("image", ""))[0] == IMAGE
+
+
+def port_of(url):
+    """The port of a URL or HOST:PORT (one of a comma-separated list: the first)."""
+    return int(url.split(",")[0].rstrip("/").rpartition(":")[2])
+
+
 def workspace():
     return tomllib.loads((ROOT / "Cargo.toml").read_text())
 
@@ -125,15 +153,24 @@ def workspace_version():
 
 @functools.cache
 def help_flags(binary):
-    path = BINARIES[binary]
-    if not path or not os.access(path, os.X_OK):
-        pytest.fail(
-            f"SWITCHYARD_{binary.removeprefix('switchyard-').upper()} must name the built "
-            f"{binary} binary (scripts/test.sh sets it)"
-        )
+    if binary == "etcd":
+        # Debian's etcd-server (3.4 on bookworm; scripts/test.sh installs it for the
+        # replica tests), where the image runs 3.5: the flags a member needs are the same.
+        path = os.environ.get("ETCD") or shutil.which("etcd")
+        if not path:
+            pytest.fail("etcd not found: install etcd-server (scripts/test.sh does) or set ETCD")
+    else:
+        path = BINARIES[binary]
+        if not path or not os.access(path, os.X_OK):
+            pytest.fail(
+                f"SWITCHYARD_{binary.removeprefix('switchyard-').upper()} must name the built "
+                f"{binary} binary (scripts/test.sh sets it)"
+            )
     text = subprocess.run([path, "--help"], capture_output=True, text=True, check=True).stdout
     found = set(re.findall(r"^\s+(?:-\w, )?(--[a-z0-9][a-z0-9-]*)", text, re.M))
-    assert "--help" in found and len(found) > 3, f"no flags read from {binary} --help"
+    # etcd's help lists no --help, clap's always does.
+    sentinel = "--name" if binary == "etcd" else "--help"
+    assert sentinel in found and len(found) > 3, f"no flags read from {binary} --help"
     return found
 
 
@@ -156,19 +193,22 @@ def test_every_object_validates_against_the_kubernetes_schemas(kustomization):
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
-def test_images_are_tagged_with_the_workspace_version(kustomization):
+def test_images_are_tagged_with_the_workspace_version_or_a_release(kustomization):
     version = workspace_version()
     seen = 0
     for where, c, _, _ in containers(kustomization):
         image = c.get("image", "")
-        name, _, tag = image.rpartition(":")
-        if "/" in tag or not name:  # a registry port, not a tag
-            name, tag = image, ""
+        name, tag = split_image(image)
         assert tag and tag != "latest", f"{where}: image {image!r} needs a real version tag"
-        assert name == IMAGE, f"{where}: image {image!r} is not {IMAGE}"
-        assert tag == version, f"{where}: {image} is not the workspace version {version}"
-        seen += 1
-    assert seen, f"{kustomization} runs no container"
+        if name == IMAGE:
+            assert tag == version, f"{where}: {image} is not the workspace version {version}"
+            seen += 1
+            continue
+        assert name in OTHER_IMAGES, f"{where}: image {image!r} is neither {IMAGE} nor one of {sorted(OTHER_IMAGES)}"
+        program, release = OTHER_IMAGES[name]
+        assert re.fullmatch(release, tag), f"{where}: {image} is not a release tag of {name}"
+        assert c.get("command", [None])[0] == program, f"{where}: {name} runs {program}"
+    assert seen, f"{kustomization} runs no switchyard container"
 
 
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
@@ -189,10 +229,14 @@ def test_every_flag_exists_in_the_binary_it_is_passed_to(kustomization):
         command = c.get("command", [])
         assert command, f"{where}: the image has no entrypoint to rely on; name the binary in command"
         program = command[0]
-        if program not in BINARIES:
+        if program not in BINARIES and is_switchyard(c):
             # Only the ebpf pool's init container, which mounts bpffs with the base image's sh.
             assert init and program == "/bin/sh", f"{where}: runs {program!r}, not a switchyard binary"
             continue
+        if not is_switchyard(c):
+            # Another image's program (its image and program: the image tag test).
+            known = {program for program, _ in OTHER_IMAGES.values()}
+            assert program in known, f"{where}: runs {program!r}, which this test does not know"
         unknown = sorted(set(flags(c)) - help_flags(program))
         assert not unknown, f"{where}: {program} has no {unknown} (see {program} --help)"
         defined = {e["name"] for e in c.get("env", [])}
@@ -205,8 +249,18 @@ def test_every_flag_exists_in_the_binary_it_is_passed_to(kustomization):
 def test_probes_ask_the_port_the_binary_serves_them_on(kustomization):
     listen_flag = {"switchyard-controller": "--http-listen", "switchyard-agent": "--healthz-listen"}
     for where, c, _, _ in containers(kustomization, init=False):
-        address = flags(c).get(listen_flag[c["command"][0]])
-        assert address, f"{where}: no {listen_flag[c['command'][0]]}"
+        program = c["command"][0]
+        if program in OTHER_PROBE_FLAGS:
+            # etcd: /health, on its metrics or client URL.
+            ports = {port_of(flags(c)[f]) for f in OTHER_PROBE_FLAGS[program] if flags(c).get(f)}
+            assert ports, f"{where}: none of {OTHER_PROBE_FLAGS[program]}"
+            for probe in ("readinessProbe", "livenessProbe"):
+                get = c[probe]["httpGet"]
+                assert get["port"] in ports, f"{where}: {probe} is not on a port of {OTHER_PROBE_FLAGS[program]}"
+                assert get["path"].split("?")[0] == "/health", f"{where}: {probe} does not ask /health"
+            continue
+        address = flags(c).get(listen_flag[program])
+        assert address, f"{where}: no {listen_flag[program]}"
         port = int(address.rpartition(":")[2])
         for probe in ("readinessProbe", "livenessProbe"):
             assert c[probe]["httpGet"]["port"] == port, f"{where}: {probe} is not on {address}"
@@ -369,6 +423,215 @@ def test_node_pools_run_one_fixed_dataplane_each_with_only_what_it_needs():
         assert security(dataplane)["allowPrivilegeEscalation"] is False
 
 
+def env_source(container, var):
+    """Where an env var of the container comes from: its downward-API field
+    (`fieldRef`), ConfigMap key (`configMapKeyRef`), or literal value."""
+    for e in container.get("env", []):
+        if e["name"] == var:
+            source = e.get("valueFrom", {})
+            if "fieldRef" in source:
+                return ("field", source["fieldRef"]["fieldPath"])
+            if "configMapKeyRef" in source:
+                return ("configmap", source["configMapKeyRef"]["name"], source["configMapKeyRef"]["key"])
+            return ("value", e.get("value"))
+    return None
+
+
+def expanded_var(value, where, flag):
+    """The VAR of a flag value `$(VAR)` followed by anything, and what follows."""
+    m = re.fullmatch(r"\$\((\w+)\)(.*)", value or "")
+    assert m, f"{where}: {flag}={value!r} does not come from an env var"
+    return m.group(1), m.group(2)
+
+
+def replicas_controller():
+    deployment = one(REPLICAS, "Deployment", "switchyard-controller")
+    pod = deployment["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    return deployment, pod, c
+
+
+def etcd_members():
+    """The etcd StatefulSet, its pod spec, its etcd container and its headless Service."""
+    found = [
+        s
+        for s in objects(REPLICAS, "StatefulSet")
+        if any(c["command"][0] == "etcd" for c in s["spec"]["template"]["spec"]["containers"])
+    ]
+    assert len(found) == 1, f"{REPLICAS}: one etcd StatefulSet, found {len(found)}"
+    (statefulset,) = found
+    pod = statefulset["spec"]["template"]["spec"]
+    (etcd,) = pod["containers"]
+    service = one(REPLICAS, "Service", statefulset["spec"]["serviceName"])
+    return statefulset, pod, etcd, service
+
+
+def test_replicas_three_controllers_each_named_and_advertised_by_the_downward_api():
+    deployment, pod, c = replicas_controller()
+    where = f"{REPLICAS}: switchyard-controller"
+    assert deployment["spec"]["replicas"] == 3, f"{where}: {deployment['spec']['replicas']} replicas, not 3"
+    given = flags(c)
+    base = flags(one("base", "Deployment", "switchyard-controller")["spec"]["template"]["spec"]["containers"][0])
+    assert base.items() <= given.items(), f"{where}: lost flags of the base"
+    # The base's one-per-node anti-affinity is checked for every kustomization; here the
+    # budget allows one replica down.
+    budget = one(REPLICAS, "PodDisruptionBudget", "switchyard-controller")
+    assert budget["spec"].get("maxUnavailable") == 1, f"{where}: the budget allows {budget['spec']}"
+
+    # --replica-name, or without it POD_NAME (its env fallback), is the pod's name.
+    var, rest = expanded_var(given.get("--replica-name", "$(POD_NAME)"), where, "--replica-name")
+    assert not rest, f"{where}: --replica-name is more than $({var})"
+    assert env_source(c, var) == ("field", "metadata.name"), (
+        f"{where}: --replica-name's $({var}) is {env_source(c, var)}, not the downward API's metadata.name"
+    )
+    # --advertise-address is the pod's IP, which on the host network is its node's (the
+    # address agents list), and the port agents dial.
+    assert pod.get("hostNetwork") is True, f"{where}: not on the host network"
+    var, rest = expanded_var(given.get("--advertise-address"), where, "--advertise-address")
+    assert env_source(c, var) == ("field", "status.podIP"), (
+        f"{where}: --advertise-address's $({var}) is {env_source(c, var)}, not the downward API's status.podIP"
+    )
+    assert rest == f":{port_of(given['--listen'])}", f"{where}: --advertise-address is not $({var}):<--listen's port>"
+
+
+def test_replicas_agents_list_one_address_per_replica_on_the_nodes_the_replicas_are_pinned_to():
+    deployment, pod, c = replicas_controller()
+    where = f"{REPLICAS}: switchyard-controller"
+    # The agents list node addresses, so the replicas must run on known nodes: the
+    # control-plane nodes.
+    required = pod.get("affinity", {}).get("nodeAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution")
+    assert required, f"{where}: not pinned to any nodes, so the agents cannot list their addresses"
+    assert {"key": "node-role.kubernetes.io/control-plane", "operator": "Exists"} in [
+        e for term in required["nodeSelectorTerms"] for e in term.get("matchExpressions", [])
+    ], f"{where}: not pinned to the control-plane nodes: {required}"
+    # Every pinned node runs a replica: a surge pod would never be scheduled.
+    rolling = deployment["spec"]["strategy"]["rollingUpdate"]
+    assert rolling["maxSurge"] == 0 and rolling["maxUnavailable"] == 1, f"{where}: rollout {rolling} stalls"
+
+    listen_port = port_of(flags(c)["--listen"])
+    scheme = "https" if "--tls-cert" in flags(c) else "http"
+    daemonsets = objects(REPLICAS, "DaemonSet")
+    assert daemonsets, f"{REPLICAS}: no agent"
+    for daemonset in daemonsets:
+        (agent,) = daemonset["spec"]["template"]["spec"]["containers"]
+        where = f"{REPLICAS}: {daemonset['metadata']['name']}"
+        var, rest = expanded_var(flags(agent).get("--controller"), where, "--controller")
+        assert not rest, f"{where}: --controller is more than $({var})"
+        source = env_source(agent, var)
+        assert source and source[0] == "configmap", f"{where}: $({var}) is {source}, not a ConfigMap key"
+        _, name, key = source
+        listed = one(REPLICAS, "ConfigMap", name)["data"][key].split(",")
+        assert len(listed) == deployment["spec"]["replicas"], (
+            f"{where}: lists {len(listed)} controllers for {deployment['spec']['replicas']} replicas: {listed}"
+        )
+        assert len(set(listed)) == len(listed), f"{where}: lists a controller twice: {listed}"
+        for url in listed:
+            m = re.fullmatch(r"(https?)://([^/:]+|\[[0-9a-fA-F:]+\]):(\d+)", url)
+            assert m, f"{where}: {url!r} is not SCHEME://HOST:PORT"
+            assert m.group(1) == scheme, f"{where}: {url} is not {scheme}://, as the controller serves"
+            assert int(m.group(3)) == listen_port, f"{where}: {url} is not on the controller's port {listen_port}"
+            # Not a Service's name: agents resolve with the node's resolver.
+            assert not m.group(2).endswith((".svc", ".cluster.local")), f"{where}: {url} needs cluster DNS"
+
+
+def test_replicas_every_controller_names_exactly_the_etcd_members_deployed():
+    statefulset, pod, etcd, service = etcd_members()
+    name, namespace = statefulset["metadata"]["name"], statefulset["metadata"]["namespace"]
+    where = f"{REPLICAS}: {name}"
+    members = statefulset["spec"]["replicas"]
+    assert members == 3, f"{where}: {members} members, not 3"
+    given = flags(etcd)
+    scheme = "https" if given.get("--cert-file") else "http"
+
+    # The headless Service gives each member its name, before it is ready.
+    assert service["spec"].get("clusterIP") == "None", f"{where}: {service['metadata']['name']} is not headless"
+    assert service["metadata"]["namespace"] == namespace
+    assert service["spec"]["selector"].items() <= statefulset["spec"]["template"]["metadata"]["labels"].items()
+    assert service["spec"].get("publishNotReadyAddresses") is True, (
+        f"{where}: members cannot resolve each other before they are ready"
+    )
+    # A member is ready only with a quorum: they must start together.
+    assert statefulset["spec"].get("podManagementPolicy") == "Parallel", (
+        f"{where}: OrderedReady waits for member 0 to be ready alone, which it never is"
+    )
+    client_port = port_of(given["--listen-client-urls"])
+    peer_port = port_of(given["--listen-peer-urls"])
+    assert {client_port, peer_port} <= {p["port"] for p in service["spec"]["ports"]}
+    hosts = [f"{name}-{i}.{service['metadata']['name']}.{namespace}.svc" for i in range(members)]
+
+    # Each member names itself by its pod name and advertises its name under the Service.
+    var, rest = expanded_var(given.get("--name"), where, "--name")
+    assert not rest and env_source(etcd, var) == ("field", "metadata.name"), f"{where}: --name is not the pod's name"
+    own = f"$({var}).{service['metadata']['name']}.{namespace}.svc"
+    assert given["--initial-advertise-peer-urls"] == f"{scheme}://{own}:{peer_port}"
+    assert given["--advertise-client-urls"] == f"{scheme}://{own}:{client_port}"
+    initial = dict(member.split("=", 1) for member in given["--initial-cluster"].split(","))
+    assert initial == {f"{name}-{i}": f"{scheme}://{hosts[i]}:{peer_port}" for i in range(members)}, (
+        f"{where}: --initial-cluster is not the StatefulSet's {members} members: {initial}"
+    )
+
+    # Every controller lists exactly those members' client URLs, and resolves them.
+    deployment, controller_pod, c = replicas_controller()
+    endpoints = flags(c).get("--etcd-endpoints", "").split(",")
+    wanted = [f"{scheme}://{host}:{client_port}" for host in hosts]
+    assert sorted(endpoints) == sorted(wanted), (
+        f"{REPLICAS}: switchyard-controller's --etcd-endpoints {endpoints} are not the members {wanted}"
+    )
+    assert ("--etcd-ca" in flags(c)) == (scheme == "https"), f"{REPLICAS}: etcd serves {scheme}, the controller differs"
+    # On the host network the node's resolver answers (dnsPolicy Default, or unset:
+    # ClusterFirst falls back to it there); the members' names need cluster DNS.
+    assert controller_pod.get("dnsPolicy") == "ClusterFirstWithHostNet", (
+        f"{REPLICAS}: switchyard-controller cannot resolve {hosts[0]} with dnsPolicy {controller_pod.get('dnsPolicy')}"
+    )
+
+
+def test_replicas_etcd_is_a_release_with_probes_resources_storage_and_a_budget():
+    statefulset, pod, etcd, _ = etcd_members()
+    where = f"{REPLICAS}: {statefulset['metadata']['name']}"
+    name, tag = split_image(etcd["image"])
+    assert name in OTHER_IMAGES and OTHER_IMAGES[name][0] == "etcd", f"{where}: {etcd['image']} is no etcd image"
+    m = re.fullmatch(r"v?3\.(\d+)\.(\d+)(?:-\d+)?", tag)
+    # 3.5: the health checks' `serializable` and `exclude`, the v3 API etcd-client speaks.
+    assert m and int(m.group(1)) >= 5, f"{where}: {etcd['image']} is not a release of etcd 3.5 or later"
+
+    given = flags(etcd)
+    probe_ports = {port_of(given[f]) for f in OTHER_PROBE_FLAGS["etcd"] if given.get(f)}
+    assert probe_ports, f"{where}: etcd listens on no URL its probes could ask"
+    for probe in ("livenessProbe", "readinessProbe"):
+        get = etcd.get(probe, {}).get("httpGet", {})
+        assert get.get("path", "").split("?")[0] == "/health", f"{where}: {probe} does not ask /health"
+        assert get.get("port") in probe_ports, f"{where}: {probe} is on {get.get('port')}, not etcd's {probe_ports}"
+    # A member cut off from the others has no leader: alive all the same (restarting it
+    # would not help), only not ready.
+    assert "serializable=true" in etcd["livenessProbe"]["httpGet"]["path"], f"{where}: liveness needs a leader"
+    for kind in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            assert etcd.get("resources", {}).get(kind, {}).get(resource), f"{where}: no {resource} {kind}"
+
+    # The data folder is on a volume (the root file system is read-only): one claimed per
+    # member, or an emptyDir.
+    data = given["--data-dir"].rstrip("/") + "/"
+    mounts = [m for m in etcd.get("volumeMounts", []) if data.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mounts, f"{where}: --data-dir {given['--data-dir']} is on no volume"
+    volume = max(mounts, key=lambda m: len(m["mountPath"]))["name"]
+    claims = {t["metadata"]["name"] for t in statefulset["spec"].get("volumeClaimTemplates", [])}
+    empty_dirs = {v["name"] for v in pod.get("volumes", []) if "emptyDir" in v}
+    assert volume in claims | empty_dirs, f"{where}: --data-dir is on {volume}, neither a claim nor an emptyDir"
+    assert etcd["securityContext"]["readOnlyRootFilesystem"] is True
+
+    # One member per node, and a drain takes one at a time: a quorum of three survives one.
+    labels = statefulset["spec"]["template"]["metadata"]["labels"]
+    (term,) = pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["topologyKey"] == "kubernetes.io/hostname", f"{where}: members may share a node"
+    assert term["labelSelector"]["matchLabels"].items() <= labels.items()
+    budgets = [
+        b for b in objects(REPLICAS, "PodDisruptionBudget") if b["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    ]
+    assert len(budgets) == 1, f"{where}: {len(budgets)} disruption budgets"
+    assert budgets[0]["spec"].get("maxUnavailable") == 1, f"{where}: budget {budgets[0]['spec']}"
+    assert pod.get("automountServiceAccountToken") is False, f"{where}: etcd needs no API token"
+
+
 # ---------------------------------------------------------------- the container build
 
 
@@ -456,7 +719,8 @@ def test_the_containerfile_builds_and_copies_real_workspace_binaries():
     for kustomization in KUSTOMIZATIONS:
         for where, c, _, _ in containers(kustomization):
             program = c["command"][0]
-            assert program in installed or program == "/bin/sh", f"{where}: {program} is not in the image"
+            if is_switchyard(c):
+                assert program in installed or program == "/bin/sh", f"{where}: {program} is not in the image"
 
     user = [rest for keyword, rest in runtime if keyword == "USER"]
     assert user and not user[-1].startswith(("0", "root")), "the image's default user is not root"
