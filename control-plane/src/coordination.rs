@@ -438,7 +438,8 @@ impl Round<'_> {
         let prefix = &self.options.prefix;
         let generation = self.generations.borrow().clone();
         let now = SystemTime::now();
-        let mut ops = Vec::new();
+        // Node, the status bytes compared next time, and the write.
+        let mut puts: Vec<(String, Vec<u8>, TxnOp)> = Vec::new();
         let mut live = HashSet::new();
         for session in self.sessions.all() {
             if !session.is_connected() {
@@ -456,12 +457,19 @@ impl Round<'_> {
                 written: Some(now.into()),
             };
             let key = format!("{prefix}/sessions/{}", session.node);
-            let put = TxnOp::put(
-                key,
-                record.encode_to_vec(),
-                Some(PutOptions::new().with_lease(lease)),
-            );
-            ops.push((session.node.clone(), Some(bytes), vec![put], Vec::new()));
+            let with_lease = Some(PutOptions::new().with_lease(lease));
+            let put = TxnOp::put(key, record.encode_to_vec(), with_lease);
+            puts.push((session.node.clone(), bytes, put));
+        }
+        for chunk in puts.chunks(OPS_PER_TXN) {
+            let ops: Vec<TxnOp> = chunk.iter().map(|(_, _, put)| put.clone()).collect();
+            client
+                .txn(Txn::new().and_then(ops))
+                .await
+                .context("writing session records")?;
+            for (node, bytes, _) in chunk {
+                self.published.insert(node.clone(), bytes.clone());
+            }
         }
         let closed: Vec<String> = self
             .published
@@ -470,36 +478,14 @@ impl Round<'_> {
             .cloned()
             .collect();
         for node in closed {
+            // Only while the record is still this replica's: the node may have moved on.
             let key = format!("{prefix}/sessions/{node}");
             let mine = Compare::lease(key.clone(), CompareOp::Equal, lease);
-            ops.push((node, None, vec![TxnOp::delete(key, None)], vec![mine]));
-        }
-        for batch in ops.chunks(OPS_PER_TXN) {
-            // Puts of this replica's own records always apply; a delete only if the
-            // record is still under this replica's lease (one transaction per delete).
-            let puts: Vec<TxnOp> = batch
-                .iter()
-                .filter(|(_, bytes, _, _)| bytes.is_some())
-                .flat_map(|(_, _, op, _)| op.clone())
-                .collect();
-            if !puts.is_empty() {
-                client
-                    .txn(Txn::new().and_then(puts))
-                    .await
-                    .context("writing session records")?;
-            }
-            for (_, _, delete, compares) in batch.iter().filter(|(_, b, _, _)| b.is_none()) {
-                client
-                    .txn(Txn::new().when(compares.clone()).and_then(delete.clone()))
-                    .await
-                    .context("deleting a session record")?;
-            }
-            for (node, bytes, _, _) in batch {
-                match bytes {
-                    Some(bytes) => self.published.insert(node.clone(), bytes.clone()),
-                    None => self.published.remove(node),
-                };
-            }
+            client
+                .txn(Txn::new().when([mine]).and_then([TxnOp::delete(key, None)]))
+                .await
+                .context("deleting a session record")?;
+            self.published.remove(&node);
         }
         Ok(())
     }
