@@ -1,7 +1,10 @@
 //! The controller binary as operators run it: probes and metrics on the plain HTTP port,
-//! and SIGINT or SIGTERM closing agent streams and exiting within seconds.
+//! SIGINT or SIGTERM closing agent streams and exiting within seconds, and three
+//! replicas coordinated through a real etcd surviving `kill -9` of the one serving a
+//! node.
 
 use std::{
+    collections::HashMap,
     io::{BufRead, BufReader, Read, Write},
     net::{SocketAddr, TcpStream},
     process::{Child, Command, Stdio},
@@ -47,10 +50,17 @@ fn start() -> Controller {
         "apiVersion: v1\nkind: Servce\nmetadata: {name: api}\n",
     )
     .unwrap();
+    spawn(dir, &[])
+}
+
+/// The controller binary on the manifests in `dir`, with `extra` flags, once it says
+/// where it listens.
+fn spawn(dir: tempfile::TempDir, extra: &[String]) -> Controller {
     let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard-controller"))
         .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
         .arg("--manifests")
         .arg(dir.path())
+        .args(extra)
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
@@ -127,6 +137,18 @@ async fn open_stream(
     tokio::sync::mpsc::Sender<NodeStateRequest>,
     Result<tonic::Streaming<v1::NodeStateResponse>, tonic::Status>,
 ) {
+    open_stream_holding(controller, node, HashMap::new()).await
+}
+
+/// [`open_stream`] for an agent that declares it holds `held` (name → version).
+async fn open_stream_holding(
+    controller: &Controller,
+    node: &str,
+    held: HashMap<String, String>,
+) -> (
+    tokio::sync::mpsc::Sender<NodeStateRequest>,
+    Result<tonic::Streaming<v1::NodeStateResponse>, tonic::Status>,
+) {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(NodeStateRequest {
         node: Some(NodeIdentity {
@@ -134,6 +156,7 @@ async fn open_stream(
             dataplane: v1::Dataplane::Iptables.into(),
             agent_version: "test".into(),
         }),
+        initial_resource_versions: held,
         ..Default::default()
     })
     .await
@@ -291,5 +314,163 @@ async fn sigint_and_sigterm_close_agent_streams_and_exit_within_seconds() {
         assert!(exit.success(), "{signal:?}: {exit:?}");
         eprintln!("{signal:?}: exited {:?} after the signal", sent.elapsed());
         drop(tx);
+    }
+}
+
+/// A real etcd on loopback (the integration crate's, shared as a file: that crate
+/// depends on this one).
+#[path = "../../integration/src/etcd.rs"]
+mod etcd;
+
+/// `ListNodes` of one controller: node → status.
+async fn list_nodes(controller: &Controller) -> HashMap<String, v1::NodeStatus> {
+    let mut query = v1::controller_query_client::ControllerQueryClient::connect(format!(
+        "http://{}",
+        controller.grpc
+    ))
+    .await
+    .unwrap();
+    let nodes = query
+        .list_nodes(v1::ListNodesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .nodes;
+    nodes
+        .into_iter()
+        .map(|n| (n.node_name.clone(), n))
+        .collect()
+}
+
+/// Whether every one of `controllers` lists node-a connected, in sync, on `replica`.
+async fn all_list_node_a_on(controllers: &[&Controller], replica: &str) -> bool {
+    for controller in controllers {
+        let listed = list_nodes(controller).await;
+        let Some(status) = listed.get("node-a") else {
+            return false;
+        };
+        if !status.connected
+            || status.replica != replica
+            || status.pending_changes != 0
+            || status.acked_version != status.desired_version
+        {
+            return false;
+        }
+    }
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_survive_kill_9_of_the_one_serving_a_node_without_a_resend() {
+    let etcd = etcd::Etcd::start().unwrap();
+    let mut replicas: Vec<Controller> = (0..3)
+        .map(|r| {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::write(
+                dir.path().join("cluster.yaml"),
+                "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n---\n\
+                 apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
+                 spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n",
+            )
+            .unwrap();
+            let flags = [
+                "--etcd-endpoints".to_string(),
+                etcd.endpoint(),
+                "--replica-name".into(),
+                format!("r{r}"),
+                "--etcd-lease-ttl".into(),
+                "3s".into(),
+            ];
+            spawn(dir, &flags)
+        })
+        .collect();
+
+    // node-a's agent on r0 takes the one Service and ACKs it.
+    let (tx, responses) = open_stream(&replicas[0], "node-a").await;
+    let mut responses = responses.unwrap();
+    let first = tokio::time::timeout(WAIT, responses.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let held: HashMap<String, String> = first
+        .resources
+        .iter()
+        .map(|r| (r.name.clone(), r.version.clone()))
+        .collect();
+    assert_eq!(held.len(), 1);
+    tx.send(NodeStateRequest {
+        response_nonce: first.nonce.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while !all_list_node_a_on(&replicas.iter().collect::<Vec<_>>(), "r0").await {
+        assert!(
+            Instant::now() < deadline,
+            "the replicas never agreed node-a is on r0"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // kill -9 r0: no goodbye, its lease left to expire.
+    let mut killed = replicas.remove(0);
+    killed.child.kill().unwrap();
+    killed.child.wait().unwrap();
+    let killed_at = Instant::now();
+    drop(tx);
+
+    // The agent resumes on r1 with what it holds: nothing is resent.
+    let (_tx, responses) = open_stream_holding(&replicas[0], "node-a", held).await;
+    let mut responses = responses.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), responses.message())
+            .await
+            .is_err(),
+        "the survivor sends nothing the agent holds"
+    );
+    let survivors: Vec<&Controller> = replicas.iter().collect();
+    while !all_list_node_a_on(&survivors, "r1").await {
+        assert!(
+            Instant::now() < deadline,
+            "the survivors never agreed node-a is on r1"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = &list_nodes(&replicas[1]).await["node-a"];
+    assert_eq!(
+        (status.resources_sent, status.removals_sent),
+        (0, 0),
+        "{status:?}"
+    );
+    // r0's lease expires: the survivors count two replicas.
+    for survivor in &survivors {
+        while sample(
+            &get(survivor.http, "/metrics").1,
+            "switchyard_controller_replicas",
+        ) != Some(2.0)
+        {
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(3 + 5),
+                "r0 still registered after its 3 s lease"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    // Exactly one survivor leads (r0 may have been the leader).
+    let leaders = || -> f64 {
+        survivors
+            .iter()
+            .filter_map(|s| sample(&get(s.http, "/metrics").1, "switchyard_controller_leader"))
+            .sum()
+    };
+    while leaders() != 1.0 {
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(3 + 5),
+            "{} leaders among the survivors",
+            leaders()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
