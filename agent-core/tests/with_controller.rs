@@ -10,7 +10,9 @@ use switchyard_agent_core::{
     testing::{MemoryDataplane, MemoryKernel, start_memory_agent},
 };
 use switchyard_controller::model::Object;
-use switchyard_integration::{controller::TestController, fixtures};
+use switchyard_integration::{
+    controller::TestController, fixtures, queries::effective_state_pages,
+};
 use switchyard_proto::v1::{self, controller_query_client::ControllerQueryClient};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -153,32 +155,6 @@ async fn a_node_being_deleted_fails_healthz_without_touching_the_kernel() {
     eventually("the node is live again", || agent.node_eligible()).await;
     assert!(healthz(&agent).await.contains(" 200 "));
     assert_eq!(kernel.apply_count(), applies);
-}
-
-/// Every page of `GetNodeEffectiveState` for `node`, asked of the controller.
-async fn effective_state_pages(
-    query: &mut ControllerQueryClient<tonic::transport::Channel>,
-    node: &str,
-    page_size: u32,
-) -> Result<Vec<v1::GetNodeEffectiveStateResponse>, tonic::Status> {
-    let mut pages = Vec::new();
-    let mut page_token = String::new();
-    loop {
-        let page = query
-            .get_node_effective_state(v1::GetNodeEffectiveStateRequest {
-                node_name: node.into(),
-                include_kernel_objects: true,
-                page_size,
-                page_token,
-            })
-            .await?
-            .into_inner();
-        page_token = page.next_page_token.clone();
-        pages.push(page);
-        if page_token.is_empty() {
-            return Ok(pages);
-        }
-    }
 }
 
 #[tokio::test]

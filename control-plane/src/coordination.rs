@@ -161,13 +161,15 @@ impl Coordination {
     }
 }
 
+/// `key` after `prefix`, when it is a text key under it.
+fn under<'k>(prefix: &str, key: &'k [u8]) -> Option<&'k str> {
+    std::str::from_utf8(key).ok()?.strip_prefix(prefix)
+}
+
 impl RegistryView {
     /// Takes in one key as etcd holds it (a put), under `prefix`.
     fn put(&mut self, prefix: &str, key: &[u8], value: &[u8], create_revision: i64) {
-        let Some(rest) = std::str::from_utf8(key)
-            .ok()
-            .and_then(|k| k.strip_prefix(prefix))
-        else {
+        let Some(rest) = under(prefix, key) else {
             return;
         };
         if let Some(replica) = rest.strip_prefix("/replicas/") {
@@ -196,10 +198,7 @@ impl RegistryView {
 
     /// Takes in the deletion of one key.
     fn delete(&mut self, prefix: &str, key: &[u8]) {
-        let Some(rest) = std::str::from_utf8(key)
-            .ok()
-            .and_then(|k| k.strip_prefix(prefix))
-        else {
+        let Some(rest) = under(prefix, key) else {
             return;
         };
         if let Some(replica) = rest.strip_prefix("/replicas/") {

@@ -35,7 +35,8 @@ impl Drop for Controller {
     }
 }
 
-fn start() -> Controller {
+/// A manifests folder with node-a and one Service, web.
+fn one_service_cluster() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("cluster.yaml"),
@@ -44,6 +45,11 @@ fn start() -> Controller {
          spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n",
     )
     .unwrap();
+    dir
+}
+
+fn start() -> Controller {
+    let dir = one_service_cluster();
     // A typo an operator makes: reported, counted in /metrics.
     std::fs::write(
         dir.path().join("typo.yaml"),
@@ -365,14 +371,7 @@ async fn replicas_survive_kill_9_of_the_one_serving_a_node_without_a_resend() {
     let etcd = etcd::Etcd::start().unwrap();
     let mut replicas: Vec<Controller> = (0..3)
         .map(|r| {
-            let dir = tempfile::tempdir().unwrap();
-            std::fs::write(
-                dir.path().join("cluster.yaml"),
-                "apiVersion: v1\nkind: Node\nmetadata: {name: node-a}\n---\n\
-                 apiVersion: v1\nkind: Service\nmetadata: {name: web}\n\
-                 spec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n",
-            )
-            .unwrap();
+            let dir = one_service_cluster();
             let flags = [
                 "--etcd-endpoints".to_string(),
                 etcd.endpoint(),

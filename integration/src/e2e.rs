@@ -600,23 +600,32 @@ impl Cluster {
         kernel_objects: bool,
     ) -> anyhow::Result<switchyard_proto::v1::GetAgentStateResponse> {
         use switchyard_proto::v1::{GetAgentStateRequest, agent_query_client::AgentQueryClient};
+        self.in_node(|| async move {
+            // An iptables node with 10,000 Services reads back about 12 MB of kernel
+            // objects: more than the 4 MiB gRPC clients take by default.
+            let mut client = AgentQueryClient::connect(format!("http://{AGENT_QUERY}"))
+                .await?
+                .max_decoding_message_size(256 << 20);
+            let state = client
+                .get_agent_state(GetAgentStateRequest {
+                    include_kernel_objects: kernel_objects,
+                })
+                .await?;
+            Ok(state.into_inner())
+        })
+    }
+
+    /// Runs `work` (gRPC calls) on a runtime of its own inside the node namespace, where
+    /// the agent's query API and the controllers listen.
+    fn in_node<T: Send, F: std::future::Future<Output = anyhow::Result<T>>>(
+        &self,
+        work: impl FnOnce() -> F + Send,
+    ) -> anyhow::Result<T> {
         self.node().run(move || {
             tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?
-                .block_on(async {
-                    // An iptables node with 10,000 Services reads back about 12 MB of
-                    // kernel objects: more than the 4 MiB gRPC clients take by default.
-                    let mut client = AgentQueryClient::connect(format!("http://{AGENT_QUERY}"))
-                        .await?
-                        .max_decoding_message_size(256 << 20);
-                    let state = client
-                        .get_agent_state(GetAgentStateRequest {
-                            include_kernel_objects: kernel_objects,
-                        })
-                        .await?;
-                    Ok(state.into_inner())
-                })
+                .block_on(work())
         })?
     }
 
@@ -625,38 +634,14 @@ impl Cluster {
     pub fn effective_state_from_controller(
         &self,
     ) -> anyhow::Result<Vec<switchyard_proto::v1::GetNodeEffectiveStateResponse>> {
-        use switchyard_proto::v1::{
-            GetNodeEffectiveStateRequest, controller_query_client::ControllerQueryClient,
-        };
+        use switchyard_proto::v1::controller_query_client::ControllerQueryClient;
         let controller = self.controller.as_ref().expect("controller running");
         let endpoint = controller.endpoint();
-        self.node().run(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(async {
-                    // A default client: each page fits its 4 MiB.
-                    let mut client = ControllerQueryClient::connect(endpoint).await?;
-                    let mut pages = Vec::new();
-                    let mut page_token = String::new();
-                    loop {
-                        let page = client
-                            .get_node_effective_state(GetNodeEffectiveStateRequest {
-                                node_name: NODE.into(),
-                                include_kernel_objects: true,
-                                page_size: 0,
-                                page_token,
-                            })
-                            .await?
-                            .into_inner();
-                        page_token = page.next_page_token.clone();
-                        pages.push(page);
-                        if page_token.is_empty() {
-                            return Ok(pages);
-                        }
-                    }
-                })
-        })?
+        self.in_node(|| async move {
+            // A default client: each page fits its 4 MiB.
+            let mut client = ControllerQueryClient::connect(endpoint).await?;
+            Ok(crate::queries::effective_state_pages(&mut client, NODE, 0).await?)
+        })
     }
 
     /// Stops the agent (SIGTERM), which leaves the kernel as it is, then runs the same
@@ -764,23 +749,18 @@ impl Cluster {
             ListNodesRequest, controller_query_client::ControllerQueryClient,
         };
         let endpoint = replica.endpoint();
-        self.node().run(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?
-                .block_on(async {
-                    let mut client = ControllerQueryClient::connect(endpoint).await?;
-                    let nodes = client
-                        .list_nodes(ListNodesRequest {
-                            page_size: 500,
-                            page_token: String::new(),
-                        })
-                        .await?
-                        .into_inner()
-                        .nodes;
-                    Ok(nodes.into_iter().find(|n| n.node_name == NODE))
+        self.in_node(|| async move {
+            let mut client = ControllerQueryClient::connect(endpoint).await?;
+            let nodes = client
+                .list_nodes(ListNodesRequest {
+                    page_size: 500,
+                    page_token: String::new(),
                 })
-        })?
+                .await?
+                .into_inner()
+                .nodes;
+            Ok(nodes.into_iter().find(|n| n.node_name == NODE))
+        })
     }
 
     pub fn client(&self) -> &Netns {

@@ -17,5 +17,6 @@ pub mod etcd;
 pub mod fixtures;
 pub mod netns;
 pub mod pki;
+pub mod queries;
 pub mod sim_agent;
 pub mod uml;

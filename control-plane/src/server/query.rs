@@ -575,6 +575,13 @@ fn list_source_problems(
     }
 }
 
+/// Checks a requested `node_name`: a DNS subdomain, or `INVALID_ARGUMENT` quoting it.
+fn node_name(node: &str) -> Result<(), Status> {
+    names::dns1123_subdomain(node).map_err(|reason| {
+        Status::invalid_argument(format!("node_name {} {reason}", quote_bounded(node)))
+    })
+}
+
 /// How long `GetNodeEffectiveState` waits for the agent's answer (it reads the whole
 /// kernel: about a second for iptables-save at 10,000 Services).
 pub const EFFECTIVE_STATE_WAIT: Duration = Duration::from_secs(15);
@@ -617,9 +624,7 @@ impl ControllerQuery for QueryService {
         )?;
         let request = request.into_inner();
         let node = request.node_name;
-        names::dns1123_subdomain(&node).map_err(|reason| {
-            Status::invalid_argument(format!("node_name {} {reason}", quote_bounded(&node)))
-        })?;
+        node_name(&node)?;
         // Checked here, as for every paged method; the agent reads it as a name.
         let page = PageRequest::new(request.page_size, request.page_token, 500, 5000)?;
         let session = self
@@ -684,9 +689,7 @@ impl ControllerQuery for QueryService {
         let peer = PeerInfo::of(&request);
         let request = request.into_inner();
         let node = request.node_name;
-        names::dns1123_subdomain(&node).map_err(|reason| {
-            Status::invalid_argument(format!("node_name {} {reason}", quote_bounded(&node)))
-        })?;
+        node_name(&node)?;
         self.access.query_node(peer.identity.as_deref(), &node)?;
         let page = PageRequest::new(request.page_size, request.page_token, 500, 5000)?;
         let generation = self.generations.borrow().clone();

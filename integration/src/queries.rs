@@ -1,0 +1,34 @@
+//! Query API calls several tests make the same way.
+
+use switchyard_proto::v1::{
+    GetNodeEffectiveStateRequest, GetNodeEffectiveStateResponse,
+    controller_query_client::ControllerQueryClient,
+};
+use tonic::transport::Channel;
+
+/// Every page of `ControllerQuery/GetNodeEffectiveState` for `node`, with kernel
+/// objects, `page_size` Services a page (0: the default).
+pub async fn effective_state_pages(
+    client: &mut ControllerQueryClient<Channel>,
+    node: &str,
+    page_size: u32,
+) -> Result<Vec<GetNodeEffectiveStateResponse>, tonic::Status> {
+    let mut pages = Vec::new();
+    let mut page_token = String::new();
+    loop {
+        let page = client
+            .get_node_effective_state(GetNodeEffectiveStateRequest {
+                node_name: node.into(),
+                include_kernel_objects: true,
+                page_size,
+                page_token,
+            })
+            .await?
+            .into_inner();
+        page_token = page.next_page_token.clone();
+        pages.push(page);
+        if page_token.is_empty() {
+            return Ok(pages);
+        }
+    }
+}
