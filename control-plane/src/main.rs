@@ -230,7 +230,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ));
 
     let (leave_tx, leave) = watch::channel(false);
-    let _coordination = match coordination {
+    let mut coordination_task = match coordination {
         Some((etcd, coordination)) => {
             let etcd = coordination::EtcdOptions {
                 advertise: etcd.advertise.unwrap_or_else(|| address.to_string()),
@@ -297,6 +297,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             grace = ?SHUTDOWN_GRACE,
             "connections still open after the grace period; closing them"
         ),
+    }
+    // Let the replica revoke its lease (one etcd call), so the others take over at once.
+    if let Some(task) = coordination_task.as_mut()
+        && tokio::time::timeout(Duration::from_secs(1), &mut task.0)
+            .await
+            .is_err()
+    {
+        tracing::warn!("etcd did not confirm the lease revocation; it expires on its own");
     }
     Ok(())
 }

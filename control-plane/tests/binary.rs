@@ -457,7 +457,28 @@ async fn replicas_survive_kill_9_of_the_one_serving_a_node_without_a_resend() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    // Exactly one survivor leads (r0 may have been the leader).
+    // SIGTERM r2: it revokes its lease, so r1 stops counting it at once, well before
+    // the 3 s lease would expire.
+    let mut leaving = replicas.remove(1);
+    let _ = Command::new("kill")
+        .args(["-TERM", &leaving.child.id().to_string()])
+        .status();
+    let left_at = Instant::now();
+    leaving.child.wait().unwrap();
+    while sample(
+        &get(replicas[0].http, "/metrics").1,
+        "switchyard_controller_replicas",
+    ) != Some(1.0)
+    {
+        assert!(
+            left_at.elapsed() < Duration::from_millis(2500),
+            "r2 still registered {:?} after a graceful exit",
+            left_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let survivors: Vec<&Controller> = replicas.iter().collect();
+    // Exactly one survivor leads (r0 or r2 may have been the leader).
     let leaders = || -> f64 {
         survivors
             .iter()
