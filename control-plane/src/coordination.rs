@@ -110,6 +110,13 @@ pub struct Fence {
     pub revision: i64,
 }
 
+impl Fence {
+    /// The transaction condition that holds while this leadership does.
+    pub fn holds(&self) -> Compare {
+        Compare::create_revision(self.key.clone(), CompareOp::Equal, self.revision)
+    }
+}
+
 /// This replica's handle on the coordination: its name, the registry view, its
 /// leadership. Cloned into the query API.
 #[derive(Clone, Debug)]
@@ -131,6 +138,11 @@ impl Coordination {
     /// The registry as last read.
     pub fn view(&self) -> RegistryView {
         self.view.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Whether this replica holds a live lease now (the registry is current).
+    pub fn etcd_up(&self) -> bool {
+        self.view.read().unwrap_or_else(|e| e.into_inner()).etcd_up
     }
 
     /// One node's registered session, if any replica registered it.
@@ -515,8 +527,16 @@ impl Round<'_> {
 
     /// Sheds streams above this replica's share (see the module docs).
     fn balance(&mut self) {
-        let view = self.coordination.view();
-        if !view.etcd_up {
+        // The counts only: the registry itself is not copied every round.
+        let (etcd_up, registered, replicas) = {
+            let view = self
+                .coordination
+                .view
+                .read()
+                .unwrap_or_else(|e| e.into_inner());
+            (view.etcd_up, view.sessions.len(), view.replicas.len())
+        };
+        if !etcd_up {
             self.over_share_since = None;
             return;
         }
@@ -526,12 +546,7 @@ impl Round<'_> {
             .into_iter()
             .filter(|s| s.is_connected())
             .collect();
-        let shed = to_shed(
-            local.len(),
-            view.sessions.len(),
-            view.replicas.len(),
-            SHED_PER_ROUND,
-        );
+        let shed = to_shed(local.len(), registered, replicas, SHED_PER_ROUND);
         if shed == 0 {
             self.over_share_since = None;
             return;
@@ -546,8 +561,8 @@ impl Round<'_> {
         tracing::info!(
             shed,
             local = local.len(),
-            registered = view.sessions.len(),
-            replicas = view.replicas.len(),
+            registered,
+            replicas,
             "shedding streams to even the load across replicas"
         );
         for session in local.iter().take(shed) {
@@ -588,8 +603,7 @@ async fn campaign(
 /// Whether `fence` still holds: its election key exists with its creation revision.
 /// A leader checks it right before each action it takes as leader.
 pub async fn still_leader(client: &mut Client, fence: &Fence) -> anyhow::Result<bool> {
-    let check = Compare::create_revision(fence.key.clone(), CompareOp::Equal, fence.revision);
-    let answer = client.txn(Txn::new().when([check])).await?;
+    let answer = client.txn(Txn::new().when([fence.holds()])).await?;
     Ok(answer.succeeded())
 }
 

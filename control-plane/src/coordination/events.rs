@@ -244,8 +244,7 @@ impl Reporter {
         sessions: &BTreeMap<String, v1::RegisteredSession>,
     ) -> anyhow::Result<usize> {
         let prefix = &self.prefix;
-        let holds =
-            || Compare::create_revision(fence.key.clone(), CompareOp::Equal, fence.revision);
+        let holds = || fence.holds();
         let now = SystemTime::now();
         let missing_prefix = format!("{prefix}/missing/");
         let recorded = client

@@ -146,7 +146,7 @@ fn status_of(
         return status;
     }
     let mut status = node_status(node, generation, session.as_deref(), &desired());
-    status.possibly_stale = coordination.is_some_and(|c| !c.view().etcd_up);
+    status.possibly_stale = coordination.is_some_and(|c| !c.etcd_up());
     status
 }
 
