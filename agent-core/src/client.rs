@@ -545,6 +545,8 @@ async fn session<D: Dataplane>(
     responses: &mut u64,
 ) -> Result<(), ClientError> {
     let channel = connect(controller, &config.tls).await?;
+    // The last kernel read-back, for the next pages of the controller's question.
+    let mut read_back = None;
     let (tx, rx) = mpsc::channel(4);
     let declared = engine.declared_versions().await;
     tracing::info!(declared = declared.len(), %controller, "opening the stream");
@@ -577,7 +579,7 @@ async fn session<D: Dataplane>(
         *responses += 1;
         if let Some(query) = &response.effective_state_query {
             // A question, not a state change: nothing to apply, no nonce to answer.
-            let report = crate::query::report(engine, query).await;
+            let report = crate::query::report(engine, query, &mut read_back).await;
             let answer = NodeStateRequest {
                 dataplane_in_force: engine.kind().into(),
                 effective_state_report: Some(report),

@@ -209,6 +209,11 @@ async fn the_controller_reads_a_nodes_kernel_back_over_the_agents_stream_in_page
             ("default/svc-00020", "differs")
         ]
     );
+    // The pages of one listing come from one read of the kernel.
+    assert!(
+        pages.iter().all(|p| p.read_at == pages[0].read_at),
+        "{pages:?}"
+    );
     for page in &pages {
         assert_eq!(page.node_name, "node-0000");
         assert_eq!(page.dataplane(), v1::Dataplane::Iptables);
