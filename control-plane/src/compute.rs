@@ -25,7 +25,7 @@
 //! are concatenated (IPv4 first), and the dataplane splits them again.
 
 use std::{
-    collections::{BTreeMap, HashSet, btree_map::Entry},
+    collections::{BTreeMap, btree_map::Entry},
     net::IpAddr,
 };
 
@@ -176,10 +176,11 @@ pub fn variant_key<'a>(
 /// each node with two set lookups.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct VariantIndex {
-    /// Nodes that host an endpoint or that some node hint names.
-    nodes: HashSet<String>,
+    /// Nodes that host an endpoint or that some node hint names. Looked up once per
+    /// node and Service during a sync, hence foldhash rather than SipHash.
+    nodes: foldhash::HashSet<String>,
     /// Zones that some zone hint names.
-    zones: HashSet<String>,
+    zones: foldhash::HashSet<String>,
 }
 
 impl VariantIndex {
