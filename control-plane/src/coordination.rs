@@ -61,6 +61,12 @@ pub const SHED_PER_ROUND: usize = 5;
 pub const BALANCE_EVERY: Duration = Duration::from_secs(2);
 /// How often this replica's changed sessions are written to etcd.
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(500);
+/// How stale a record may grow when only its counters changed (versions, pending,
+/// lag, sent): rewriting every changing record each [`PUBLISH_EVERY`] cost etcd and every
+/// replica's watch thousands of writes per second during an initial sync or a stream
+/// of changes. What an operator acts on is written at the next publish (see
+/// [`urgent_part`]); readers add the time since `written` to the lag.
+pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
 /// Most operations per etcd transaction (etcd's default `--max-txn-ops` is 128).
 const OPS_PER_TXN: usize = 100;
 
@@ -284,6 +290,56 @@ pub async fn run(
     }
 }
 
+/// A session record as last written, to decide when to write it again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Published {
+    status: Vec<u8>,
+    urgent: Vec<u8>,
+    in_sync: bool,
+    at: std::time::Instant,
+}
+
+impl Published {
+    fn new(status: &v1::NodeStatus, at: std::time::Instant) -> Self {
+        Self {
+            status: status.encode_to_vec(),
+            urgent: urgent_part(status).encode_to_vec(),
+            in_sync: status.pending_changes == 0,
+            at,
+        }
+    }
+
+    /// Whether this status must be written, given what was written last: at once when
+    /// nothing was, its [`urgent_part`] changed, or the node is back in sync after a
+    /// record that said it was not; otherwise when anything changed and the last write
+    /// is [`REFRESH_EVERY`] old. Pure.
+    fn due(&self, last: Option<&Published>) -> bool {
+        last.is_none_or(|last| {
+            last.urgent != self.urgent
+                || (self.in_sync && !last.in_sync)
+                || (last.status != self.status && self.at.duration_since(last.at) >= REFRESH_EVERY)
+        })
+    }
+}
+
+/// What of a session's status is written at the next publish when it changes: where
+/// the stream is (replica, peer, since when), the dataplanes, the agent's version and
+/// the last NACK. Versions, counters, lag and leaving sync wait for [`REFRESH_EVERY`]:
+/// a node that leaves sync for a change and is back within seconds costs no write, and
+/// one that stays behind shows so within seconds, long before it counts as lagging.
+fn urgent_part(status: &v1::NodeStatus) -> v1::NodeStatus {
+    v1::NodeStatus {
+        desired_version: String::new(),
+        acked_version: String::new(),
+        services: 0,
+        pending_changes: 0,
+        lag: None,
+        resources_sent: 0,
+        removals_sent: 0,
+        ..status.clone()
+    }
+}
+
 /// One connection's worth of coordination; returns only with why it ended.
 struct Round<'a> {
     options: &'a EtcdOptions,
@@ -291,8 +347,8 @@ struct Round<'a> {
     sessions: &'a Sessions,
     generations: &'a watch::Receiver<Arc<Generation>>,
     metrics: &'a CoordinationMetrics,
-    /// Node → the status bytes this round last wrote for it.
-    published: HashMap<String, Vec<u8>>,
+    /// Node → what this round last wrote for it.
+    published: HashMap<String, Published>,
     stop: watch::Receiver<bool>,
     reporter: Option<&'a events::Reporter>,
     /// Since when this replica has held more than its share, if it does.
@@ -449,8 +505,8 @@ impl Round<'_> {
         let prefix = &self.options.prefix;
         let generation = self.generations.borrow().clone();
         let now = SystemTime::now();
-        // Node, the status bytes compared next time, and the write.
-        let mut puts: Vec<(String, Vec<u8>, TxnOp)> = Vec::new();
+        // Node, what is compared next time, and the write.
+        let mut puts: Vec<(String, Published, TxnOp)> = Vec::new();
         let mut live = HashSet::new();
         for session in self.sessions.all() {
             if !session.is_connected() {
@@ -458,9 +514,9 @@ impl Round<'_> {
             }
             let mut status = registry_status(&session.node, &generation, &session);
             status.replica = self.coordination.replica.clone();
-            let bytes = status.encode_to_vec();
             live.insert(session.node.clone());
-            if self.published.get(&session.node) == Some(&bytes) {
+            let written = Published::new(&status, std::time::Instant::now());
+            if !written.due(self.published.get(&session.node)) {
                 continue;
             }
             let record = v1::RegisteredSession {
@@ -470,7 +526,7 @@ impl Round<'_> {
             let key = format!("{prefix}/sessions/{}", session.node);
             let with_lease = Some(PutOptions::new().with_lease(lease));
             let put = TxnOp::put(key, record.encode_to_vec(), with_lease);
-            puts.push((session.node.clone(), bytes, put));
+            puts.push((session.node.clone(), written, put));
         }
         for chunk in puts.chunks(OPS_PER_TXN) {
             let ops: Vec<TxnOp> = chunk.iter().map(|(_, _, put)| put.clone()).collect();
@@ -478,8 +534,8 @@ impl Round<'_> {
                 .txn(Txn::new().and_then(ops))
                 .await
                 .context("writing session records")?;
-            for (node, bytes, _) in chunk {
-                self.published.insert(node.clone(), bytes.clone());
+            for (node, written, _) in chunk {
+                self.published.insert(node.clone(), written.clone());
             }
         }
         let closed: Vec<String> = self
@@ -641,6 +697,71 @@ mod tests {
                 "{local} of {total} over {replicas}"
             );
         }
+    }
+
+    #[test]
+    fn a_record_is_rewritten_at_once_for_what_operators_act_on_and_otherwise_every_refresh() {
+        let t0 = std::time::Instant::now();
+        let in_sync = v1::NodeStatus {
+            node_name: "node-a".into(),
+            connected: true,
+            replica: "r0".into(),
+            desired_version: "v1".into(),
+            acked_version: "v1".into(),
+            services: 10,
+            ..Default::default()
+        };
+        let written = Published::new(&in_sync, t0);
+        let soon = t0 + Duration::from_millis(500);
+        let later = t0 + REFRESH_EVERY;
+        let behind = v1::NodeStatus {
+            pending_changes: 3,
+            lag: Some(prost_types::Duration::default()),
+            desired_version: String::new(),
+            ..in_sync.clone()
+        };
+        let newer = v1::NodeStatus {
+            desired_version: "v2".into(),
+            acked_version: "v2".into(),
+            resources_sent: 1,
+            ..in_sync.clone()
+        };
+        let nacked = v1::NodeStatus {
+            last_nack: Some(v1::Nack::default()),
+            ..in_sync.clone()
+        };
+        let moved = v1::NodeStatus {
+            replica: "r1".into(),
+            ..in_sync.clone()
+        };
+        // (status, when) → written?
+        let cases = [
+            ((&in_sync, soon), false), // unchanged
+            ((&newer, soon), false),   // only versions and counters: wait for the refresh
+            ((&newer, later), true),
+            ((&behind, soon), false), // out of sync: a change may be over in a moment
+            ((&behind, later), true),
+            ((&nacked, soon), true),
+            ((&moved, soon), true),
+        ];
+        for ((status, at), due) in cases {
+            assert_eq!(
+                Published::new(status, at).due(Some(&written)),
+                due,
+                "{status:?}"
+            );
+        }
+        assert!(Published::new(&in_sync, soon).due(None), "a new record");
+        let behind_written = Published::new(&behind, t0);
+        let further_behind = v1::NodeStatus {
+            pending_changes: 1,
+            ..behind.clone()
+        };
+        assert!(!Published::new(&further_behind, soon).due(Some(&behind_written)));
+        assert!(
+            Published::new(&in_sync, soon).due(Some(&behind_written)),
+            "back in sync: at once"
+        );
     }
 
     #[test]
