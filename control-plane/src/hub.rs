@@ -29,6 +29,7 @@ use tokio::sync::{mpsc, watch};
 use crate::{
     compute::{self, ComputeOptions, NodeContext, VariantIndex, VariantKey},
     model::{ClusterSnapshot, EndpointSlice, Service},
+    name_ids::NameTable,
     sources::StoreUpdate,
     store::{ProblemsView, Store, Touched},
 };
@@ -36,6 +37,28 @@ use crate::{
 /// How many change records a generation remembers; a stream further behind diffs
 /// every Service instead.
 const RECENT_CHANGES: usize = 256;
+
+/// Dead names a [`NameTable`] may hold beyond its live ones before the hub starts a
+/// new one: a new epoch costs every stream one pass over what its node holds, so it
+/// waits until dead ids outnumber the live ones and this many more.
+const DEAD_NAMES_BEFORE_NEW_TABLE: usize = 4096;
+
+/// Every Service of a generation by resource name. Persistent (the next generation
+/// copies it at O(1)); foldhash because every stream looks names up in it.
+type ServiceMap = imbl::GenericHashMap<
+    Arc<str>,
+    Listed,
+    foldhash::fast::RandomState,
+    imbl::shared_ptr::DefaultSharedPtr,
+>;
+
+/// A Service of a generation and its id in the generation's [`NameTable`].
+#[derive(Clone, Debug)]
+pub struct Listed {
+    pub name: Arc<str>,
+    pub id: u32,
+    entry: Arc<ServiceEntry>,
+}
 
 /// One Service's resource for a class of nodes, encoded once.
 #[derive(Debug)]
@@ -159,12 +182,13 @@ pub enum Changes {
 pub struct Generation {
     pub seq: u64,
     pub snapshot: Arc<ClusterSnapshot>,
-    /// Every Service of the snapshot by resource name: a persistent map, so the next
-    /// generation copies it at O(1) and changes only what a batch touched.
-    services: imbl::HashMap<Arc<str>, Arc<ServiceEntry>>,
-    /// The keys of `services`, sorted; built on first use and shared by every stream
-    /// that diffs the whole generation.
-    sorted_names: OnceLock<Arc<[Arc<str>]>>,
+    /// Every Service of the snapshot by resource name, with its id in `names`.
+    services: ServiceMap,
+    /// Ids of every name of `services` (and of names since removed, until a new table).
+    names: Arc<NameTable>,
+    /// `services` sorted by name; built on first use and shared by every stream that
+    /// diffs the whole generation.
+    sorted: OnceLock<Arc<[Listed]>>,
     recent: VecDeque<Arc<ChangeRecord>>,
     options: Arc<ComputeOptions>,
 }
@@ -174,8 +198,9 @@ impl Generation {
         Self {
             seq: 0,
             snapshot: Arc::default(),
-            services: imbl::HashMap::default(),
-            sorted_names: OnceLock::new(),
+            services: ServiceMap::default(),
+            names: Arc::default(),
+            sorted: OnceLock::new(),
             recent: VecDeque::new(),
             options: Arc::new(options),
         }
@@ -199,7 +224,21 @@ impl Generation {
 
     /// [`Generation::resource`] with the node's context already resolved.
     pub fn resource_for(&self, name: &str, node: NodeContext<'_>) -> Option<Arc<EncodedResource>> {
-        self.services.get(name)?.resource(node, &self.options)
+        self.resource_of(self.services.get(name)?, node)
+    }
+
+    /// The resource `node` must hold for a Service of this generation.
+    pub fn resource_of(
+        &self,
+        listed: &Listed,
+        node: NodeContext<'_>,
+    ) -> Option<Arc<EncodedResource>> {
+        listed.entry.resource(node, &self.options)
+    }
+
+    /// The Service named `name`, handled or not, with its id.
+    pub fn listed(&self, name: &str) -> Option<&Listed> {
+        self.services.get(name)
     }
 
     /// Whether the Service named `name` exists, handled or not.
@@ -207,13 +246,18 @@ impl Generation {
         self.services.contains_key(name)
     }
 
-    /// The names of every Service in the cluster, handled or not, sorted.
-    pub fn sorted_names(&self) -> Arc<[Arc<str>]> {
-        self.sorted_names
+    /// The ids of this generation's names.
+    pub fn names(&self) -> &Arc<NameTable> {
+        &self.names
+    }
+
+    /// Every Service in the cluster, handled or not, sorted by name.
+    pub fn sorted(&self) -> Arc<[Listed]> {
+        self.sorted
             .get_or_init(|| {
-                let mut names: Vec<_> = self.services.keys().cloned().collect();
-                names.sort_unstable();
-                names.into()
+                let mut listed: Vec<_> = self.services.values().cloned().collect();
+                listed.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+                listed.into()
             })
             .clone()
     }
@@ -224,7 +268,7 @@ impl Generation {
         let mut resources: Vec<_> = self
             .services
             .values()
-            .filter_map(|entry| entry.resource(context, &self.options))
+            .filter_map(|listed| self.resource_of(listed, context))
             .collect();
         resources.sort_by(|a, b| a.name.cmp(&b.name));
         resources
@@ -239,8 +283,14 @@ impl Generation {
                 trace: None,
             };
         }
-        let covered = self.recent.front().is_some_and(|r| r.seq <= seq + 1);
-        let newer = self.recent.iter().filter(|r| r.seq > seq);
+        // Records have consecutive numbers ending at this generation's: the newer ones
+        // are the last `behind`, found without a pass over all of them (every stream
+        // asks on every change).
+        let behind = self.seq.saturating_sub(seq) as usize;
+        let covered = seq < self.seq && behind <= self.recent.len();
+        let newer = self
+            .recent
+            .range(self.recent.len().saturating_sub(behind)..);
         let trigger_time = newer.clone().filter_map(|r| r.trigger_time).min();
         // The earliest traced change: the one the node has waited for longest.
         let trace = newer.clone().find_map(|r| r.trace.clone());
@@ -268,7 +318,11 @@ impl Generation {
     ) -> Self {
         let mut services = self.services.clone();
         let mut touched_names = HashSet::with_capacity(touched.services.len());
-        for key in &touched.services {
+        // Sorted, so a first read gives ids in name order (a full pass reads held
+        // versions in id order then).
+        let mut touched_keys: Vec<_> = touched.services.iter().collect();
+        touched_keys.sort_unstable();
+        for key in touched_keys {
             let name: Arc<str> = match self.services.get_key_value(key.to_string().as_str()) {
                 Some((name, _)) => name.clone(),
                 None => key.to_string().into(),
@@ -282,13 +336,23 @@ impl Generation {
                         .map(|s| s.values().cloned().collect())
                         .unwrap_or_default();
                     let entry = ServiceEntry::new(name.clone(), service.clone(), slices);
-                    services.insert(name, Arc::new(entry));
+                    let listed = Listed {
+                        id: self.names.intern(&name),
+                        name: name.clone(),
+                        entry: Arc::new(entry),
+                    };
+                    services.insert(name, listed);
                 }
                 None => {
                     services.remove(&name);
                 }
             }
         }
+        let names = if self.names.len() > 2 * services.len() + DEAD_NAMES_BEFORE_NEW_TABLE {
+            renumber(&mut services)
+        } else {
+            self.names.clone()
+        };
         let seq = self.seq + 1;
         let mut recent = self.recent.clone();
         if recent.len() == RECENT_CHANGES {
@@ -305,11 +369,26 @@ impl Generation {
             seq,
             snapshot: Arc::new(snapshot.clone()),
             services,
-            sorted_names: OnceLock::new(),
+            names,
+            sorted: OnceLock::new(),
             recent,
             options: self.options.clone(),
         }
     }
+}
+
+/// Gives `services` ids of a new, dense [`NameTable`] (in name order) and returns it.
+/// The computed resources stay: only the ids change.
+fn renumber(services: &mut ServiceMap) -> Arc<NameTable> {
+    let mut listed: Vec<Listed> = services.values().cloned().collect();
+    listed.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    let names = NameTable::with_names(listed.iter().map(|l| &l.name));
+    for mut listed in listed {
+        listed.id = names.id(&listed.name).expect("just interned");
+        services.insert(listed.name.clone(), listed);
+    }
+    tracing::debug!(names = names.len(), "new name table");
+    names
 }
 
 /// Read handles on what the hub publishes.
@@ -557,6 +636,56 @@ mod tests {
         assert_ne!(
             a.version, b.version,
             "node-a hosts the endpoint, so it is local there"
+        );
+    }
+
+    #[test]
+    fn once_dead_names_outnumber_the_live_ones_a_new_dense_table_gives_new_ids() {
+        let churn = |i: usize| {
+            let key = ServiceKey::new("default", format!("churn-{i}"));
+            let ports = vec![ServicePort::tcp("", 80)];
+            Object::Service(Service::cluster_ip(
+                key,
+                "10.96.0.2".parse().unwrap(),
+                ports,
+            ))
+        };
+        let mut store = Store::new();
+        let mut generation = Generation::empty(ComputeOptions::default());
+        generation = generation_after(&mut store, &generation, vec![Object::Service(web())]);
+        let first_table = generation.names().clone();
+        let web_id = generation.listed("default/web").unwrap().id;
+        let mut held = crate::name_ids::HeldVersions::from_declared(&first_table, []);
+        held.insert("default/web".into(), Some(web_id), 1);
+        held.insert("default/churn-0".into(), None, 2);
+        let mut i = 0;
+        while Arc::ptr_eq(generation.names(), &first_table) {
+            let objects = vec![Object::Service(web()), churn(i)];
+            generation = generation_after(&mut store, &generation, objects);
+            i += 1;
+        }
+        assert_eq!(
+            i,
+            2 * 2 + DEAD_NAMES_BEFORE_NEW_TABLE,
+            "a new table once dead names outnumber the live ones and the slack"
+        );
+        let table = generation.names();
+        assert_eq!(table.len(), 2, "only the live names");
+        for listed in generation.sorted().iter() {
+            assert_eq!(table.id(&listed.name), Some(listed.id));
+            assert!(
+                generation
+                    .resource_of(listed, generation.node_context("n"))
+                    .is_some()
+            );
+        }
+        held.adopt(table);
+        let web_id = generation.listed("default/web").unwrap().id;
+        assert_eq!(held.get_id(web_id), Some(1), "moved to its new id");
+        assert_eq!(
+            held.get("default/churn-0"),
+            Some(2),
+            "a removed name the node holds is kept, by name, until its removal"
         );
     }
 

@@ -12,6 +12,7 @@ pub mod coordination;
 pub mod files;
 pub mod hub;
 pub mod model;
+pub mod name_ids;
 pub mod server;
 pub mod sources;
 pub mod store;

@@ -901,9 +901,12 @@ pub async fn start_replica(
 
 /// Whether every replica's hub holds the same Services, at least one.
 fn same_names(replicas: &[Replica]) -> bool {
-    let names: Vec<_> = replicas
+    let names: Vec<Vec<_>> = replicas
         .iter()
-        .map(|r| r.controller.hub.generations.borrow().sorted_names())
+        .map(|r| {
+            let sorted = r.controller.hub.generations.borrow().sorted();
+            sorted.iter().map(|listed| listed.name.clone()).collect()
+        })
         .collect();
     names.first().is_some_and(|first| !first.is_empty()) && names.windows(2).all(|w| w[0] == w[1])
 }

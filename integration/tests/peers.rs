@@ -310,7 +310,7 @@ async fn a_closed_stream_keeps_no_declarations_and_unknown_nodes_are_forgotten_a
     for session in controller.sessions.all() {
         let protocol = session.protocol();
         assert!(
-            protocol.acked.is_empty() && protocol.acked.capacity() == 0,
+            protocol.acked.is_empty() && protocol.acked.reserved() == 0,
             "{}",
             session.node
         );

@@ -59,7 +59,11 @@ use super::{
     metrics::{Closing, Refusal, Sent, SharedMetrics},
     sessions::{Ask, Nack, Session, Sessions},
 };
-use crate::hub::{Changes, EncodedResource, Generation};
+use crate::{
+    compute::NodeContext,
+    hub::{Changes, EncodedResource, Generation, Listed},
+    name_ids::HeldVersions,
+};
 
 /// Most resources in one response. Bounds what one stream holds in send buffers: an
 /// initial sync of 10,000 Services goes out as 40 responses, not one of several MB, so a
@@ -266,6 +270,7 @@ impl NodeStateDiscovery for DeltaService {
             ))
         })?;
         tracing::info!(%node, peer = %described, dataplane = ?identity.dataplane(), declared = held.len(), "agent connected");
+        let held = HeldVersions::from_declared(self.generations.borrow().names(), held);
         let (session, asked) = self.sessions.open(identity, described, held);
         self.metrics.stream_opened();
         let (tx, rx) = mpsc::channel(2);
@@ -283,6 +288,7 @@ impl NodeStateDiscovery for DeltaService {
             seen: 0,
             nonces: 0,
             node_facts,
+            node_seen: None,
             asked,
             waiting: HashMap::new(),
             asks: 0,
@@ -296,7 +302,8 @@ impl NodeStateDiscovery for DeltaService {
 #[derive(Debug)]
 struct InFlight {
     nonce: String,
-    upserts: Vec<(Arc<str>, u64)>,
+    /// Name, id in the name table of the node's held versions, version.
+    upserts: Vec<(Arc<str>, u32, u64)>,
     removals: Vec<Arc<str>>,
     /// The earliest change it carries, for the time from change to ACK.
     trigger_time: Option<SystemTime>,
@@ -382,6 +389,9 @@ struct NodeStream {
     /// What the last response said of the Node itself; an agent starts out taking its
     /// node as live and unlabelled.
     node_facts: NodeFacts,
+    /// The Node as the current generation has it; looked up again only when a change
+    /// touched it (a lookup among thousands of nodes per change and stream added up).
+    node_seen: Option<NodeSeen>,
     /// Questions for the agent (`GetNodeEffectiveState`) to forward.
     asked: mpsc::Receiver<Ask>,
     /// Forwarded questions by id, until the agent answers or the asker gives up.
@@ -398,13 +408,36 @@ struct NodeFacts {
     dataplane: v1::Dataplane,
 }
 
+/// What a stream's diff needs of its Node.
+#[derive(Debug)]
+struct NodeSeen {
+    zone: Option<String>,
+    facts: NodeFacts,
+}
+
+impl NodeSeen {
+    fn of(generation: &Generation, node: &str) -> Self {
+        let node = generation.snapshot.nodes.get(node);
+        Self {
+            zone: node.and_then(|n| n.zone.clone()),
+            facts: NodeFacts {
+                being_deleted: node.is_some_and(|n| n.deleting),
+                dataplane: node
+                    .and_then(|n| n.dataplane)
+                    .map_or(v1::Dataplane::Unspecified, |d| d.to_wire()),
+            },
+        }
+    }
+}
+
 /// Services that may differ on the node, and the removals held back until every upsert
 /// is out.
 #[derive(Debug, Default)]
 struct Backlog {
-    /// A pass over every Service of a generation: its shared sorted names and the
-    /// position reached, so a full diff costs a stream no copy of the names.
-    full_pass: Option<(Arc<[Arc<str>]>, usize)>,
+    /// A pass over every Service of a generation: its shared sorted Services, the
+    /// position reached and that generation's number, so a full diff costs a stream no
+    /// copy and, while no newer generation came, no lookup by name.
+    full_pass: Option<(Arc<[Listed]>, usize, u64)>,
     /// Services changed since, by name.
     names: BTreeSet<Arc<str>>,
     removals: BTreeSet<Arc<str>>,
@@ -414,16 +447,29 @@ struct Backlog {
     trace: Option<SpanContext>,
 }
 
+/// What a backlog holds next: a Service of the generation of its full pass, or a name
+/// to look up in the current one.
+enum Next {
+    Listed(Listed),
+    Name(Arc<str>),
+}
+
 impl Backlog {
-    fn pop(&mut self) -> Option<Arc<str>> {
-        if let Some((names, next)) = &mut self.full_pass {
-            if let Some(name) = names.get(*next) {
+    /// The next Service to diff against generation `seq`: as listed in the full pass
+    /// when that is of `seq` too, by name otherwise (its id and entry may have changed).
+    fn pop(&mut self, seq: u64) -> Option<Next> {
+        if let Some((listed, next, of)) = &mut self.full_pass {
+            if let Some(listed) = listed.get(*next) {
                 *next += 1;
-                return Some(name.clone());
+                return Some(if *of == seq {
+                    Next::Listed(listed.clone())
+                } else {
+                    Next::Name(listed.name.clone())
+                });
             }
             self.full_pass = None;
         }
-        self.names.pop_first()
+        self.names.pop_first().map(Next::Name)
     }
 
     /// Services queued: the rest of a full pass, the names changed since, the removals.
@@ -431,7 +477,7 @@ impl Backlog {
         let full = self
             .full_pass
             .as_ref()
-            .map_or(0, |(names, next)| names.len().saturating_sub(*next));
+            .map_or(0, |(names, next, _)| names.len().saturating_sub(*next));
         full + self.names.len() + self.removals.len()
     }
 
@@ -440,7 +486,7 @@ impl Backlog {
             && self
                 .full_pass
                 .as_ref()
-                .is_none_or(|(names, next)| *next >= names.len())
+                .is_none_or(|(names, next, _)| *next >= names.len())
     }
 }
 
@@ -523,11 +569,13 @@ impl NodeStream {
         self.sessions.close(&self.session);
     }
 
-    /// Queues every Service that changed for this node since the last generation seen.
-    fn fold(&mut self, generation: &Generation) {
+    /// Queues every Service that changed for this node since the last generation seen;
+    /// true when anything may have (the Node itself among them).
+    fn fold(&mut self, generation: &Generation) -> bool {
         let changes = generation.changes_since(self.seen, &self.session.node);
         self.seen = generation.seq;
         let backlog = &mut self.backlog;
+        let all = matches!(changes, Changes::All { .. });
         let (trigger_time, trace) = match changes {
             Changes::Services {
                 services,
@@ -541,11 +589,12 @@ impl NodeStream {
                 trigger_time,
                 trace,
             } => {
-                backlog.full_pass = Some((generation.sorted_names(), 0));
+                backlog.full_pass = Some((generation.sorted(), 0, generation.seq));
                 // Whatever the node holds that the cluster no longer has must go too.
                 let protocol = self.session.protocol();
-                let gone = protocol.acked.keys().filter(|n| !generation.contains(n));
-                backlog.names.extend(gone.cloned());
+                let held = protocol.acked.entries();
+                let gone = held.into_iter().filter(|(n, _)| !generation.contains(n));
+                backlog.names.extend(gone.map(|(name, _)| name));
                 (trigger_time, trace)
             }
         };
@@ -555,6 +604,7 @@ impl NodeStream {
         if backlog.trace.is_none() {
             backlog.trace = trace;
         }
+        all
     }
 
     /// The next response bringing the node toward `generation`, or `None` when it holds
@@ -562,29 +612,53 @@ impl NodeStream {
     /// removals wait until no upsert is left (make-before-break).
     fn diff(&mut self, generation: &Generation) -> Option<EncodedNodeStateResponse> {
         let started = std::time::Instant::now();
-        self.fold(generation);
+        if self.fold(generation) || self.node_seen.is_none() {
+            self.node_seen = Some(NodeSeen::of(generation, &self.session.node));
+        }
+        let seen = self.node_seen.as_ref().expect("just set");
         let pending = self.backlog.len();
-        let node = generation.node_context(&self.session.node);
+        let node = NodeContext {
+            name: &self.session.node,
+            zone: seen.zone.as_deref(),
+        };
         let mut protocol = self.session.protocol();
+        protocol.acked.adopt(generation.names());
         let backlog = &mut self.backlog;
         let mut added = Vec::new();
         let mut modified = Vec::new();
         while added.len() + modified.len() < MAX_RESOURCES_PER_RESPONSE {
-            let Some(name) = backlog.pop() else { break };
-            let held = protocol.acked.get(&name).copied();
-            match generation.resource_for(&name, node) {
+            let listed = match backlog.pop(generation.seq) {
+                None => break,
+                Some(Next::Listed(listed)) => listed,
+                Some(Next::Name(name)) => match generation.listed(&name) {
+                    Some(listed) => listed.clone(),
+                    None => {
+                        // Gone from the cluster: the node must drop it if it holds it.
+                        if protocol.acked.get(&name).is_some() {
+                            backlog.removals.insert(name);
+                        }
+                        continue;
+                    }
+                },
+            };
+            let held = protocol.acked.get_id(listed.id);
+            match generation.resource_of(&listed, node) {
                 Some(resource) => {
-                    backlog.removals.remove(&name);
-                    let rejected = protocol.nacked.get(&name) == Some(&resource.version);
+                    if !backlog.removals.is_empty() {
+                        backlog.removals.remove(&listed.name);
+                    }
+                    let rejected = !protocol.nacked.is_empty()
+                        && protocol.nacked.get(&listed.name) == Some(&resource.version);
                     match held {
                         Some(v) if v == resource.version => {}
                         _ if rejected => {}
-                        None => added.push(resource),
-                        Some(_) => modified.push(resource),
+                        None => added.push((resource, listed.id)),
+                        Some(_) => modified.push((resource, listed.id)),
                     }
                 }
+                // Not handled on this node (any more).
                 None if held.is_some() => {
-                    backlog.removals.insert(name);
+                    backlog.removals.insert(listed.name);
                 }
                 None => {}
             }
@@ -593,13 +667,7 @@ impl NodeStream {
         if backlog.upserts_done() {
             removals.extend(std::mem::take(&mut backlog.removals));
         }
-        let node = generation.snapshot.nodes.get(&self.session.node);
-        let facts = NodeFacts {
-            being_deleted: node.is_some_and(|n| n.deleting),
-            dataplane: node
-                .and_then(|n| n.dataplane)
-                .map_or(v1::Dataplane::Unspecified, |d| d.to_wire()),
-        };
+        let facts = seen.facts;
         self.session.set_dataplane_wanted(facts.dataplane);
         protocol.pending = backlog.len() + added.len() + modified.len() + removals.len();
         protocol.generation = generation.seq;
@@ -623,7 +691,9 @@ impl NodeStream {
         } else {
             (backlog.trigger_time, backlog.trace.clone())
         };
-        let by_name = |a: &Arc<EncodedResource>, b: &Arc<EncodedResource>| a.name.cmp(&b.name);
+        let by_name = |a: &(Arc<EncodedResource>, u32), b: &(Arc<EncodedResource>, u32)| {
+            a.0.name.cmp(&b.0.name)
+        };
         added.sort_by(by_name);
         modified.sort_by(by_name);
         let upserts: Vec<_> = added.into_iter().chain(modified).collect();
@@ -646,7 +716,7 @@ impl NodeStream {
         });
         let response = EncodedNodeStateResponse {
             system_version: generation.seq.to_string(),
-            resources: upserts.iter().map(|r| r.bytes.clone()).collect(),
+            resources: upserts.iter().map(|(r, _)| r.bytes.clone()).collect(),
             removed_resources: removals.iter().map(|n| n.to_string()).collect(),
             nonce: nonce.clone(),
             trigger_time: trigger_time.map(Into::into),
@@ -671,7 +741,7 @@ impl NodeStream {
             nonce,
             upserts: upserts
                 .iter()
-                .map(|r| (r.name.clone(), r.version))
+                .map(|(r, id)| (r.name.clone(), *id, r.version))
                 .collect(),
             removals,
             trigger_time,
@@ -731,7 +801,7 @@ impl NodeStream {
             in_flight
                 .upserts
                 .iter()
-                .map(|(name, _)| &**name)
+                .map(|(name, _, _)| &**name)
                 .chain(in_flight.removals.iter().map(|name| &**name))
                 .collect()
         };
@@ -748,12 +818,14 @@ impl NodeStream {
             self.metrics.change_answered(since);
         }
         let mut protocol = self.session.protocol();
-        for (name, version) in in_flight.upserts {
+        for (name, id, version) in in_flight.upserts {
             if rejected.contains(&*name) {
                 protocol.nacked.insert(name, version);
             } else {
-                protocol.nacked.remove(&name);
-                protocol.ack(name, version);
+                if !protocol.nacked.is_empty() {
+                    protocol.nacked.remove(&name);
+                }
+                protocol.ack(name, Some(id), version);
             }
         }
         for name in in_flight.removals {

@@ -259,9 +259,9 @@ async fn blocking<T: Send + 'static>(
 fn desired(generation: &Generation, node: &str) -> Vec<Arc<EncodedResource>> {
     let context = generation.node_context(node);
     generation
-        .sorted_names()
+        .sorted()
         .iter()
-        .filter_map(|name| generation.resource_for(name, context))
+        .filter_map(|listed| generation.resource_of(listed, context))
         .collect()
 }
 
@@ -317,7 +317,7 @@ fn node_status(
         match protocol.acked.get(&resource.name) {
             Some(version) => {
                 held_and_desired += 1;
-                if *version != resource.version {
+                if version != resource.version {
                     stale += 1;
                 }
             }
@@ -480,9 +480,10 @@ fn get_node_state(
         .map(|s| {
             s.protocol()
                 .acked
-                .iter()
-                .filter(|(name, _)| RangeBounds::<str>::contains(&(lower, upper), &***name))
-                .map(|(n, v)| (n.to_string(), format_version(*v)))
+                .entries()
+                .into_iter()
+                .filter(|(name, _)| RangeBounds::<str>::contains(&(lower, upper), &**name))
+                .map(|(n, v)| (n.to_string(), format_version(v)))
                 .collect()
         })
         .unwrap_or_default();
@@ -515,7 +516,7 @@ fn get_service(
         };
         let acked_version = sessions
             .get(node)
-            .and_then(|s| s.protocol().acked.get(name.as_str()).copied())
+            .and_then(|s| s.protocol().acked.get(name.as_str()))
             .map(format_version)
             .unwrap_or_default();
         let item = v1::NodeService {

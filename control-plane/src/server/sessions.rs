@@ -21,6 +21,8 @@ use std::{
 use switchyard_proto::{format_version, v1};
 use tokio::sync::{Notify, mpsc, oneshot, watch};
 
+use crate::name_ids::HeldVersions;
+
 /// Most closed sessions of nodes outside the cluster kept at once; the oldest go first.
 pub const MAX_FORGETTABLE: usize = 4096;
 /// Most questions queued for one agent's stream; more are refused at once.
@@ -59,7 +61,7 @@ pub struct NodeProtocol {
     /// Resource name → version the agent holds, as acknowledged (or declared on connect).
     /// Emptied when the stream closes. Changed through [`NodeProtocol::ack`] and
     /// [`NodeProtocol::unack`], which keep `acked_hash` with it.
-    pub acked: foldhash::HashMap<Arc<str>, u64>,
+    pub acked: HeldVersions,
     /// [`StateHash`] of `acked`.
     pub acked_hash: StateHash,
     /// Services queued for the node or in flight to it, as its stream last counted them.
@@ -80,10 +82,11 @@ pub struct NodeProtocol {
 }
 
 impl NodeProtocol {
-    /// Records that the agent holds `version` of `name`.
-    pub fn ack(&mut self, name: Arc<str>, version: u64) {
+    /// Records that the agent holds `version` of `name`, whose id in the table of
+    /// `acked` is `id` if the caller knows it.
+    pub fn ack(&mut self, name: Arc<str>, id: Option<u32>, version: u64) {
         self.acked_hash.add(&name, version);
-        if let Some(old) = self.acked.insert(name.clone(), version) {
+        if let Some(old) = self.acked.insert(name.clone(), id, version) {
             self.acked_hash.remove(&name, old);
         }
     }
@@ -260,7 +263,7 @@ impl Sessions {
         &self,
         identity: v1::NodeIdentity,
         peer: String,
-        acked: foldhash::HashMap<Arc<str>, u64>,
+        acked: HeldVersions,
     ) -> (Arc<Session>, mpsc::Receiver<Ask>) {
         let (asks, asked) = mpsc::channel(MAX_QUEUED_ASKS);
         let mut inner = self.inner();
@@ -275,12 +278,13 @@ impl Sessions {
             connected_since: SystemTime::now(),
             connected: AtomicBool::new(true),
             protocol: Mutex::new(NodeProtocol {
-                acked_hash: acked
-                    .iter()
-                    .fold(StateHash::default(), |mut hash, (name, version)| {
-                        hash.add(name, *version);
+                acked_hash: acked.entries().into_iter().fold(
+                    StateHash::default(),
+                    |mut hash, (name, version)| {
+                        hash.add(&name, version);
                         hash
-                    }),
+                    },
+                ),
                 acked,
                 ..Default::default()
             }),
@@ -308,7 +312,7 @@ impl Sessions {
             acked_version,
             acked_resources: protocol.acked.len(),
         });
-        protocol.acked = Default::default();
+        protocol.acked.release();
         protocol.acked_hash = StateHash::default();
         protocol.nacked = Default::default();
         protocol.pending = 0;
@@ -379,10 +383,12 @@ mod tests {
         }
     }
 
-    fn declared(n: usize) -> foldhash::HashMap<Arc<str>, u64> {
-        (0..n)
-            .map(|i| (Arc::from(format!("ns/svc-{i}")), i as u64))
-            .collect()
+    fn declared(n: usize) -> HeldVersions {
+        let table = Arc::default();
+        HeldVersions::from_declared(
+            &table,
+            (0..n).map(|i| (Arc::from(format!("ns/svc-{i}")), i as u64)),
+        )
     }
 
     #[test]
@@ -393,13 +399,14 @@ mod tests {
             session
                 .protocol()
                 .acked
+                .entries()
                 .iter()
                 .map(|(n, v)| (&**n, *v))
                 .collect::<Vec<_>>(),
         );
         sessions.close(&session);
         let protocol = session.protocol();
-        assert!(protocol.acked.is_empty() && protocol.acked.capacity() == 0);
+        assert!(protocol.acked.is_empty() && protocol.acked.reserved() == 0);
         assert!(protocol.nacked.capacity() == 0);
         let closed = protocol.closed.as_ref().unwrap();
         assert_eq!(closed.acked_version, expected);
