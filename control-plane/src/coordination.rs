@@ -48,8 +48,8 @@ use crate::{
     hub::Generation,
     server::{
         metrics::CoordinationMetrics,
-        query::registry_status,
-        sessions::{Session, Sessions},
+        query::{in_sync, registry_status},
+        sessions::{Dataplanes, Session, Sessions},
     },
 };
 
@@ -67,6 +67,12 @@ pub const PUBLISH_EVERY: Duration = Duration::from_millis(500);
 /// of changes. What an operator acts on is written at the next publish (see
 /// [`urgent_part`]); readers add the time since `written` to the lag.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
+/// Publishes per [`REFRESH_EVERY`]: each publish refreshes the sessions whose turn it is
+/// (by session id), so thousands of sessions that connected together are not all
+/// rewritten in one burst every 5 s, which held up the changes it coincided with.
+const REFRESH_TURNS: u64 = 10;
+const _: () =
+    assert!(PUBLISH_EVERY.as_millis() * REFRESH_TURNS as u128 == REFRESH_EVERY.as_millis());
 /// Most operations per etcd transaction (etcd's default `--max-txn-ops` is 128).
 const OPS_PER_TXN: usize = 100;
 
@@ -271,6 +277,7 @@ pub async fn run(
             stop: stop.clone(),
             reporter: reporter.as_ref(),
             over_share_since: None,
+            publishes: 0,
         };
         let Err(error) = round.run().await else {
             tracing::info!("left the replicas: lease revoked");
@@ -293,50 +300,60 @@ pub async fn run(
 /// A session record as last written, to decide when to write it again.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Published {
-    status: Vec<u8>,
-    urgent: Vec<u8>,
+    urgent: Urgent,
     in_sync: bool,
-    at: std::time::Instant,
+    status: Vec<u8>,
 }
 
-impl Published {
-    fn new(status: &v1::NodeStatus, at: std::time::Instant) -> Self {
-        Self {
-            status: status.encode_to_vec(),
-            urgent: urgent_part(status).encode_to_vec(),
-            in_sync: status.pending_changes == 0,
-            at,
-        }
-    }
+/// What of a session is written at the next publish when it changes: which stream it
+/// is (so where, from which peer, since when, which agent version), whether its Node is
+/// in the cluster, the dataplanes, and the last NACK. Read from the session without
+/// building its status, which a replica serving thousands of agents would otherwise do
+/// for every one of them twice a second.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Urgent {
+    session: u64,
+    in_cluster: bool,
+    dataplanes: Dataplanes,
+    last_nack: Option<SystemTime>,
+}
 
-    /// Whether this status must be written, given what was written last: at once when
-    /// nothing was, its [`urgent_part`] changed, or the node is back in sync after a
-    /// record that said it was not; otherwise when anything changed and the last write
-    /// is [`REFRESH_EVERY`] old. Pure.
-    fn due(&self, last: Option<&Published>) -> bool {
-        last.is_none_or(|last| {
-            last.urgent != self.urgent
-                || (self.in_sync && !last.in_sync)
-                || (last.status != self.status && self.at.duration_since(last.at) >= REFRESH_EVERY)
-        })
+impl Urgent {
+    /// The session's urgent part and whether its node is in sync.
+    fn of(session: &Session, generation: &Generation) -> (Self, bool) {
+        let protocol = session.protocol();
+        let urgent = Self {
+            session: session.id,
+            in_cluster: generation.snapshot.nodes.contains_key(&session.node),
+            dataplanes: session.dataplanes(),
+            last_nack: protocol.last_nack.as_ref().map(|n| n.time),
+        };
+        (urgent, in_sync(generation, session, &protocol))
     }
 }
 
-/// What of a session's status is written at the next publish when it changes: where
-/// the stream is (replica, peer, since when), the dataplanes, the agent's version and
-/// the last NACK. Versions, counters, lag and leaving sync wait for [`REFRESH_EVERY`]:
-/// a node that leaves sync for a change and is back within seconds costs no write, and
-/// one that stays behind shows so within seconds, long before it counts as lagging.
-fn urgent_part(status: &v1::NodeStatus) -> v1::NodeStatus {
-    v1::NodeStatus {
-        desired_version: String::new(),
-        acked_version: String::new(),
-        services: 0,
-        pending_changes: 0,
-        lag: None,
-        resources_sent: 0,
-        removals_sent: 0,
-        ..status.clone()
+/// Whether to write a session's record now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Due {
+    /// Yes: nothing was written, its [`Urgent`] part changed, or the node is back in
+    /// sync after a record that said it was not.
+    Now,
+    /// If its status differs from what was written: it is the session's turn, once
+    /// every [`REFRESH_EVERY`]. Versions, counters, lag and leaving sync wait for this: a
+    /// node that leaves sync for a change and is back within seconds costs no write,
+    /// and one that stays behind shows so within seconds, long before it counts as
+    /// lagging.
+    IfChanged,
+    No,
+}
+
+/// Pure.
+fn due(last: Option<&Published>, urgent: Urgent, in_sync: bool, refresh_turn: bool) -> Due {
+    match last {
+        None => Due::Now,
+        Some(last) if last.urgent != urgent || (in_sync && !last.in_sync) => Due::Now,
+        Some(_) if refresh_turn => Due::IfChanged,
+        Some(_) => Due::No,
     }
 }
 
@@ -353,6 +370,8 @@ struct Round<'a> {
     reporter: Option<&'a events::Reporter>,
     /// Since when this replica has held more than its share, if it does.
     over_share_since: Option<std::time::Instant>,
+    /// Publishes so far, whose count says which sessions' turn it is to be refreshed.
+    publishes: u64,
 }
 
 impl Round<'_> {
@@ -505,6 +524,7 @@ impl Round<'_> {
         let prefix = &self.options.prefix;
         let generation = self.generations.borrow().clone();
         let now = SystemTime::now();
+        self.publishes += 1;
         // Node, what is compared next time, and the write.
         let mut puts: Vec<(String, Published, TxnOp)> = Vec::new();
         let mut live = HashSet::new();
@@ -512,13 +532,25 @@ impl Round<'_> {
             if !session.is_connected() {
                 continue;
             }
-            let mut status = registry_status(&session.node, &generation, &session);
-            status.replica = self.coordination.replica.clone();
             live.insert(session.node.clone());
-            let written = Published::new(&status, std::time::Instant::now());
-            if !written.due(self.published.get(&session.node)) {
+            let (urgent, in_sync) = Urgent::of(&session, &generation);
+            let turn = session.id % REFRESH_TURNS == self.publishes % REFRESH_TURNS;
+            let last = self.published.get(&session.node);
+            let due = due(last, urgent, in_sync, turn);
+            if due == Due::No {
                 continue;
             }
+            let mut status = registry_status(&session.node, &generation, &session);
+            status.replica = self.coordination.replica.clone();
+            let bytes = status.encode_to_vec();
+            if due == Due::IfChanged && last.is_some_and(|last| last.status == bytes) {
+                continue;
+            }
+            let written = Published {
+                urgent,
+                in_sync,
+                status: bytes,
+            };
             let record = v1::RegisteredSession {
                 status: Some(status),
                 written: Some(now.into()),
@@ -701,67 +733,54 @@ mod tests {
 
     #[test]
     fn a_record_is_rewritten_at_once_for_what_operators_act_on_and_otherwise_every_refresh() {
-        let t0 = std::time::Instant::now();
-        let in_sync = v1::NodeStatus {
-            node_name: "node-a".into(),
-            connected: true,
-            replica: "r0".into(),
-            desired_version: "v1".into(),
-            acked_version: "v1".into(),
-            services: 10,
-            ..Default::default()
+        let urgent = Urgent {
+            session: 1,
+            in_cluster: true,
+            dataplanes: Dataplanes::default(),
+            last_nack: None,
         };
-        let written = Published::new(&in_sync, t0);
-        let soon = t0 + Duration::from_millis(500);
-        let later = t0 + REFRESH_EVERY;
-        let behind = v1::NodeStatus {
-            pending_changes: 3,
-            lag: Some(prost_types::Duration::default()),
-            desired_version: String::new(),
-            ..in_sync.clone()
+        let written = |in_sync| Published {
+            urgent,
+            in_sync,
+            status: vec![1],
         };
-        let newer = v1::NodeStatus {
-            desired_version: "v2".into(),
-            acked_version: "v2".into(),
-            resources_sent: 1,
-            ..in_sync.clone()
+        // Whether it is the session's turn to be refreshed.
+        let (soon, later) = (false, true);
+        let nacked = Urgent {
+            last_nack: Some(SystemTime::UNIX_EPOCH),
+            ..urgent
         };
-        let nacked = v1::NodeStatus {
-            last_nack: Some(v1::Nack::default()),
-            ..in_sync.clone()
+        let moved = Urgent {
+            session: 2,
+            ..urgent
         };
-        let moved = v1::NodeStatus {
-            replica: "r1".into(),
-            ..in_sync.clone()
+        let relabelled = Urgent {
+            dataplanes: Dataplanes {
+                wanted: v1::Dataplane::Ebpf,
+                ..Dataplanes::default()
+            },
+            ..urgent
         };
-        // (status, when) → written?
+        // (written in sync, now: urgent, in sync, when) → due
         let cases = [
-            ((&in_sync, soon), false), // unchanged
-            ((&newer, soon), false),   // only versions and counters: wait for the refresh
-            ((&newer, later), true),
-            ((&behind, soon), false), // out of sync: a change may be over in a moment
-            ((&behind, later), true),
-            ((&nacked, soon), true),
-            ((&moved, soon), true),
+            ((true, urgent, true, soon), Due::No),
+            ((true, urgent, true, later), Due::IfChanged), // versions, counters
+            ((true, urgent, false, soon), Due::No),        // leaving sync may be over in a moment
+            ((true, urgent, false, later), Due::IfChanged),
+            ((false, urgent, false, soon), Due::No),
+            ((false, urgent, true, soon), Due::Now), // back in sync
+            ((true, nacked, true, soon), Due::Now),
+            ((true, moved, true, soon), Due::Now),
+            ((true, relabelled, true, soon), Due::Now),
         ];
-        for ((status, at), due) in cases {
+        for ((was_in_sync, urgent, in_sync, at), expected) in cases {
             assert_eq!(
-                Published::new(status, at).due(Some(&written)),
-                due,
-                "{status:?}"
+                due(Some(&written(was_in_sync)), urgent, in_sync, at),
+                expected,
+                "{was_in_sync} {urgent:?} {in_sync}"
             );
         }
-        assert!(Published::new(&in_sync, soon).due(None), "a new record");
-        let behind_written = Published::new(&behind, t0);
-        let further_behind = v1::NodeStatus {
-            pending_changes: 1,
-            ..behind.clone()
-        };
-        assert!(!Published::new(&further_behind, soon).due(Some(&behind_written)));
-        assert!(
-            Published::new(&in_sync, soon).due(Some(&behind_written)),
-            "back in sync: at once"
-        );
+        assert_eq!(due(None, urgent, false, soon), Due::Now, "a new record");
     }
 
     #[test]

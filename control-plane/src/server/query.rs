@@ -29,7 +29,7 @@ use tonic::{Request, Response, Status};
 use super::{
     identity::Access,
     listener::PeerInfo,
-    sessions::{AskError, Session, Sessions, state_version},
+    sessions::{AskError, NodeProtocol, Session, Sessions, state_version},
 };
 use crate::{
     coordination::Coordination,
@@ -364,14 +364,20 @@ pub fn registry_status(node: &str, generation: &Generation, session: &Session) -
     summary(node, generation, session).0
 }
 
-/// The cheap status of a node's session, and whether the node is in sync.
-fn summary(node: &str, generation: &Generation, session: &Session) -> (v1::NodeStatus, bool) {
-    let protocol = session.protocol();
-    let in_sync = session.is_connected()
+/// Whether a session's node holds all of `generation` its stream knows of, as its
+/// status says (`pending_changes` 0), from what the stream keeps.
+pub fn in_sync(generation: &Generation, session: &Session, protocol: &NodeProtocol) -> bool {
+    session.is_connected()
         && protocol.generation == generation.seq
         && protocol.pending == 0
         && protocol.nacked.is_empty()
-        && protocol.closed.is_none();
+        && protocol.closed.is_none()
+}
+
+/// The cheap status of a node's session, and whether the node is in sync.
+fn summary(node: &str, generation: &Generation, session: &Session) -> (v1::NodeStatus, bool) {
+    let protocol = session.protocol();
+    let in_sync = in_sync(generation, session, &protocol);
     let acked_version = protocol.acked_hash.version();
     let mut status = v1::NodeStatus {
         node_name: node.to_string(),
