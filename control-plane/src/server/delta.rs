@@ -399,6 +399,44 @@ struct NodeStream {
     asks: u64,
 }
 
+/// What ends a stream from outside its loop.
+struct Ending {
+    superseded: watch::Receiver<Option<String>>,
+    session: Arc<Session>,
+    shutdown: watch::Receiver<bool>,
+    /// A clone of the stream's sender, to learn when the agent's side is gone.
+    tx: mpsc::Sender<Result<EncodedNodeStateResponse, Status>>,
+}
+
+#[derive(Debug)]
+enum Ended {
+    /// By a newer stream for the node, from this peer.
+    Superseded(String),
+    Shed,
+    Shutdown,
+    AgentClosed,
+}
+
+impl Ending {
+    async fn wait(mut self) -> Ended {
+        let shutdown = async {
+            while !*self.shutdown.borrow_and_update() {
+                if self.shutdown.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            _ = self.superseded.changed() => {
+                Ended::Superseded(self.superseded.borrow().clone().unwrap_or_default())
+            }
+            _ = self.session.shed_requested() => Ended::Shed,
+            _ = shutdown => Ended::Shutdown,
+            _ = self.tx.closed() => Ended::AgentClosed,
+        }
+    }
+}
+
 /// What every response says of the Node itself, beside its Services: a change of these
 /// alone is sent as a response without resources.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -492,9 +530,18 @@ impl Backlog {
 
 impl NodeStream {
     async fn run(mut self, mut inbound: Streaming<v1::NodeStateRequest>) {
-        let mut superseded = self.session.superseded();
         let node = self.session.node.clone();
-        let shed = self.session.clone();
+        // What ends the stream from outside, waited on by one future for the stream's
+        // life rather than by new waits on shared notifiers in every turn of the loop
+        // (twice per change and stream).
+        let ending = Ending {
+            superseded: self.session.superseded(),
+            session: self.session.clone(),
+            shutdown: self.shutdown.clone(),
+            tx: self.tx.clone(),
+        }
+        .wait();
+        tokio::pin!(ending);
         let closing = loop {
             if *self.shutdown.borrow() {
                 let status = Status::unavailable("the controller is shutting down");
@@ -511,26 +558,34 @@ impl NodeStream {
                 }
             }
             tokio::select! {
-                _ = superseded.changed() => {
-                    let by = superseded.borrow().clone().unwrap_or_default();
-                    tracing::info!(%node, %by, "stream superseded by a newer one");
-                    let status = Status::aborted(format!(
-                        "a newer stream for node {node} (from {by}) replaced this one"
-                    ));
+                ended = &mut ending => {
+                    let (closing, status) = match ended {
+                        Ended::Superseded(by) => {
+                            tracing::info!(%node, %by, "stream superseded by a newer one");
+                            let status = Status::aborted(format!(
+                                "a newer stream for node {node} (from {by}) replaced this one"
+                            ));
+                            (Closing::Superseded, status)
+                        }
+                        Ended::Shed => {
+                            tracing::info!(%node, "moving the agent to another replica");
+                            let mut status = Status::unavailable(
+                                "this controller replica sheds streams to even the load: reconnect to another",
+                            );
+                            status.metadata_mut().insert(
+                                switchyard_proto::RECONNECT_METADATA,
+                                switchyard_proto::RECONNECT_ELSEWHERE.parse().expect("ASCII"),
+                            );
+                            (Closing::Shed, status)
+                        }
+                        Ended::Shutdown => (
+                            Closing::Shutdown,
+                            Status::unavailable("the controller is shutting down"),
+                        ),
+                        Ended::AgentClosed => break Closing::AgentClosed,
+                    };
                     let _ = self.tx.send(Err(status)).await;
-                    break Closing::Superseded;
-                }
-                _ = shed.shed_requested() => {
-                    tracing::info!(%node, "moving the agent to another replica");
-                    let mut status = Status::unavailable(
-                        "this controller replica sheds streams to even the load: reconnect to another",
-                    );
-                    status.metadata_mut().insert(
-                        switchyard_proto::RECONNECT_METADATA,
-                        switchyard_proto::RECONNECT_ELSEWHERE.parse().expect("ASCII"),
-                    );
-                    let _ = self.tx.send(Err(status)).await;
-                    break Closing::Shed;
+                    break closing;
                 }
                 Some(ask) = self.asked.recv() => {
                     let question = self.forward(ask);
@@ -556,12 +611,6 @@ impl NodeStream {
                         break Closing::Shutdown;
                     }
                 }
-                changed = self.shutdown.changed() => {
-                    if changed.is_err() {
-                        break Closing::Shutdown;
-                    }
-                }
-                _ = self.tx.closed() => break Closing::AgentClosed,
             }
         };
         tracing::info!(%node, reason = ?closing, "agent disconnected");
