@@ -12,7 +12,10 @@
 use std::{
     io::{BufRead, BufReader, Write},
     process::{Command, Stdio},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::{Duration, Instant, SystemTime},
 };
 
@@ -23,7 +26,7 @@ use prost::Message;
 use switchyard_controller::{model::Object, sources::StoreUpdate};
 use switchyard_integration::{controller::TestController, fixtures};
 use switchyard_proto::v1::{self, NodeIdentity, NodeStateRequest};
-use tokio::sync::{Barrier, mpsc, watch};
+use tokio::sync::{Barrier, Notify, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 #[derive(Debug, Parser)]
@@ -64,9 +67,15 @@ struct LiteResponse {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if args.child && args.replicas > 1 {
+        // Replicas share this machine's cores: each gets its part of them as worker
+        // threads (as TOKIO_WORKER_THREADS would set for a controller), not a full set
+        // each, which would only add context switches.
+        runtime.worker_threads((cores / args.replicas).max(1));
+    }
+    let runtime = runtime.enable_all().build()?;
     if args.child {
         runtime.block_on(child(args))
     } else {
@@ -123,7 +132,7 @@ fn cpu_seconds() -> anyhow::Result<String> {
         .split_whitespace()
         .collect();
     let ticks = |i: usize| -> anyhow::Result<f64> { Ok(fields[i].parse::<f64>()? / 100.0) };
-    Ok(format!("{:.1} {:.1}", ticks(11)?, ticks(12)?))
+    Ok(format!("{:.2} {:.2}", ticks(11)?, ticks(12)?))
 }
 
 fn peak_rss_kib(pid: &str) -> anyhow::Result<u64> {
@@ -139,17 +148,80 @@ fn peak_rss_kib(pid: &str) -> anyhow::Result<u64> {
         .parse()?)
 }
 
-/// What one agent saw of one response.
-#[derive(Clone, Copy, Debug)]
-struct Received {
-    bytes: usize,
-    resources: usize,
+/// What all agents together received, counted without waking the driver for each
+/// response (5,000 wakeups per change cost the simulated agents a fifth of their CPU):
+/// an agent notifies only when a count reaches what the driver waits for.
+#[derive(Debug)]
+struct Progress {
+    responses: AtomicUsize,
+    resources: AtomicUsize,
+    bytes: AtomicUsize,
+    /// Responses carrying resources, and their bytes.
+    with_resources: AtomicUsize,
+    with_resources_bytes: AtomicUsize,
+    wake_at_responses: AtomicUsize,
+    wake_at_resources: AtomicUsize,
+    reached: Notify,
+}
+
+impl Default for Progress {
+    fn default() -> Self {
+        Self {
+            responses: AtomicUsize::new(0),
+            resources: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
+            with_resources: AtomicUsize::new(0),
+            with_resources_bytes: AtomicUsize::new(0),
+            wake_at_responses: AtomicUsize::new(usize::MAX),
+            wake_at_resources: AtomicUsize::new(usize::MAX),
+            reached: Notify::new(),
+        }
+    }
+}
+
+impl Progress {
+    fn received(&self, bytes: usize, resources: usize) {
+        self.bytes.fetch_add(bytes, Ordering::Relaxed);
+        if resources > 0 {
+            self.with_resources.fetch_add(1, Ordering::Relaxed);
+            self.with_resources_bytes
+                .fetch_add(bytes, Ordering::Relaxed);
+        }
+        let all_resources = self.resources.fetch_add(resources, Ordering::AcqRel) + resources;
+        let all_responses = self.responses.fetch_add(1, Ordering::AcqRel) + 1;
+        if all_resources >= self.wake_at_resources.load(Ordering::Acquire)
+            || all_responses >= self.wake_at_responses.load(Ordering::Acquire)
+        {
+            self.reached.notify_one();
+        }
+    }
+
+    /// Waits until `count` reaches `target`, waking at `wake_at` as it grows.
+    async fn until(
+        &self,
+        count: &AtomicUsize,
+        wake_at: &AtomicUsize,
+        target: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        wake_at.store(target, Ordering::Release);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while count.load(Ordering::Acquire) < target {
+            tokio::time::timeout_at(deadline, self.reached.notified())
+                .await
+                .with_context(|| {
+                    format!("timed out at {} of {target}", count.load(Ordering::Acquire))
+                })?;
+        }
+        wake_at.store(usize::MAX, Ordering::Release);
+        Ok(())
+    }
 }
 
 async fn agent(
     endpoint: String,
     node: String,
-    report: mpsc::UnboundedSender<Received>,
+    progress: Arc<Progress>,
     connected: Arc<Barrier>,
 ) -> anyhow::Result<()> {
     let channel = tonic::transport::Channel::from_shared(endpoint)?
@@ -179,17 +251,14 @@ async fn agent(
         .await?
         .into_inner();
     while let Some(response) = responses.message().await? {
-        let received = Received {
-            bytes: response.encoded_len(),
-            resources: response.resources.len(),
-        };
+        let (bytes, resources) = (response.encoded_len(), response.resources.len());
         requests
             .send(NodeStateRequest {
                 response_nonce: response.nonce,
                 ..Default::default()
             })
             .await?;
-        report.send(received).ok();
+        progress.received(bytes, resources);
     }
     Ok(())
 }
@@ -232,6 +301,28 @@ async fn list_nodes(endpoint: &str, agents: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// This process's user + system CPU seconds so far.
+fn own_cpu() -> anyhow::Result<f64> {
+    let cpu = cpu_seconds()?;
+    let mut fields = cpu.split_whitespace().map(str::parse::<f64>);
+    let mut next = || -> anyhow::Result<f64> { Ok(fields.next().context("cpu")??) };
+    Ok(next()? + next()?)
+}
+
+/// Each replica's user + system CPU seconds so far.
+async fn replicas_cpu(replicas: &mut [Replica]) -> anyhow::Result<Vec<f64>> {
+    let mut cpu = Vec::new();
+    for replica in replicas {
+        let rss = replica.ask("rss").await?;
+        let fields: Vec<&str> = rss.split_whitespace().collect();
+        let seconds = |i: usize| -> anyhow::Result<f64> {
+            Ok(fields.get(i).context("rss answer")?.parse::<f64>()?)
+        };
+        cpu.push(seconds(2)? + seconds(3)?);
+    }
+    Ok(cpu)
+}
+
 fn replicas_len(replicas: usize) -> usize {
     replicas.max(1)
 }
@@ -258,6 +349,8 @@ impl Replica {
                 &args.services.to_string(),
                 "--endpoints",
                 &args.endpoints.to_string(),
+                "--replicas",
+                &args.replicas.to_string(),
             ]);
         if let Some((name, etcd)) = replica {
             command.args(["--replica", name, etcd]);
@@ -323,15 +416,16 @@ async fn driver(args: Args) -> anyhow::Result<()> {
         loaded.join(", ")
     );
 
-    let (report, mut reports) = mpsc::unbounded_channel();
+    let progress = Arc::new(Progress::default());
     let connected = Arc::new(Barrier::new(args.agents + 1));
     let (stop, stopped) = watch::channel(());
     for n in 0..args.agents {
         let endpoint = format!("http://{}", replicas[n % replicas.len()].address);
-        let (report, connected, mut stopped) = (report.clone(), connected.clone(), stopped.clone());
+        let (progress, connected, mut stopped) =
+            (progress.clone(), connected.clone(), stopped.clone());
         tokio::spawn(async move {
             tokio::select! {
-                result = agent(endpoint, format!("node-{n:04}"), report, connected) => {
+                result = agent(endpoint, format!("node-{n:04}"), progress, connected) => {
                     if let Err(error) = result { eprintln!("agent node-{n:04}: {error:#}"); }
                 }
                 _ = stopped.changed() => {}
@@ -342,17 +436,17 @@ async fn driver(args: Args) -> anyhow::Result<()> {
     let started = Instant::now();
     // Initial state arrives in several responses per agent; done when all agents
     // together hold every Service.
-    let mut initial_bytes = 0;
-    let mut initial_resources = 0;
-    while initial_resources < args.agents * args.services {
-        let received = tokio::time::timeout(Duration::from_secs(600), reports.recv())
-            .await
-            .context("initial sync timed out")?
-            .context("agents stopped")?;
-        initial_bytes += received.bytes;
-        initial_resources += received.resources;
-    }
+    progress
+        .until(
+            &progress.resources,
+            &progress.wake_at_resources,
+            args.agents * args.services,
+            Duration::from_secs(600),
+        )
+        .await
+        .context("initial sync")?;
     let initial = started.elapsed();
+    let initial_bytes = progress.bytes.load(Ordering::Acquire);
     println!(
         "initial sync to all {} agents: {:.2?} ({:.1} MiB sent in all)",
         args.agents,
@@ -360,9 +454,13 @@ async fn driver(args: Args) -> anyhow::Result<()> {
         initial_bytes as f64 / (1 << 20) as f64
     );
 
+    let cpu_before = replicas_cpu(&mut replicas).await?;
+    let agents_cpu_before = own_cpu()?;
     let mut latencies = Vec::with_capacity(args.changes);
-    let mut bytes_per_node = Vec::new();
+    let with_resources_before = progress.with_resources.load(Ordering::Acquire);
+    let with_resources_bytes_before = progress.with_resources_bytes.load(Ordering::Acquire);
     for i in 0..args.changes {
+        let responses_before = progress.responses.load(Ordering::Acquire);
         let sent = Instant::now();
         // Every replica watches the same API: each applies the change.
         for replica in &mut replicas {
@@ -371,22 +469,24 @@ async fn driver(args: Args) -> anyhow::Result<()> {
         for replica in &mut replicas {
             replica.lines.recv().await.context("controller exited")?;
         }
-        let mut acked = 0;
-        while acked < args.agents {
-            let received = tokio::time::timeout(Duration::from_secs(60), reports.recv())
-                .await
-                .context("change timed out")?
-                .context("agents stopped")?;
-            if received.resources > 0 {
-                bytes_per_node.push(received.bytes);
-            }
-            acked += 1;
-        }
+        progress
+            .until(
+                &progress.responses,
+                &progress.wake_at_responses,
+                responses_before + args.agents,
+                Duration::from_secs(60),
+            )
+            .await
+            .context("change")?;
         latencies.push(sent.elapsed());
     }
+    let cpu_after = replicas_cpu(&mut replicas).await?;
+    let agents_cpu = own_cpu()? - agents_cpu_before;
     latencies.sort();
-    let mean_bytes =
-        bytes_per_node.iter().sum::<usize>() as f64 / bytes_per_node.len().max(1) as f64;
+    let with_resources = progress.with_resources.load(Ordering::Acquire) - with_resources_before;
+    let with_resources_bytes =
+        progress.with_resources_bytes.load(Ordering::Acquire) - with_resources_bytes_before;
+    let mean_bytes = with_resources_bytes as f64 / with_resources.max(1) as f64;
     println!(
         "one endpoint change, all {} agents ACKed: p50 {:.1?}, p99 {:.1?}, max {:.1?} over {} changes",
         args.agents,
@@ -396,6 +496,24 @@ async fn driver(args: Args) -> anyhow::Result<()> {
         args.changes
     );
     println!("bytes per node per change (gRPC payload): {mean_bytes:.0} B");
+    // What each replica spent per change, of the two cores every process here shares:
+    // the controller's own cost, apart from the simulated agents' and etcd's.
+    let per_change: Vec<String> = cpu_before
+        .iter()
+        .zip(&cpu_after)
+        .map(|(before, after)| {
+            format!(
+                "{:.0} ms",
+                (after - before) * 1000.0 / args.changes.max(1) as f64
+            )
+        })
+        .collect();
+    println!(
+        "CPU per change (user + system), each replica: {}; the {} simulated agents: {:.0} ms",
+        per_change.join(", "),
+        args.agents,
+        agents_cpu * 1000.0 / args.changes.max(1) as f64
+    );
     // Every replica lists every node (with replicas, most from the etcd registry).
     for replica in &replicas {
         list_nodes(&format!("http://{}", replica.address), args.agents).await?;
