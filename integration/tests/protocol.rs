@@ -474,3 +474,59 @@ async fn a_large_sync_arrives_in_bounded_responses_with_removals_in_the_last() {
     );
     assert_eq!(agent.held.len(), 600);
 }
+
+#[tokio::test]
+async fn after_services_come_and_go_by_thousands_a_connected_agent_is_renumbered_without_a_resend()
+{
+    let (controller, mut agent) = cluster_with_agent("node-a").await;
+    agent.sync(WAIT).await.unwrap();
+    // `aaa` comes with the churn and stays: in the first table its id follows the first
+    // Services', in the next it comes first, so ids held over unchanged would be wrong.
+    let with_aaa = |mut objects: Vec<Object>| {
+        objects.push(Object::Service(service("aaa", ip(4000))));
+        objects
+    };
+    let mut churned = with_aaa(three_node_cluster(3));
+    churned
+        .extend((0..4200).map(|i| Object::Service(service(&format!("churn-{i}"), ip(5000 + i)))));
+    controller.replace("cluster", churned).await;
+    while agent.versions().len() < 4203 {
+        let response = agent.sync(WAIT).await.unwrap();
+        assert!(response.removed_resources.is_empty());
+    }
+    let table = controller.hub.generations.borrow().names().clone();
+    assert!(table.len() >= 4203);
+
+    // Every churn Service goes: dead names now outnumber the live ones, and the hub
+    // numbers the two left anew.
+    controller
+        .replace("cluster", with_aaa(three_node_cluster(3)))
+        .await;
+    let response = agent.sync(WAIT).await.unwrap();
+    let renumbered = controller.hub.generations.borrow().names().clone();
+    assert!(!std::sync::Arc::ptr_eq(&table, &renumbered), "a new table");
+    assert_eq!(renumbered.len(), 3);
+    assert_ne!(table.id("default/aaa"), renumbered.id("default/aaa"));
+    assert!(
+        response.resources.is_empty(),
+        "nothing the agent holds is resent: {:?}",
+        response
+            .resources
+            .iter()
+            .map(|r| &r.name)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(response.removed_resources.len(), 4200);
+    assert!(agent.receives_within(QUIET).await.is_none());
+
+    // Versions held by the new ids: one change sends exactly that Service.
+    controller
+        .replace("cluster", with_aaa(three_node_cluster(4)))
+        .await;
+    let response = agent.sync(WAIT).await.unwrap();
+    let names: Vec<_> = response.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["default/web"]);
+    let mut held: Vec<_> = agent.versions().into_keys().collect();
+    held.sort();
+    assert_eq!(held, ["default/aaa", "default/local-only", "default/web"]);
+}
