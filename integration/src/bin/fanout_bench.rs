@@ -46,6 +46,11 @@ struct Args {
     /// Controller replicas, coordinated through etcd when more than one.
     #[arg(long, default_value_t = 1)]
     replicas: usize,
+    /// Seconds to wait after the initial sync before the first timed change: right
+    /// after it, every replica writes all its agents' records back in sync to etcd, and
+    /// the changes timed are meant to be steady-state ones.
+    #[arg(long, default_value_t = 3.0)]
+    settle: f64,
     /// Internal: run as the controller child process.
     #[arg(long, hide = true)]
     child: bool,
@@ -454,6 +459,7 @@ async fn driver(args: Args) -> anyhow::Result<()> {
         initial_bytes as f64 / (1 << 20) as f64
     );
 
+    tokio::time::sleep(Duration::from_secs_f64(args.settle)).await;
     let cpu_before = replicas_cpu(&mut replicas).await?;
     let agents_cpu_before = own_cpu()?;
     let mut latencies = Vec::with_capacity(args.changes);
