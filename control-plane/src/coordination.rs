@@ -61,18 +61,29 @@ pub const SHED_PER_ROUND: usize = 5;
 pub const BALANCE_EVERY: Duration = Duration::from_secs(2);
 /// How often this replica's changed sessions are written to etcd.
 pub const PUBLISH_EVERY: Duration = Duration::from_millis(500);
-/// How stale a record may grow when only its counters changed (versions, pending,
-/// lag, sent): rewriting every changing record each [`PUBLISH_EVERY`] cost etcd and every
-/// replica's watch thousands of writes per second during an initial sync or a stream
-/// of changes. What an operator acts on is written at the next publish (see
-/// [`urgent_part`]); readers add the time since `written` to the lag.
+/// How stale the record of a node out of sync may grow in its counters (pending, lag,
+/// versions, sent): rewriting every changing record each [`PUBLISH_EVERY`] cost etcd
+/// and every replica's watch thousands of writes per second during an initial sync or
+/// a stream of changes. What an operator acts on is written at the next publish (see
+/// [`Urgent`]); readers add the time since `written` to the lag.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
-/// Publishes per [`REFRESH_EVERY`]: each publish refreshes the sessions whose turn it is
-/// (by session id), so thousands of sessions that connected together are not all
-/// rewritten in one burst every 5 s, which held up the changes it coincided with.
+/// How stale the record of a node in sync may grow in its versions and counters: while
+/// Services change, every node's versions move with each change, and etcd is the
+/// cluster's own (5,000 nodes refreshed every 5 s were 1,000 writes a second).
+pub const IN_SYNC_REFRESH_EVERY: Duration = Duration::from_secs(30);
+/// Publishes per [`REFRESH_EVERY`] and [`IN_SYNC_REFRESH_EVERY`]: each publish refreshes
+/// the sessions whose turn it is (by session id), so thousands of sessions that
+/// connected together are not all rewritten in one burst, which held up the changes it
+/// coincided with.
 const REFRESH_TURNS: u64 = 10;
-const _: () =
+const IN_SYNC_REFRESH_TURNS: u64 = 60;
+const _: () = {
     assert!(PUBLISH_EVERY.as_millis() * REFRESH_TURNS as u128 == REFRESH_EVERY.as_millis());
+    assert!(
+        PUBLISH_EVERY.as_millis() * IN_SYNC_REFRESH_TURNS as u128
+            == IN_SYNC_REFRESH_EVERY.as_millis()
+    );
+};
 /// Most operations per etcd transaction (etcd's default `--max-txn-ops` is 128).
 const OPS_PER_TXN: usize = 100;
 
@@ -338,13 +349,25 @@ enum Due {
     /// Yes: nothing was written, its [`Urgent`] part changed, or the node is back in
     /// sync after a record that said it was not.
     Now,
-    /// If its status differs from what was written: it is the session's turn, once
-    /// every [`REFRESH_EVERY`]. Versions, counters, lag and leaving sync wait for this: a
+    /// If its status differs from what was written: it is the session's turn
+    /// ([`refresh_turn`]). Versions, counters, lag and leaving sync wait for this: a
     /// node that leaves sync for a change and is back within seconds costs no write,
     /// and one that stays behind shows so within seconds, long before it counts as
     /// lagging.
     IfChanged,
     No,
+}
+
+/// Whether a session's record may be refreshed at the `publishes`-th publish: every
+/// [`IN_SYNC_REFRESH_EVERY`] while its node is and was written in sync, every
+/// [`REFRESH_EVERY`] otherwise; sessions take turns by id. Pure.
+fn refresh_turn(session: u64, publishes: u64, in_sync: bool, last: Option<&Published>) -> bool {
+    let turns = if in_sync && last.is_some_and(|l| l.in_sync) {
+        IN_SYNC_REFRESH_TURNS
+    } else {
+        REFRESH_TURNS
+    };
+    session % turns == publishes % turns
 }
 
 /// Pure.
@@ -534,8 +557,8 @@ impl Round<'_> {
             }
             live.insert(session.node.clone());
             let (urgent, in_sync) = Urgent::of(&session, &generation);
-            let turn = session.id % REFRESH_TURNS == self.publishes % REFRESH_TURNS;
             let last = self.published.get(&session.node);
+            let turn = refresh_turn(session.id, self.publishes, in_sync, last);
             let due = due(last, urgent, in_sync, turn);
             if due == Due::No {
                 continue;
@@ -615,14 +638,23 @@ impl Round<'_> {
 
     /// Sheds streams above this replica's share (see the module docs).
     fn balance(&mut self) {
-        // The counts only: the registry itself is not copied every round.
-        let (etcd_up, registered, replicas) = {
+        // The counts only: the registry itself is not copied every round. This
+        // replica's own streams are counted live, not as registered: its records may
+        // lag behind its streams (thousands of agents connecting at once on a busy
+        // machine), and counted from the registry they made it think others held less.
+        let replica = &self.coordination.replica;
+        let (etcd_up, registered_elsewhere, replicas) = {
             let view = self
                 .coordination
                 .view
                 .read()
                 .unwrap_or_else(|e| e.into_inner());
-            (view.etcd_up, view.sessions.len(), view.replicas.len())
+            let elsewhere = view
+                .sessions
+                .values()
+                .filter(|r| r.status.as_ref().is_some_and(|s| &s.replica != replica))
+                .count();
+            (view.etcd_up, elsewhere, view.replicas.len())
         };
         if !etcd_up {
             self.over_share_since = None;
@@ -634,6 +666,7 @@ impl Round<'_> {
             .into_iter()
             .filter(|s| s.is_connected())
             .collect();
+        let registered = registered_elsewhere + local.len();
         let shed = to_shed(local.len(), registered, replicas, SHED_PER_ROUND);
         if shed == 0 {
             self.over_share_since = None;
@@ -781,6 +814,36 @@ mod tests {
             );
         }
         assert_eq!(due(None, urgent, false, soon), Due::Now, "a new record");
+    }
+
+    #[test]
+    fn in_sync_records_are_refreshed_every_30_s_the_others_every_5_s_in_turns() {
+        let written = |in_sync| Published {
+            urgent: Urgent {
+                session: 0,
+                in_cluster: true,
+                dataplanes: Dataplanes::default(),
+                last_nack: None,
+            },
+            in_sync,
+            status: Vec::new(),
+        };
+        let turns = |in_sync, was_in_sync: Option<bool>| {
+            let last = was_in_sync.map(written);
+            (0..120)
+                .filter(|p| refresh_turn(7, *p, in_sync, last.as_ref()))
+                .count()
+        };
+        // Over 120 publishes (60 s): in sync and written so, twice; otherwise 12 times.
+        assert_eq!(turns(true, Some(true)), 2);
+        assert_eq!(turns(false, Some(true)), 12, "left sync: shown within 5 s");
+        assert_eq!(turns(true, Some(false)), 12);
+        assert_eq!(turns(false, None), 12);
+        // Each publish refreshes a tenth of the sessions out of sync.
+        let at_once = (0..1000)
+            .filter(|id| refresh_turn(*id, 3, false, None))
+            .count();
+        assert_eq!(at_once, 100);
     }
 
     #[test]
