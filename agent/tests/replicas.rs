@@ -23,6 +23,7 @@ use switchyard_integration::{
     e2e::{AgentSpec, Cluster, Layout, NODE, PATIENCE, Replicas, set},
     etcd::Etcd,
     netns::LoopStats,
+    queries,
 };
 use switchyard_proto::v1;
 
@@ -55,13 +56,7 @@ fn not_agreed(status: &Option<v1::NodeStatus>, serving: &str) -> Option<String> 
     let Some(status) = status else {
         return Some("not listed".into());
     };
-    (!status.connected
-        || status.replica != serving
-        || status.pending_changes != 0
-        || status.possibly_stale
-        || status.desired_version.is_empty()
-        || status.acked_version != status.desired_version)
-        .then(|| format!("{status:?}"))
+    queries::not_served_in_sync(status, serving)
 }
 
 /// Waits until every live replica lists the node connected, in sync, on `serving`.

@@ -385,13 +385,7 @@ async fn replicas_survive_kill_9_of_the_one_serving_a_node_without_a_resend() {
         .collect();
 
     // node-a's agent on r0 takes the one Service and ACKs it.
-    let (tx, responses) = open_stream(&replicas[0], "node-a").await;
-    let mut responses = responses.unwrap();
-    let first = tokio::time::timeout(WAIT, responses.message())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    let (tx, _responses, first) = stream_of_node_a(&replicas[0]).await;
     let held: HashMap<String, String> = first
         .resources
         .iter()

@@ -1,7 +1,7 @@
 //! Query API calls several tests make the same way.
 
 use switchyard_proto::v1::{
-    GetNodeEffectiveStateRequest, GetNodeEffectiveStateResponse,
+    GetNodeEffectiveStateRequest, GetNodeEffectiveStateResponse, NodeStatus,
     controller_query_client::ControllerQueryClient,
 };
 use tonic::transport::Channel;
@@ -31,4 +31,16 @@ pub async fn effective_state_pages(
             return Ok(pages);
         }
     }
+}
+
+/// Why `status` (a node as one controller lists it) is not "connected, in sync, served
+/// by `replica`, from a registry that is not stale", or `None` if it is.
+pub fn not_served_in_sync(status: &NodeStatus, replica: &str) -> Option<String> {
+    (!status.connected
+        || status.replica != replica
+        || status.pending_changes != 0
+        || status.possibly_stale
+        || status.desired_version.is_empty()
+        || status.acked_version != status.desired_version)
+        .then(|| format!("{status:?}"))
 }

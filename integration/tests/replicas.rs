@@ -21,7 +21,7 @@ use std::{
 
 use switchyard_controller::model::Object;
 use switchyard_integration::{
-    controller::TestController, etcd::Etcd, fixtures, sim_agent::SimAgent,
+    controller::TestController, etcd::Etcd, fixtures, queries, sim_agent::SimAgent,
 };
 use switchyard_proto::v1::{self, controller_query_client::ControllerQueryClient};
 use tokio::time::Instant;
@@ -67,13 +67,8 @@ async fn all_agree(replicas: &[&TestController], expected: &HashMap<String, Stri
                 eprintln!("not yet: a replica does not list {node}");
                 return false;
             };
-            if !status.connected
-                || &status.replica != serving
-                || status.pending_changes != 0
-                || status.possibly_stale
-                || status.acked_version != status.desired_version
-            {
-                eprintln!("not yet: {node} (expected on {serving}): {status:?}");
+            if let Some(status) = queries::not_served_in_sync(status, serving) {
+                eprintln!("not yet: {node} (expected on {serving}): {status}");
                 return false;
             }
         }
