@@ -69,7 +69,7 @@ pub const PUBLISH_EVERY: Duration = Duration::from_millis(500);
 pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
 /// How stale the record of a node in sync may grow in its versions and counters: while
 /// Services change, every node's versions move with each change, and etcd is the
-/// cluster's own (5,000 nodes refreshed every 5 s were 1,000 writes a second).
+/// cluster's own (5,000 nodes refreshed every 5 s would be 1,000 writes a second).
 pub const IN_SYNC_REFRESH_EVERY: Duration = Duration::from_secs(30);
 /// Publishes per [`REFRESH_EVERY`] and [`IN_SYNC_REFRESH_EVERY`]: each publish refreshes
 /// the sessions whose turn it is (by session id), so thousands of sessions that
