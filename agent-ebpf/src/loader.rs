@@ -683,8 +683,29 @@ fn is_ours(name: &str) -> bool {
     name.starts_with("link-") || name.starts_with("prog-") || name.starts_with("swy_")
 }
 
-/// Detaches and unpins everything the agent pinned under `bpffs` (links first, then
-/// classic tc filters and their programs, then maps), unmounts the bpffs mounted on it,
+/// When [`cleanup`] removes a pin: the tc programs (links or classic filters), then the
+/// socket programs' cgroup links, then the maps.
+///
+/// - Programs before maps, so no program runs on half-removed maps.
+/// - tc before the socket programs. While those are attached, a connection of the
+///   balanced cgroup is translated at `connect()` and no packet of it meets tc. Were they
+///   detached first, the cgroup's new connections would reach tc's programs with the
+///   Service address for the moment before tc goes. tc would translate them, then be
+///   removed mid-connection, leaving the rest of each such flow to the stack: a reset or
+///   a stall (seen under a connection loop switching eBPF to IPVS in user-mode Linux).
+fn removal_order(name: &str) -> u8 {
+    if name.starts_with(TC_LINK_PREFIX) || name.starts_with(TC_PROG_PREFIX) {
+        0
+    } else if name.starts_with("link-") || name.starts_with("prog-") {
+        1
+    } else {
+        2
+    }
+}
+
+/// Detaches and unpins everything the agent pinned under `bpffs` (in
+/// [`removal_order`]: tc links and classic filters with their programs, then the cgroup
+/// links, then maps), unmounts the bpffs mounted on it,
 /// if any, and removes the directory when nothing else is left in it. Run it in the
 /// network namespace of the devices (classic filters are found by device name).
 pub fn cleanup(bpffs: &Path) -> Result<(), LoadError> {
@@ -697,16 +718,7 @@ pub fn cleanup(bpffs: &Path) -> Result<(), LoadError> {
         .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
         .filter(|(name, _)| is_ours(name))
         .collect();
-    // Links and filters before maps, so no program runs on half-removed maps.
-    entries.sort_by_key(|(name, _)| {
-        if name.starts_with("link-") {
-            0
-        } else if name.starts_with("prog-") {
-            1
-        } else {
-            2
-        }
-    });
+    entries.sort_by_key(|(name, _)| removal_order(name));
     let mut tc = None;
     for (name, path) in entries {
         if name.starts_with(TC_PROG_PREFIX) {
@@ -740,4 +752,29 @@ pub fn cleanup(bpffs: &Path) -> Result<(), LoadError> {
 /// Keeps `dir` private to root when the agent created it on an existing bpffs.
 pub fn restrict(dir: &Path) -> Result<(), LoadError> {
     fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(io_error("chmod", dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cleanup_removes_tc_before_the_socket_programs_and_the_maps_last() {
+        let classic = tc_pin(TcMode::Classic, Hook::Ingress, "eth0");
+        let tcx = tc_pin(TcMode::Tcx, Hook::Egress, "eth0");
+        let connect = sock_pin("swy_connect4");
+        let egress = sock_pin(EGRESS_PROGRAM);
+        let mut names = vec![
+            "swy_services".to_string(),
+            connect.clone(),
+            classic.clone(),
+            egress.clone(),
+            tcx.clone(),
+        ];
+        names.sort_by_key(|name| removal_order(name));
+        assert_eq!(
+            names,
+            [classic, tcx, connect, egress, "swy_services".to_string()]
+        );
+    }
 }
