@@ -529,15 +529,18 @@ async fn cleanup<D: Dataplane>(
 ) -> anyhow::Result<()> {
     use anyhow::Context;
     let kind = dataplane.kind();
-    tokio::task::spawn_blocking(move || dataplane.cleanup())
-        .await
-        .context("the cleanup task panicked")?
-        .with_context(|| {
-            format!(
-                "removing what the {} dataplane installed",
-                dataplane_name(kind)
-            )
-        })?;
+    tokio::task::spawn_blocking(move || {
+        dataplane.cleanup()?;
+        dataplane.hold_connection_tracking(false)
+    })
+    .await
+    .context("the cleanup task panicked")?
+    .with_context(|| {
+        format!(
+            "removing what the {} dataplane installed",
+            dataplane_name(kind)
+        )
+    })?;
     let cache = CacheFile::in_dir(state_dir);
     match std::fs::remove_file(cache.path()) {
         Ok(()) => {}

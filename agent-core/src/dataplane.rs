@@ -113,8 +113,27 @@ pub trait Dataplane: Send + 'static {
     /// the runtime compares the two to find drift.
     fn expected(&self, name: &str, service: &DesiredService) -> Vec<String>;
 
-    /// Removes everything this dataplane ever installed.
+    /// Removes everything this dataplane ever installed (but not the connection-tracking
+    /// hold: [`Dataplane::hold_connection_tracking`] decides that).
     fn cleanup(&mut self) -> Result<(), DataplaneError>;
+
+    /// Whether this dataplane translates through the kernel's connection tracking
+    /// (netfilter NAT, IPVS with `conntrack=1`). A connection it translated keeps its
+    /// translation in a conntrack entry, which the kernel consults only while something
+    /// in the network namespace uses connection tracking: when the last rule that does
+    /// goes, conntrack stops seeing packets and such a connection loses its NAT.
+    fn tracks_connections(&self) -> bool {
+        false
+    }
+
+    /// Keeps connection tracking on in the namespace once this dataplane's own rules are
+    /// gone (`hold`), or stops keeping it (see [`crate::netfilter::CONNTRACK_HOLD_CHAIN`]).
+    /// Nothing to do for a dataplane that does not [track
+    /// connections](Dataplane::tracks_connections).
+    fn hold_connection_tracking(&mut self, hold: bool) -> Result<(), DataplaneError> {
+        let _ = hold;
+        Ok(())
+    }
 
     /// Moves the node to dataplane `to` while traffic flows: programs `desired` with
     /// it, checks the kernel holds exactly that, then removes everything this one

@@ -155,6 +155,31 @@ pub fn masquerade_rules(prefix: &str, masquerade_bit: u8, random_fully: bool) ->
     ]
 }
 
+/// The filter-table chain that keeps the kernel's connection tracking on after a
+/// netfilter dataplane hands the node to one that needs none (eBPF). Nothing jumps to
+/// it; its one rule has a conntrack match, and a rule that loads one keeps conntrack
+/// registered in the namespace. Without it, the connections iptables or IPVS translated
+/// before the switch lose their NAT the moment the old rules go, unless something else
+/// on the node (a CNI's masquerade rules, kubelet's) uses conntrack.
+pub const CONNTRACK_HOLD_CHAIN: &str = "SWYCT-HOLD";
+
+/// `iptables-restore --noflush` input that puts the hold in place (`hold`) or removes it,
+/// given what `iptables-save -t filter` printed; `None` when it already is as asked.
+pub fn conntrack_hold_input(filter_save: &str, hold: bool) -> Option<String> {
+    let chain = CONNTRACK_HOLD_CHAIN;
+    let present = filter_save
+        .lines()
+        .any(|l| l.starts_with(&format!(":{chain} ")));
+    match (hold, present) {
+        (true, false) => Some(format!(
+            "*filter\n:{chain} - [0:0]\n-A {chain} -m conntrack --ctstate SNAT,DNAT -m comment --comment \"switchyard: keeps connection tracking on for connections translated before a switch\" -j RETURN\nCOMMIT\n"
+        )),
+        // Declaring the chain flushes it, so it can go whatever it holds.
+        (false, true) => Some(format!("*filter\n:{chain} - [0:0]\n-X {chain}\nCOMMIT\n")),
+        _ => None,
+    }
+}
+
 /// The type of an absent stdin writer, for `run_inner(…, None)`.
 type NoFeed = fn(ChildStdin) -> std::io::Result<()>;
 
@@ -253,6 +278,27 @@ impl Runner {
                 ),
             })
         }
+    }
+
+    /// Puts the [connection-tracking hold](CONNTRACK_HOLD_CHAIN) in place (`hold`) or
+    /// removes it, in each of `families`, with `backend`'s tools.
+    pub fn set_conntrack_hold(
+        &self,
+        backend: Backend,
+        families: &[Family],
+        hold: bool,
+    ) -> Result<(), DataplaneError> {
+        for &family in families {
+            let save = self.run(&backend.save(family), &["-t", "filter"], None)?;
+            if let Some(input) = conntrack_hold_input(&save, hold) {
+                self.run(
+                    &backend.restore(family),
+                    &["--noflush", "-w", "5"],
+                    Some(&input),
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// Whether `program args…` exits successfully (for `iptables -C`).
@@ -369,6 +415,29 @@ mod tests {
             Backend::Nft,
             "both usable and empty"
         );
+    }
+
+    #[test]
+    fn the_conntrack_hold_is_added_or_removed_only_when_it_is_not_as_asked() {
+        let without = "*filter\n:INPUT ACCEPT [0:0]\n:SWY-FORWARD - [0:0]\nCOMMIT\n";
+        let with = "*filter\n:INPUT ACCEPT [0:0]\n:SWYCT-HOLD - [0:0]\n-A SWYCT-HOLD -m conntrack --ctstate SNAT,DNAT -j RETURN\nCOMMIT\n";
+        let add = conntrack_hold_input(without, true).expect("added when absent");
+        assert!(add.starts_with("*filter\n:SWYCT-HOLD - [0:0]\n-A SWYCT-HOLD -m conntrack "));
+        assert!(add.ends_with("-j RETURN\nCOMMIT\n"));
+        assert_eq!(conntrack_hold_input(with, true), None, "already held");
+        assert_eq!(
+            conntrack_hold_input(with, false).as_deref(),
+            Some("*filter\n:SWYCT-HOLD - [0:0]\n-X SWYCT-HOLD\nCOMMIT\n")
+        );
+        assert_eq!(
+            conntrack_hold_input(without, false),
+            None,
+            "nothing to remove"
+        );
+        // A chain whose name only starts the same is someone else's.
+        let other = "*filter\n:SWYCT-HOLDER - [0:0]\nCOMMIT\n";
+        assert!(conntrack_hold_input(other, true).is_some());
+        assert_eq!(conntrack_hold_input(other, false), None);
     }
 
     #[test]

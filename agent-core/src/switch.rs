@@ -109,6 +109,14 @@ impl Dataplane for Switchable {
         self.current.cleanup()
     }
 
+    fn tracks_connections(&self) -> bool {
+        self.current.tracks_connections()
+    }
+
+    fn hold_connection_tracking(&mut self, hold: bool) -> Result<(), DataplaneError> {
+        self.current.hold_connection_tracking(hold)
+    }
+
     fn switch_to(&mut self, to: DataplaneKind, desired: &Desired) -> Result<bool, DataplaneError> {
         if self.current.kind() == to.to_wire() {
             return Ok(false);
@@ -154,10 +162,22 @@ impl Dataplane for Switchable {
             }
             return Err(error);
         }
-        // …then break: the old one removes everything it created.
+        // …then break: the old one removes everything it created. Connections it
+        // translated through conntrack keep their NAT only while conntrack stays on, so
+        // when the new one uses none (eBPF) the old one first leaves a hold behind; a new
+        // one that tracks connections keeps conntrack on itself, and removes the hold.
         let mut old = std::mem::replace(&mut self.current, next);
+        let handing_over_conntrack = old.tracks_connections() && !self.current.tracks_connections();
+        if handing_over_conntrack && let Err(error) = old.hold_connection_tracking(true) {
+            tracing::warn!(%error, "cannot keep connection tracking on: connections the old dataplane translated may lose their translation");
+        }
         if let Err(error) = old.cleanup() {
             tracing::error!(%error, "the new dataplane is in force but the old one left objects behind");
+        }
+        if self.current.tracks_connections()
+            && let Err(error) = self.current.hold_connection_tracking(false)
+        {
+            tracing::warn!(%error, "cannot remove the connection-tracking hold");
         }
         Ok(true)
     }
@@ -226,6 +246,72 @@ mod tests {
         );
         let fixed = DataplanePolicy::Fixed(DataplaneKind::Ipvs);
         assert_eq!(fixed.wanted(Some(DataplaneKind::Ebpf)), DataplaneKind::Ipvs);
+    }
+
+    /// A dataplane that writes nothing and logs what the switch asks of it.
+    struct Logged {
+        kind: DataplaneKind,
+        log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    }
+
+    impl Logged {
+        fn note(&self, what: &str) {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("{} {what}", self.kind.name()));
+        }
+    }
+
+    impl Dataplane for Logged {
+        fn kind(&self) -> v1::Dataplane {
+            self.kind.to_wire()
+        }
+        fn apply(&mut self, _: &Desired, _: &Change) -> Result<ApplyOutcome, DataplaneError> {
+            Ok(ApplyOutcome::default())
+        }
+        fn read_back(&mut self) -> Result<Programmed, DataplaneError> {
+            Ok(Programmed::new())
+        }
+        fn expected(&self, _: &str, _: &DesiredService) -> Vec<String> {
+            Vec::new()
+        }
+        fn cleanup(&mut self) -> Result<(), DataplaneError> {
+            self.note("cleanup");
+            Ok(())
+        }
+        fn tracks_connections(&self) -> bool {
+            self.kind != DataplaneKind::Ebpf
+        }
+        fn hold_connection_tracking(&mut self, hold: bool) -> Result<(), DataplaneError> {
+            self.note(if hold { "hold" } else { "release" });
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_switch_to_ebpf_holds_conntrack_before_the_old_rules_go_and_netfilter_releases_it() {
+        use DataplaneKind::{Ebpf, Iptables, Ipvs};
+        let cases = [
+            (Iptables, Ebpf, vec!["iptables hold", "iptables cleanup"]),
+            (Ipvs, Ebpf, vec!["ipvs hold", "ipvs cleanup"]),
+            (Ebpf, Ipvs, vec!["ebpf cleanup", "ipvs release"]),
+            (Iptables, Ipvs, vec!["iptables cleanup", "ipvs release"]),
+            (Ipvs, Iptables, vec!["ipvs cleanup", "iptables release"]),
+        ];
+        for (from, to, want) in cases {
+            let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+            let built = log.clone();
+            let build: Factory = Box::new(move |kind| {
+                Ok(Box::new(Logged {
+                    kind,
+                    log: built.clone(),
+                }))
+            });
+            let mut switchable = Switchable::new(from, build).unwrap();
+            assert!(switchable.switch_to(to, &Desired::new()).unwrap());
+            assert_eq!(*log.lock().unwrap(), want, "{from:?} to {to:?}");
+        }
     }
 
     #[test]

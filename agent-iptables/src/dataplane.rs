@@ -575,6 +575,15 @@ impl Dataplane for IptablesDataplane {
     fn cleanup(&mut self) -> Result<(), DataplaneError> {
         self.remove_everything()
     }
+
+    fn tracks_connections(&self) -> bool {
+        true
+    }
+
+    fn hold_connection_tracking(&mut self, hold: bool) -> Result<(), DataplaneError> {
+        self.runner
+            .set_conntrack_hold(self.backend, &self.families(), hold)
+    }
 }
 
 impl IptablesDataplane {

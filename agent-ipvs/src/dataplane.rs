@@ -959,4 +959,13 @@ impl Dataplane for IpvsDataplane {
         self.set_up = false;
         Ok(())
     }
+
+    fn tracks_connections(&self) -> bool {
+        true
+    }
+
+    fn hold_connection_tracking(&mut self, hold: bool) -> Result<(), DataplaneError> {
+        self.runner
+            .set_conntrack_hold(self.backend, &self.families(), hold)
+    }
 }

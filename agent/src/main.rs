@@ -104,6 +104,9 @@ impl Builder {
         iptables
             .cleanup()
             .context("removing what the iptables dataplane installed")?;
+        iptables
+            .hold_connection_tracking(false)
+            .context("removing the connection-tracking hold")?;
         match switchyard_agent_ipvs::cli::dataplane(&self.proxy, &self.netfilter, &self.ipvs) {
             Ok(mut ipvs) => ipvs
                 .cleanup()

@@ -1,10 +1,21 @@
-//! What the agent's tests share: the unified agent started for each dataplane, and a
-//! private bpffs pin directory for the eBPF one.
+//! What the agent's tests share: the unified agent started for each dataplane, a
+//! private bpffs pin directory for the eBPF one, and a look at the connection-tracking
+//! hold a switch to eBPF leaves.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
-use switchyard_integration::e2e::AgentSpec;
+use switchyard_agent_core::netfilter::CONNTRACK_HOLD_CHAIN;
+use switchyard_integration::e2e::{AgentSpec, Cluster};
+
+/// Whether the chain that keeps connection tracking on is in the node namespace, as
+/// `save` (`iptables-save`, or `iptables-legacy-save` in user-mode Linux) prints it.
+pub fn conntrack_held(cluster: &Cluster, save: &str) -> bool {
+    let filter = cluster.node().exec([save, "-t", "filter"]).unwrap();
+    filter
+        .lines()
+        .any(|l| l.starts_with(&format!(":{CONNTRACK_HOLD_CHAIN} ")))
+}
 
 /// A private bpffs pin directory, unpinned (programs detached) on drop.
 pub struct PinDir {
