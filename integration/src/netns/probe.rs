@@ -10,7 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::{Netns, NetnsError, enter};
 
@@ -414,7 +414,9 @@ pub struct LoopStats {
     pub failed: u64,
     /// Answers per backend name (first word of the reply).
     pub by_backend: BTreeMap<String, u64>,
-    /// The first [`LoopStats::MAX_FAILURES_KEPT`] failures, as `+<ms since start>: <error>`.
+    /// The first [`LoopStats::MAX_FAILURES_KEPT`] failures, as
+    /// `+<ms since start> (<UTC time of day the request began>): <error>`; the time of day
+    /// lines a failure up with the agent's log.
     pub failures: Vec<String>,
     /// When the first request was answered.
     pub first_success: Option<Instant>,
@@ -602,6 +604,17 @@ pub fn request_loop(
     }
 }
 
+/// `HH:MM:SS.mmm` (UTC) of `at`, the form of the agent's log timestamps.
+fn utc_time_of_day(at: SystemTime) -> String {
+    let millis = at
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let (seconds, millis) = (millis / 1000, millis % 1000);
+    let (h, m, s) = (seconds / 3600 % 24, seconds / 60 % 60, seconds % 60);
+    format!("{h:02}:{m:02}:{s:02}.{millis:03} UTC")
+}
+
 fn record(stats: &Mutex<LoopStats>, started: Instant, result: Result<String, ProbeError>) {
     let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
     stats.attempts += 1;
@@ -616,8 +629,24 @@ fn record(stats: &Mutex<LoopStats>, started: Instant, result: Result<String, Pro
             stats.failed += 1;
             if stats.failures.len() < LoopStats::MAX_FAILURES_KEPT {
                 let at = started.elapsed().as_millis();
-                stats.failures.push(format!("+{at}ms: {e}"));
+                let began = SystemTime::now() - e.after().unwrap_or_default();
+                stats
+                    .failures
+                    .push(format!("+{at}ms ({}): {e}", utc_time_of_day(began)));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn time_of_day_is_utc_with_milliseconds() {
+        let day = Duration::from_secs(86_400);
+        let at = UNIX_EPOCH + day * 3 + Duration::from_millis(3_723_045);
+        assert_eq!(utc_time_of_day(at), "01:02:03.045 UTC");
+        assert_eq!(utc_time_of_day(UNIX_EPOCH + day), "00:00:00.000 UTC");
     }
 }
