@@ -263,12 +263,24 @@ impl CgroupProbe<'_> {
         addr: SocketAddr,
         interval: Duration,
     ) -> Result<ConnectionLoop, NetnsError> {
-        let mut cmd = self.command(&[
+        self.connection_loop_with(addr, interval, &ProbeOptions::default())
+    }
+
+    /// [`CgroupProbe::connection_loop`] with explicit limits.
+    pub fn connection_loop_with(
+        &self,
+        addr: SocketAddr,
+        interval: Duration,
+        options: &ProbeOptions,
+    ) -> Result<ConnectionLoop, NetnsError> {
+        let mut args = Self::limits(options);
+        args.extend([
             "loop".into(),
             addr.to_string(),
             "--interval-ms".into(),
             interval.as_millis().to_string(),
-        ])?;
+        ]);
+        let mut cmd = self.command(&args)?;
         cmd.stdout(Stdio::piped());
         ConnectionLoop::from_process(NsChild::spawn(cmd)?)
     }

@@ -263,9 +263,21 @@ impl Origin<'_> {
         target: SocketAddr,
         interval: Duration,
     ) -> Result<ConnectionLoop, NetnsError> {
+        self.connection_loop_with(target, interval, ProbeOptions::default())
+    }
+
+    /// [`Origin::connection_loop`] with explicit limits.
+    pub fn connection_loop_with(
+        &self,
+        target: SocketAddr,
+        interval: Duration,
+        options: ProbeOptions,
+    ) -> Result<ConnectionLoop, NetnsError> {
         match self.cgroup {
-            Some(cgroup) => cgroup.probe(self.ns).connection_loop(target, interval),
-            None => ConnectionLoop::start(self.ns, target, interval),
+            Some(cgroup) => cgroup
+                .probe(self.ns)
+                .connection_loop_with(target, interval, &options),
+            None => ConnectionLoop::start_with(self.ns, target, interval, options),
         }
     }
 }
