@@ -57,8 +57,14 @@ impl Backend {
 }
 
 /// Chains whose presence tells which backend the node's components use: kubelet's and
-/// kube-proxy's hints, and switchyard's own chains.
-const HINTS: [&str; 3] = [":KUBE-IPTABLES-HINT ", ":KUBE-KUBELET-CANARY ", ":SWY-"];
+/// kube-proxy's hints, and switchyard's own chains (also the conntrack hold, so a node
+/// on eBPF that switches back finds, and removes, the hold where it is).
+const HINTS: [&str; 4] = [
+    ":KUBE-IPTABLES-HINT ",
+    ":KUBE-KUBELET-CANARY ",
+    ":SWY-",
+    ":SWYCT-",
+];
 
 fn has_hint(save: &str) -> bool {
     save.lines().any(|l| HINTS.iter().any(|h| l.starts_with(h)))
@@ -363,6 +369,9 @@ mod tests {
             choose_backend("*nat\n:SWY-SERVICES - [0:0]\n", ""),
             Backend::Legacy
         );
+        // A node on eBPF after a switch holds only the conntrack hold.
+        let hold = "*filter\n:SWYCT-HOLD - [0:0]\n";
+        assert_eq!(choose_backend(hold, &many), Backend::Legacy);
     }
 
     #[test]
