@@ -9,6 +9,8 @@
 //!   every node with its replica, and a dead replica's records expire with its lease. A
 //!   closed stream's record is deleted only while it is still this replica's (a
 //!   transaction comparing the key's lease), so a node that moved on keeps its new one.
+//! - `loads/<replica>` → how many streams the replica serves (decimal), under its lease,
+//!   rewritten at a publish when it changed: balancing counts each replica by it.
 //! - `leader/…` → etcd's election ([`run`] campaigns with the lease). The leader holds a
 //!   [`Fence`]: its key's creation revision; an action taken as leader first checks, in
 //!   a transaction, that the key still exists with that revision, so a leader paused past
@@ -20,7 +22,7 @@
 //! [`run`] reconnects with backoff, takes a new lease and writes everything again.
 //!
 //! # Even load
-//! With `total` sessions registered over `replicas` live replicas, a replica holding
+//! With `total` streams served over `replicas` live replicas, a replica holding
 //! more than `ceil(total / replicas) + 1` streams sheds the excess, at most
 //! [`SHED_PER_ROUND`] per [`BALANCE_EVERY`], youngest streams first, with the status
 //! that sends the agent to another controller of its list ([`to_shed`]). The slack of
@@ -28,6 +30,14 @@
 //! once it has been above its share for longer than the lease: a crashed replica stays
 //! registered until its lease expires, and in that time the survivors, which took its
 //! agents, would otherwise count it as live and shed those agents again.
+//!
+//! `total` is this replica's own streams, counted live, plus each other replica's
+//! `loads/` count ([`served_elsewhere`]). A replica's session records can trail its
+//! streams by seconds when thousands of agents connect at once on a busy machine (one
+//! count is one small write; thousands of records are not), and counted from them it
+//! looked as if others held less than they did, and this replica shed streams for
+//! nothing. Only a replica that has written no count yet (it just started) is counted
+//! by its records.
 
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
@@ -119,6 +129,8 @@ pub struct RegistryView {
     pub replicas: BTreeMap<String, String>,
     /// Node → its session as the serving replica registered it.
     pub sessions: BTreeMap<String, v1::RegisteredSession>,
+    /// Replica → how many streams it serves, as it last wrote.
+    pub loads: BTreeMap<String, usize>,
     /// The leader replica, if one is elected.
     pub leader: Option<String>,
     /// Election keys by creation revision (the lowest leads) and the revision by key.
@@ -221,6 +233,16 @@ impl RegistryView {
                     "ignoring a session record that does not decode"
                 ),
             }
+        } else if let Some(replica) = rest.strip_prefix("/loads/") {
+            match std::str::from_utf8(value).ok().and_then(|v| v.parse().ok()) {
+                Some(load) => {
+                    self.loads.insert(replica.to_owned(), load);
+                }
+                None => tracing::warn!(
+                    replica = %switchyard_proto::names::quote_bounded(replica),
+                    "ignoring a load record that is not a number"
+                ),
+            }
         } else if rest.starts_with("/leader/") {
             let replica = String::from_utf8_lossy(value).into_owned();
             if let Some(old) = self.election_keys.insert(key.to_vec(), create_revision) {
@@ -240,11 +262,34 @@ impl RegistryView {
             self.replicas.remove(replica);
         } else if let Some(node) = rest.strip_prefix("/sessions/") {
             self.sessions.remove(node);
+        } else if let Some(replica) = rest.strip_prefix("/loads/") {
+            self.loads.remove(replica);
         } else if let Some(revision) = self.election_keys.remove(key) {
             self.election.remove(&revision);
             self.leader = self.election.values().next().cloned();
         }
     }
+}
+
+/// The streams the replicas other than `me` serve: each one's `loads/` count, or for one
+/// that has written none, the sessions registered to it. Pure.
+pub fn served_elsewhere(view: &RegistryView, me: &str) -> usize {
+    let mut by_records: HashMap<&str, usize> = HashMap::new();
+    for status in view.sessions.values().filter_map(|r| r.status.as_ref()) {
+        *by_records.entry(status.replica.as_str()).or_default() += 1;
+    }
+    let uncounted: usize = by_records
+        .iter()
+        .filter(|(replica, _)| **replica != me && !view.loads.contains_key(**replica))
+        .map(|(_, records)| records)
+        .sum();
+    let counted: usize = view
+        .loads
+        .iter()
+        .filter(|(replica, _)| *replica != me)
+        .map(|(_, load)| load)
+        .sum();
+    counted + uncounted
 }
 
 /// How many of its `local` streams a replica sheds this round so that none holds more
@@ -289,6 +334,7 @@ pub async fn run(
             reporter: reporter.as_ref(),
             over_share_since: None,
             publishes: 0,
+            load_written: None,
         };
         let Err(error) = round.run().await else {
             tracing::info!("left the replicas: lease revoked");
@@ -395,6 +441,8 @@ struct Round<'a> {
     over_share_since: Option<std::time::Instant>,
     /// Publishes so far, whose count says which sessions' turn it is to be refreshed.
     publishes: u64,
+    /// The `loads/` count this round last wrote.
+    load_written: Option<usize>,
 }
 
 impl Round<'_> {
@@ -583,6 +631,20 @@ impl Round<'_> {
             let put = TxnOp::put(key, record.encode_to_vec(), with_lease);
             puts.push((session.node.clone(), written, put));
         }
+        // The count first: one small write, ahead of what may be thousands of records.
+        let load = live.len();
+        if self.load_written != Some(load) {
+            let key = format!("{prefix}/loads/{}", self.coordination.replica);
+            client
+                .put(
+                    key,
+                    load.to_string(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+                .await
+                .context("writing this replica's load")?;
+            self.load_written = Some(load);
+        }
         for chunk in puts.chunks(OPS_PER_TXN) {
             let ops: Vec<TxnOp> = chunk.iter().map(|(_, _, put)| put.clone()).collect();
             client
@@ -639,9 +701,8 @@ impl Round<'_> {
     /// Sheds streams above this replica's share (see the module docs).
     fn balance(&mut self) {
         // The counts only: the registry itself is not copied every round. This
-        // replica's own streams are counted live, not as registered: its records may
-        // lag behind its streams (thousands of agents connecting at once on a busy
-        // machine), and counted from the registry they made it think others held less.
+        // replica's own streams are counted live, the others' by their published loads
+        // (see the module docs).
         let replica = &self.coordination.replica;
         let (etcd_up, registered_elsewhere, replicas) = {
             let view = self
@@ -649,11 +710,7 @@ impl Round<'_> {
                 .view
                 .read()
                 .unwrap_or_else(|e| e.into_inner());
-            let elsewhere = view
-                .sessions
-                .values()
-                .filter(|r| r.status.as_ref().is_some_and(|s| &s.replica != replica))
-                .count();
+            let elsewhere = served_elsewhere(&view, replica);
             (view.etcd_up, elsewhere, view.replicas.len())
         };
         if !etcd_up {
@@ -883,5 +940,53 @@ mod tests {
         // A record that does not decode is skipped, not trusted.
         view.put("/sy", b"/sy/sessions/node-c", b"\xff\xff", 10);
         assert!(view.sessions.is_empty());
+        view.put("/sy", b"/sy/loads/r1", b"1667", 11);
+        view.put("/sy", b"/sy/loads/r2", b"many", 12);
+        assert_eq!(view.loads, BTreeMap::from([("r1".to_string(), 1667)]));
+        view.delete("/sy", b"/sy/loads/r1");
+        assert!(view.loads.is_empty());
+    }
+
+    #[test]
+    fn others_are_counted_by_their_loads_and_by_their_records_only_before_they_wrote_one() {
+        let mut view = RegistryView::default();
+        let mut register = |node: &str, replica: &str| {
+            let record = v1::RegisteredSession {
+                status: Some(v1::NodeStatus {
+                    node_name: node.into(),
+                    replica: replica.into(),
+                    ..Default::default()
+                }),
+                written: None,
+            };
+            view.sessions.insert(node.into(), record);
+        };
+        // Records trailing the streams: r2 registered 2 of the 900 it serves.
+        register("a", "me");
+        register("b", "r2");
+        register("c", "r2");
+        register("d", "r3");
+        register("e", "r3");
+        register("f", "r3");
+        assert_eq!(served_elsewhere(&view, "me"), 5, "no loads yet: by records");
+        view.loads.insert("r2".into(), 900);
+        assert_eq!(
+            served_elsewhere(&view, "me"),
+            903,
+            "r2 by its load, r3 by records"
+        );
+        view.loads.insert("r3".into(), 0);
+        view.loads.insert("me".into(), 7);
+        assert_eq!(
+            served_elsewhere(&view, "me"),
+            900,
+            "a load beats records, this replica's own counts for nothing here"
+        );
+        view.loads.insert("r4".into(), 10);
+        assert_eq!(
+            served_elsewhere(&view, "me"),
+            910,
+            "a replica with no records yet"
+        );
     }
 }

@@ -357,6 +357,13 @@ async fn a_joining_replica_takes_its_share_of_the_streams() {
         .collect();
     let both: Vec<&TestController> = all.iter().collect();
     eventually("both replicas agree", || all_agree(&both, &expected)).await;
+    // Each replica's published load, as the other reads it, is what it serves.
+    eventually("the loads are the stream counts", || async {
+        let loads = all[1].replica.as_ref().unwrap().view().loads;
+        let serving = |r: &str| expected.values().filter(|s| *s == r).count();
+        loads.get("r0") == Some(&serving("r0")) && loads.get("r1") == Some(&serving("r1"))
+    })
+    .await;
     // And it stays even: no stream trades back and forth.
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(
