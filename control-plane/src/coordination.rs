@@ -968,25 +968,23 @@ mod tests {
         register("d", "r3");
         register("e", "r3");
         register("f", "r3");
-        assert_eq!(served_elsewhere(&view, "me"), 5, "no loads yet: by records");
-        view.loads.insert("r2".into(), 900);
-        assert_eq!(
-            served_elsewhere(&view, "me"),
-            903,
-            "r2 by its load, r3 by records"
-        );
-        view.loads.insert("r3".into(), 0);
-        view.loads.insert("me".into(), 7);
-        assert_eq!(
-            served_elsewhere(&view, "me"),
-            900,
-            "a load beats records, this replica's own counts for nothing here"
-        );
-        view.loads.insert("r4".into(), 10);
-        assert_eq!(
-            served_elsewhere(&view, "me"),
-            910,
-            "a replica with no records yet"
-        );
+        // Loads written so far, in order, and what the others then count.
+        type Step<'a> = (&'a [(&'a str, usize)], usize, &'a str);
+        let steps: [Step; 4] = [
+            (&[], 5, "no loads yet: by records"),
+            (&[("r2", 900)], 903, "r2 by its load, r3 by records"),
+            (
+                &[("r3", 0), ("me", 7)],
+                900,
+                "a load beats records, this replica's own counts for nothing here",
+            ),
+            (&[("r4", 10)], 910, "a replica with no records yet"),
+        ];
+        for (loads, want, why) in steps {
+            for (replica, load) in loads {
+                view.loads.insert(replica.to_string(), *load);
+            }
+            assert_eq!(served_elsewhere(&view, "me"), want, "{why}");
+        }
     }
 }
