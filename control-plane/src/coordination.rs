@@ -631,22 +631,20 @@ impl Round<'_> {
             let put = TxnOp::put(key, record.encode_to_vec(), with_lease);
             puts.push((session.node.clone(), written, put));
         }
-        // The count first: one small write, ahead of what may be thousands of records.
+        // The count goes in the first transaction, ahead of what may be thousands of
+        // records, and costs no round trip of its own when records are written too.
         let load = live.len();
-        if self.load_written != Some(load) {
+        let mut load_put = (self.load_written != Some(load)).then(|| {
             let key = format!("{prefix}/loads/{}", self.coordination.replica);
-            client
-                .put(
-                    key,
-                    load.to_string(),
-                    Some(PutOptions::new().with_lease(lease)),
-                )
-                .await
-                .context("writing this replica's load")?;
-            self.load_written = Some(load);
-        }
-        for chunk in puts.chunks(OPS_PER_TXN) {
-            let ops: Vec<TxnOp> = chunk.iter().map(|(_, _, put)| put.clone()).collect();
+            let with_lease = Some(PutOptions::new().with_lease(lease));
+            TxnOp::put(key, load.to_string(), with_lease)
+        });
+        for chunk in puts.chunks(OPS_PER_TXN - 1) {
+            let ops: Vec<TxnOp> = load_put
+                .take()
+                .into_iter()
+                .chain(chunk.iter().map(|(_, _, put)| put.clone()))
+                .collect();
             client
                 .txn(Txn::new().and_then(ops))
                 .await
@@ -655,6 +653,13 @@ impl Round<'_> {
                 self.published.insert(node.clone(), written.clone());
             }
         }
+        if let Some(put) = load_put {
+            client
+                .txn(Txn::new().and_then([put]))
+                .await
+                .context("writing this replica's load")?;
+        }
+        self.load_written = Some(load);
         let closed: Vec<String> = self
             .published
             .keys()
