@@ -119,7 +119,10 @@ async fn child(args: Args) -> anyhow::Result<()> {
                 controller.send(update).await;
                 println!("sent");
             }
-            ["rss"] => println!("rss {} {}", peak_rss_kib("self")?, cpu_seconds()?),
+            ["rss"] => {
+                let (user, system) = cpu_seconds()?;
+                println!("rss {} {user:.2} {system:.2}", peak_rss_kib("self")?)
+            }
             _ => bail!("unknown command {line:?}"),
         }
     }
@@ -127,7 +130,7 @@ async fn child(args: Args) -> anyhow::Result<()> {
 }
 
 /// User and system CPU time of this process, in seconds.
-fn cpu_seconds() -> anyhow::Result<String> {
+fn cpu_seconds() -> anyhow::Result<(f64, f64)> {
     let stat = std::fs::read_to_string("/proc/self/stat")?;
     // Fields after the command name, which is in parentheses and may hold spaces.
     let fields: Vec<&str> = stat
@@ -137,7 +140,7 @@ fn cpu_seconds() -> anyhow::Result<String> {
         .split_whitespace()
         .collect();
     let ticks = |i: usize| -> anyhow::Result<f64> { Ok(fields[i].parse::<f64>()? / 100.0) };
-    Ok(format!("{:.2} {:.2}", ticks(11)?, ticks(12)?))
+    Ok((ticks(11)?, ticks(12)?))
 }
 
 fn peak_rss_kib(pid: &str) -> anyhow::Result<u64> {
@@ -308,22 +311,36 @@ async fn list_nodes(endpoint: &str, agents: usize) -> anyhow::Result<()> {
 
 /// This process's user + system CPU seconds so far.
 fn own_cpu() -> anyhow::Result<f64> {
-    let cpu = cpu_seconds()?;
-    let mut fields = cpu.split_whitespace().map(str::parse::<f64>);
-    let mut next = || -> anyhow::Result<f64> { Ok(fields.next().context("cpu")??) };
-    Ok(next()? + next()?)
+    let (user, system) = cpu_seconds()?;
+    Ok(user + system)
+}
+
+/// What a replica answers to `rss`: its peak RSS and CPU seconds so far.
+struct Usage {
+    peak_kib: u64,
+    user: f64,
+    system: f64,
+}
+
+impl Replica {
+    async fn usage(&mut self) -> anyhow::Result<Usage> {
+        let answer = self.ask("rss").await?;
+        let mut fields = answer.split_whitespace().skip(1);
+        let mut next = || fields.next().context("a short rss answer");
+        Ok(Usage {
+            peak_kib: next()?.parse()?,
+            user: next()?.parse()?,
+            system: next()?.parse()?,
+        })
+    }
 }
 
 /// Each replica's user + system CPU seconds so far.
 async fn replicas_cpu(replicas: &mut [Replica]) -> anyhow::Result<Vec<f64>> {
     let mut cpu = Vec::new();
     for replica in replicas {
-        let rss = replica.ask("rss").await?;
-        let fields: Vec<&str> = rss.split_whitespace().collect();
-        let seconds = |i: usize| -> anyhow::Result<f64> {
-            Ok(fields.get(i).context("rss answer")?.parse::<f64>()?)
-        };
-        cpu.push(seconds(2)? + seconds(3)?);
+        let usage = replica.usage().await?;
+        cpu.push(usage.user + usage.system);
     }
     Ok(cpu)
 }
@@ -525,15 +542,16 @@ async fn driver(args: Args) -> anyhow::Result<()> {
         list_nodes(&format!("http://{}", replica.address), args.agents).await?;
     }
     for (r, replica) in replicas.iter_mut().enumerate() {
-        let rss = replica.ask("rss").await?;
-        let mut fields = rss.split_whitespace().skip(1);
-        let kib: u64 = fields.next().context("rss")?.parse()?;
-        let (user, system) = (fields.next().unwrap_or("?"), fields.next().unwrap_or("?"));
+        let Usage {
+            peak_kib,
+            user,
+            system,
+        } = replica.usage().await?;
         let served = args.agents.div_ceil(replicas_len(args.replicas)) as f64;
         println!(
-            "replica r{r} peak RSS: {:.0} MiB ({:.2} MiB per agent it serves); CPU over the whole run: {user} s user, {system} s system",
-            kib as f64 / 1024.0,
-            kib as f64 / 1024.0 / served
+            "replica r{r} peak RSS: {:.0} MiB ({:.2} MiB per agent it serves); CPU over the whole run: {user:.2} s user, {system:.2} s system",
+            peak_kib as f64 / 1024.0,
+            peak_kib as f64 / 1024.0 / served
         );
     }
     // Agents first, so none reports the controller going away as an error (thousands
