@@ -270,7 +270,10 @@ impl NodeStateDiscovery for DeltaService {
             ))
         })?;
         tracing::info!(%node, peer = %described, dataplane = ?identity.dataplane(), declared = held.len(), "agent connected");
-        let held = HeldVersions::from_declared(self.generations.borrow().names(), held);
+        // The table only: converting up to 100,000 declared names must not hold the
+        // generation's borrow, which keeps the hub from publishing the next one.
+        let table = self.generations.borrow().names().clone();
+        let held = HeldVersions::from_declared(&table, held);
         let (session, asked) = self.sessions.open(identity, described, held);
         self.metrics.stream_opened();
         let (tx, rx) = mpsc::channel(2);
