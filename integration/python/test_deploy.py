@@ -699,7 +699,8 @@ def test_the_containerfile_builds_and_copies_real_workspace_binaries():
     builds = [rest for keyword, rest in build if keyword == "RUN" and "cargo build" in rest]
     assert builds, "the builder runs cargo build"
     for command in builds:
-        assert "--release" in command and "--locked" in command, command
+        # The image ships the production profile (whole-program optimisation, Cargo.toml).
+        assert "--profile production" in command and "--locked" in command, command
         for package in re.findall(r"(?:-p|--package)[ =]([\w-]+)", command):
             assert package in members, f"cargo build -p {package}: no such workspace package"
         for binary in re.findall(r"--bin[ =]([\w-]+)", command):
@@ -712,6 +713,7 @@ def test_the_containerfile_builds_and_copies_real_workspace_binaries():
         assert f"--from={build_name}" in rest, rest
         source, destination = rest.split()[-2:]
         binary = Path(source).name
+        assert "/target/production/" in source, f"COPY {source}: not what the production profile built"
         assert binary in binaries, f"COPY {source}: {binary} is no binary of the workspace"
         assert binary in build_targets(builds), f"COPY {source}: the builder does not build {binary}"
         installed.add(binary)
