@@ -17,6 +17,12 @@ use switchyard_controller::{
 };
 use tokio::{net::TcpListener, sync::mpsc, sync::watch};
 
+/// mimalloc rather than glibc's malloc: a change allocates and frees a response, HTTP/2
+/// frames and wakers per agent stream, across threads; fanout-bench (5,000 agents, three
+/// replicas) measured 13 % less CPU per change with it, for about 9 % more peak memory.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// How long shutting down may take: agent streams are told to close at once, and
 /// connections that do not drain by then are dropped.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);

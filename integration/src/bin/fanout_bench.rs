@@ -59,6 +59,11 @@ struct Args {
     replica: Vec<String>,
 }
 
+/// The controller's allocator (see control-plane/src/main.rs): the replicas here run the
+/// controller in this binary, so they measure what `switchyard-controller` runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// `NodeStateResponse` without the Service bodies: resources stay undecoded bytes.
 #[derive(Clone, PartialEq, Message)]
 struct LiteResponse {
