@@ -11,6 +11,7 @@
 
 use std::{
     io::{BufRead, BufReader, Write},
+    path::PathBuf,
     process::{Command, Stdio},
     sync::{
         Arc,
@@ -51,6 +52,12 @@ struct Args {
     /// the changes timed are meant to be steady-state ones.
     #[arg(long, default_value_t = 3.0)]
     settle: f64,
+    /// Run the controllers from this build of fanout-bench instead of this one, so two
+    /// controller builds are compared under the same simulated agents (which share the
+    /// cores with them and cost what this build's agents cost). The child protocol on
+    /// stdin and stdout is the one this build speaks.
+    #[arg(long, value_name = "PATH")]
+    controller_binary: Option<PathBuf>,
     /// Internal: run as the controller child process.
     #[arg(long, hide = true)]
     child: bool,
@@ -368,7 +375,11 @@ struct Replica {
 
 impl Replica {
     async fn spawn(args: &Args, replica: Option<(&str, &str)>) -> anyhow::Result<(Self, String)> {
-        let mut command = Command::new(std::env::current_exe()?);
+        let binary = match &args.controller_binary {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()?,
+        };
+        let mut command = Command::new(&binary);
         command
             .args(["--child", "--agents", &args.agents.to_string()])
             .args([
@@ -385,7 +396,8 @@ impl Replica {
         let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .spawn()?;
+            .spawn()
+            .with_context(|| format!("starting a controller from {}", binary.display()))?;
         let to_child = child.stdin.take().context("child stdin")?;
         let (lines_tx, mut lines) = mpsc::unbounded_channel();
         let stdout = child.stdout.take().context("child stdout")?;
