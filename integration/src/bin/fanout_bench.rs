@@ -334,19 +334,6 @@ struct Usage {
     system: f64,
 }
 
-impl Replica {
-    async fn usage(&mut self) -> anyhow::Result<Usage> {
-        let answer = self.ask("rss").await?;
-        let mut fields = answer.split_whitespace().skip(1);
-        let mut next = || fields.next().context("a short rss answer");
-        Ok(Usage {
-            peak_kib: next()?.parse()?,
-            user: next()?.parse()?,
-            system: next()?.parse()?,
-        })
-    }
-}
-
 /// Each replica's user + system CPU seconds so far.
 async fn replicas_cpu(replicas: &mut [Replica]) -> anyhow::Result<Vec<f64>> {
     let mut cpu = Vec::new();
@@ -426,6 +413,18 @@ impl Replica {
     async fn ask(&mut self, line: &str) -> anyhow::Result<String> {
         writeln!(self.to_child, "{line}")?;
         self.lines.recv().await.context("controller exited")
+    }
+
+    /// Its peak RSS and CPU seconds so far.
+    async fn usage(&mut self) -> anyhow::Result<Usage> {
+        let answer = self.ask("rss").await?;
+        let mut fields = answer.split_whitespace().skip(1);
+        let mut next = || fields.next().context("a short rss answer");
+        Ok(Usage {
+            peak_kib: next()?.parse()?,
+            user: next()?.parse()?,
+            system: next()?.parse()?,
+        })
     }
 }
 
